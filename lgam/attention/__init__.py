@@ -1,0 +1,38 @@
+"""Attention modules, one file each, and a small registry keyed by short names."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from torch import nn
+
+from .bam import BAM
+from .cbam import CBAM
+from .lgam import LGAM, lgam_reference
+from .se import SE
+from .sge import SGE
+
+__all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "create_attention", "lgam_reference"]
+
+#: short name -> constructor taking ``channels`` (the names used in model names, e.g. ``resnet18_se``)
+ATTENTION: dict[str, Callable[[int], nn.Module]] = {
+    "se": SE,
+    "sge": SGE,
+    "cbam": CBAM,
+    "bam": BAM,
+    "lgam": LGAM,
+    "lgam_g32": partial(LGAM, groups=32, reduction=2),
+}
+
+
+def create_attention(name: str | None, channels: int, **kwargs) -> nn.Module:
+    """Build attention module ``name`` for ``channels`` channels; ``None`` gives ``nn.Identity``."""
+    if name is None:
+        return nn.Identity()
+    try:
+        factory = ATTENTION[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention {name!r}; choose one of {sorted(ATTENTION)} or None"
+        ) from None
+    return factory(channels, **kwargs)

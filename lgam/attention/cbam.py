@@ -1,0 +1,56 @@
+"""CBAM: Convolutional Block Attention Module (Woo, Park, Lee, Kweon, ECCV 2018)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_positive_int, check_reduction
+
+__all__ = ["CBAM", "CBAMChannelGate", "CBAMSpatialGate"]
+
+
+class CBAMChannelGate(nn.Module):
+    """``sigmoid(MLP(AvgPool(x)) + MLP(MaxPool(x)))`` with one shared bias-free MLP; ``(B, C, 1, 1)``."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = check_reduction(channels, reduction, "CBAM")
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels, bias=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c = x.shape[:2]
+        logits = self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3)))
+        return torch.sigmoid(logits).view(b, c, 1, 1)
+
+
+class CBAMSpatialGate(nn.Module):
+    """``sigmoid(conv7x7([max_c(x), mean_c(x)]))``, a ``(B, 1, H, W)`` map (no BN, no bias)."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        check_positive_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"CBAM: kernel_size must be odd to keep H x W, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(pooled))
+
+
+class CBAM(nn.Module):
+    """Channel gate then spatial gate, applied in sequence. Input and output ``(B, C, H, W)``."""
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
+        super().__init__()
+        check_positive_int("channels", channels)
+        self.channel_gate = CBAMChannelGate(channels, reduction)
+        self.spatial_gate = CBAMSpatialGate(kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.channel_gate(x)
+        return x * self.spatial_gate(x)

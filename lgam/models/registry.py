@@ -1,0 +1,78 @@
+"""Model registry in the manner of timm: ``create_model(name, ...)`` and ``list_models()``.
+
+Names are ``<backbone>`` or ``<backbone>_<attention>``: backbones ``resnet18``, ``resnet34``,
+``wrn16_10``, ``resnext29_32x4d``; attentions ``se``, ``sge``, ``cbam``, ``bam``, ``lgam``
+(G=4, r=16) and ``lgam_g32`` (G=32, r=2, the setting matching the paper's parameter counts).
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable
+
+from torch import nn
+
+from .resnet import ResNet
+from .resnext import ResNeXt
+from .wrn import WideResNet
+
+__all__ = ["create_model", "list_models", "register_model", "model_config"]
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
+    "resnet18": (ResNet, {"layers": [2, 2, 2, 2], "stem": "imagenet"}),
+    "resnet34": (ResNet, {"layers": [3, 4, 6, 3], "stem": "imagenet"}),
+    "wrn16_10": (WideResNet, {"depth": 16, "widen": 10, "stem": "cifar"}),
+    "resnext29_32x4d": (ResNeXt, {"depth": 29, "cardinality": 32, "base_width": 4, "stem": "cifar"}),
+}
+#: attention name -> where it goes ("block": every residual block; "stage": after stages 1..n-1)
+ATTENTION_PLACEMENT = {
+    "se": "block", "sge": "block", "cbam": "block", "bam": "stage", "lgam": "block", "lgam_g32": "block",
+}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module], **defaults: Any) -> None:
+    """Register ``builder(**defaults, **overrides)`` under ``name``."""
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = builder
+    _DEFAULTS[name] = defaults
+
+
+for _bb, (_cls, _kw) in BACKBONES.items():
+    register_model(_bb, _cls, **_kw)
+    for _att, _place in ATTENTION_PLACEMENT.items():
+        register_model(f"{_bb}_{_att}", _cls, **_kw, attention=_att, placement=_place)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted registered names matching the shell-style ``pattern`` (e.g. ``"resnet18*"``)."""
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full keyword arguments ``create_model(name, **overrides)`` passes to the builder."""
+    if name not in _MODELS:
+        close = [n for n in _MODELS if n.startswith(name.split("_")[0])][:8]
+        raise ValueError(
+            f"unknown model {name!r}; see lgam.list_models()" + (f" (e.g. {close})" if close else "")
+        )
+    cfg = dict(_DEFAULTS[name])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def create_model(
+    name: str, num_classes: int = 1000, stem: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build a registered model. ``stem=None`` keeps the backbone's default (``imagenet`` for the
+    ResNets, ``cifar`` for WRN and ResNeXt). Extra ``kwargs`` (e.g. ``attention_kwargs={"groups":
+    8}``) go to the builder. The model gets ``model_name`` and ``model_kwargs`` attributes, so
+    ``create_model(m.model_name, **m.model_kwargs)`` rebuilds it.
+    """
+    cfg = model_config(name, num_classes=num_classes, stem=stem, **kwargs)
+    model = _MODELS[name](**cfg)
+    model.model_name = name
+    model.model_kwargs = {"num_classes": num_classes, "stem": cfg["stem"], **kwargs}
+    return model

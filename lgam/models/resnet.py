@@ -1,0 +1,161 @@
+"""ResNet18/34 (He et al., 2016) with an attention slot, after torchvision's ``resnet.py``.
+
+SE, SGE, CBAM and LGAM sit inside every ``BasicBlock`` after ``bn2``, before the identity add
+(``placement="block"``); BAM sits on the outputs of ``layer1``-``layer3`` (``placement="stage"``).
+``stem="imagenet"``: 7x7/2 conv + 3x3/2 max-pool; ``stem="cifar"``: 3x3/1 conv, no max-pool.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..attention import create_attention
+
+__all__ = ["BasicBlock", "ResNet", "check_stem", "check_placement"]
+
+STEMS = ("imagenet", "cifar")
+PLACEMENTS = ("block", "stage")
+
+
+def check_stem(stem: str) -> str:
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+    return stem
+
+
+def check_placement(placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    return placement
+
+
+def check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return num_classes
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation: Kaiming-normal (fan_out) convs, BN weight 1 / bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride, padding=1, groups=groups, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; ``attention`` acts on the residual branch after ``bn2``. ``(B, C, H, W)``."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.attention = create_attention(attention, planes, **(attention_kwargs or {}))
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.attention(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet with BasicBlocks. Input ``(B, 3, H, W)``, output logits ``(B, num_classes)``.
+
+    Attributes follow torchvision (``conv1 bn1 relu maxpool layer1..layer4 avgpool fc``), so
+    ``model.layer4`` is the Grad-CAM target and torchvision-style code works unchanged.
+    """
+
+    def __init__(
+        self,
+        layers: list[int],
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        placement: str = "block",
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        check_stem(stem)
+        check_placement(placement)
+        if len(layers) != 4 or any(n < 1 for n in layers):
+            raise ValueError(f"layers must be four positive block counts, got {layers!r}")
+        self.inplanes = 64
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(3, 64)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        block_att = attention if placement == "block" else None
+        kw = attention_kwargs
+        self.layer1 = self._make_layer(64, layers[0], 1, block_att, kw)
+        self.layer2 = self._make_layer(128, layers[1], 2, block_att, kw)
+        self.layer3 = self._make_layer(256, layers[2], 2, block_att, kw)
+        self.layer4 = self._make_layer(512, layers[3], 2, block_att, kw)
+        if placement == "stage" and attention is not None:
+            # after layer1-layer3 (BAM's placement); nothing after layer4
+            self.stage_attention = nn.ModuleList(
+                [create_attention(attention, c, **(kw or {})) for c in (64, 128, 256)]
+                + [nn.Identity()]
+            )
+        else:
+            self.stage_attention = None
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * BasicBlock.expansion, num_classes)
+        init_weights(self)
+
+    def _make_layer(
+        self, planes: int, blocks: int, stride: int, attention: str | None, kw: dict | None
+    ) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, attention, kw)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes, 1, None, attention, kw) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``layer4`` output ``(B, 512, H/32, W/32)`` (``H/8`` for the CIFAR stem)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            if self.stage_attention is not None:
+                x = self.stage_attention[i](x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """``(B, 512, h, w)`` features -> ``(B, num_classes)`` logits."""
+        return self.fc(self.avgpool(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,127 @@
+"""ResNeXt-29 for CIFAR (Xie et al., 2017): three stages of three bottleneck blocks.
+
+``cardinality x base_width`` (e.g. 32x4d) sets the grouped 3x3 conv's width in the first stage
+(``cardinality * base_width``, doubled each stage); block outputs are 256, 512, 1024 channels.
+The attention module sits after ``bn3``, before the identity add.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..attention import create_attention
+from .resnet import check_num_classes, check_placement, check_stem, conv1x1, init_weights
+
+__all__ = ["ResNeXtBottleneck", "ResNeXt"]
+
+
+class ResNeXtBottleneck(nn.Module):
+    """1x1 reduce -> grouped 3x3 -> 1x1 expand, attention after ``bn3``. ``(B, C, H, W)``."""
+
+    def __init__(
+        self,
+        inplanes: int,
+        width: int,
+        outplanes: int,
+        cardinality: int,
+        stride: int = 1,
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, outplanes)
+        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.attention = create_attention(attention, outplanes, **(attention_kwargs or {}))
+        self.downsample = None
+        if stride != 1 or inplanes != outplanes:
+            self.downsample = nn.Sequential(
+                conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.attention(self.bn3(self.conv3(out)))
+        return self.relu(out + identity)
+
+
+class ResNeXt(nn.Module):
+    """ResNeXt-``depth`` (``cardinality x base_width d``). ``(B, 3, H, W)`` -> ``(B, num_classes)``.
+
+    ``layer1..layer3`` are the three stages; ``layer4`` is an identity kept so that, as in the
+    ResNets, ``model.layer4`` is the last feature map before pooling.
+    """
+
+    def __init__(
+        self,
+        depth: int = 29,
+        cardinality: int = 32,
+        base_width: int = 4,
+        num_classes: int = 100,
+        stem: str = "cifar",
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        placement: str = "block",
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        check_stem(stem)
+        check_placement(placement)
+        if (depth - 2) % 9 or depth < 11:
+            raise ValueError(f"ResNeXt depth must be 9n+2 with n >= 1 (11, 20, 29, ...), got {depth}")
+        n = (depth - 2) // 9
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 3, 1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        block_att = attention if placement == "block" else None
+        inplanes, stages, outs = 64, [], (256, 512, 1024)
+        for i, out in enumerate(outs):
+            width = cardinality * base_width * 2**i
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(
+                    ResNeXtBottleneck(
+                        inplanes, width, out, cardinality, stride, block_att, attention_kwargs
+                    )
+                )
+                inplanes = out
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        if placement == "stage" and attention is not None:
+            self.stage_attention = nn.ModuleList(
+                [create_attention(attention, c, **(attention_kwargs or {})) for c in outs[:2]]
+                + [nn.Identity()]
+            )
+        else:
+            self.stage_attention = None
+        self.layer4 = nn.Identity()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(outs[-1], num_classes)
+        init_weights(self)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3)):
+            x = layer(x)
+            if self.stage_attention is not None:
+                x = self.stage_attention[i](x)
+        return self.layer4(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.fc(self.avgpool(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,120 @@
+"""Wide ResNet (Zagoruyko and Komodakis, 2016): WRN-depth-k with pre-activation blocks.
+
+The attention module sits on the residual branch after its last conv, before the identity add.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..attention import create_attention
+from .resnet import check_num_classes, check_placement, check_stem, init_weights
+
+__all__ = ["WideBasicBlock", "WideResNet"]
+
+
+class WideBasicBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 with attention before the add. ``(B, C, H, W)``."""
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        dropout: float = 0.0,
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.attention = create_attention(attention, planes, **(attention_kwargs or {}))
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            if stride != 1 or in_planes != planes
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = self.relu(self.bn1(x))
+        identity = x if self.shortcut is None else self.shortcut(o)
+        out = self.conv1(o)
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
+        return self.attention(out) + identity
+
+
+class WideResNet(nn.Module):
+    """WRN-``depth``-``widen``. Input ``(B, 3, H, W)``, output ``(B, num_classes)``.
+
+    ``layer1..layer3`` hold the three groups (widths ``16k, 32k, 64k``); ``layer4`` is the final
+    BN-ReLU so that ``model.layer4`` is, as in the ResNets, the last feature map before pooling.
+    """
+
+    def __init__(
+        self,
+        depth: int = 16,
+        widen: int = 10,
+        num_classes: int = 100,
+        stem: str = "cifar",
+        dropout: float = 0.0,
+        attention: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        placement: str = "block",
+    ) -> None:
+        super().__init__()
+        check_num_classes(num_classes)
+        check_stem(stem)
+        check_placement(placement)
+        if (depth - 4) % 6 or depth < 10:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16 * widen, 32 * widen, 64 * widen]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, 16, 3, 1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        block_att = attention if placement == "block" else None
+        in_planes, stages = 16, []
+        for i, w in enumerate(widths):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(
+                    WideBasicBlock(in_planes, w, stride, dropout, block_att, attention_kwargs)
+                )
+                in_planes = w
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        if placement == "stage" and attention is not None:
+            self.stage_attention = nn.ModuleList(
+                [create_attention(attention, c, **(attention_kwargs or {})) for c in widths[:2]]
+                + [nn.Identity()]
+            )
+        else:
+            self.stage_attention = None
+        self.layer4 = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
+        init_weights(self)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.conv1(x))
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3)):
+            x = layer(x)
+            if self.stage_attention is not None:
+                x = self.stage_attention[i](x)
+        return self.layer4(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.fc(self.avgpool(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
