@@ -1,7 +1,8 @@
 """The ``lgam`` console command: ``lgam <command> ...``.
 
 Each command lives in its own module, which provides ``configure_parser(parser)`` and
-``main(args) -> int``; the same module runs as ``python -m lgam.<module>``.
+``main(args) -> int``; the same module runs as ``python -m lgam.<module>`` with the same arguments.
+Only the chosen command's module is imported.
 """
 from __future__ import annotations
 
@@ -18,27 +19,41 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lgam", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).configure_parser(p)
+def _top_parser() -> argparse.ArgumentParser:
+    epilog = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="lgam", description=__doc__.splitlines()[0],
+        epilog="commands:\n" + epilog + "\n\n'lgam COMMAND --help' for a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=_version())
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return importlib.import_module(args._module).main(args) or 0
+def _version() -> str:
+    from . import __version__
+
+    return f"lgam {__version__}"
 
 
-def run_module(module: str, argv: list[str] | None = None) -> int:
-    """Entry for ``python -m lgam.<module>``: same arguments as ``lgam <command>``."""
+def run_module(module: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Parse ``argv`` with ``module``'s ``configure_parser`` and call its ``main``."""
     mod = importlib.import_module(module)
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=mod.__doc__)
+    parser = argparse.ArgumentParser(prog=prog or f"python -m {module}", description=mod.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.configure_parser(parser)
     return mod.main(parser.parse_args(argv)) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-"):
+        _top_parser().parse_args(argv or ["--help"])  # prints help/version (or the error) and exits
+    command = argv[0]
+    if command not in COMMANDS:
+        _top_parser().parse_args([command])  # exits with "invalid choice"
+    return run_module(COMMANDS[command][0], argv[1:], prog=f"lgam {command}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ ATTENTION_PLACEMENT = {
     "se": "block", "sge": "block", "cbam": "block", "bam": "stage", "lgam": "block", "lgam_g32": "block",
 }
 
+#: per-backbone attention arguments: WRN-16-10's widths (160, 320, 640) are not divisible by SGE's
+#: 64 groups, so its SGE uses 32 (the largest power of two that divides them all)
+ATTENTION_KWARGS: dict[tuple[str, str], dict[str, Any]] = {("wrn16_10", "sge"): {"groups": 32}}
+
 
 def register_model(name: str, builder: Callable[..., nn.Module], **defaults: Any) -> None:
     """Register ``builder(**defaults, **overrides)`` under ``name``."""
@@ -43,7 +47,11 @@ def register_model(name: str, builder: Callable[..., nn.Module], **defaults: Any
 for _bb, (_cls, _kw) in BACKBONES.items():
     register_model(_bb, _cls, **_kw)
     for _att, _place in ATTENTION_PLACEMENT.items():
-        register_model(f"{_bb}_{_att}", _cls, **_kw, attention=_att, placement=_place)
+        _extra = ATTENTION_KWARGS.get((_bb, _att))
+        register_model(
+            f"{_bb}_{_att}", _cls, **_kw, attention=_att, placement=_place,
+            **({"attention_kwargs": _extra} if _extra else {}),
+        )
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -1,0 +1,143 @@
+"""SE, SGE, CBAM, BAM: hand-computed cases, shapes, and argument errors."""
+import math
+
+import pytest
+import torch
+
+from lgam import BAM, CBAM, LGAM, SE, SGE, create_attention
+
+sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+
+
+def test_sge_hand_computed():
+    sge = SGE(2, groups=1)
+    with torch.no_grad():
+        sge.weight.fill_(1.0), sge.bias.fill_(0.0)
+    x = torch.tensor([[[[1.0, 2.0, 3.0]], [[0.0, 0.0, 3.0]]]])  # (1, 2, 1, 3)
+    # group mean feature (2, 1); similarity per position: 2, 4, 9 -> mean 5, deviations -3, -1, 4
+    std = math.sqrt((9 + 1 + 16) / 2)  # unbiased
+    gate = [sig(d / (std + 1e-5)) for d in (-3.0, -1.0, 4.0)]
+    expected = torch.tensor([[[[1 * gate[0], 2 * gate[1], 3 * gate[2]]],
+                              [[0.0, 0.0, 3 * gate[2]]]]])
+    torch.testing.assert_close(sge(x), expected)
+
+
+def test_sge_initialisation_is_a_constant_half_gate():
+    sge = SGE(128, groups=64)  # gamma=0, beta=1 -> sigmoid(1) everywhere
+    x = torch.randn(2, 128, 5, 5)
+    torch.testing.assert_close(sge(x), x * sig(1.0))
+    assert sge.weight.shape == sge.bias.shape == (1, 64, 1, 1)
+
+
+def test_sge_single_position_is_finite():
+    assert torch.isfinite(SGE(64)(torch.randn(2, 64, 1, 1))).all()
+
+
+def test_cbam_hand_computed():
+    cbam = CBAM(2, reduction=1)
+    with torch.no_grad():
+        cbam.channel_gate.mlp[0].weight.copy_(torch.eye(2))
+        cbam.channel_gate.mlp[2].weight.copy_(torch.eye(2))
+        w = torch.zeros(1, 2, 7, 7)
+        w[0, 0, 3, 3], w[0, 1, 3, 3] = 1.0, 2.0  # centre taps: 1*max + 2*mean
+        cbam.spatial_gate.conv.weight.copy_(w)
+    x = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.0]]]])
+    # channel: avg [2,-1], max [3,0] -> relu -> [2,0]+[3,0] -> sigmoid [s5, 0.5]
+    s5 = sig(5.0)
+    x1 = [[1 * s5, 3 * s5], [-1.0, 0.0]]
+    logits = [max(x1[0][i], x1[1][i]) + 2 * (x1[0][i] + x1[1][i]) / 2 for i in range(2)]
+    expected = torch.tensor([[[[x1[c][i] * sig(logits[i]) for i in range(2)]] for c in range(2)]])
+    torch.testing.assert_close(cbam(x), expected)
+
+
+def test_cbam_has_no_bias_and_no_bn():
+    cbam = CBAM(64)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in cbam.modules())
+    assert all(getattr(m, "bias", None) is None
+               for m in cbam.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    assert sum(p.numel() for p in cbam.parameters()) == 2 * 64 * 4 + 2 * 49
+
+
+def test_se_matches_its_definition():
+    se = SE(32, reduction=16)
+    x = torch.randn(3, 32, 4, 4)
+    w1, w2 = se.fc[0].weight, se.fc[2].weight
+    expected = x * torch.sigmoid(torch.relu(x.mean((2, 3)) @ w1.T) @ w2.T)[..., None, None]
+    torch.testing.assert_close(se(x), expected)
+    assert sum(p.numel() for p in se.parameters()) == 2 * 32 * 2
+
+
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_bam_output_is_f_plus_f_times_gate(combine):
+    bam = BAM(64, combine=combine).eval()
+    x = torch.randn(2, 64, 8, 8)
+    mc, ms = bam.channel_gate(x), bam.spatial_gate(x)
+    assert mc.shape == (2, 64, 1, 1) and ms.shape == (2, 1, 8, 8)
+    att = mc + ms if combine == "sum" else mc * ms
+    torch.testing.assert_close(bam(x), x + x * torch.sigmoid(att))
+
+
+def test_bam_uses_two_dilated_convs():
+    convs = [m for m in BAM(64).spatial_gate.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (3, 3), (1, 1)]
+    assert [c.dilation for c in convs[1:3]] == [(4, 4), (4, 4)]
+    assert convs[-1].out_channels == 1
+
+
+@pytest.mark.parametrize("name", ["se", "sge", "cbam", "bam", "lgam", "lgam_g32"])
+def test_modules_keep_shape_and_take_channels_last(name):
+    m = create_attention(name, 64).eval()
+    x = torch.randn(2, 64, 7, 5)
+    y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), y)
+
+
+@pytest.mark.parametrize("name", ["se", "sge", "cbam", "bam", "lgam"])
+def test_every_module_trains(name):
+    """A conv + attention + linear head fits a tiny random batch: the module passes gradients."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3, padding=1), create_attention(name, 64),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 4),
+    )
+    y = torch.arange(16) % 4
+    x = torch.randn(16, 3, 8, 8) + y.view(16, 1, 1, 1) * 0.5  # learnable: class shifts the mean
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    att = net[1]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in att.parameters())
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: LGAM(10, groups=4), "not divisible by groups=4"),
+        (lambda: LGAM(64, groups=4, reduction=32), "reduction=32 is larger"),
+        (lambda: LGAM(64, groups=0), "groups must be a positive integer"),
+        (lambda: LGAM(64, groups=4, reduction=0), "reduction must be a positive integer"),
+        (lambda: SE(8, reduction=16), "use reduction <= 8"),
+        (lambda: SE(0), "channels must be a positive integer"),
+        (lambda: SGE(10, groups=4), "divisors of 10"),
+        (lambda: CBAM(4, reduction=8), "reduction=8 is larger"),
+        (lambda: CBAM(64, kernel_size=6), "kernel_size must be odd"),
+        (lambda: BAM(64, combine="mean"), "combine must be 'sum' or 'product'"),
+        (lambda: BAM(8, reduction=16), "reduction=16 is larger"),
+        (lambda: create_attention("nope", 64), "unknown attention 'nope'"),
+    ],
+)
+def test_bad_arguments_say_what_to_change(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_lgam_rejects_wrong_input_channels():
+    with pytest.raises(ValueError, match=r"expects \(B, 64, H, W\)"):
+        LGAM(64)(torch.randn(1, 32, 4, 4))

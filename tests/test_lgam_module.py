@@ -1,0 +1,119 @@
+"""LGAM's batched ladder against the loop-per-group transcription of eqs (1)-(7)."""
+import copy
+import math
+
+import pytest
+import torch
+
+from lgam import LGAM
+from lgam.attention.lgam import lgam_reference
+
+GROUPS = [1, 2, 4, 8, 32]
+
+
+def _module(groups: int, train: bool) -> LGAM:
+    torch.manual_seed(groups)
+    m = LGAM(128, groups=groups, reduction=2 if groups == 32 else 4)
+    with torch.no_grad():  # move BN away from its identity init so eval mode is a real test
+        for bn in (a.bn for a in m.channel_attention):
+            bn.running_mean.normal_(0, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.2)
+    return m.train(train)
+
+
+def _run(module, fn, x, grad_out):
+    x = x.clone().requires_grad_(True)
+    y = fn(module, x)
+    (y * grad_out.to(y.dtype)).sum().backward()
+    pgrad = torch.cat([p.grad.flatten() for p in module.parameters()])
+    return y, x.grad, pgrad
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error; element-wise is ill-posed where the true gradient is 0
+    (e.g. the bias before a train-mode BatchNorm)."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("groups", GROUPS)
+def test_fast_ladder_matches_loop_oracle(groups, train):
+    fast, loop = _module(groups, train), None
+    loop = copy.deepcopy(fast)
+    x = torch.randn(4, 128, 6, 6)
+    g = torch.randn(4, 128, 6, 6)
+    yf, gxf, gpf = _run(fast, lambda m, t: m(t), x, g)
+    yl, gxl, gpl = _run(loop, lgam_reference, x, g)
+    assert _rel(yf, yl) <= 1e-5
+    assert _rel(gxf, gxl) <= 1e-5
+    assert _rel(gpf, gpl) <= 1e-5
+    if train:  # the running statistics move identically too
+        for a, b in zip(fast.channel_attention, loop.channel_attention):
+            torch.testing.assert_close(a.bn.running_mean, b.bn.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.bn.running_var, b.bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [4, 8, 32])
+def test_fast_ladder_is_as_accurate_as_the_loop(groups):
+    """Against a float64 oracle, the batched ladder loses no more precision than the loop."""
+    m32 = _module(groups, train=False)
+    m64 = copy.deepcopy(m32).double()
+    x, g = torch.randn(4, 128, 6, 6), torch.randn(4, 128, 6, 6)
+    y64, gx64, gp64 = _run(m64, lgam_reference, x.double(), g)
+    yf, gxf, gpf = _run(copy.deepcopy(m32), lambda m, t: m(t), x, g)
+    yl, gxl, gpl = _run(copy.deepcopy(m32), lgam_reference, x, g)
+    for fast, loop, exact in ((yf, yl, y64), (gxf, gxl, gx64), (gpf, gpl, gp64)):
+        assert _rel(fast, exact) <= 2 * _rel(loop, exact) + 1e-6
+
+
+def test_equations_on_a_hand_computed_case():
+    """G=2, C'=1, h=1: every weight set by hand, eval mode, so (1)-(7) can be followed by pen."""
+    m = LGAM(2, groups=2, reduction=1).eval()
+    with torch.no_grad():
+        for k, att in enumerate(m.channel_attention):
+            lin1, lin2 = att.mlp[0], att.mlp[2]
+            lin1.weight.fill_(1.0), lin1.bias.fill_(0.0)
+            lin2.weight.fill_(2.0 if k == 0 else -1.0), lin2.bias.fill_(0.0)
+    x = torch.tensor([[[[1.0, 3.0]], [[-1.0, 1.0]]]])  # (1, 2, 1, 2)
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    eps = m.channel_attention[0].bn.eps
+    bn = lambda v: v / math.sqrt(1 + eps)  # noqa: E731  (running mean 0, var 1)
+    # group 1: s = 2, MLP = 2*relu(2) = 4, M = sig(relu(bn(4)))
+    m1 = sig(max(bn(4.0), 0.0))
+    y1 = [(1 + m1) * 1.0, (1 + m1) * 3.0]
+    # group 2: z = x2 + y1, s = mean(z), MLP = -relu(s) <= 0 -> relu -> M = sig(0) = 0.5
+    z = [-1.0 + y1[0], 1.0 + y1[1]]
+    y2 = [1.5 * v for v in z]
+    c = [y1[i] + y2[i] for i in range(2)]  # eq (5): channel sum
+    ms = [sig(max(v, 0.0)) for v in c]  # eq (6)
+    expected = torch.tensor([[[[y1[i] * ms[i] + [1.0, 3.0][i] for i in range(2)]],
+                              [[y2[i] * ms[i] + [-1.0, 1.0][i] for i in range(2)]]]])
+    torch.testing.assert_close(m(x), expected)
+    torch.testing.assert_close(lgam_reference(m, x), expected)
+
+
+def test_spatial_map_uses_the_channel_sum_not_the_mean():
+    m = LGAM(8, groups=1, reduction=1).eval()
+    x = torch.randn(2, 8, 3, 3)
+    _, ys = lgam_reference(m, x, return_ladder=True)
+    a1 = torch.cat(ys, 1)
+    expected = a1 * torch.sigmoid(torch.relu(a1.sum(1, keepdim=True))) + x
+    torch.testing.assert_close(m(x), expected)
+    wrong = a1 * torch.sigmoid(torch.relu(a1.mean(1, keepdim=True))) + x
+    assert not torch.allclose(m(x), wrong)
+
+
+def test_channels_last_input_gives_the_same_result():
+    m = LGAM(64, groups=4, reduction=4).eval()
+    x = torch.randn(2, 64, 5, 7)
+    torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), m(x))
+
+
+def test_parameters_are_one_mlp_and_one_bn_per_group():
+    m = LGAM(64, groups=4, reduction=16)  # C'=16, h=1
+    assert len(m.channel_attention) == 4
+    per_group = (16 * 1 + 1) + (1 * 16 + 16) + 2 * 16  # Linear(16,1), Linear(1,16), BN1d(16)
+    assert sum(p.numel() for p in m.parameters()) == 4 * per_group
+    assert all(isinstance(a.bn, torch.nn.BatchNorm1d) for a in m.channel_attention)

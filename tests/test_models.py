@@ -1,0 +1,165 @@
+"""Registry, backbones, exact parameter counts, attention placement, safetensors round trip."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lgam
+from lgam.models.registry import ATTENTION_PLACEMENT, BACKBONES
+from lgam.params import PAPER_PARAMS_M, count_macs, count_params, format_markdown, param_table
+
+ALL = lgam.list_models()
+VARIANTS = ["resnet18", "resnet18_se", "resnet18_sge", "resnet18_cbam", "resnet18_bam", "resnet18_lgam"]
+
+
+def test_registry_names():
+    expected = {b for b in BACKBONES} | {f"{b}_{a}" for b in BACKBONES for a in ATTENTION_PLACEMENT}
+    assert set(ALL) == expected
+    assert set(VARIANTS + ["resnet18_lgam_g32"]) <= set(ALL)
+    assert lgam.list_models("resnet18_lgam*") == ["resnet18_lgam", "resnet18_lgam_g32"]
+
+
+# feature-map stride at layer4: ResNets downsample in four stages, WRN/ResNeXt in three
+STRIDE = {("resnet", "cifar"): 8, ("resnet", "imagenet"): 32, ("other", "cifar"): 4,
+          ("other", "imagenet"): 16}
+
+
+@pytest.mark.parametrize("stem, size", [("cifar", 32), ("imagenet", 64)])
+@pytest.mark.parametrize("name", ALL)
+def test_every_model_and_stem_gives_logits(name, stem, size):
+    feat = size // STRIDE["resnet" if name.startswith("resnet") else "other", stem]
+    model = lgam.create_model(name, num_classes=7, stem=stem)
+    y = model(torch.randn(2, 3, size, size))
+    assert y.shape == (2, 7) and torch.isfinite(y).all()
+    f = model.eval().forward_features(torch.randn(1, 3, size, size))
+    assert f.shape[-2:] == (feat, feat)
+    assert model.model_name == name and model.model_kwargs["stem"] == stem
+
+
+# DESIGN.md section 2, measured from the reference implementations
+EXACT = {
+    "resnet18": (11_173_962, 11_220_132, 11_186_772),
+    "resnet18_se": (11_261_002, 11_307_172, 11_273_812),
+    "resnet18_sge": (11_174_986, 11_221_156, 11_187_796),
+    "resnet18_cbam": (11_261_786, 11_307_956, 11_274_596),
+}
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_exact_parameter_counts(name):
+    heads = [(10, "cifar"), (100, "cifar"), (20, "imagenet")]
+    got = tuple(count_params(lgam.create_model(name, num_classes=n, stem=s)) for n, s in heads)
+    assert got == EXACT[name]
+
+
+def test_lgam_bam_parameter_counts():
+    base = EXACT["resnet18"][1]
+    # LGAM G=4, r=16: per block sum over groups of (2*C'*h + h + 3*C'); two blocks per stage
+    assert count_params(lgam.create_model("resnet18_lgam", 100, "cifar")) - base == 27_640
+    # G=32, r=2 reproduces every "+0.03M" of the paper's Tables 3-4 to the second decimal
+    assert count_params(lgam.create_model("resnet18_lgam_g32", 100, "cifar")) - base == 28_480
+    for (nc, stem), paper in zip([(10, "cifar"), (100, "cifar"), (20, "imagenet")],
+                                 PAPER_PARAMS_M["resnet18_lgam"]):
+        n = count_params(lgam.create_model("resnet18_lgam_g32", nc, stem))
+        assert round(n / 1e6, 2) == paper
+    assert count_params(lgam.create_model("resnet18_bam", 100, "cifar")) - base == 22_991
+
+
+def test_attention_placement():
+    m = lgam.create_model("resnet18_cbam")
+    blocks = [b for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for b in layer]
+    assert all(isinstance(b.attention, lgam.CBAM) for b in blocks) and len(blocks) == 8
+    assert m.stage_attention is None
+    bam = lgam.create_model("resnet18_bam")
+    assert all(isinstance(b.attention, torch.nn.Identity) for layer in (bam.layer1,) for b in layer)
+    assert [type(a).__name__ for a in bam.stage_attention] == ["BAM", "BAM", "BAM", "Identity"]
+
+
+def test_attention_acts_after_bn2_before_the_identity_add():
+    m = lgam.create_model("resnet18_se").eval()
+    block = m.layer1[0]
+    seen = {}
+    block.bn2.register_forward_hook(lambda mod, i, o: seen.setdefault("bn2", o))
+    block.attention.register_forward_hook(lambda mod, i, o: seen.setdefault("att_in", i[0]))
+    x = torch.randn(1, 64, 8, 8)
+    out = block(x)
+    assert torch.equal(seen["att_in"], seen["bn2"])
+    torch.testing.assert_close(out, torch.relu(block.attention(seen["bn2"]) + x))
+
+
+def test_wrn_sge_uses_groups_that_divide_its_widths():
+    m = lgam.create_model("wrn16_10_sge", num_classes=10)
+    assert {b.attention.groups for layer in (m.layer1, m.layer2, m.layer3) for b in layer} == {32}
+
+
+def test_attention_kwargs_reach_the_modules():
+    m = lgam.create_model("resnet18_lgam", attention_kwargs={"groups": 8, "reduction": 2})
+    assert m.layer1[0].attention.groups == 8
+    m2 = lgam.create_model(m.model_name, **m.model_kwargs)
+    assert count_params(m2) == count_params(m)
+
+
+@pytest.mark.parametrize("name", VARIANTS + ["resnet18_lgam_g32"])
+def test_state_dict_round_trip_through_safetensors(name, tmp_path):
+    model = lgam.create_model(name, num_classes=20)
+    model.train()
+    model(torch.randn(4, 3, 64, 64))  # move BN statistics off their defaults
+    model.eval()
+    path = tmp_path / "m.safetensors"
+    save_file(model.state_dict(), str(path))
+    other = lgam.create_model(name, num_classes=20).eval()
+    other.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_resnet18_variant_trains(name):
+    torch.manual_seed(0)
+    model = lgam.create_model(name, num_classes=4, stem="cifar")
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    first = None
+    for _ in range(12):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: lgam.create_model("resnet19"), "unknown model 'resnet19'"),
+        (lambda: lgam.create_model("resnet18", stem="tiny"), "stem must be one of"),
+        (lambda: lgam.create_model("resnet18", num_classes=0), "num_classes must be a positive"),
+        (lambda: lgam.create_model("resnet18_lgam", attention_kwargs={"groups": 3}),
+         "not divisible by groups=3"),
+        (lambda: lgam.models.WideResNet(depth=15), "WRN depth must be 6n\\+4"),
+        (lambda: lgam.models.ResNeXt(depth=30), "ResNeXt depth must be 9n\\+2"),
+    ],
+)
+def test_bad_model_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_macs_match_known_resnet18_cost():
+    # torchvision's resnet18 at 224 px: 1.814 GMACs (1000 classes); the head is negligible
+    macs = count_macs(lgam.create_model("resnet18", num_classes=1000), 224)
+    assert abs(macs / 1e9 - 1.8186) < 0.005
+    # attention adds matmul/conv MACs for SE/CBAM, none counted for elementwise-only parts
+    assert count_macs(lgam.create_model("resnet18_cbam", 20), 224) > count_macs(
+        lgam.create_model("resnet18", 20), 224)
+
+
+def test_param_table_and_cli(capsys):
+    rows = param_table(["resnet18", "resnet18_lgam_g32"], macs=False)
+    assert rows[0].params["cifar100"] == 11_220_132 and rows[0].diff_m("cifar100") == pytest.approx(0, abs=5e-4)
+    assert rows[1].diff_m("imagenet20") == pytest.approx(0.0, abs=0.005)
+    table = format_markdown(rows)
+    assert "| resnet18 | 11,173,962 | 11.17M | +0.004 |" in table
+    from lgam.cli import main
+    assert main(["params", "--models", "resnet18_se", "--no-macs"]) == 0
+    assert "| resnet18_se | 11,261,002 | 11.26M |" in capsys.readouterr().out
