@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..attention import create_attention
 
-__all__ = ["BasicBlock", "ResNet", "check_stem", "check_placement"]
+__all__ = ["AttentionBackbone", "BasicBlock", "ResNet", "check_stem", "check_placement"]
 
 STEMS = ("imagenet", "cifar")
 PLACEMENTS = ("block", "stage")
@@ -44,6 +44,49 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.constant_(m.weight, 1)
             nn.init.constant_(m.bias, 0)
+
+
+def make_stem(stem: str, out_channels: int) -> tuple[nn.Conv2d, nn.Module]:
+    """``(conv1, maxpool)``: 7x7/2 conv + 3x3/2 max-pool (``imagenet``) or 3x3/1 conv (``cifar``)."""
+    if check_stem(stem) == "imagenet":
+        return nn.Conv2d(3, out_channels, 7, 2, padding=3, bias=False), nn.MaxPool2d(3, 2, padding=1)
+    return nn.Conv2d(3, out_channels, 3, 1, padding=1, bias=False), nn.Identity()
+
+
+class AttentionBackbone(nn.Module):
+    """Shared skeleton: stem -> ``layer1..layer4`` -> global average pool -> ``fc``.
+
+    With ``placement="stage"`` an attention module follows each of the given stages
+    (``stage_attention[i]`` after ``layer{i+1}``; BAM's placement). ``model.layer4`` is always the
+    last feature map before pooling (the Grad-CAM target).
+    """
+
+    def _init_stage_attention(
+        self, attention: str | None, placement: str, channels: list[int], kw: dict | None
+    ) -> None:
+        self.stage_attention: nn.ModuleList | None = None
+        if check_placement(placement) == "stage" and attention is not None:
+            modules = [create_attention(attention, c, **(kw or {})) for c in channels]
+            self.stage_attention = nn.ModuleList(modules + [nn.Identity()] * (4 - len(modules)))
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``layer4`` output ``(B, C, h, w)``."""
+        x = self.forward_stem(x)
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            if self.stage_attention is not None:
+                x = self.stage_attention[i](x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """``(B, C, h, w)`` features -> ``(B, num_classes)`` logits."""
+        return self.fc(self.avgpool(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -84,7 +127,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(AttentionBackbone):
     """ResNet with BasicBlocks. Input ``(B, 3, H, W)``, output logits ``(B, num_classes)``.
 
     Attributes follow torchvision (``conv1 bn1 relu maxpool layer1..layer4 avgpool fc``), so
@@ -102,33 +145,19 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
-        check_stem(stem)
-        check_placement(placement)
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers!r}")
         self.inplanes = 64
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            self.conv1 = conv3x3(3, 64)
-            self.maxpool = nn.Identity()
+        self.conv1, self.maxpool = make_stem(stem, 64)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        block_att = attention if placement == "block" else None
+        block_att = attention if check_placement(placement) == "block" else None
         kw = attention_kwargs
         self.layer1 = self._make_layer(64, layers[0], 1, block_att, kw)
         self.layer2 = self._make_layer(128, layers[1], 2, block_att, kw)
         self.layer3 = self._make_layer(256, layers[2], 2, block_att, kw)
         self.layer4 = self._make_layer(512, layers[3], 2, block_att, kw)
-        if placement == "stage" and attention is not None:
-            # after layer1-layer3 (BAM's placement); nothing after layer4
-            self.stage_attention = nn.ModuleList(
-                [create_attention(attention, c, **(kw or {})) for c in (64, 128, 256)]
-                + [nn.Identity()]
-            )
-        else:
-            self.stage_attention = None
+        self._init_stage_attention(attention, placement, [64, 128, 256], kw)  # not after layer4
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * BasicBlock.expansion, num_classes)
         init_weights(self)
@@ -144,18 +173,5 @@ class ResNet(nn.Module):
         layers += [BasicBlock(planes, planes, 1, None, attention, kw) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> ``layer4`` output ``(B, 512, H/32, W/32)`` (``H/8`` for the CIFAR stem)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
-            x = layer(x)
-            if self.stage_attention is not None:
-                x = self.stage_attention[i](x)
-        return x
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        """``(B, 512, h, w)`` features -> ``(B, num_classes)`` logits."""
-        return self.fc(self.avgpool(x).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -11,7 +11,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..attention import create_attention
-from .resnet import check_num_classes, check_placement, check_stem, conv1x1, init_weights
+from .resnet import (
+    AttentionBackbone, check_num_classes, check_placement, conv1x1, init_weights, make_stem,
+)
 
 __all__ = ["ResNeXtBottleneck", "ResNeXt"]
 
@@ -52,7 +54,7 @@ class ResNeXtBottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNeXt(nn.Module):
+class ResNeXt(AttentionBackbone):
     """ResNeXt-``depth`` (``cardinality x base_width d``). ``(B, 3, H, W)`` -> ``(B, num_classes)``.
 
     ``layer1..layer3`` are the three stages; ``layer4`` is an identity kept so that, as in the
@@ -72,20 +74,13 @@ class ResNeXt(nn.Module):
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
-        check_stem(stem)
-        check_placement(placement)
         if (depth - 2) % 9 or depth < 11:
             raise ValueError(f"ResNeXt depth must be 9n+2 with n >= 1 (11, 20, 29, ...), got {depth}")
         n = (depth - 2) // 9
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+        self.conv1, self.maxpool = make_stem(stem, 64)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        block_att = attention if placement == "block" else None
+        block_att = attention if check_placement(placement) == "block" else None
         inplanes, stages, outs = 64, [], (256, 512, 1024)
         for i, out in enumerate(outs):
             width = cardinality * base_width * 2**i
@@ -100,28 +95,11 @@ class ResNeXt(nn.Module):
                 inplanes = out
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        if placement == "stage" and attention is not None:
-            self.stage_attention = nn.ModuleList(
-                [create_attention(attention, c, **(attention_kwargs or {})) for c in outs[:2]]
-                + [nn.Identity()]
-            )
-        else:
-            self.stage_attention = None
+        self._init_stage_attention(attention, placement, list(outs[:2]), attention_kwargs)
         self.layer4 = nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(outs[-1], num_classes)
         init_weights(self)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i, layer in enumerate((self.layer1, self.layer2, self.layer3)):
-            x = layer(x)
-            if self.stage_attention is not None:
-                x = self.stage_attention[i](x)
-        return self.layer4(x)
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(self.avgpool(x).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..attention import create_attention
-from .resnet import check_num_classes, check_placement, check_stem, init_weights
+from .resnet import AttentionBackbone, check_num_classes, check_placement, init_weights, make_stem
 
 __all__ = ["WideBasicBlock", "WideResNet"]
 
@@ -48,7 +48,7 @@ class WideBasicBlock(nn.Module):
         return self.attention(out) + identity
 
 
-class WideResNet(nn.Module):
+class WideResNet(AttentionBackbone):
     """WRN-``depth``-``widen``. Input ``(B, 3, H, W)``, output ``(B, num_classes)``.
 
     ``layer1..layer3`` hold the three groups (widths ``16k, 32k, 64k``); ``layer4`` is the final
@@ -68,19 +68,12 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
-        check_stem(stem)
-        check_placement(placement)
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
         n = (depth - 4) // 6
         widths = [16 * widen, 32 * widen, 64 * widen]
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            self.conv1 = nn.Conv2d(3, 16, 3, 1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
-        block_att = attention if placement == "block" else None
+        self.conv1, self.maxpool = make_stem(stem, 16)  # pre-activation: no BN-ReLU here
+        block_att = attention if check_placement(placement) == "block" else None
         in_planes, stages = 16, []
         for i, w in enumerate(widths):
             blocks = []
@@ -92,29 +85,12 @@ class WideResNet(nn.Module):
                 in_planes = w
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        if placement == "stage" and attention is not None:
-            self.stage_attention = nn.ModuleList(
-                [create_attention(attention, c, **(attention_kwargs or {})) for c in widths[:2]]
-                + [nn.Identity()]
-            )
-        else:
-            self.stage_attention = None
+        self._init_stage_attention(attention, placement, widths[:2], attention_kwargs)
         self.layer4 = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
         init_weights(self)
         nn.init.zeros_(self.fc.bias)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.conv1(x))
-        for i, layer in enumerate((self.layer1, self.layer2, self.layer3)):
-            x = layer(x)
-            if self.stage_attention is not None:
-                x = self.stage_attention[i](x)
-        return self.layer4(x)
-
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(self.avgpool(x).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.conv1(x))

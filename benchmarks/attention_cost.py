@@ -1,0 +1,107 @@
+"""CPU cost of the six ResNet18 variants and LGAM's activation growth at initialisation.
+
+Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam at 224 px (ImageNet stem, 20 classes):
+forward and forward+backward latency at batch 1 and 32 (median of ``--reps`` after a warm-up);
+then, for LGAM with G=4 (r=16) and G=32 (r=2): std(y_k) / std(x_k) per group at initialisation
+(train and eval mode), the module's std(A'') / std(A), and the std of the whole network's logits.
+
+    python benchmarks/attention_cost.py [--reps 5] [--batches 1 32] [--threads N] [--skip-latency]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import lgam
+from lgam.attention.lgam import lgam_reference
+
+VARIANTS = ["resnet18", "resnet18_se", "resnet18_sge", "resnet18_cbam", "resnet18_bam", "resnet18_lgam"]
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def latency(reps: int, batches: list[int], size: int) -> None:
+    print(f"\n## Latency, CPU, {size} px, median of {reps} (ms)\n")
+    cols = [f"{k} b{b}" for b in batches for k in ("fwd", "fwd+bwd")]
+    print("| model | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
+    for name in VARIANTS:
+        model = lgam.create_model(name, num_classes=20)
+        cells = []
+        for b in batches:
+            x = torch.randn(b, 3, size, size)
+            model.eval()
+            with torch.inference_mode():
+                cells.append(_median_ms(lambda: model(x), reps))
+            model.train()
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                model(x).sum().backward()
+
+            cells.append(_median_ms(step, max(1, reps // 2) if b > 8 else reps))
+        print(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
+
+
+@torch.no_grad()
+def growth(groups: int, reduction: int, channels: int = 256, hw: int = 14, batch: int = 16) -> None:
+    torch.manual_seed(0)
+    module = lgam.LGAM(channels, groups=groups, reduction=reduction)
+    x = torch.randn(batch, channels, hw, hw)
+    print(f"\n### LGAM G={groups}, r={reduction} (C={channels}, x ~ N(0, 1), {batch}x{hw}x{hw})\n")
+    show = sorted({1, 2, 3, 4, groups // 4, groups // 2, groups} - {0})
+    print("| mode | " + " | ".join(f"y_{k}" for k in show) + " | A''/A |\n|---|" + "---:|" * (len(show) + 1))
+    for mode in ("train", "eval"):
+        module.train(mode == "train")
+        out, ys = lgam_reference(module, x, return_ladder=True)
+        xs = x.chunk(groups, dim=1)
+        ratios = [(ys[k - 1].std() / xs[k - 1].std()).item() for k in show]
+        print(f"| {mode} | " + " | ".join(f"{r:.3g}" for r in ratios) + f" | {(out.std() / x.std()).item():.3g} |")
+
+
+@torch.no_grad()
+def network_growth(size: int = 224) -> None:
+    print("\n### Whole network at initialisation: std of the logits (batch 8)\n")
+    print("| model | train mode (batch statistics) | eval mode (default running statistics) |\n|---|---:|---:|")
+    x = torch.randn(8, 3, size, size)
+    for name in ("resnet18", "resnet18_lgam", "resnet18_lgam_g32"):
+        torch.manual_seed(0)
+        m = lgam.create_model(name, num_classes=20)
+        stds = [m.train(mode)(x).std().item() for mode in (True, False)]
+        print(f"| {name} | {stds[0]:.3g} | {stds[1]:.3g} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--skip-latency", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not args.skip_latency:
+        latency(args.reps, args.batches, args.size)
+    print("\n## LGAM activation growth at initialisation: std(y_k) / std(x_k) per group k")
+    growth(4, 16)
+    growth(32, 2)
+    network_growth(args.size)
+
+
+if __name__ == "__main__":
+    main()
