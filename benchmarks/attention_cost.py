@@ -1,7 +1,8 @@
 """CPU cost of the six ResNet18 variants and LGAM's activation growth at initialisation.
 
 Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam at 224 px (ImageNet stem, 20 classes):
-forward and forward+backward latency at batch 1 and 32 (median of ``--reps`` after a warm-up);
+forward and forward+backward latency at batch 1 and 32 (median of ``--reps`` after a warm-up;
+forward in eval mode; forward+backward in train mode, except at batch 1 where BN stays in eval mode);
 then, for LGAM with G=4 (r=16) and G=32 (r=2): std(y_k) / std(x_k) per group at initialisation
 (train and eval mode), the module's std(A'') / std(A), and the std of the whole network's logits.
 
@@ -45,7 +46,9 @@ def latency(reps: int, batches: list[int], size: int) -> None:
             model.eval()
             with torch.inference_mode():
                 cells.append(_median_ms(lambda: model(x), reps))
-            model.train()
+            # batch 1: BatchNorm1d (LGAM, BAM) cannot use batch statistics, so time the backward
+            # with frozen BN statistics, as in a Grad-CAM backward or frozen-BN fine-tuning
+            model.train(b > 1)
 
             def step():
                 model.zero_grad(set_to_none=True)
