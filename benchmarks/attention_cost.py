@@ -78,7 +78,7 @@ def growth(groups: int, reduction: int, channels: int = 256, hw: int = 14, batch
 def network_growth(size: int = 224) -> None:
     print("\n### Whole network at initialisation: std of the logits (batch 8)\n")
     print("| model | train mode (batch statistics) | eval mode (default running statistics) |\n|---|---:|---:|")
-    x = torch.randn(8, 3, size, size)
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
     for name in ("resnet18", "resnet18_lgam", "resnet18_lgam_g32"):
         torch.manual_seed(0)
         m = lgam.create_model(name, num_classes=20)
