@@ -117,3 +117,13 @@ def test_parameters_are_one_mlp_and_one_bn_per_group():
     per_group = (16 * 1 + 1) + (1 * 16 + 16) + 2 * 16  # Linear(16,1), Linear(1,16), BN1d(16)
     assert sum(p.numel() for p in m.parameters()) == 4 * per_group
     assert all(isinstance(a.bn, torch.nn.BatchNorm1d) for a in m.channel_attention)
+
+
+def test_bf16_autocast_keeps_dtype_and_stays_close():
+    torch.manual_seed(0)
+    m = LGAM(64, groups=4, reduction=4).eval()
+    x = torch.randn(2, 64, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - m(x)).norm() / m(x).norm()).item() < 2e-2

@@ -83,14 +83,15 @@ class LGAM(nn.Module):
             )
         b, c, h, w = x.shape
         xg = x.view(b, self.groups, c // self.groups, h, w)
-        a = self.group_scales(xg.mean(dim=(3, 4)))  # eq (1) per group, then (2)-(4) pooled
+        a = self.group_scales(xg.mean(dim=(3, 4))).float()  # eq (1) per group, (2)-(4) pooled
         # Ladder (4) unrolled: y_k = a_k (x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1},
-        # with P_k = a_1 * ... * a_k and P_0 = 1.
+        # with P_k = a_1 * ... * a_k and P_0 = 1. Products and the running sum stay in float32
+        # (they grow like 1.5**k) also under bf16/fp16 autocast.
         p = torch.cumprod(a, dim=1)
         p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
-        y = p[..., None, None] * torch.cumsum(xg / p_prev[..., None, None], dim=1)
+        y = p[..., None, None] * torch.cumsum(xg / p_prev[..., None, None], dim=1, dtype=torch.float32)
         m_spat = torch.sigmoid(F.relu(y.sum(dim=(1, 2)).unsqueeze(1)))  # eqs (5), (6)
-        return torch.addcmul(x, y.view(b, c, h, w), m_spat)  # eq (7): A' * M_spat + A
+        return torch.addcmul(x, y.view(b, c, h, w), m_spat).to(x.dtype)  # eq (7): A' M_spat + A
 
 
 def lgam_reference(
