@@ -1,0 +1,257 @@
+"""Checkpoints: float16 safetensors (no pickle anywhere) plus ``manifest.json``.
+
+``manifest.json`` is ``{"format": 1, "models": {NAME: ENTRY}}``; an ENTRY records the files and
+their sha256, the architecture (``arch`` + ``arch_kwargs`` for :func:`lgam.create_model`), the class
+list, input size and normalisation, the training recipe, seed, epochs, git commit and metrics
+(``val_top1_err_224``, ``val_top1_err_160`` in percent, ``params``, ``gmacs_224``,
+``cpu_latency_ms_224``, ``train_img_per_s``). A checkpoint over 16 MiB is stored as
+``NAME-00001-of-0000N.safetensors`` parts of at most 15 MiB plus ``NAME.safetensors.index.json``.
+Loading verifies every sha256 and the architecture, and raises :class:`CheckpointError` with a
+message that says what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .models import create_model
+
+__all__ = [
+    "CheckpointError", "MANIFEST", "save_checkpoint", "load_manifest", "load_checkpoint",
+    "update_metrics", "sha256_file",
+]
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+SINGLE_FILE_LIMIT = 16 * 2**20
+_KEEP_FP32 = ("running_mean", "running_var")
+_HEADER_ALLOWANCE = 64 * 1024  # room for each part's safetensors JSON header
+_ENTRY_KEYS = ("files", "sha256", "arch", "arch_kwargs", "classes", "input_size", "mean", "std")
+
+
+class CheckpointError(Exception):
+    """A checkpoint or manifest that cannot be used; the message says which and why."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _storage_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """float16 weights; BatchNorm running statistics float32; integer buffers unchanged."""
+    out = {}
+    for key, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        if t.is_floating_point() and not key.endswith(_KEEP_FP32):
+            t = t.to(torch.float16)
+        elif t.is_floating_point():
+            t = t.to(torch.float32)
+        out[key] = t.contiguous()
+    return out
+
+
+def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if n > max_bytes:
+            raise CheckpointError(f"tensor {key!r} ({n} bytes) is larger than a part ({max_bytes} bytes)")
+        if size + n > max_bytes and parts[-1]:
+            parts.append({})
+            size = 0
+        parts[-1][key] = t
+        size += n
+    return parts
+
+
+def save_checkpoint(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    *,
+    classes: Sequence[str],
+    input_size: int = 224,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    recipe: dict[str, Any] | None = None,
+    seed: int | None = None,
+    epochs: int | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    max_part_bytes: int = 15 * 2**20,
+) -> dict[str, Any]:
+    """Write ``model`` (built by :func:`lgam.create_model`) to ``directory`` and record it in the
+    manifest; returns the manifest entry. ``name`` defaults to ``model.model_name``."""
+    arch = getattr(model, "model_name", None)
+    if arch is None:
+        raise CheckpointError("model has no model_name: build it with lgam.create_model(...)")
+    name = name or arch
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise CheckpointError(f"checkpoint name {name!r} must be a plain file name")
+    n_classes = model.model_kwargs.get("num_classes")
+    if n_classes is not None and len(classes) != n_classes:
+        raise CheckpointError(f"{len(classes)} class names given for a model with {n_classes} classes")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = _storage_dict(model)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    meta = {"format": "pt", "arch": arch}
+    for old in directory.glob(f"{name}-*-of-*.safetensors"):  # stale parts of an earlier save
+        old.unlink()
+    if total <= SINGLE_FILE_LIMIT:
+        files = [f"{name}.safetensors"]
+        save_file(tensors, str(directory / files[0]), metadata=meta)
+        index = None
+    else:
+        parts = _split(tensors, max_part_bytes - _HEADER_ALLOWANCE)
+        files = [f"{name}-{i:05d}-of-{len(parts):05d}.safetensors" for i in range(1, len(parts) + 1)]
+        for fname, part in zip(files, parts):
+            save_file(part, str(directory / fname), metadata=meta)
+        index = f"{name}.safetensors.index.json"
+        weight_map = {k: fname for fname, part in zip(files, parts) for k in part}
+        _atomic_write_text(directory / index, json.dumps(
+            {"metadata": {"total_size": total, "arch": arch}, "weight_map": weight_map}, indent=1))
+        (directory / f"{name}.safetensors").unlink(missing_ok=True)
+    hashed = files + ([index] if index else [])
+    entry: dict[str, Any] = {
+        "files": files,
+        "index": index,
+        "sha256": {f: sha256_file(directory / f) for f in hashed},
+        "arch": arch,
+        "arch_kwargs": dict(model.model_kwargs),
+        "classes": list(classes),
+        "input_size": int(input_size),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "dtype": "float16",
+        "recipe": recipe,
+        "seed": seed,
+        "epochs": epochs,
+        "git_commit": _git_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "metrics": dict(metrics or {}),
+    }
+    if extra:
+        entry["extra"] = extra
+    manifest_path = directory / MANIFEST
+    manifest = load_manifest(directory) if manifest_path.exists() else {"format": FORMAT, "models": {}}
+    manifest["models"][name] = entry
+    _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return entry
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``directory/manifest.json``."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"no {MANIFEST} in {directory}: train models with `lgam train ... --checkpoints-dir "
+            f"{directory}` or point to a folder that has one"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from version control") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+        manifest.get("models"), dict
+    ):
+        raise CheckpointError(f"{path} is not a format-{FORMAT} lgam manifest")
+    for name, entry in manifest["models"].items():
+        missing = [k for k in _ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise CheckpointError(f"{path}: model {name!r} lacks {missing}")
+        bad = [f for f in entry["sha256"] if Path(f).name != f]
+        if bad:
+            raise CheckpointError(f"{path}: model {name!r} names files outside its folder: {bad}")
+    return manifest
+
+
+def load_checkpoint(
+    directory: str | Path, name: str, map_location: str | torch.device = "cpu", verify: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild model ``name`` from ``directory``: ``(model in eval mode, manifest entry)``.
+
+    Verifies every file's sha256 (unless ``verify=False``) and that the weights fit the recorded
+    architecture; weights come back as float32.
+    """
+    directory = Path(directory)
+    models = load_manifest(directory)["models"]
+    if name not in models:
+        raise CheckpointError(f"no model {name!r} in {directory / MANIFEST}; it has {sorted(models)}")
+    entry = models[name]
+    for fname, digest in entry["sha256"].items():
+        path = directory / fname
+        if not path.is_file():
+            raise CheckpointError(f"{name}: file {fname} is missing from {directory}")
+        if verify and sha256_file(path) != digest:
+            raise CheckpointError(
+                f"{name}: {fname} does not match its sha256 in the manifest (corrupt, truncated or "
+                "replaced); download or re-save it"
+            )
+    state: dict[str, torch.Tensor] = {}
+    for fname in entry["files"]:
+        try:
+            state.update(load_file(str(directory / fname), device=str(map_location)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{name}: cannot read {fname}: {e}") from e
+    try:
+        model = create_model(entry["arch"], **entry["arch_kwargs"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: cannot build architecture {entry['arch']!r}: {e}") from e
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{name}: architecture mismatch between the weights and {entry['arch']!r} "
+            f"{entry['arch_kwargs']}: {str(e).splitlines()[0]} ..."
+        ) from e
+    return model.to(map_location).eval(), entry
+
+
+def update_metrics(directory: str | Path, name: str, metrics: dict[str, Any]) -> None:
+    """Merge ``metrics`` into model ``name``'s manifest entry."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if name not in manifest["models"]:
+        raise CheckpointError(f"no model {name!r} in {directory / MANIFEST}")
+    manifest["models"][name]["metrics"].update(metrics)
+    _atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,148 @@
+"""Checkpoints: float16 safetensors + manifest; sha256 and architecture checks; split files."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lgam
+from lgam.checkpoints import (
+    CheckpointError, load_checkpoint, load_manifest, save_checkpoint, update_metrics,
+)
+
+CLASSES = [f"class{i}" for i in range(20)]
+
+
+def _trained_like(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = lgam.create_model(name, num_classes=20)
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(4, 3, 64, 64))  # BN statistics away from their defaults
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    model = _trained_like("resnet18")
+    entry = save_checkpoint(model, d, classes=CLASSES, input_size=224, recipe={"lr": 0.1}, seed=3,
+                            epochs=2, metrics={"val_top1_err_224": 12.5})
+    return d, model, entry
+
+
+def test_round_trip_is_float16_close(saved):
+    d, model, entry = saved
+    loaded, e = load_checkpoint(d, "resnet18")
+    assert not loaded.training and e == entry
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    assert ((loaded(x) - ref).norm() / ref.norm()).item() < 2e-3
+    # exact against the float16-rounded weights
+    half = lgam.create_model("resnet18", num_classes=20).eval()
+    half.load_state_dict({k: v.half().float() if v.is_floating_point() and "running" not in k else v
+                          for k, v in model.state_dict().items()})
+    torch.testing.assert_close(loaded(x), half(x), rtol=0, atol=0)
+
+
+def test_manifest_records_everything(saved):
+    d, _, entry = saved
+    m = load_manifest(d)["models"]["resnet18"]
+    assert m["arch"] == "resnet18" and m["arch_kwargs"] == {"num_classes": 20, "stem": "imagenet"}
+    assert m["classes"] == CLASSES and m["input_size"] == 224 and m["dtype"] == "float16"
+    assert m["seed"] == 3 and m["epochs"] == 2 and m["recipe"] == {"lr": 0.1}
+    assert m["metrics"] == {"val_top1_err_224": 12.5} and len(m["mean"]) == len(m["std"]) == 3
+    assert set(m["sha256"]) == set(m["files"]) | {m["index"]}
+    assert all(len(h) == 64 for h in m["sha256"].values())
+
+
+def test_storage_dtypes_and_no_pickle(saved):
+    d, _, entry = saved
+    assert not [p for p in d.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
+    tensors = {}
+    for f in entry["files"]:
+        tensors.update(load_file(str(d / f)))
+    assert tensors["conv1.weight"].dtype == torch.float16
+    assert tensors["bn1.running_var"].dtype == torch.float32
+    assert tensors["bn1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_large_checkpoint_is_split_and_loads_transparently(saved):
+    d, _, entry = saved  # resnet18 in float16 is ~22 MB > 16 MiB
+    assert len(entry["files"]) == 2 and entry["index"] == "resnet18.safetensors.index.json"
+    assert entry["files"][0] == "resnet18-00001-of-00002.safetensors"
+    assert all((d / f).stat().st_size <= 15 * 2**20 for f in entry["files"])
+    index = json.loads((d / entry["index"]).read_text())
+    assert set(index["weight_map"].values()) == set(entry["files"])
+
+
+def test_small_checkpoint_is_one_file_and_parts_follow_the_limit(tmp_path):
+    small = lgam.create_model("resnext29_32x4d", num_classes=10)  # 4.8M params: ~9 MiB in fp16
+    e = save_checkpoint(small, tmp_path, classes=[str(i) for i in range(10)])
+    assert e["files"] == ["resnext29_32x4d.safetensors"] and e["index"] is None
+    load_checkpoint(tmp_path, "resnext29_32x4d")
+    big = lgam.create_model("resnet18", num_classes=20)
+    e = save_checkpoint(big, tmp_path, "r18_parts", classes=CLASSES, max_part_bytes=5 * 2**20)
+    assert len(e["files"]) == 5 and e["files"][-1] == "r18_parts-00005-of-00005.safetensors"
+    assert all((tmp_path / f).stat().st_size <= 5 * 2**20 for f in e["files"])
+    load_checkpoint(tmp_path, "r18_parts")
+    with pytest.raises(CheckpointError, match="larger than a part"):
+        save_checkpoint(big, tmp_path, "r18_tiny_parts", classes=CLASSES, max_part_bytes=2**20)
+    assert set(load_manifest(tmp_path)["models"]) == {"resnext29_32x4d", "r18_parts"}
+
+
+def test_tampered_file_is_rejected(saved, tmp_path):
+    d, model, _ = saved
+    save_checkpoint(model, tmp_path, classes=CLASSES)
+    part = tmp_path / "resnet18-00002-of-00002.safetensors"
+    data = bytearray(part.read_bytes())
+    data[-10] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        load_checkpoint(tmp_path, "resnet18")
+
+
+def test_missing_file_unknown_name_and_bad_manifest(saved, tmp_path):
+    d, model, _ = saved
+    save_checkpoint(model, tmp_path, classes=CLASSES)
+    with pytest.raises(CheckpointError, match=r"no model 'resnet18_se' .* it has \['resnet18'\]"):
+        load_checkpoint(tmp_path, "resnet18_se")
+    (tmp_path / "resnet18-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_checkpoint(tmp_path, "resnet18")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_manifest(tmp_path)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        load_manifest(tmp_path / "nowhere")
+
+
+def test_architecture_mismatch_is_reported(saved, tmp_path):
+    d, model, _ = saved
+    save_checkpoint(model, tmp_path, classes=CLASSES)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["models"]["resnet18"]["arch"] = "resnet18_se"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="architecture mismatch"):
+        load_checkpoint(tmp_path, "resnet18")
+
+
+def test_manifest_cannot_point_outside_its_folder(saved, tmp_path):
+    d, model, _ = saved
+    save_checkpoint(model, tmp_path, classes=CLASSES)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["models"]["resnet18"]["sha256"]["../../etc/passwd"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="outside its folder"):
+        load_checkpoint(tmp_path, "resnet18")
+
+
+def test_update_metrics_and_bad_save_arguments(saved, tmp_path):
+    d, model, _ = saved
+    save_checkpoint(model, tmp_path, classes=CLASSES)
+    update_metrics(tmp_path, "resnet18", {"val_top1_err_160": 20.0})
+    assert load_manifest(tmp_path)["models"]["resnet18"]["metrics"] == {"val_top1_err_160": 20.0}
+    with pytest.raises(CheckpointError, match="3 class names given for a model with 20 classes"):
+        save_checkpoint(model, tmp_path, classes=["a", "b", "c"])
+    with pytest.raises(CheckpointError, match="lgam.create_model"):
+        save_checkpoint(torch.nn.Linear(2, 2), tmp_path, classes=CLASSES)
