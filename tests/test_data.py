@@ -1,0 +1,198 @@
+"""Data: ImageFolder, tar shards and CIFAR give the same decoded tensors; errors name the file."""
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lgam.data as D
+
+WNIDS = ["n001", "n002", "n003"]
+
+
+def _image(cls: int, i: int, size: int = 16) -> Image.Image:
+    rng = np.random.default_rng(cls * 100 + i)
+    a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    a[..., cls] += 150  # class-dependent colour
+    return Image.fromarray(a)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split, n in (("train", 4), ("val", 2)):
+        for c, w in enumerate(WNIDS):
+            d = root / split / w
+            d.mkdir(parents=True)
+            for i in range(n):
+                _image(c, i + (10 if split == "val" else 0)).save(d / f"img{i}.png")
+    (root / "classes.tsv").write_text(
+        "index\twnid\tname\tsource\n" + "".join(f"{i}\t{w}\tname {w}\tx\n" for i, w in enumerate(WNIDS)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory) -> Path:
+    """The same tree as two gzipped shards per split, members round-robin like the shared data."""
+    out = tmp_path_factory.mktemp("shards")
+    for split in ("train", "val"):
+        files = sorted((folder / split).rglob("*.png"))
+        for k in range(2):
+            with tarfile.open(out / f"{split}-0{k}-of-02.tar.gz", "w:gz") as tar:
+                for f in files[k::2]:
+                    tar.add(f, arcname=f"{split}/{f.parent.name}/{f.name}")
+    (out / "classes.tsv").write_text((folder / "classes.tsv").read_text())
+    return out
+
+
+@pytest.mark.parametrize("split, n", [("train", 12), ("val", 6)])
+def test_imagefolder_and_tar_give_identical_tensors(folder, shards, split, n):
+    a = D.load_split(folder, split)
+    b = D.load_split(shards, split)
+    c = D.load_split(sorted(shards.glob(f"{split}-*.tar.gz")), split)
+    assert a.images.shape == (n, 3, 16, 16) and a.images.dtype == torch.uint8
+    for other in (b, c):
+        assert torch.equal(a.images, other.images) and torch.equal(a.labels, other.labels)
+    assert a.classes == ["name n001", "name n002", "name n003"] and a.wnids == WNIDS
+    assert a.labels.tolist() == sorted(a.labels.tolist())
+    # labels follow the folder: the class's colour channel dominates
+    assert torch.equal(a.images.float().mean((2, 3)).argmax(1), a.labels)
+
+
+def test_labels_agree_across_splits_when_one_split_lacks_a_class(tmp_path):
+    for split, classes in (("train", WNIDS), ("val", WNIDS[1:])):
+        for c, w in enumerate(WNIDS):
+            if w in classes:
+                (tmp_path / split / w).mkdir(parents=True)
+                _image(c, 0).save(tmp_path / split / w / "a.png")
+    val = D.load_split(tmp_path, "val")
+    assert val.wnids == WNIDS and val.labels.tolist() == [1, 2]
+
+
+def test_size_limit_and_spread(folder):
+    s = D.load_split(folder, "train", size=8, limit=6)
+    assert s.images.shape == (6, 3, 8, 8) and s.labels.bincount().tolist() == [2, 2, 2]
+
+
+def test_corrupt_image_is_named_or_skipped(folder, tmp_path):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    bad = root / "train" / WNIDS[1] / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(D.DataError, match="broken.png"):
+        D.load_split(root, "train")
+    s = D.load_split(root, "train", skip_corrupt=True)
+    assert len(s) == 12 and len(s.skipped) == 1 and s.skipped[0].endswith("broken.png")
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.load_split(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DataError, match="no 'train' data"):
+        D.load_split(tmp_path / "empty")
+    with pytest.raises(D.DataError, match="shard files not found"):
+        D.load_split([tmp_path / "x.tar.gz"])
+
+
+def _cifar_dir(root: Path, hundred: bool) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (10, 3072), dtype=np.uint8)
+    labels = [i % 4 for i in range(10)]
+    dump = lambda obj, p: p.write_bytes(pickle.dumps(obj))  # noqa: E731
+    if hundred:
+        d = root / "cifar-100-python"
+        d.mkdir()
+        dump({"fine_label_names": [f"c{i}" for i in range(4)]}, d / "meta")
+        dump({"data": data, "fine_labels": labels}, d / "train")
+        dump({"data": data[:4], "fine_labels": labels[:4]}, d / "test")
+    else:
+        d = root / "cifar-10-batches-py"
+        d.mkdir()
+        dump({"label_names": [f"c{i}" for i in range(4)]}, d / "batches.meta")
+        dump({"data": data[:6], "labels": labels[:6]}, d / "data_batch_1")
+        dump({"data": data[6:], "labels": labels[6:]}, d / "data_batch_2")
+        dump({"data": data[:4], "labels": labels[:4]}, d / "test_batch")
+    return data, labels
+
+
+@pytest.mark.parametrize("hundred", [False, True], ids=["cifar10", "cifar100"])
+def test_cifar_format(tmp_path, hundred):
+    data, labels = _cifar_dir(tmp_path, hundred)
+    s = D.load_split(tmp_path, "train")
+    assert torch.equal(s.images, torch.from_numpy(data.reshape(-1, 3, 32, 32)))
+    assert s.labels.tolist() == labels and s.classes == ["c0", "c1", "c2", "c3"]
+    assert len(D.load_split(tmp_path, "val")) == 4
+
+
+def test_cifar_reader_refuses_arbitrary_pickles(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    (d / "batches.meta").write_bytes(pickle.dumps({"label_names": [Path("x")]}))
+    with pytest.raises(D.DataError, match="is not allowed"):
+        D.load_split(tmp_path)
+
+
+def test_device_augment_is_seeded_and_crops_correctly():
+    imgs = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    aug = D.DeviceAugment(24)
+    a = aug(imgs, torch.Generator().manual_seed(1))
+    b = aug(imgs, torch.Generator().manual_seed(1))
+    assert a.shape == (6, 3, 24, 24) and torch.equal(a, b)
+    assert not torch.equal(a, aug(imgs, torch.Generator().manual_seed(2)))
+    # full-image crop at the same size is the image itself or its mirror
+    full = D.DeviceAugment(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))(imgs, torch.Generator().manual_seed(0))
+    ref = D.resize_normalize(imgs, 32)
+    for i in range(6):
+        assert torch.allclose(full[i], ref[i], atol=1e-4) or torch.allclose(full[i], ref[i].flip(-1), atol=1e-4)
+    ev = D.DeviceAugment(16, train=False)(imgs)
+    torch.testing.assert_close(ev, D.resize_normalize(imgs, 16))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "I;16", "1"])
+def test_preprocess_any_mode_matches_the_tensor_path(mode):
+    img = _image(0, 0, 40).convert(mode) if mode != "I;16" else Image.fromarray(
+        (np.arange(1600).reshape(40, 40) * 40).astype(np.uint16))
+    x = D.preprocess([img, Image.new("RGB", (1, 1))], 24)
+    assert x.shape == (2, 3, 24, 24) and torch.isfinite(x).all()
+    t = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)[None]
+    torch.testing.assert_close(x[:1], D.resize_normalize(t, 24))
+
+
+def test_extract_refuses_path_traversal(tmp_path):
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(D.DataError, match="unsafe member"):
+        D.extract(archive, tmp_path / "out")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_fetch_downloads_extracts_and_loads(tmp_path, monkeypatch):
+    """The real download path, against a file:// URL of an archive the test builds."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _cifar_dir(src, hundred=False)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setitem(D.DATASETS, "cifar10", (archive.as_uri(), "cifar-10-python.tar.gz"))
+    folder = D.fetch("cifar10", tmp_path / "data")
+    assert folder == tmp_path / "data" / "cifar-10-batches-py"
+    assert len(D.load_split(folder, "train")) == 10
+    with pytest.raises(D.DataError, match="unknown dataset"):
+        D.fetch("mnist", tmp_path)
+
+
+def test_shared_imagenet20_val_shard(imagenet20_dir):
+    s = D.load_split([imagenet20_dir / "val-00-of-02.tar.gz"], "val", limit=60)
+    wnids, names = D.read_classes_tsv(imagenet20_dir / "classes.tsv")
+    assert s.classes == names and s.wnids == wnids and s.images.shape[1:] == (3, 224, 224)
+    assert s.labels.bincount(minlength=20).min() >= 1  # spread over all 20 classes
