@@ -1,0 +1,155 @@
+"""``lgam evaluate``: top-1 error of checkpoints on a val split, params, GMACs, CPU latency.
+
+Each val image is resized as a whole to the square input (:func:`lgam.data.resize_normalize`, the
+path the app uses) at every ``--sizes`` entry. Writes a Markdown table with the paper's Table 4
+column beside ours and (unless ``--no-update``) stores the numbers in the manifest's metrics.
+
+    lgam evaluate --checkpoints checkpoints --data ../shared/data/imagenet20 [--sizes 224 160]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update_metrics
+from .data import DataError, DecodedSplit, load_split, resize_normalize
+from .params import count_macs, count_params
+
+__all__ = ["PAPER_TOP1_ERR", "top1_error", "cpu_latency_ms", "evaluate_checkpoints", "format_table",
+           "configure_parser", "main"]
+
+#: the paper's Table 4 (ImageNet, 20 classes) top-1 error in percent
+PAPER_TOP1_ERR = {
+    "resnet18": 25.57, "resnet18_se": 25.26, "resnet18_sge": 24.38, "resnet18_cbam": 23.74,
+    "resnet18_bam": 23.57, "resnet18_lgam": 23.14, "resnet18_lgam_g32": 23.14,
+}
+
+
+@torch.inference_mode()
+def top1_error(model: nn.Module, split: DecodedSplit, size: int, mean: Sequence[float],
+               std: Sequence[float], batch_size: int = 64) -> float:
+    """Top-1 error in percent of ``model`` (eval mode) on ``split`` resized to ``size``."""
+    model.eval()
+    device = next(model.parameters()).device
+    wrong = 0
+    for i in range(0, len(split), batch_size):
+        x = resize_normalize(split.images[i:i + batch_size].to(device), size, mean, std)
+        pred = model(x).argmax(1).cpu()
+        wrong += int((pred != split.labels[i:i + batch_size]).sum())
+    return 100.0 * wrong / len(split)
+
+
+@torch.inference_mode()
+def cpu_latency_ms(model: nn.Module, size: int = 224, reps: int = 10) -> float:
+    """Median forward time of one ``(1, 3, size, size)`` image on the CPU, in ms."""
+    model = model.cpu().eval()
+    x = torch.randn(1, 3, size, size)
+    model(x)
+    times = []
+    for _ in range(max(1, reps)):
+        t = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def evaluate_checkpoints(
+    directory: str | Path,
+    data: str | Path | Sequence[str | Path],
+    models: Sequence[str] | None = None,
+    sizes: Sequence[int] = (224, 160),
+    limit: int | None = None,
+    batch_size: int = 64,
+    latency_reps: int = 10,
+    update: bool = True,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Evaluate checkpoints of ``directory`` on the ``val`` split of ``data``; one dict per model
+    with ``model``, ``n_images`` and the metrics (also merged into the manifest if ``update``)."""
+    manifest = load_manifest(directory)["models"]
+    names = list(models or manifest)
+    unknown = [n for n in names if n not in manifest]
+    if unknown:
+        raise CheckpointError(f"not in {directory}/manifest.json: {unknown}; it has {sorted(manifest)}")
+    split = load_split(data, "val", limit=limit)
+    rows = []
+    for name in names:
+        model, entry = load_checkpoint(directory, name, map_location=device)
+        if entry["classes"] != split.classes:
+            raise DataError(
+                f"{name} was trained on classes {entry['classes'][:3]}... but the val data has "
+                f"{split.classes[:3]}...: the labels would not match; evaluate on the same class list"
+            )
+        metrics: dict[str, Any] = {
+            f"val_top1_err_{s}": round(top1_error(model, split, s, entry["mean"], entry["std"],
+                                                  batch_size), 2)
+            for s in sizes
+        }
+        metrics["params"] = count_params(model)
+        metrics["gmacs_224"] = round(count_macs(model, 224) / 1e9, 4)
+        metrics["cpu_latency_ms_224"] = round(cpu_latency_ms(model, 224, latency_reps), 2)
+        metrics["val_images"] = len(split)
+        if update:
+            update_metrics(directory, name, metrics)
+        rows.append({"model": name, **entry["metrics"], **metrics})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], sizes: Sequence[int] = (224, 160)) -> str:
+    """Our Table 4 beside the paper's column."""
+    cols = [f"top-1 err {s} px (%)" for s in sizes]
+    head = ["model", *cols, "paper Table 4 (%)", "params (M)", "GMACs 224", "CPU ms (b=1, 224)",
+            "train img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        cells = [r["model"], *(fmt(r.get(f"val_top1_err_{s}"), ".2f") for s in sizes),
+                 fmt(PAPER_TOP1_ERR.get(r["model"]), ".2f"), fmt(r.get("params", 0) / 1e6, ".3f"),
+                 fmt(r.get("gmacs_224"), ".3f"), fmt(r.get("cpu_latency_ms_224"), ".1f"),
+                 fmt(r.get("train_img_per_s"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = rows[0].get("val_images") if rows else None
+    lines.append(f"\nVal images: {n}. One seed per model: differences below ~1 point are within "
+                 "seed-to-seed noise and do not rank the modules.")
+    return "\n".join(lines)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoints", default="checkpoints", help="folder with manifest.json")
+    p.add_argument("--data", required=True,
+                   help="val data: ImageFolder root, folder of val-*.tar.gz shards, or CIFAR folder")
+    p.add_argument("--models", nargs="+", help="models to evaluate (default: all in the manifest)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[224, 160])
+    p.add_argument("--limit", type=int, help="evaluate on at most N val images (spread over classes)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--latency-reps", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="device for the error computation (latency is CPU)")
+    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    p.add_argument("--no-update", action="store_true", help="do not write metrics to the manifest")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        rows = evaluate_checkpoints(args.checkpoints, args.data, args.models, args.sizes, args.limit,
+                                    args.batch_size, args.latency_reps, not args.no_update, args.device)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = format_table(rows, args.sizes)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_module
+
+    sys.exit(run_module("lgam.evaluate"))

@@ -1,0 +1,61 @@
+"""lgam evaluate: known error on a tiny set, manifest update, table, class-list guard."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lgam
+from lgam.checkpoints import load_manifest, save_checkpoint
+from lgam.cli import main
+from lgam.data import DataError
+from lgam.evaluate import evaluate_checkpoints, format_table
+
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    data = tmp_path / "data"
+    for c, name in enumerate(CLASSES):
+        d = data / "val" / name
+        d.mkdir(parents=True)
+        for i in range(c + 1):  # 1 + 2 + 3 = 6 images
+            Image.fromarray(np.full((20, 20, 3), 40 * c + i, np.uint8)).save(d / f"{i}.png")
+    ckpt = tmp_path / "ckpt"
+    model = lgam.create_model("resnet18", num_classes=3, stem="cifar").eval()
+    with torch.no_grad():  # always predicts class 0 -> error = 5/6
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    save_checkpoint(model, ckpt, "always_a", classes=CLASSES, input_size=32,
+                    metrics={"train_img_per_s": 123.0})
+    return data, ckpt
+
+
+def test_known_error_and_manifest_update(setup):
+    data, ckpt = setup
+    rows = evaluate_checkpoints(ckpt, data, sizes=(32, 16), latency_reps=1)
+    assert rows[0]["val_top1_err_32"] == rows[0]["val_top1_err_16"] == pytest.approx(100 * 5 / 6, abs=0.01)
+    m = load_manifest(ckpt)["models"]["always_a"]["metrics"]
+    assert m["val_top1_err_32"] == pytest.approx(83.33) and m["params"] == 11_170_371
+    assert m["train_img_per_s"] == 123.0 and m["val_images"] == 6 and m["cpu_latency_ms_224"] > 0
+    table = format_table(rows, (32, 16))
+    assert "| always_a | 83.33 | 83.33 | — | 11.171 |" in table and "| 123 |" in table
+
+
+def test_cli_writes_table(setup, tmp_path, capsys):
+    data, ckpt = setup
+    out = tmp_path / "t.md"
+    assert main(["evaluate", "--checkpoints", str(ckpt), "--data", str(data), "--sizes", "32",
+                 "--latency-reps", "1", "--out", str(out), "--no-update"]) == 0
+    assert "| always_a | 83.33 |" in out.read_text() and "83.33" in capsys.readouterr().out
+    assert "val_top1_err_32" not in load_manifest(ckpt)["models"]["always_a"]["metrics"]
+    assert main(["evaluate", "--checkpoints", str(ckpt), "--data", str(data), "--models", "nope"]) == 2
+    assert "it has ['always_a']" in capsys.readouterr().err
+
+
+def test_class_list_mismatch_is_an_error(setup):
+    data, ckpt = setup
+    (data / "val" / "d").mkdir()
+    Image.new("RGB", (20, 20)).save(data / "val" / "d" / "0.png")
+    with pytest.raises(DataError, match="labels would not match"):
+        evaluate_checkpoints(ckpt, data, sizes=(32,), latency_reps=1)
