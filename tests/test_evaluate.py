@@ -39,7 +39,7 @@ def test_known_error_and_manifest_update(setup):
     assert m["val_top1_err_32"] == pytest.approx(83.33) and m["params"] == 11_170_371
     assert m["train_img_per_s"] == 123.0 and m["val_images"] == 6 and m["cpu_latency_ms_224"] > 0
     table = format_table(rows, (32, 16))
-    assert "| always_a | 83.33 | 83.33 | — | 11.171 |" in table and "| 123 |" in table
+    assert "| always_a | 83.33 | 83.33 | — | 11.170 |" in table and "| 123 |" in table
 
 
 def test_cli_writes_table(setup, tmp_path, capsys):
