@@ -1,0 +1,181 @@
+"""``lgam train``: recipes, overfitting a tiny set, exact resume, DDP on 2 gloo processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO
+from lgam.cli import run_module
+from lgam.train import RECIPES, lr_at, make_recipe
+
+CLASSES = ("red", "green", "blue")
+# tiny and quick: CIFAR stem, 16 px, global batch 8, learning-rate warm-up over the first epoch
+TINY = ["--stem", "cifar", "--val-size", "16", "--no-progress", "--device", "cpu",
+        "--recipe", "fast", "--set", "batch_size=8", "--set", "lr=0.02", "--set", "warmup_epochs=1",
+        "--set", "train_size=16", "--set", "crop_scale_min=0.5", "--set", "label_smoothing=0"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared CPU two threads contend and run slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """ImageFolder of 24 16x16 PNGs (3 colour classes with noise); val/ holds the same images."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        for split in ("train", "val"):
+            (root / split / name).mkdir(parents=True)
+        for i in range(8):
+            img = rng.integers(0, 90, (16, 16, 3), dtype=np.uint8)
+            img[..., c] += 150
+            for split in ("train", "val"):
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _train(data: Path, out: Path, *extra: str) -> int:
+    return run_module("lgam.train", ["--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "state.safetensors"))
+
+
+def test_recipe_overrides_and_errors():
+    r = make_recipe("paper", ["lr=0.3", "nesterov=true", "batch-size=32"], epochs=5)
+    assert (r.lr, r.nesterov, r.batch_size, r.epochs) == (0.3, True, 32, 5)
+    assert r.weight_decay == RECIPES["paper"].weight_decay
+    with pytest.raises(ValueError, match="KEY one of epochs, batch_size"):
+        make_recipe("fast", ["learning_rate=1"])
+    with pytest.raises(ValueError, match="true/false"):
+        make_recipe("fast", ["bf16=maybe"])
+    with pytest.raises(ValueError, match="schedule must be"):
+        make_recipe("fast", ["schedule=linear"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        make_recipe("slow")
+
+
+def test_lr_schedules():
+    paper = RECIPES["paper"]
+    assert [lr_at(paper, e * 10, 10) for e in (0, 29, 30, 60, 89)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.001, 0.001])
+    fast = make_recipe("fast", ["warmup_epochs=2", "lr=0.4"], epochs=10)
+    lrs = [lr_at(fast, s, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[19] == pytest.approx(0.4) and lrs[20] == pytest.approx(0.4)
+    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:])) and lrs[-1] < 1e-3
+
+
+def test_overfit_two_models_and_checkpoint(tiny_data, tmp_path):
+    """Two models over the same batches: loss falls, the (training) images end up all correct."""
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    assert _train(tiny_data, out, "--model", "resnet18", "resnet18_se", "--epochs", "8",
+                  "--checkpoints-dir", str(ckpt)) == 0
+    for name in ("resnet18", "resnet18_se"):
+        log = _log(out / name)
+        assert [r["epoch"] for r in log] == list(range(1, 9))
+        assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+        assert log[-1]["val_top1_err"] == 0.0 and log[-1]["val_size"] == 16
+        assert all(r["train_img_per_s"] > 0 for r in log)
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["recipe"]["batch_size"] == 8 and config["seed"] == 0
+        assert config["args"]["epochs"] == 8 and config["args"]["models"] == ["resnet18", "resnet18_se"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    entry = manifest["models"]["resnet18_se"]
+    assert entry["classes"] == sorted(CLASSES) and entry["epochs"] == 8 and entry["seed"] == 0
+    assert entry["metrics"]["val_top1_err_16"] == 0.0 and entry["metrics"]["train_img_per_s"] > 0
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+    """Stopping after an epoch and resuming gives bit-identical weights and logs, also when the kill
+    came after one model had saved its next epoch but before the other had."""
+    args = ("--model", "resnet18", "resnet18_lgam", "--epochs", "3", "--val-every", "2")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(tiny_data, straight, *args) == 0
+    assert _train(tiny_data, split, *args, "--stop-after", "1") == 0
+    assert [r["epoch"] for r in _log(split / "resnet18")] == [1]
+    lagging = split / "resnet18_lgam"
+    saved = {f: (lagging / f).read_bytes() for f in ("state.json", "state.safetensors")}
+    assert _train(tiny_data, split, *args, "--stop-after", "2", "--resume") == 0
+    for f, data in saved.items():  # resnet18_lgam back at epoch 1; its log still has epoch 2
+        (lagging / f).write_bytes(data)
+    assert _train(tiny_data, split, *args, "--resume") == 0
+
+    def strip(log: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in ("time", "train_img_per_s")} for r in log]
+
+    for name in ("resnet18", "resnet18_lgam"):
+        a, b = _weights(straight / name), _weights(split / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert strip(_log(straight / name)) == strip(_log(split / name))
+        assert [r["val_top1_err"] is not None for r in _log(split / name)] == [False, True, True]
+
+
+def test_existing_run_needs_resume_with_the_same_settings(tiny_data, tmp_path):
+    args = ("--model", "resnet18", "--epochs", "1", "--val-every", "0")
+    assert _train(tiny_data, tmp_path, *args) == 0
+    assert "pass --resume" in _cli_error(tiny_data, tmp_path, *args)
+    msg = _cli_error(tiny_data, tmp_path, *args, "--resume", "--set", "lr=0.1")
+    assert "different settings" in msg and "'lr': (0.02, 0.1)" in msg
+    assert "KEY one of" in _cli_error(tiny_data, tmp_path, *args, "--set", "lr")
+
+
+def _cli_error(data: Path, out: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "lgam.train", "--data", str(data), "--out", str(out),
+                           *TINY, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    return proc.stderr
+
+
+def test_ddp_two_gloo_processes_match_single_process(tiny_data, tmp_path):
+    """2 gloo processes x 4 images == 1 process with 2 accumulated micro-batches of 4: the same
+    global batches, augmentation and per-4-image BatchNorm statistics, so the parameters agree up
+    to float32 summation order (bit-identical on this CPU; the tolerance allows another reduction
+    order). A plain single-process run normalises over all 8 images and drifts away at once (loss
+    0.99 vs 1.05 after epoch 1, 0.44 vs 1.19 after epoch 2; weights differ by O(1)). Running statistics are not compared: DDP keeps
+    rank 0's, which saw only its own slices."""
+    args = ["--model", "resnet18", "--epochs", "2", "--val-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "lgam.train", "--data", str(tiny_data), "--out", str(tmp_path / "ddp"), *TINY, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert _train(tiny_data, tmp_path / "single", *args, "--set", "accum_steps=2") == 0
+    a, b = _log(tmp_path / "single" / "resnet18"), _log(tmp_path / "ddp" / "resnet18")
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    wa, wb = _weights(tmp_path / "single" / "resnet18"), _weights(tmp_path / "ddp" / "resnet18")
+    params = [k for k in wa if k.startswith("model.") and not k.endswith(
+        ("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) == 62
+    for k in params:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_throughput_benchmark_runs():
+    proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--models", "resnet18",
+                           "resnet18_lgam", "--batch", "2", "--size", "32", "--steps", "1", "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| resnet18")]
+    assert len(rows) == 2 and rows[1].startswith("| resnet18_lgam |")
+    assert all(float(row.split("|")[3]) > 0 for row in rows)
