@@ -14,9 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._fileio import atomic_write_json
 from .models import create_model
 
 __all__ = [
@@ -61,17 +60,6 @@ def _git_commit() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _storage_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -147,8 +135,8 @@ def save_checkpoint(
             save_file(part, str(directory / fname), metadata=meta)
         index = f"{name}.safetensors.index.json"
         weight_map = {k: fname for fname, part in zip(files, parts) for k in part}
-        _atomic_write_text(directory / index, json.dumps(
-            {"metadata": {"total_size": total, "arch": arch}, "weight_map": weight_map}, indent=1))
+        atomic_write_json(directory / index,
+                          {"metadata": {"total_size": total, "arch": arch}, "weight_map": weight_map}, 1)
         (directory / f"{name}.safetensors").unlink(missing_ok=True)
     hashed = files + ([index] if index else [])
     entry: dict[str, Any] = {
@@ -174,7 +162,7 @@ def save_checkpoint(
     manifest_path = directory / MANIFEST
     manifest = load_manifest(directory) if manifest_path.exists() else {"format": FORMAT, "models": {}}
     manifest["models"][name] = entry
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(manifest_path, manifest)
     return entry
 
 
@@ -254,4 +242,4 @@ def update_metrics(directory: str | Path, name: str, metrics: dict[str, Any]) ->
     if name not in manifest["models"]:
         raise CheckpointError(f"no model {name!r} in {directory / MANIFEST}")
     manifest["models"][name]["metrics"].update(metrics)
-    _atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(directory / MANIFEST, manifest)

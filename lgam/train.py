@@ -27,7 +27,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ._fileio import atomic_write, atomic_write_json
 from .models import create_model, list_models
 
 __all__ = [
@@ -170,25 +170,6 @@ def resolve_device(name: str) -> torch.device:
 
 # ------------------------------------------------------------------------------------ files
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result over ``path`` (a kill leaves the old file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(obj, indent=1) + "\n")
-
-    _atomic_write(path, write)
-
-
 def _gen_state(gen: torch.Generator) -> list[int]:
     return gen.get_state().tolist()
 
@@ -275,8 +256,8 @@ def _save_state(tr: _Trainee, recipe: Recipe, seed: int, generators: dict[str, l
                 tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    _atomic_write(tr.directory / STATE_TENSORS, lambda tmp: save_file(tensors, tmp))
-    _write_json(tr.directory / STATE_JSON, {
+    atomic_write(tr.directory / STATE_TENSORS, lambda tmp: save_file(tensors, tmp))
+    atomic_write_json(tr.directory / STATE_JSON, {
         "epoch": tr.epoch, "recipe": asdict(recipe), "seed": seed,
         "param_groups": opt["param_groups"], "optim_scalars": scalars, "generators": generators,
     })
@@ -422,7 +403,7 @@ def train(
     if rank == 0:
         for tr in trainees:
             tr.directory.mkdir(parents=True, exist_ok=True)
-            _write_json(tr.directory / CONFIG, {
+            atomic_write_json(tr.directory / CONFIG, {
                 "model": tr.name, "models": list(dict.fromkeys(models)), "recipe": asdict(recipe),
                 "seed": seed, "stem": stem, "val_size": val_size, "argv": list(sys.orig_argv),
                 "torch": torch.__version__, "device": str(device), "world_size": world,
