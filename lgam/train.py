@@ -40,10 +40,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ._fileio import atomic_write, atomic_write_json
+from .device import resolve_device
 from .models import create_model, list_models
 
 __all__ = [
-    "Recipe", "RECIPES", "make_recipe", "lr_at", "train", "summary_metrics", "resolve_device", "configure_parser", "main",
+    "Recipe", "RECIPES", "make_recipe", "lr_at", "train", "summary_metrics", "configure_parser", "main",
 ]
 
 STATE_TENSORS = "state.safetensors"
@@ -153,19 +154,6 @@ def lr_at(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     total = recipe.epochs * steps_per_epoch
     t = (step - warmup) / max(1, total - warmup)
     return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if available, else CPU; under torchrun each rank takes ``cuda:LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch.cuda.is_available() is False")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if name != "cpu":
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------ files
