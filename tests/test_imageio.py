@@ -1,0 +1,199 @@
+"""lgam.imageio.load_image: every kind of bad or unusual input of the issue's item 5."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lgam.imageio import ImageLoadError, load_image
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A syntactically valid PNG whose header claims ``width x height`` (a decompression bomb:
+    the IDAT is a tiny zlib stream that would inflate to width*height bytes)."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _check_rgb(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    assert img.mode == "RGB" and img.size == size
+    return np.asarray(img)
+
+
+@pytest.fixture()
+def jpeg_bytes() -> bytes:
+    rng = np.random.default_rng(0)
+    return _encode(Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)), "JPEG")
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("these are not the pixels you are looking for\n" * 10)
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(p)
+    with pytest.raises(ValueError, match="not an image"):  # ImageLoadError is a ValueError
+        load_image(b"%PDF-1.4 hello")
+
+
+def test_zero_bytes(tmp_path):
+    p = tmp_path / "empty.png"
+    p.write_bytes(b"")
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_image(p)
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_image(b"")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated(fmt):
+    rng = np.random.default_rng(1)
+    data = _encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
+    with pytest.raises(ImageLoadError, match="truncated or corrupt"):
+        load_image(data[: len(data) // 2])
+
+
+def test_corrupt_body(jpeg_bytes):
+    data = bytearray(jpeg_bytes)
+    data[200:] = b"\xff" * (len(data) - 200)  # garbage entropy-coded data after the headers
+    with pytest.raises(ImageLoadError, match="truncated or corrupt|not an image"):
+        load_image(bytes(data))
+
+
+def test_over_size_limit(tmp_path, jpeg_bytes):
+    p = tmp_path / "big.jpg"
+    p.write_bytes(jpeg_bytes)
+    with pytest.raises(ImageLoadError, match="limit"):
+        load_image(p, max_bytes=len(jpeg_bytes) - 1)
+    with pytest.raises(ImageLoadError, match="limit"):
+        load_image(io.BytesIO(jpeg_bytes), max_bytes=100)
+    assert load_image(p, max_bytes=len(jpeg_bytes)).size == (48, 64)
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])
+def test_decompression_bomb(side):
+    data = _png_with_size(side, side)
+    assert len(data) < 2000
+    with pytest.raises(ImageLoadError, match="pixels|decompression bomb"):
+        load_image(data)
+
+
+def test_pixel_limit_is_configurable():
+    img = _encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageLoadError, match="100x100"):
+        load_image(img, max_pixels=9_999)
+    assert load_image(img, max_pixels=10_000).size == (100, 100)
+
+
+# -- unusual but valid ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_animation_gives_first_frame(fmt):
+    frames = [Image.new("RGB", (16, 12), c) for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
+    arr = _check_rgb(load_image(data), (16, 12))
+    assert arr[..., 0].mean() > 200 and arr[..., 2].mean() < 50  # red, not blue
+
+
+def test_cmyk():
+    cmyk = Image.new("CMYK", (20, 10), (0, 255, 255, 0))  # red in CMYK
+    arr = _check_rgb(load_image(_encode(cmyk, "JPEG")), (20, 10))
+    assert arr[..., 0].mean() > 200 and arr[..., 1].mean() < 60
+
+
+def test_palette_with_transparency():
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    p.putpixel((0, 0), 0)
+    data = _encode(p, "PNG", transparency=0)
+    arr = _check_rgb(load_image(data), (8, 8))
+    assert tuple(arr[0, 0]) == (255, 255, 255)  # transparent -> white background
+    assert tuple(arr[4, 4]) == (255, 0, 0)
+
+
+def test_palette_opaque():
+    p = Image.new("RGB", (8, 8), (10, 200, 30)).quantize(4)
+    assert p.mode == "P"
+    arr = _check_rgb(load_image(_encode(p, "GIF")), (8, 8))
+    assert abs(int(arr[0, 0, 1]) - 200) < 10
+
+
+def test_16bit_grayscale():
+    a = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    img = Image.fromarray(a)
+    data = _encode(img, "PNG")
+    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I")
+    arr = _check_rgb(load_image(data), (3, 1))
+    assert arr[0, :, 0].tolist() == [0, 128, 255]
+    assert (arr[..., 0] == arr[..., 1]).all()
+
+
+def test_float_grayscale():
+    img = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")
+    arr = _check_rgb(load_image(img), (3, 1))
+    assert arr[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_grayscale():
+    data = _encode(Image.new("L", (5, 4), 77), "PNG")
+    arr = _check_rgb(load_image(data), (5, 4))
+    assert (arr == 77).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_composited_on_white(mode):
+    img = Image.new(mode, (4, 4), (0, 0, 0, 0) if mode == "RGBA" else (0, 0))
+    img.putpixel((1, 1), (0, 0, 0, 255) if mode == "RGBA" else (0, 255))
+    arr = _check_rgb(load_image(_encode(img, "PNG")), (4, 4))
+    assert tuple(arr[0, 0]) == (255, 255, 255) and tuple(arr[1, 1]) == (0, 0, 0)
+
+
+def test_exif_rotation():
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = _encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    arr = _check_rgb(load_image(data), (20, 40))
+    assert arr[2, 10, 0] > 200 and arr[-3, 10, 2] > 200  # red on top, blue at the bottom
+
+
+def test_one_pixel(tmp_path):
+    p = tmp_path / "px.png"
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(p)
+    arr = _check_rgb(load_image(p), (1, 1))
+    assert arr[0, 0].tolist() == [1, 2, 3]
+
+
+def test_source_types(tmp_path, jpeg_bytes):
+    p = tmp_path / "a.jpg"
+    p.write_bytes(jpeg_bytes)
+    ref = np.asarray(load_image(p))
+    for src in (str(p), jpeg_bytes, bytearray(jpeg_bytes), io.BytesIO(jpeg_bytes)):
+        assert np.array_equal(np.asarray(load_image(src)), ref)
+    assert load_image(Image.open(p)).mode == "RGB"
+    with pytest.raises(ImageLoadError):
+        load_image(12345)  # type: ignore[arg-type]
