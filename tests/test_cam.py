@@ -1,0 +1,300 @@
+"""lgam.cam: the fast Grad-CAM against pytorch-grad-cam, targets, other methods, hooks,
+unavailable checkpoints, concurrency and memory."""
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _app_fixtures import (  # noqa: F401 - fixtures
+    CLASSES, NAMES, app_checkpoints, broken_checkpoints, engine, images, make_models,
+    synthetic_image,
+)
+from lgam.cam import METHODS, CamEngine, CamError, fast_gradcam, library_cam, overlay
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    ms = make_models(seed=1)
+    for m in ms.values():
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return ms
+
+
+@pytest.fixture(scope="module")
+def mem_engine(models) -> CamEngine:
+    return CamEngine(models, CLASSES, device="cpu")
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_full_backward_hooks", None) or {}) for m in model.modules())
+
+
+def _gradcam_reference(model, x, targets):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    xin = x.clone().requires_grad_(True)
+    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+        return cam(input_tensor=xin, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_gradcam_equals_pytorch_grad_cam(models, mem_engine, images, name):
+    model = models[name]
+    x = mem_engine.preprocess(images[:3])
+    probs, cams = fast_gradcam(model, x)
+    top1 = probs.argmax(1)
+    ref = _gradcam_reference(model, x, top1.tolist())
+    assert cams.shape == ref.shape == (3, 224, 224) and cams.dtype == np.float32
+    assert np.abs(cams - ref).max() <= 1e-5
+    # an explicit class (not the top-1) for every image
+    other = (top1 + 7) % 20
+    _, cams2 = fast_gradcam(model, x, other)
+    ref2 = _gradcam_reference(model, x, other.tolist())
+    assert np.abs(cams2 - ref2).max() <= 1e-5
+    assert _hooks(model) == 0
+    # the engine's own path on the CPU against the same reference
+    got = mem_engine.compare(images[:3], models=[name])
+    assert [c.results[0].target for c in got] == top1.tolist()
+    assert np.abs(np.stack([c.results[0].cam for c in got]) - ref).max() <= 1e-5
+
+
+def test_channels_last_copies_equal_gradcam_on_the_same_copy(models, images):
+    """The CUDA default (``fast_copies``): the engine's CAM equals pytorch-grad-cam's GradCAM run
+    on the same channels_last copy."""
+    names = ["resnet18", "resnet18_lgam"]
+    eng = CamEngine({n: models[n] for n in names}, CLASSES, device="cpu", fast_copies=True)
+    x = eng.preprocess(images[:2])
+    got = eng.compare(images[:2])
+    for k, n in enumerate(names):
+        fast = eng._slot(n).fast
+        assert fast is not None and fast is not models[n]
+        ref = _gradcam_reference(fast, x.contiguous(memory_format=torch.channels_last),
+                                 [c.results[k].target for c in got])
+        assert np.abs(np.stack([c.results[k].cam for c in got]) - ref).max() <= 1e-5
+        assert _hooks(fast) == 0
+
+
+def test_inference_copy_folds_batchnorm(models):
+    from lgam.cam import inference_copy
+
+    model = models["resnet18_bam"]
+    fast = inference_copy(model, fold_bn=True)
+    n_bn = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    left = sum(type(m) is torch.nn.BatchNorm2d for m in fast.modules())
+    assert left < n_bn - 15  # stem + 16 block BNs + 3 downsample BNs folded; BAM's own stay
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(fast(x.contiguous(memory_format=torch.channels_last)),
+                                   model(x), rtol=1e-4, atol=1e-4)
+    assert all(not p.requires_grad for p in fast.parameters())
+
+
+def test_cam_changes_with_target(mem_engine, images):
+    own = mem_engine.compare(images[0])[0]
+    for r in own.results:
+        assert r.ok and r.target == int(np.argmax(r.probs))
+        again = mem_engine.compare(images[0], target=r.target, models=[r.name])[0][r.name]
+        np.testing.assert_array_equal(again.cam, r.cam)  # target = own top-1: same map
+        other = (r.target + 5) % 20
+        moved = mem_engine.compare(images[0], target=other, models=[r.name])[0][r.name]
+        assert moved.target == other and moved.target_class == CLASSES[other]
+        assert moved.score == pytest.approx(float(r.probs[other]))
+        assert np.abs(moved.cam - r.cam).max() > 0.1, r.name
+
+
+def test_compare_result_fields(mem_engine, images):
+    out = mem_engine.compare(images[:2])
+    assert len(out) == 2 and out[0].device == "cpu" and out[0].method == "gradcam"
+    labels = [r.label for r in out[0].results]
+    assert labels == ["ResNet18", "SE", "SGE", "CBAM", "BAM", "LGAM"]
+    for comp in out:
+        for r in comp.results:
+            assert r.probs.shape == (20,) and abs(r.probs.sum() - 1) < 1e-4
+            ps = [p for _, p in r.top5]
+            assert len(r.top5) == 5 and ps == sorted(ps, reverse=True)
+            assert r.top5[0] == (r.target_class, pytest.approx(r.score))
+            assert r.cam.shape == (224, 224) and r.cam.min() >= 0 and r.cam.max() <= 1 + 1e-6
+            assert r.time_ms > 0
+            assert r.caption() == f"{r.label} · {r.target_class} · {r.score:.2f}"
+    # the models disagree (the fixtures are not six copies of one model)
+    assert len({r.target for c in out for r in c.results}) > 2
+
+
+@pytest.mark.parametrize("bad", [-1, 20, "no such class", True, 2.5])
+def test_target_validation(mem_engine, images, bad):
+    with pytest.raises(CamError):
+        mem_engine.compare(images[0], target=bad)
+
+
+def test_target_by_name_and_bad_method(mem_engine, images):
+    r = mem_engine.compare(images[0], target=CLASSES[3], models=["resnet18"])[0]
+    assert [x.name for x in r.results] == ["resnet18"] and r.results[0].target == 3
+    with pytest.raises(CamError, match="unknown CAM method"):
+        mem_engine.compare(images[0], method="magic")
+    with pytest.raises(CamError, match="no images"):
+        mem_engine.compare([])
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "gradcam"])
+def test_library_methods(models, method):
+    model = models["resnet18_lgam"]
+    n = 1 if method == "scorecam" else 2  # ScoreCAM: one forward per layer4 channel
+    x = torch.randn(n, 3, 64, 64)
+    cams = library_cam(model, x, [1, 2][:n], method)
+    assert cams.shape == (n, 64, 64) and cams.dtype == np.float32
+    assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    assert _hooks(model) == 0
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_library_gradcam_equals_fast_path(models):
+    model = models["resnet18_cbam"]
+    x = torch.randn(2, 3, 96, 96)
+    probs, fast = fast_gradcam(model, x)
+    lib = library_cam(model, x, probs.argmax(1).tolist(), "gradcam")
+    assert np.abs(fast - lib).max() <= 1e-5
+
+
+def test_engine_other_method(mem_engine, images):
+    out = mem_engine.compare(images[0], method="gradcam++", models=["resnet18", "resnet18_se"])[0]
+    assert [r.ok for r in out.results] == [True, True]
+    assert out.results[0].cam.shape == (224, 224)
+
+
+def test_hooks_released_when_the_cam_fails(models):
+    model = models["resnet18"]
+    with pytest.raises(RuntimeError):
+        library_cam(model, torch.randn(1, 4, 32, 32), [0], "gradcam++")  # 4 channels: conv fails
+    assert _hooks(model) == 0
+
+
+def test_unavailable_models_keep_others_working(broken_checkpoints, images):
+    eng = CamEngine.from_checkpoints(broken_checkpoints, device="cpu")
+    assert set(eng.unavailable) == {"resnet18_sge", "resnet18_bam"}
+    assert all(eng.unavailable.values())
+    assert eng.setup_message is None and len(eng.available) == 4
+    out = eng.compare(images[0])[0]
+    assert [r.ok for r in out.results] == [True, True, False, True, False, True]
+    assert "unavailable" in out["SGE"].caption()
+    rows = {r["name"]: r for r in eng.model_table()}
+    assert rows["resnet18"]["status"] == "ok" and rows["resnet18_bam"]["status"].startswith("unav")
+
+
+def test_checkpoints_load(engine, app_checkpoints, images):
+    assert engine.available == NAMES and engine.classes == CLASSES
+    assert engine.model_table()[0]["params_m"] == pytest.approx(11.187, abs=1e-3)
+    assert all(r.ok for r in engine.compare(images[0])[0].results)
+
+
+def test_no_checkpoints(tmp_path, images):
+    eng = CamEngine.from_checkpoints(tmp_path / "missing", device="cpu")
+    assert eng.available == [] and "lgam train" in eng.setup_message
+    with pytest.raises(CamError, match="No trained checkpoints"):
+        eng.compare(images[0])
+
+
+def test_one_pixel_image(mem_engine):
+    out = mem_engine.compare(Image.new("RGB", (1, 1), (200, 10, 10)))[0]
+    assert all(r.ok and r.cam.shape == (224, 224) for r in out.results)
+    ov = overlay(out.image, out.results[0].cam, 0.5)
+    assert ov.size == (1, 1) and ov.mode == "RGB"
+
+
+def test_overlay():
+    img = Image.new("RGB", (40, 30), (0, 0, 0))
+    cam = np.zeros((224, 224), np.float32)
+    cam[:, 112:] = 1.0
+    ov = np.asarray(overlay(img, cam, alpha=1.0))
+    assert ov.shape == (30, 40, 3)
+    assert ov[15, 35, 0] > 100 and ov[15, 2, 2] > 100  # jet: hot = red right, cold = blue left
+    assert np.array_equal(np.asarray(overlay(img, cam, alpha=0.0)), np.asarray(img))
+    with pytest.raises(CamError):
+        overlay(img, cam, alpha=1.5)
+
+
+def _sig(comps):
+    return [[(r.target, r.probs, r.cam) for r in c.results] for c in comps]
+
+
+def test_concurrent_requests_equal_sequential(mem_engine, images):
+    jobs = [(images[i % len(images)], None if i % 2 else i, "gradcam") for i in range(8)]
+    jobs[3] = (images[3], 4, "gradcam++")
+    sequential = [_sig(mem_engine.compare(img, t, m)) for img, t, m in jobs]
+    results: list = [None] * len(jobs)
+    errors: list = []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(i):
+        try:
+            barrier.wait()
+            img, t, m = jobs[i]
+            results[i] = _sig(mem_engine.compare(img, t, m))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for got, want in zip(results, sequential):
+        for gm, wm in zip(got[0], want[0]):
+            assert gm[0] == wm[0]
+            np.testing.assert_allclose(gm[1], wm[1], atol=1e-6)
+            np.testing.assert_allclose(gm[2], wm[2], atol=1e-5)
+
+
+def _rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_memory_flat_and_no_hooks(models):
+    entries = {n: {"input_size": 64} for n in models}  # small inputs keep this fast
+    eng = CamEngine(models, CLASSES, device="cpu", entries=entries)
+    imgs = [synthetic_image(50 + i, (40, 30)) for i in range(4)]
+
+    def call(i):
+        method = "gradcam++" if i % 25 == 0 else "gradcam"
+        out = eng.compare(imgs[i % 4], target=None if i % 3 else i % 20, method=method)
+        assert all(r.ok for r in out[0].results)
+
+    for i in range(40):
+        call(i)
+    gc.collect()
+    before = _rss_mb()
+    for i in range(260):
+        call(i)
+    gc.collect()
+    growth = _rss_mb() - before
+    assert growth < 40, f"RSS grew {growth:.1f} MiB over 260 requests"
+    assert all(_hooks(m) == 0 for m in models.values())
+
+
+def test_app_latency_benchmark_runs(tmp_path):
+    """benchmarks/app_latency.py end to end with tiny settings (the real numbers are in README)."""
+    import subprocess
+    import sys
+
+    from _app_fixtures import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/app_latency.py", "--reps", "1", "--size", "64",
+         "--image-size", "64", "--devices", "cpu", "--checkpoints", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for path in ("| cpu | engine |", "| cpu | engine+overlays |", "| cpu | naive | "):
+        assert path in proc.stdout
+    assert "Machine:" in proc.stdout
