@@ -1,0 +1,84 @@
+"""lgam.figure: the Figure-5 grid and the ``lgam figure5`` command."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _app_fixtures import (  # noqa: F401 - fixtures
+    app_checkpoints, broken_checkpoints, engine, images, synthetic_image,
+)
+from lgam.cli import main as lgam_main
+from lgam.figure import figure5, save_figure5
+
+
+def test_grid_layout(engine, images):
+    comps = engine.compare(images[:2], target=2)
+    fig = figure5(comps)
+    axes = fig.get_axes()
+    assert len(axes) == 2 * 7
+    titles = [ax.get_title() for ax in axes[:7]]
+    assert titles == ["Input", "ResNet18", "SE", "SGE", "CBAM", "BAM", "LGAM"]
+    for ax, r in zip(axes[8:14], comps[1].results):
+        assert ax.get_xlabel() == f"{r.target_class}\n{r.score:.2f}"
+        assert len(ax.get_images()) == 1
+
+
+def test_unavailable_tile(broken_checkpoints, images):
+    from lgam.cam import CamEngine
+
+    comps = CamEngine.from_checkpoints(broken_checkpoints, device="cpu").compare(images[0])
+    axes = figure5(comps).get_axes()
+    assert axes[3].get_xlabel() == "unavailable" and not axes[3].get_images()
+
+
+@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xm")])
+def test_save_formats(engine, images, tmp_path, suffix, magic):
+    out = save_figure5(engine.compare(images[0]), tmp_path / f"f{suffix}")
+    assert out.read_bytes()[:4] == magic
+
+
+def test_save_rejects_unknown_suffix(engine, images, tmp_path):
+    with pytest.raises(ValueError, match="png"):
+        save_figure5(engine.compare(images[0]), tmp_path / "f.jpg")
+    with pytest.raises(ValueError):
+        figure5([])
+
+
+def test_cli(app_checkpoints, tmp_path, capsys):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"in{i}.jpg"
+        synthetic_image(i, (200, 150)).save(p)
+        paths.append(str(p))
+    out = tmp_path / "fig5.png"
+    rc = lgam_main(["figure5", *paths, "--out", str(out), "--checkpoints", str(app_checkpoints),
+                    "--device", "cpu", "--dpi", "60"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "LGAM · " in text
+    with Image.open(out) as im:
+        w, h = im.size
+    assert w > 1.5 * h  # 3 rows x 7 columns
+    arr = np.asarray(Image.open(out).convert("RGB"))
+    assert arr.std() > 10  # something was drawn
+
+
+def test_cli_errors(app_checkpoints, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    out = tmp_path / "x.png"
+    assert lgam_main(["figure5", str(bad), "--out", str(out), "--checkpoints",
+                      str(app_checkpoints)]) == 2
+    assert "empty" in capsys.readouterr().err
+    good = tmp_path / "good.png"
+    synthetic_image(0).save(good)
+    assert lgam_main(["figure5", str(good), "--out", str(out), "--checkpoints",
+                      str(tmp_path / "none")]) == 1
+    assert "No trained checkpoints" in capsys.readouterr().err
+    assert lgam_main(["figure5", str(good), "--out", str(tmp_path / "x.gif"), "--checkpoints",
+                      str(app_checkpoints)]) == 2
+    assert lgam_main(["figure5", str(good), "--out", str(out), "--checkpoints",
+                      str(app_checkpoints), "--target", "nope"]) == 2
+    assert "unknown class" in capsys.readouterr().err
+    assert not out.exists()
