@@ -1,0 +1,74 @@
+"""Command-line flags, engine construction and ``launch`` for the app."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import gradio as gr
+
+from lgam.cam import CamEngine, CamError
+from lgam.imageio import MAX_BYTES, MAX_PIXELS
+
+from .ui import build_app, default_examples
+
+__all__ = ["parse_args", "create_app", "launch", "main"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m app",
+        description="LGAM Figure 5, live: input + Grad-CAM of six ResNet18 variants (Gradio app).")
+    p.add_argument("--checkpoints", default=os.environ.get("LGAM_CHECKPOINTS", "checkpoints"),
+                   help="folder with manifest.json and the six models (default: checkpoints)")
+    p.add_argument("--device", default=os.environ.get("LGAM_DEVICE", "auto"),
+                   help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="interface to listen on (0.0.0.0 in Docker/Spaces)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--examples", default=None, help="folder of extra example images")
+    p.add_argument("--max-mb", type=float, default=MAX_BYTES / 2**20,
+                   help="largest accepted upload in MiB (default: %(default)s)")
+    p.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
+                   help="largest accepted image in megapixels (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests served at once")
+    return p.parse_args(argv)
+
+
+def create_app(args: argparse.Namespace, engine: CamEngine | None = None) -> tuple[gr.Blocks, dict]:
+    """``(blocks, launch_kwargs)`` for ``args`` (``engine`` defaults to the checkpoints')."""
+    engine = engine or CamEngine.from_checkpoints(args.checkpoints, device=args.device)
+    engine.warmup()
+    examples = default_examples(args.examples)
+    max_bytes = int(args.max_mb * 2**20)
+    demo = build_app(engine, examples, max_bytes=max_bytes,
+                     max_pixels=int(args.max_megapixels * 1e6),
+                     concurrency_limit=args.concurrency)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    allowed = sorted({str(Path(e).parent) for e in examples} | {tempfile.gettempdir()})
+    kwargs = dict(server_name=args.host, server_port=args.port, allowed_paths=allowed,
+                  # Gradio's own cap is looser, so that lgam.imageio gives the clear message
+                  max_file_size=2 * max_bytes + 1024 * 1024, show_error=True,
+                  theme=gr.themes.Soft())
+    return demo, kwargs
+
+
+def launch(args: argparse.Namespace, engine: CamEngine | None = None, **overrides) -> gr.Blocks:
+    """Build and launch; ``overrides`` go to ``Blocks.launch`` (e.g. ``prevent_thread_lock``)."""
+    demo, kwargs = create_app(args, engine)
+    kwargs.update(overrides)
+    demo.launch(**kwargs)
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        launch(args)
+    except CamError as e:  # e.g. --device cuda without a GPU
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
