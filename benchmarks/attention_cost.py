@@ -38,6 +38,9 @@ def latency(reps: int, batches: list[int], size: int) -> None:
     print(f"\n## Latency, CPU, {size} px, median of {reps} (ms)\n")
     cols = [f"{k} b{b}" for b in batches for k in ("fwd", "fwd+bwd")]
     print("| model | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
+    warm = lgam.create_model("resnet18", num_classes=20)  # allocator and thread-pool warm-up, so
+    warm(torch.randn(max(batches), 3, size, size)).sum().backward()  # the first row is not penalised
+    del warm
     for name in VARIANTS:
         model = lgam.create_model(name, num_classes=20)
         cells = []
