@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,25 @@ if str(REPO) not in sys.path:  # the app/ folder is not installed (python -m app
 SHARED_DATA = Path(os.environ.get("LGAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 NAMES = list(APP_MODELS)
+
+
+def run_in_threads(work, n: int, timeout: float = 300) -> list[BaseException]:
+    """Run ``work(i)`` for ``i < n`` in ``n`` threads released together; the exceptions raised."""
+    barrier, errors = threading.Barrier(n), []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            work(i)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return errors
 
 
 def class_names() -> list[str]:

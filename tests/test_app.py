@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import socket
 import struct
-import threading
 import zlib
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 from _app_fixtures import (  # noqa: F401 - fixtures
+    run_in_threads,
     CLASSES, app_checkpoints, broken_checkpoints, engine, images, synthetic_image,
 )
 
@@ -224,22 +224,12 @@ def test_eight_concurrent_clients_get_their_own_results(server, files):
     alone = [_tiles(_compare(c, f, target=t or OWN_TOP1, method=m))
              for c, (f, t, m) in zip(clients, jobs)]
     got: list = [None] * len(jobs)
-    errors: list = []
-    barrier = threading.Barrier(len(jobs))
 
     def work(i):
-        try:
-            f, t, m = jobs[i]
-            barrier.wait()
-            got[i] = _tiles(_compare(clients[i], f, target=t or OWN_TOP1, method=m))
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        f, t, m = jobs[i]
+        got[i] = _tiles(_compare(clients[i], f, target=t or OWN_TOP1, method=m))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    errors = run_in_threads(work, len(jobs))
     assert not errors, errors
     for i, (g, a) in enumerate(zip(got, alone)):
         assert g[0] == a[0], i  # captions: model, class, probability

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from _app_fixtures import (  # noqa: F401 - fixtures
+    run_in_threads,
     CLASSES, NAMES, app_checkpoints, broken_checkpoints, engine, images, make_models,
     synthetic_image,
 )
@@ -230,22 +230,12 @@ def test_concurrent_requests_equal_sequential(mem_engine, images):
     jobs[3] = (images[3], 4, "gradcam++")
     sequential = [_sig(mem_engine.compare(img, t, m)) for img, t, m in jobs]
     results: list = [None] * len(jobs)
-    errors: list = []
-    barrier = threading.Barrier(len(jobs))
 
     def work(i):
-        try:
-            barrier.wait()
-            img, t, m = jobs[i]
-            results[i] = _sig(mem_engine.compare(img, t, m))
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        img, t, m = jobs[i]
+        results[i] = _sig(mem_engine.compare(img, t, m))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work, len(jobs))
     assert not errors
     for got, want in zip(results, sequential):
         for gm, wm in zip(got[0], want[0]):
