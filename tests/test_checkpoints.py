@@ -117,22 +117,22 @@ def test_missing_file_unknown_name_and_bad_manifest(saved, tmp_path):
         load_manifest(tmp_path / "nowhere")
 
 
+def _save_with_edited_entry(model, directory, edit) -> None:
+    save_checkpoint(model, directory, classes=CLASSES)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit(manifest["models"]["resnet18"])
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_architecture_mismatch_is_reported(saved, tmp_path):
-    d, model, _ = saved
-    save_checkpoint(model, tmp_path, classes=CLASSES)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["models"]["resnet18"]["arch"] = "resnet18_se"
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    _save_with_edited_entry(saved[1], tmp_path, lambda e: e.update(arch="resnet18_se"))
     with pytest.raises(CheckpointError, match="architecture mismatch"):
         load_checkpoint(tmp_path, "resnet18")
 
 
 def test_manifest_cannot_point_outside_its_folder(saved, tmp_path):
-    d, model, _ = saved
-    save_checkpoint(model, tmp_path, classes=CLASSES)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["models"]["resnet18"]["sha256"]["../../etc/passwd"] = "0" * 64
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    _save_with_edited_entry(saved[1], tmp_path,
+                            lambda e: e["sha256"].update({"../../etc/passwd": "0" * 64}))
     with pytest.raises(CheckpointError, match="outside its folder"):
         load_checkpoint(tmp_path, "resnet18")
 
