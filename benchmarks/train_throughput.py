@@ -1,18 +1,19 @@
-"""Training throughput (images/s) of the six ResNet18 variants: forward + backward + SGD step.
+"""Training throughput (images/s) of the six ResNet18 variants: forward + backward + SGD step,
+float32 beside the fast path (bf16 autocast + channels_last) in one run.
 
 Random uint8 images are augmented on the device exactly as ``lgam train`` does (random-resized-crop,
 flip, normalise: included in the timing), ImageNet stem, 20 classes, SGD with Nesterov momentum.
-On CUDA: bf16 autocast and channels_last (the ``fast`` recipe), timed with synchronisation;
+The fast path is what ``lgam train`` uses on CUDA and on CPUs with native bf16
+(:func:`lgam.device.bf16_native`); on other CPUs it is printed anyway, marked as emulated.
 ``--compile`` adds ``torch.compile``. Reports the median step time over ``--steps`` steps after
 ``--warmup`` steps.
 
-    python benchmarks/train_throughput.py --device cpu --batch 16 --size 64 --steps 3
+    python benchmarks/train_throughput.py --device cpu --batch 64 --size 112 --steps 4
     python benchmarks/train_throughput.py --device cuda --batch 256 --size 160 --steps 50
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -21,17 +22,18 @@ from torch import nn
 
 import lgam
 from lgam.data import DeviceAugment
+from lgam.device import bf16_native, device_summary
 
 VARIANTS = ["resnet18", "resnet18_se", "resnet18_sge", "resnet18_cbam", "resnet18_bam", "resnet18_lgam"]
 
 
 def step_seconds(name: str, device: torch.device, batch: int, size: int, steps: int, warmup: int,
-                 compile: bool) -> float:
-    """Median seconds of one training step of model ``name``."""
+                 compile: bool, fast: bool) -> float:
+    """Median seconds of one training step of model ``name``; ``fast``: bf16 autocast + channels_last."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = lgam.create_model(name, num_classes=20).to(device)
-    if cuda:
+    if fast:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
@@ -46,9 +48,9 @@ def step_seconds(name: str, device: torch.device, batch: int, size: int, steps: 
             torch.cuda.synchronize()
         t = time.perf_counter()
         x = augment(images, generator=gen)
-        if cuda:
+        if fast:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             loss = criterion(net(x), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -65,7 +67,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=64, help="training crop size in pixels")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model and path")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (more with --compile)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
@@ -74,20 +76,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        hw = torch.cuda.get_device_name(device)
-        mode = "bf16 autocast, channels_last" + (", torch.compile" if args.compile else "")
-    else:
-        hw = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        mode = "float32" + (", torch.compile" if args.compile else "")
-    print(f"## Training throughput: {hw}; {mode}; batch {args.batch}, {args.size} px, "
-          f"median of {args.steps} steps after {args.warmup} warm-up; torch {torch.__version__}\n")
-    print("| model | ms / step | img/s | vs resnet18 |\n|---|---:|---:|---:|")
+    native = "" if bf16_native(device) else " (emulated: this CPU has no native bf16; lgam train uses float32)"
+    print(f"## Training throughput: {device_summary(device)}; batch {args.batch}, {args.size} px, "
+          f"median of {args.steps} steps after {args.warmup} warm-up"
+          f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}\n")
+    print(f"fast = bf16 autocast + channels_last{native}\n")
+    print("| model | float32 img/s | fast img/s | fast / float32 | fast vs resnet18 |\n|---|---:|---:|---:|---:|")
     base = None
     for name in args.models:
-        s = step_seconds(name, device, args.batch, args.size, args.steps, args.warmup, args.compile)
-        base = base or s
-        print(f"| {name} | {s * 1e3:.1f} | {args.batch / s:.1f} | {base / s:.2f}x |", flush=True)
+        slow = step_seconds(name, device, args.batch, args.size, args.steps, args.warmup, args.compile, False)
+        fast = step_seconds(name, device, args.batch, args.size, args.steps, args.warmup, args.compile, True)
+        base = base or fast
+        print(f"| {name} | {args.batch / slow:.1f} | {args.batch / fast:.1f} | {slow / fast:.2f}x "
+              f"| {base / fast:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

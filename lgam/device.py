@@ -1,11 +1,19 @@
-"""Device choice shared by training, the CAM engine and the app."""
+"""Device choice and the fast numeric path, shared by training, the CAM engine and the app."""
 from __future__ import annotations
 
+import functools
 import os
+import platform
+from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "cpu_has_native_bf16", "bf16_native", "device_summary"]
+
+# CPU flags (as Linux's /proc/cpuinfo spells them) that mean bfloat16 matrix multiplies in hardware:
+# x86 AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX-BF16 (Sapphire Rapids and later); Arm's
+# BF16 extension (Neoverse V1/N2, Graviton 3 and later) shows as "bf16" in its Features line.
+_BF16_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "aarch64": ("bf16",)}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -24,3 +32,45 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return dev
+
+
+def _cpu_flags(cpuinfo: str) -> set[str]:
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16(cpuinfo_path: str = "/proc/cpuinfo", machine: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware, so bf16 autocast is faster than float32.
+
+    How: the CPU feature flags the kernel reports in ``/proc/cpuinfo`` (``avx512_bf16`` or
+    ``amx_bf16`` on x86-64, ``bf16`` on AArch64), and torch built with oneDNN (which runs bf16
+    convolutions on them). Without those flags oneDNN emulates bf16 in float32 and autocast is
+    slower, so the answer is ``False``; it is also ``False`` where ``/proc/cpuinfo`` is absent
+    (macOS, Windows): we do not guess.
+    """
+    machine = machine or platform.machine().lower()
+    wanted = _BF16_FLAGS.get("aarch64" if machine in ("arm64", "aarch64") else machine, ())
+    try:
+        text = Path(cpuinfo_path).read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(wanted) and torch.backends.mkldnn.is_available() and bool(_cpu_flags(text) & set(wanted))
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 autocast + channels_last is the fast path on ``device``: CUDA, or a CPU with
+    native bf16 (:func:`cpu_has_native_bf16`)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
+def device_summary(device: torch.device) -> str:
+    """One line naming the hardware, e.g. ``"cpu: x86_64, 2 threads, native bf16"``."""
+    if device.type == "cuda":
+        return f"{device}: {torch.cuda.get_device_name(device)}"
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {bf16}"

@@ -3,7 +3,10 @@
 Every image is decoded once into a uint8 tensor that lives on the training device; each step
 indexes a batch, random-resized-crops, flips and normalises it there (:class:`lgam.data.DeviceAugment`)
 and feeds the *same* augmented batch to every model, each with its own optimiser, learning-rate
-schedule, log and resume state. On CUDA the recipe's bf16 autocast and channels_last apply;
+schedule, log and resume state. The recipe's bf16 autocast and channels_last apply on CUDA and on
+CPUs with native bfloat16 (:func:`lgam.device.cpu_has_native_bf16`); elsewhere training runs in
+float32 and says so once. A recipe with ``train_size_start`` grows the crop size from epoch to epoch
+(progressive resizing, as FFCV does);
 ``--compile`` wraps each model in ``torch.compile``. Under ``torchrun --nproc_per_node N`` the same
 command trains with DistributedDataParallel (NCCL on CUDA, gloo on CPU): every rank draws the same
 global batch and augmentation and trains on its slice. BatchNorm normalises over each process's
@@ -40,11 +43,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ._fileio import atomic_write, atomic_write_json
-from .device import resolve_device
+from .device import bf16_native, device_summary, resolve_device
 from .models import create_model, list_models
 
 __all__ = [
-    "Recipe", "RECIPES", "make_recipe", "lr_at", "train", "summary_metrics", "configure_parser", "main",
+    "Recipe", "RECIPES", "make_recipe", "lr_at", "train_size_at", "param_groups", "train", "summary_metrics", "configure_parser", "main",
 ]
 
 STATE_TENSORS = "state.safetensors"
@@ -62,7 +65,10 @@ class Recipe:
     micro-batch, as it sees one process's share under DDP).
     ``schedule="step"`` multiplies it by ``gamma`` every ``step_epochs`` epochs; ``"cosine"``
     decays it per step to 0 after a linear warm-up of ``warmup_epochs``. ``bf16`` (autocast) and
-    ``channels_last`` apply on CUDA only.
+    ``channels_last`` apply on CUDA and on CPUs with native bf16. ``train_size_start`` (0: off)
+    starts the crops at that size and grows them linearly to ``train_size``, reached
+    ``size_hold_epochs`` before the end (:func:`train_size_at`). ``bn_bias_decay=False`` exempts
+    BatchNorm weights and all biases from weight decay.
     """
 
     epochs: int
@@ -81,6 +87,9 @@ class Recipe:
     bf16: bool
     channels_last: bool
     accum_steps: int
+    train_size_start: int = 0
+    size_hold_epochs: int = 0
+    bn_bias_decay: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
@@ -90,6 +99,8 @@ class Recipe:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.train_size_start < 0 or self.size_hold_epochs < 0:
+            raise ValueError("train_size_start and size_hold_epochs must be >= 0")
         if self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
             raise ValueError("warmup_epochs must be >= 0 and label_smoothing in [0, 1)")
 
@@ -104,6 +115,13 @@ RECIPES: dict[str, Recipe] = {
     "fast": Recipe(epochs=16, batch_size=256, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-5,
                    schedule="cosine", step_epochs=30, gamma=0.1, warmup_epochs=2.0, label_smoothing=0.1,
                    train_size=160, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1),
+    # each ResNet18 variant on ImageNet-20 within an hour of a 2-core CPU with native bf16
+    # (AVX512-BF16): progressive resizing 96 -> 128 px (FFCV), evaluated at a larger size (FixRes),
+    # label smoothing, no decay on BN/bias; the README's "Training on the CPU" has the measurements
+    "cpu": Recipe(epochs=20, batch_size=128, lr=0.25, momentum=0.9, nesterov=True, weight_decay=5e-5,
+                  schedule="cosine", step_epochs=30, gamma=0.1, warmup_epochs=1.0, label_smoothing=0.1,
+                  train_size=128, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1,
+                  train_size_start=96, size_hold_epochs=4, bn_bias_decay=False),
 }
 
 
@@ -154,6 +172,28 @@ def lr_at(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     total = recipe.epochs * steps_per_epoch
     t = (step - warmup) / max(1, total - warmup)
     return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def train_size_at(recipe: Recipe, epoch: int) -> int:
+    """Crop size for epoch ``epoch`` (0-based): ``train_size``, or with ``train_size_start`` a
+    linear ramp from it (first epoch) to ``train_size`` (epoch ``epochs - size_hold_epochs - 1``
+    onwards), rounded to a multiple of 16 (oneDNN's and cuDNN's fastest shapes)."""
+    if not recipe.train_size_start:
+        return recipe.train_size
+    last_ramp = recipe.epochs - recipe.size_hold_epochs - 1
+    t = 1.0 if last_ramp <= 0 else min(1.0, epoch / last_ramp)
+    size = recipe.train_size_start + t * (recipe.train_size - recipe.train_size_start)
+    return max(16, int(round(size / 16)) * 16)
+
+
+def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: one, or with ``bn_bias_decay=False`` a second group of
+    BatchNorm weights and biases (every parameter with fewer than 2 dimensions) without decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.bn_bias_decay:
+        return [{"params": params, "weight_decay": recipe.weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 # ------------------------------------------------------------------------------------ files
@@ -333,7 +373,11 @@ def train(
     rank, world = _dist_info()
     out = Path(out)
     cuda = device.type == "cuda"
-    autocast, channels_last = cuda and recipe.bf16, cuda and recipe.channels_last
+    fast = bf16_native(device)
+    autocast, channels_last = fast and recipe.bf16, fast and recipe.channels_last
+    if (recipe.bf16 or recipe.channels_last) and not fast and rank == 0:
+        print(f"note: {device_summary(device)}: training in float32 (bf16 autocast and channels_last "
+              "are slower than float32 without native bf16)", file=sys.stderr, flush=True)
     n = int(train_split.images.shape[0])
     if recipe.batch_size % (world * recipe.accum_steps):
         raise ValueError(f"batch_size {recipe.batch_size} is not divisible by {world} process(es) x "
@@ -350,7 +394,6 @@ def train(
     torch.manual_seed(seed)
     images = train_split.images.to(device)
     labels = train_split.labels.to(device)
-    augment = DeviceAugment(recipe.train_size, train=True, scale=(recipe.crop_scale_min, 1.0))
     shuffle_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
@@ -366,7 +409,7 @@ def train(
         model = create_model(name, num_classes=len(train_split.classes), stem=stem).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+        optimizer = torch.optim.SGD(param_groups(model, recipe), lr=recipe.lr, momentum=recipe.momentum,
                                     nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
         ddp = None
         if world > 1:
@@ -394,7 +437,8 @@ def train(
             atomic_write_json(tr.directory / CONFIG, {
                 "model": tr.name, "models": list(dict.fromkeys(models)), "recipe": asdict(recipe),
                 "seed": seed, "stem": stem, "val_size": val_size, "argv": list(sys.orig_argv),
-                "torch": torch.__version__, "device": str(device), "world_size": world,
+                "torch": torch.__version__, "device": str(device), "hardware": device_summary(device),
+                "bf16_autocast": autocast, "channels_last": channels_last, "world_size": world,
                 "num_classes": len(train_split.classes), "train_images": n,
                 "resumed_from_epoch": tr.epoch, **(config_extra or {}),
             })
@@ -408,6 +452,8 @@ def train(
         active = [t for t in trainees if t.epoch == epoch]
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=shuffle_gen).to(device)
+        train_size = train_size_at(recipe, epoch)
+        augment = DeviceAugment(train_size, train=True, scale=(recipe.crop_scale_min, 1.0))
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step",
                    disable=(not progress or rank != 0) or None, leave=False)
         for tr in active:
@@ -449,7 +495,7 @@ def train(
             loss_sum, = _all_reduce([float(tr.loss_sum)])
             seconds, = _all_reduce([tr.watch.seconds()], op="max")
             record = {
-                "epoch": epoch + 1, "loss": loss_sum / world / steps, "lr": lr,
+                "epoch": epoch + 1, "loss": loss_sum / world / steps, "lr": lr, "train_size": train_size,
                 "train_img_per_s": steps * recipe.batch_size / seconds,
                 "val_top1_err": _top1_err(tr.model, val_images, val_labels, val_augment,
                                           recipe.batch_size, autocast, channels_last) if evaluate else None,
@@ -464,7 +510,8 @@ def train(
                 _save_state(tr, recipe, seed, gens)
                 err = "" if record["val_top1_err"] is None else f"  val top-1 err {record['val_top1_err']:.2f}%"
                 print(f"{tr.name:<22} epoch {epoch + 1:>3}/{recipe.epochs}  loss {record['loss']:.4f}  "
-                      f"lr {lr:.4g}  {record['train_img_per_s']:.1f} img/s{err}", flush=True)
+                      f"lr {lr:.4g}  {train_size} px  {record['train_img_per_s']:.1f} img/s  "
+                      f"{record['time']:.0f} s{err}", flush=True)
     if world > 1:
         dist.barrier()
     return {t.name: t.records for t in trainees}
@@ -472,11 +519,13 @@ def train(
 
 def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     """Checkpoint metrics from a model's log: ``train_img_per_s`` (mean over the epochs after the
-    first, which includes warm-up and compilation) and the last ``val_top1_err_<size>``."""
+    first, which includes warm-up and compilation), ``train_wall_min`` (the epochs' wall time,
+    in-training validation included) and the last ``val_top1_err_<size>``."""
     speeds = [r["train_img_per_s"] for r in records]
     metrics: dict[str, float] = {}
     if speeds:
         metrics["train_img_per_s"] = float(np.mean(speeds[1:] if len(speeds) > 1 else speeds))
+        metrics["train_wall_min"] = float(sum(r["time"] for r in records) / 60)
     scored = [r for r in records if r.get("val_top1_err") is not None]
     if scored:
         metrics[f"val_top1_err_{scored[-1]['val_size']}"] = scored[-1]["val_top1_err"]

@@ -13,13 +13,16 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from lgam.cli import run_module
-from lgam.train import RECIPES, lr_at, make_recipe
+import lgam.train
+from lgam.train import RECIPES, lr_at, make_recipe, param_groups, train_size_at
 
 CLASSES = ("red", "green", "blue")
-# tiny and quick: CIFAR stem, 16 px, global batch 8, learning-rate warm-up over the first epoch
+# tiny and quick: CIFAR stem, 16 px, global batch 8, learning-rate warm-up over the first epoch;
+# float32 (bit-exact comparisons), so the bf16 fast path is tested on its own below
 TINY = ["--stem", "cifar", "--val-size", "16", "--no-progress", "--device", "cpu",
         "--recipe", "fast", "--set", "batch_size=8", "--set", "lr=0.02", "--set", "warmup_epochs=1",
-        "--set", "train_size=16", "--set", "crop_scale_min=0.5", "--set", "label_smoothing=0"]
+        "--set", "train_size=16", "--set", "crop_scale_min=0.5", "--set", "label_smoothing=0",
+        "--set", "bf16=false", "--set", "channels_last=false"]
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +74,56 @@ def test_recipe_overrides_and_errors():
         make_recipe("fast", ["schedule=linear"])
     with pytest.raises(ValueError, match="unknown recipe"):
         make_recipe("slow")
+
+
+def test_cpu_recipe_validates_and_grows_the_crops():
+    cpu = make_recipe("cpu")
+    sizes = [train_size_at(cpu, e) for e in range(cpu.epochs)]
+    assert sizes[0] == cpu.train_size_start == 96 and sizes[-1] == cpu.train_size == 128
+    assert sizes == sorted(sizes) and all(s % 16 == 0 for s in sizes)
+    assert sizes[-cpu.size_hold_epochs - 1:] == [128] * (cpu.size_hold_epochs + 1)
+    assert cpu.bf16 and cpu.channels_last and not cpu.bn_bias_decay
+    assert {train_size_at(RECIPES["fast"], e) for e in range(16)} == {160}  # no ramp: fixed size
+    with pytest.raises(ValueError, match="train_size_start"):
+        make_recipe("cpu", ["train_size_start=-1"])
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    model = lgam.create_model("resnet18_lgam", num_classes=3)
+    decayed, free = param_groups(model, make_recipe("cpu"))
+    assert decayed["weight_decay"] == RECIPES["cpu"].weight_decay and free["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in free["params"])
+    assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
+    (one,) = param_groups(model, RECIPES["paper"])
+    assert len(one["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_cpu_fast_path(tiny_data, tmp_path, monkeypatch, capsys, native):
+    """With native bf16 the CPU trains under bf16 autocast + channels_last (the loss falls);
+    without it the same recipe trains in float32 and says so once."""
+    if native and not lgam.device.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16/AMX-BF16/Arm BF16)")
+    seen: list[tuple[bool, bool]] = []
+
+    def spy(name: str, **kwargs):
+        model = lgam.create_model(name, **kwargs)
+        model.register_forward_hook(lambda m, args, out: seen.append(
+            (torch.is_autocast_enabled("cpu"), args[0].is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    monkeypatch.setattr(lgam.train, "create_model", spy)
+    monkeypatch.setattr(lgam.train, "bf16_native", lambda device: native)
+    out = tmp_path / "run"
+    assert _train(tiny_data, out, "--model", "resnet18", "--epochs", "8", "--val-every", "0",
+                  "--set", "bf16=true", "--set", "channels_last=true") == 0
+    assert seen and set(seen) == {(native, native)}
+    config = json.loads((out / "resnet18" / "config.json").read_text())
+    assert config["bf16_autocast"] is native and config["channels_last"] is native
+    log = _log(out / "resnet18")
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    notes = capsys.readouterr().err.count("training in float32")
+    assert notes == (0 if native else 1)
 
 
 def test_lr_schedules():
