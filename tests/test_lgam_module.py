@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lgam import LGAM
+from lgam import LGAM, create_model
 from lgam.attention.lgam import lgam_reference
 
 GROUPS = [1, 2, 4, 8, 32]
@@ -39,33 +39,50 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("groups", GROUPS)
-def test_fast_ladder_matches_loop_oracle(groups, train):
-    fast, loop = _module(groups, train), None
+def test_fast_ladder_matches_loop_oracle_in_float64(groups, train):
+    """In float64 the module is the loop transcription of eqs (1)-(7) to float64 accuracy:
+    outputs, input gradients, parameter gradients and BN running statistics."""
+    fast = _module(groups, train).double()
     loop = copy.deepcopy(fast)
-    x = torch.randn(4, 128, 6, 6)
-    g = torch.randn(4, 128, 6, 6)
+    x = torch.randn(4, 128, 6, 6, dtype=torch.float64)
+    g = torch.randn(4, 128, 6, 6, dtype=torch.float64)
     yf, gxf, gpf = _run(fast, lambda m, t: m(t), x, g)
     yl, gxl, gpl = _run(loop, lgam_reference, x, g)
-    assert _rel(yf, yl) <= 1e-5
-    assert _rel(gxf, gxl) <= 1e-5
-    assert _rel(gpf, gpl) <= 1e-5
+    assert yf.dtype == gxf.dtype == torch.float64
+    assert _rel(yf, yl) <= 1e-12
+    assert _rel(gxf, gxl) <= 1e-12
+    assert _rel(gpf, gpl) <= 1e-12
     if train:  # the running statistics move identically too
         for a, b in zip(fast.channel_attention, loop.channel_attention):
-            torch.testing.assert_close(a.bn.running_mean, b.bn.running_mean, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(a.bn.running_var, b.bn.running_var, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.bn.running_mean, b.bn.running_mean, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(a.bn.running_var, b.bn.running_var, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("groups", [4, 8, 32])
-def test_fast_ladder_is_as_accurate_as_the_loop(groups):
-    """Against a float64 oracle, the batched ladder loses no more precision than the loop."""
-    m32 = _module(groups, train=False)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("groups", GROUPS)
+def test_float32_is_as_accurate_as_the_loop(groups, train):
+    """In float32, against the float64 oracle, the module loses no more precision than the loop
+    (both lose up to ~5e-5 of the gradients to the function's own conditioning for G=8 in eval
+    mode, so agreement between the two float32 results is no finer than that)."""
+    m32 = _module(groups, train)
     m64 = copy.deepcopy(m32).double()
     x, g = torch.randn(4, 128, 6, 6), torch.randn(4, 128, 6, 6)
     y64, gx64, gp64 = _run(m64, lgam_reference, x.double(), g)
     yf, gxf, gpf = _run(copy.deepcopy(m32), lambda m, t: m(t), x, g)
     yl, gxl, gpl = _run(copy.deepcopy(m32), lgam_reference, x, g)
+    assert yf.dtype == torch.float32
     for fast, loop, exact in ((yf, yl, y64), (gxf, gxl, gx64), (gpf, gpl, gp64)):
         assert _rel(fast, exact) <= 2 * _rel(loop, exact) + 1e-6
+        assert _rel(fast, exact) <= 2e-4
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradcheck(train):
+    """Finite differences against the hand-written backward (input and group scales, float64)."""
+    torch.manual_seed(0)
+    m = LGAM(16, groups=4, reduction=2).double().train(train)
+    x = torch.randn(3, 16, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))
 
 
 def test_equations_on_a_hand_computed_case():
@@ -127,3 +144,57 @@ def test_bf16_autocast_keeps_dtype_and_stays_close():
         y = m(x.bfloat16())
     assert y.dtype == torch.bfloat16
     assert ((y.float() - m(x)).norm() / m(x).norm()).item() < 2e-2
+
+
+def test_bf16_keeps_every_group_of_g32_to_bf16_precision():
+    """G=32 under bf16 autocast: the group products reach ~1.5**32, yet every group, the first
+    (smallest) included, stays within 1e-2 of the float64 result (bf16 rounds at ~4e-3)."""
+    torch.manual_seed(0)
+    m = LGAM(256, groups=32, reduction=2).eval()
+    x = torch.randn(2, 256, 8, 8).bfloat16()
+    with torch.no_grad():
+        exact = lgam_reference(copy.deepcopy(m).double(), x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x.to(memory_format=torch.channels_last))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    for got, want in zip(y.double().chunk(32, dim=1), exact.chunk(32, dim=1)):
+        assert _rel(got, want) <= 1e-2
+
+
+def test_resnet18_lgam_g32_in_bf16_agrees_with_float32():
+    """The whole G=32 network (BatchNorm statistics calibrated on random batches, eval mode):
+    bf16 autocast + channels_last logits within 2e-2 (relative norm) of float32, same argmax.
+
+    The premise is checked: this initialisation is well conditioned (float32 within 1e-5 of
+    float64). Some initialisations are not (float32 already 1e-3 from float64 with logits ~1e9:
+    sigmoid(ReLU(sum)) of eq (6) sits on a cancellation); bf16 (eps 4e-3) cannot match those,
+    whatever the implementation.
+    """
+    torch.manual_seed(1)
+    model = create_model("resnet18_lgam_g32", num_classes=20)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            bn.momentum = None  # cumulative average over the calibration batches
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64))
+        model.eval()
+        exact = copy.deepcopy(model).double()(x.double())
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x.to(memory_format=torch.channels_last))
+    assert ref.abs().max() > 1e4  # the ladder's growth is really exercised
+    assert _rel(ref, exact) <= 1e-5
+    assert torch.isfinite(y).all()
+    assert _rel(y.float(), ref) <= 2e-2
+    assert torch.equal(y.float().argmax(1), ref.argmax(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_module_runs_without_autocast(dtype):
+    m = LGAM(32, groups=4, reduction=2).eval()
+    x = torch.randn(2, 32, 4, 4)
+    y = copy.deepcopy(m).to(dtype)(x.to(dtype))
+    assert y.dtype == dtype
+    assert _rel(y.float(), m(x)) <= 3e-2

@@ -7,6 +7,8 @@ concatenated ``A'`` gives a spatial map, and ``A'' = A' * sigmoid(ReLU(sum)) + A
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,17 +83,46 @@ class LGAM(nn.Module):
             raise ValueError(
                 f"LGAM expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}"
             )
-        b, c, h, w = x.shape
-        xg = x.view(b, self.groups, c // self.groups, h, w)
-        a = self.group_scales(xg.mean(dim=(3, 4))).float()  # eq (1) per group, (2)-(4) pooled
-        # Ladder (4) unrolled: y_k = a_k (x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1},
-        # with P_k = a_1 * ... * a_k and P_0 = 1. Products and the running sum stay in float32
-        # (they grow like 1.5**k) also under bf16/fp16 autocast.
+        b, c = x.shape[:2]
+        work = _work_dtype(x.dtype)
+        pooled = x.mean(dim=(2, 3), dtype=work).view(b, self.groups, -1)  # eq (1), per group
+        with torch.autocast(x.device.type, enabled=False):  # their products reach 1.5**G: no bf16
+            weights = self.channel_attention[0].bn.weight.dtype  # float32 unless .bfloat16()/.half()
+            a = self.group_scales(pooled.to(weights)).to(work)  # eqs (2)-(4) pooled: a_k = 1 + M_k
+        # Ladder (4) unrolled: y_k = a_k (x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1}, with
+        # P_k = a_1 ... a_k, P_0 = 1 (kept in float32 or float64: they grow like 1.5**k). The sum
+        # over groups is one product with a constant 0/1 block-triangular (C, C) matrix.
         p = torch.cumprod(a, dim=1)
         p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
-        y = p[..., None, None] * torch.cumsum(xg / p_prev[..., None, None], dim=1, dtype=torch.float32)
-        m_spat = torch.sigmoid(F.relu(y.sum(dim=(1, 2)).unsqueeze(1)))  # eqs (5), (6)
-        return torch.addcmul(x, y.view(b, c, h, w), m_spat).to(x.dtype)  # eq (7): A' M_spat + A
+        q = x * (1 / p_prev).view(b, c, 1, 1).to(x.dtype)
+        ladder = _ladder_matrix(self.groups, c // self.groups, x.dtype, x.device)
+        y = channel_matmul(q, ladder) * p.view(b, c, 1, 1).to(x.dtype)  # A' = [y_1 ... y_G]
+        ones = torch.ones(c, 1, dtype=x.dtype, device=x.device)
+        m_spat = torch.sigmoid(F.relu(channel_matmul(y, ones)))  # eqs (5), (6): sum over channels
+        return torch.addcmul(x, y, m_spat.to(y.dtype)).to(x.dtype)  # eq (7): A' M_spat + A
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the group scales and their products: float32 for 16-bit inputs, else the input's
+    own (a float64 module computes in float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _ladder_matrix(groups: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(C, C)`` with ``C = groups * width``: entry ``(j*width + i, k*width + i)`` is 1 for
+    ``j <= k``, else 0, so ``x @ L`` gives every group the sum of itself and the groups before."""
+    upper = torch.ones(groups, groups, dtype=dtype, device=device).triu()
+    return torch.kron(upper, torch.eye(width, dtype=dtype, device=device))
+
+
+def channel_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """``(B, C, H, W) @ (C, K) -> (B, K, H, W)`` over the channel dimension (a 1x1 convolution
+    without bias), as one matrix product in ``x``'s memory format (channels_last stays so)."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.matmul(x.permute(0, 2, 3, 1), weight).permute(0, 3, 1, 2)
+    return torch.matmul(weight.t(), x.reshape(b, c, h * w)).view(b, -1, h, w)
 
 
 def lgam_reference(
