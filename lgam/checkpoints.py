@@ -4,8 +4,10 @@
 their sha256, the architecture (``arch`` + ``arch_kwargs`` for :func:`lgam.create_model`), the class
 list, input size and normalisation, the training recipe, seed, epochs, git commit and metrics
 (``val_top1_err_224``, ``val_top1_err_160`` in percent, ``params``, ``gmacs_224``,
-``cpu_latency_ms_224``, ``train_img_per_s``). A checkpoint over 16 MiB is stored as
-``NAME-00001-of-0000N.safetensors`` parts of at most 15 MiB plus ``NAME.safetensors.index.json``.
+``cpu_latency_ms_224``, ``train_img_per_s``). A checkpoint over :data:`PART_LIMIT` (9 MiB) is
+stored as ``NAME-00001-of-0000N.safetensors`` parts of at most that size plus
+``NAME.safetensors.index.json``: every file stays under the 10 MB that a plain ``git push`` to a
+Hugging Face Space accepts without Git LFS.
 Loading verifies every sha256 and the architecture, and raises :class:`CheckpointError` with a
 message that says what is wrong and what to do.
 """
@@ -27,13 +29,14 @@ from ._fileio import atomic_write_json
 from .models import create_model
 
 __all__ = [
-    "CheckpointError", "MANIFEST", "save_checkpoint", "load_manifest", "load_checkpoint",
+    "CheckpointError", "MANIFEST", "PART_LIMIT", "save_checkpoint", "load_manifest", "load_checkpoint",
     "update_metrics", "sha256_file",
 ]
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-SINGLE_FILE_LIMIT = 16 * 2**20
+#: largest file written: under the 10 MB (10**7 bytes) a Hugging Face Space takes without LFS
+PART_LIMIT = 9 * 2**20
 _KEEP_FP32 = ("running_mean", "running_var")
 _HEADER_ALLOWANCE = 64 * 1024  # room for each part's safetensors JSON header
 _ENTRY_KEYS = ("files", "sha256", "arch", "arch_kwargs", "classes", "input_size", "mean", "std")
@@ -104,7 +107,7 @@ def save_checkpoint(
     epochs: int | None = None,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-    max_part_bytes: int = 15 * 2**20,
+    max_part_bytes: int = PART_LIMIT,
 ) -> dict[str, Any]:
     """Write ``model`` (built by :func:`lgam.create_model`) to ``directory`` and record it in the
     manifest; returns the manifest entry. ``name`` defaults to ``model.model_name``."""
@@ -124,7 +127,7 @@ def save_checkpoint(
     meta = {"format": "pt", "arch": arch}
     for old in directory.glob(f"{name}-*-of-*.safetensors"):  # stale parts of an earlier save
         old.unlink()
-    if total <= SINGLE_FILE_LIMIT:
+    if total + _HEADER_ALLOWANCE <= max_part_bytes:
         files = [f"{name}.safetensors"]
         save_file(tensors, str(directory / files[0]), metadata=meta)
         index = None
