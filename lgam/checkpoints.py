@@ -238,11 +238,15 @@ def load_checkpoint(
     return model.to(map_location).eval(), entry
 
 
-def update_metrics(directory: str | Path, name: str, metrics: dict[str, Any]) -> None:
-    """Merge ``metrics`` into model ``name``'s manifest entry."""
+def update_metrics(directory: str | Path, name: str, metrics: dict[str, Any],
+                   input_size: int | None = None) -> None:
+    """Merge ``metrics`` into model ``name``'s manifest entry; ``input_size`` (if given) becomes
+    the size the app and ``lgam evaluate`` feed it."""
     directory = Path(directory)
     manifest = load_manifest(directory)
     if name not in manifest["models"]:
         raise CheckpointError(f"no model {name!r} in {directory / MANIFEST}")
     manifest["models"][name]["metrics"].update(metrics)
+    if input_size is not None:
+        manifest["models"][name]["input_size"] = int(input_size)
     atomic_write_json(directory / MANIFEST, manifest)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_device", "cpu_has_native_bf16", "bf16_native", "device_summary"]
+__all__ = ["resolve_device", "cpu_has_native_bf16", "bf16_native", "cpu_name", "device_summary"]
 
 # CPU flags (as Linux's /proc/cpuinfo spells them) that mean bfloat16 matrix multiplies in hardware:
 # x86 AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX-BF16 (Sapphire Rapids and later); Arm's
@@ -68,9 +68,21 @@ def bf16_native(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
+def cpu_name(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type (e.g. ``"x86_64"``)."""
+    try:
+        for line in Path(cpuinfo_path).read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_summary(device: torch.device) -> str:
-    """One line naming the hardware, e.g. ``"cpu: x86_64, 2 threads, native bf16"``."""
+    """One line naming the hardware, e.g. ``"cpu: AMD EPYC 9B14, 2 threads, native bf16"``."""
     if device.type == "cuda":
         return f"{device}: {torch.cuda.get_device_name(device)}"
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {bf16}"
+    return f"cpu: {cpu_name()}, {torch.get_num_threads()} threads, {bf16}"

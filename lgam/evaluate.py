@@ -1,10 +1,13 @@
 """``lgam evaluate``: top-1 error of checkpoints on a val split, params, GMACs, CPU latency.
 
 Each val image is resized as a whole to the square input (:func:`lgam.data.resize_normalize`, the
-path the app uses) at every ``--sizes`` entry. Writes a Markdown table with the paper's Table 4
-column beside ours and (unless ``--no-update``) stores the numbers in the manifest's metrics.
+path the app uses) at every ``--sizes`` entry and at the manifest's ``input_size`` (the app's), in
+float32. Writes a Markdown table with the paper's Table 4 column beside ours and stores the numbers
+in the manifest's metrics (not with ``--limit``: a subset's numbers are not the val error, nor with
+``--no-update``). ``--choose-input-size`` sets every evaluated model's ``input_size`` to the size
+with the lowest mean error over them (one size for all, so the app preprocesses once).
 
-    lgam evaluate --checkpoints checkpoints --data ../shared/data/imagenet20 [--sizes 224 160]
+    lgam evaluate --checkpoints checkpoints --data ../shared/data/imagenet20 --choose-input-size
 """
 from __future__ import annotations
 
@@ -22,8 +25,11 @@ from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update
 from .data import DataError, DecodedSplit, load_split, resize_normalize
 from .params import count_macs, count_params
 
-__all__ = ["PAPER_TOP1_ERR", "top1_error", "cpu_latency_ms", "evaluate_checkpoints", "format_table",
-           "configure_parser", "main"]
+__all__ = ["PAPER_TOP1_ERR", "SIZES", "top1_error", "cpu_latency_ms", "evaluate_checkpoints",
+           "best_input_size", "format_table", "configure_parser", "main"]
+
+#: input sizes evaluated by default (the app's ``input_size`` is added to them)
+SIZES = (224, 192, 160, 128)
 
 #: the paper's Table 4 (ImageNet, 20 classes) top-1 error in percent
 PAPER_TOP1_ERR = {
@@ -64,7 +70,7 @@ def evaluate_checkpoints(
     directory: str | Path,
     data: str | Path | Sequence[str | Path],
     models: Sequence[str] | None = None,
-    sizes: Sequence[int] = (224, 160),
+    sizes: Sequence[int] = SIZES,
     limit: int | None = None,
     batch_size: int = 64,
     latency_reps: int = 10,
@@ -72,7 +78,8 @@ def evaluate_checkpoints(
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Evaluate checkpoints of ``directory`` on the ``val`` split of ``data``; one dict per model
-    with ``model``, ``n_images`` and the metrics (also merged into the manifest if ``update``)."""
+    with ``model``, ``input_size`` and the metrics (also merged into the manifest if ``update``; a
+    ``limit`` turns that off)."""
     manifest = load_manifest(directory)["models"]
     names = list(models or manifest)
     unknown = [n for n in names if n not in manifest]
@@ -90,30 +97,39 @@ def evaluate_checkpoints(
         metrics: dict[str, Any] = {
             f"val_top1_err_{s}": round(top1_error(model, split, s, entry["mean"], entry["std"],
                                                   batch_size), 2)
-            for s in sizes
+            for s in sorted({*sizes, int(entry["input_size"])}, reverse=True)
         }
         metrics["params"] = count_params(model)
         metrics["gmacs_224"] = round(count_macs(model, 224) / 1e9, 4)
         metrics["cpu_latency_ms_224"] = round(cpu_latency_ms(model, 224, latency_reps), 2)
         metrics["val_images"] = len(split)
-        if update:
+        if update and limit is None:
             update_metrics(directory, name, metrics)
-        rows.append({"model": name, **entry["metrics"], **metrics})
+        rows.append({"model": name, "input_size": int(entry["input_size"]), **entry["metrics"], **metrics})
     return rows
 
 
-def format_table(rows: list[dict[str, Any]], sizes: Sequence[int] = (224, 160)) -> str:
-    """Our Table 4 beside the paper's column."""
+def best_input_size(rows: list[dict[str, Any]], sizes: Sequence[int]) -> tuple[int, dict[int, float]]:
+    """The size among ``sizes`` with the lowest mean top-1 error over ``rows``, and every mean."""
+    means = {s: statistics.fmean(r[f"val_top1_err_{s}"] for r in rows) for s in sizes}
+    return min(means, key=lambda s: (means[s], s)), means
+
+
+def format_table(rows: list[dict[str, Any]], sizes: Sequence[int] = SIZES) -> str:
+    """Our Table 4 beside the paper's column: the error at the app's input size first, then at
+    each of ``sizes``."""
     cols = [f"top-1 err {s} px (%)" for s in sizes]
-    head = ["model", *cols, "paper Table 4 (%)", "params (M)", "GMACs 224", "CPU ms (b=1, 224)",
-            "train img/s"]
+    head = ["model", "app size", "top-1 err, app size (%)", *cols, "paper Table 4 (%)", "params (M)",
+            "GMACs 224", "CPU ms (b=1, 224)", "train img/s", "train min"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        cells = [r["model"], *(fmt(r.get(f"val_top1_err_{s}"), ".2f") for s in sizes),
+        app = r.get("input_size")
+        cells = [r["model"], fmt(app, "d"), fmt(r.get(f"val_top1_err_{app}"), ".2f"),
+                 *(fmt(r.get(f"val_top1_err_{s}"), ".2f") for s in sizes),
                  fmt(PAPER_TOP1_ERR.get(r["model"]), ".2f"), fmt(r.get("params", 0) / 1e6, ".3f"),
                  fmt(r.get("gmacs_224"), ".3f"), fmt(r.get("cpu_latency_ms_224"), ".1f"),
-                 fmt(r.get("train_img_per_s"), ".0f")]
+                 fmt(r.get("train_img_per_s"), ".0f"), fmt(r.get("train_wall_min"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     n = rows[0].get("val_images") if rows else None
     lines.append(f"\nVal images: {n}. One seed per model: differences below ~1 point are within "
@@ -126,8 +142,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="val data: ImageFolder root, folder of val-*.tar.gz shards, or CIFAR folder")
     p.add_argument("--models", nargs="+", help="models to evaluate (default: all in the manifest)")
-    p.add_argument("--sizes", nargs="+", type=int, default=[224, 160])
-    p.add_argument("--limit", type=int, help="evaluate on at most N val images (spread over classes)")
+    p.add_argument("--sizes", nargs="+", type=int, default=list(SIZES),
+                   help=f"input sizes (default {' '.join(map(str, SIZES))}; the app's size is added)")
+    p.add_argument("--choose-input-size", action="store_true",
+                   help="set the evaluated models' input_size (the app's) to the size among --sizes "
+                        "with the lowest mean error")
+    p.add_argument("--limit", type=int,
+                   help="evaluate on at most N val images (spread over classes); the manifest is "
+                        "then left as it is")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--latency-reps", type=int, default=10)
     p.add_argument("--device", default="cpu", help="device for the error computation (latency is CPU)")
@@ -136,12 +158,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.choose_input_size and (args.limit is not None or args.no_update):
+        print("error: --choose-input-size needs the full val split and a manifest update "
+              "(drop --limit / --no-update)", file=sys.stderr)
+        return 2
     try:
         rows = evaluate_checkpoints(args.checkpoints, args.data, args.models, args.sizes, args.limit,
                                     args.batch_size, args.latency_reps, not args.no_update, args.device)
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.limit is not None and not args.no_update:
+        print(f"note: --limit {args.limit}: numbers of a subset, the manifest is left as it is",
+              file=sys.stderr)
+    if args.choose_input_size:
+        size, means = best_input_size(rows, args.sizes)
+        for r in rows:
+            update_metrics(args.checkpoints, r["model"], {}, input_size=size)
+            r["input_size"] = size
+        summary = ", ".join(f"{s} px {e:.2f}%" for s, e in means.items())
+        print(f"input_size -> {size} px (mean top-1 error over {len(rows)} models: {summary})")
     table = format_table(rows, args.sizes)
     print(table)
     if args.out:

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +55,7 @@ STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 LOG = "log.jsonl"
 CONFIG = "config.json"
+RUNS = "runs"  # checkpoints/runs/MODEL/{config.json,log.jsonl}: each shipped model's training record
 
 
 @dataclass(frozen=True)
@@ -617,10 +619,17 @@ def _save_checkpoints(args: argparse.Namespace, recipe: Recipe, split: Any,
         model = create_model(name, num_classes=len(split.classes), stem=args.stem)
         tensors = load_file(str(Path(args.out) / name / STATE_TENSORS))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        run = Path(args.out) / name
+        config = json.loads((run / CONFIG).read_text())
+        saved_run = Path(args.checkpoints_dir) / RUNS / name  # the numbers' seed, config, command
+        saved_run.mkdir(parents=True, exist_ok=True)
+        for fname in (CONFIG, LOG):
+            shutil.copyfile(run / fname, saved_run / fname)
         save_checkpoint(model, args.checkpoints_dir, classes=split.classes, input_size=args.val_size,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD, recipe=asdict(recipe), seed=args.seed,
                         epochs=recipe.epochs, metrics=summary_metrics(recs),
-                        extra={"wnids": list(split.wnids), "run": str(Path(args.out) / name)})
+                        extra={"wnids": list(split.wnids), "machine": config.get("hardware"),
+                               "command": config.get("argv"), "run_log": f"{RUNS}/{name}/{LOG}"})
         print(f"saved {name} to {args.checkpoints_dir}")
 
 

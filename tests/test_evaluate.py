@@ -8,7 +8,7 @@ import lgam
 from lgam.checkpoints import load_manifest, save_checkpoint
 from lgam.cli import main
 from lgam.data import DataError
-from lgam.evaluate import evaluate_checkpoints, format_table
+from lgam.evaluate import best_input_size, evaluate_checkpoints, format_table
 
 CLASSES = ["a", "b", "c"]
 
@@ -39,7 +39,36 @@ def test_known_error_and_manifest_update(setup):
     assert m["val_top1_err_32"] == pytest.approx(83.33) and m["params"] == 11_170_371
     assert m["train_img_per_s"] == 123.0 and m["val_images"] == 6 and m["cpu_latency_ms_224"] > 0
     table = format_table(rows, (32, 16))
-    assert "| always_a | 83.33 | 83.33 | — | 11.170 |" in table and "| 123 |" in table
+    assert "| always_a | 32 | 83.33 | 83.33 | 83.33 | — | 11.170 |" in table and "| 123 |" in table
+
+
+def test_the_app_size_is_always_evaluated(setup):
+    data, ckpt = setup  # input_size 32 is not among sizes
+    (row,) = evaluate_checkpoints(ckpt, data, sizes=(16,), latency_reps=1)
+    assert row["input_size"] == 32 and {"val_top1_err_16", "val_top1_err_32"} <= row.keys()
+
+
+def test_limit_leaves_the_manifest_alone(setup, capsys):
+    data, ckpt = setup
+    assert main(["evaluate", "--checkpoints", str(ckpt), "--data", str(data), "--sizes", "16",
+                 "--latency-reps", "1", "--limit", "3"]) == 0
+    assert "manifest is left as it is" in capsys.readouterr().err
+    assert "val_top1_err_16" not in load_manifest(ckpt)["models"]["always_a"]["metrics"]
+    assert main(["evaluate", "--checkpoints", str(ckpt), "--data", str(data), "--limit", "3",
+                 "--choose-input-size"]) == 2
+    assert "needs the full val split" in capsys.readouterr().err
+
+
+def test_choose_input_size_by_measurement(setup, capsys):
+    data, ckpt = setup
+    rows = [{"val_top1_err_224": 30.0, "val_top1_err_160": 25.0, "val_top1_err_128": 27.0},
+            {"val_top1_err_224": 31.0, "val_top1_err_160": 26.0, "val_top1_err_128": 24.0}]
+    assert best_input_size(rows, (224, 160, 128)) == (128, {224: 30.5, 160: 25.5, 128: 25.5})  # tie: smaller
+    assert best_input_size(rows[:1], (224, 160, 128))[0] == 160
+    assert main(["evaluate", "--checkpoints", str(ckpt), "--data", str(data), "--sizes", "32", "16",
+                 "--latency-reps", "1", "--choose-input-size"]) == 0
+    assert "input_size -> 16 px" in capsys.readouterr().out  # a tie (5/6 at both): the smaller
+    assert load_manifest(ckpt)["models"]["always_a"]["input_size"] == 16
 
 
 def test_cli_writes_table(setup, tmp_path, capsys):
@@ -47,7 +76,7 @@ def test_cli_writes_table(setup, tmp_path, capsys):
     out = tmp_path / "t.md"
     assert main(["evaluate", "--checkpoints", str(ckpt), "--data", str(data), "--sizes", "32",
                  "--latency-reps", "1", "--out", str(out), "--no-update"]) == 0
-    assert "| always_a | 83.33 |" in out.read_text() and "83.33" in capsys.readouterr().out
+    assert "| always_a | 32 | 83.33 | 83.33 |" in out.read_text() and "83.33" in capsys.readouterr().out
     assert "val_top1_err_32" not in load_manifest(ckpt)["models"]["always_a"]["metrics"]
     assert main(["evaluate", "--checkpoints", str(ckpt), "--data", str(data), "--models", "nope"]) == 2
     assert "it has ['always_a']" in capsys.readouterr().err

@@ -154,6 +154,11 @@ def test_overfit_two_models_and_checkpoint(tiny_data, tmp_path):
     entry = manifest["models"]["resnet18_se"]
     assert entry["classes"] == sorted(CLASSES) and entry["epochs"] == 8 and entry["seed"] == 0
     assert entry["metrics"]["val_top1_err_16"] == 0.0 and entry["metrics"]["train_img_per_s"] > 0
+    assert entry["metrics"]["train_wall_min"] > 0 and entry["extra"]["machine"].startswith("cpu: ")
+    assert entry["extra"]["command"] == sys.orig_argv  # this process's exact command line
+    record = ckpt / entry["extra"]["run_log"]  # the training record travels with the weights
+    assert record.read_text() == (out / "resnet18_se" / "log.jsonl").read_text()
+    assert json.loads((record.parent / "config.json").read_text())["seed"] == 0
 
 
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
