@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lgam.train", "train one or several models"),
     "evaluate": ("lgam.evaluate", "top-1 error, params, GMACs and latency of checkpoints"),
     "figure5": ("lgam.figure", "the paper's Figure 5 (Grad-CAM grid) for any images"),
+    "curves": ("lgam.curves", "validation-error and loss curves of trained models"),
 }
 
 

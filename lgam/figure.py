@@ -15,11 +15,12 @@ from typing import Sequence
 
 from PIL import Image
 
+from ._fileio import FIGURE_FORMATS, save_figure
 from .cam import METHODS, ImageComparison, overlay
 
 __all__ = ["figure5", "save_figure5", "FORMATS", "configure_parser", "main"]
 
-FORMATS = (".png", ".pdf", ".svg")
+FORMATS = FIGURE_FORMATS
 #: the longest side of each tile's bitmap (keeps PDFs small)
 TILE_PIXELS = 448
 
@@ -74,12 +75,7 @@ def save_figure5(
     comparisons: Sequence[ImageComparison], path: str | Path, alpha: float = 0.5, dpi: int = 150
 ) -> Path:
     """Draw :func:`figure5` into ``path`` (``.png``, ``.pdf`` or ``.svg``); returns the path."""
-    path = Path(path)
-    if path.suffix.lower() not in FORMATS:
-        raise ValueError(f"output must end in one of {', '.join(FORMATS)}, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure5(comparisons, alpha).savefig(path, dpi=dpi)
-    return path
+    return save_figure(figure5(comparisons, alpha), path, dpi)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

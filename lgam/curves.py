@@ -1,0 +1,91 @@
+"""``lgam curves``: training curves (validation top-1 error and training loss per epoch) of several
+models in one figure, from the ``log.jsonl`` that ``lgam train`` writes.
+
+Reads ``RUNS/MODEL/log.jsonl`` for every model folder under each ``RUNS`` (a training ``--out`` or a
+checkpoints folder's ``runs/``); PNG, PDF or SVG by the output's suffix.
+
+    lgam curves checkpoints/runs --out docs/val_curves.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._fileio import FIGURE_FORMATS, save_figure
+
+__all__ = ["read_logs", "curves_figure", "configure_parser", "main"]
+
+
+def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
+              ) -> dict[str, list[dict[str, Any]]]:
+    """``{model: records}`` from ``FOLDER/MODEL/log.jsonl`` (in ``models`` order if given, else
+    sorted). Raises ``FileNotFoundError`` naming what is missing."""
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for folder in map(Path, folders):
+        for log in sorted(folder.glob("*/log.jsonl")):
+            lines = log.read_text().splitlines()
+            logs[log.parent.name] = [json.loads(line) for line in lines if line.strip()]
+    if models:
+        missing = [m for m in models if m not in logs]
+        if missing:
+            raise FileNotFoundError(f"no log.jsonl for {missing} under {[str(f) for f in folders]}; "
+                                    f"found {sorted(logs)}")
+        return {m: logs[m] for m in models}
+    if not logs:
+        raise FileNotFoundError(f"no MODEL/log.jsonl under {[str(f) for f in folders]}")
+    return logs
+
+
+def curves_figure(logs: dict[str, list[dict[str, Any]]], title: str | None = None):
+    """A matplotlib ``Figure``: validation top-1 error (left) and training loss (right) per epoch,
+    one line per model; the last validation error is written at each line's end."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    err_ax, loss_ax = fig.subplots(1, 2)
+    for name, records in logs.items():
+        scored = [r for r in records if r.get("val_top1_err") is not None]
+        line, = err_ax.plot([r["epoch"] for r in scored], [r["val_top1_err"] for r in scored],
+                            marker="o", markersize=3, label=name)
+        if scored:
+            err_ax.annotate(f"{scored[-1]['val_top1_err']:.1f}", (scored[-1]["epoch"], scored[-1]["val_top1_err"]),
+                            xytext=(4, 0), textcoords="offset points", fontsize=7, color=line.get_color(),
+                            va="center")
+        loss_ax.plot([r["epoch"] for r in records], [r["loss"] for r in records], label=name)
+    sizes = {r.get("val_size") for rs in logs.values() for r in rs if r.get("val_size")}
+    size = f" at {sizes.pop()} px" if len(sizes) == 1 else ""
+    err_ax.set(xlabel="epoch", ylabel=f"val top-1 error (%){size}", ylim=(0, None))
+    loss_ax.set(xlabel="epoch", ylabel="training loss")
+    for ax in (err_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    err_ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="folders holding MODEL/log.jsonl (e.g. checkpoints/runs)")
+    p.add_argument("--models", nargs="+", help="models to plot, in this order (default: all found)")
+    p.add_argument("--out", type=Path, required=True, help=f"output file ({', '.join(FIGURE_FORMATS)})")
+    p.add_argument("--title", help="figure title")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        logs = read_logs(args.runs, args.models)
+        save_figure(curves_figure(logs, args.title), args.out)
+    except (FileNotFoundError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({len(logs)} models)")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_module
+
+    sys.exit(run_module("lgam.curves"))
