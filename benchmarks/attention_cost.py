@@ -1,18 +1,24 @@
 """CPU cost of the six ResNet18 variants and LGAM's activation growth at initialisation.
 
-Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam at 224 px (ImageNet stem, 20 classes):
-forward and forward+backward latency at batch 1 and 32 (median of ``--reps`` after a warm-up;
-forward in eval mode; forward+backward in train mode, except at batch 1 where BN stays in eval mode);
-then, for LGAM with G=4 (r=16) and G=32 (r=2): std(y_k) / std(x_k) per group at initialisation
-(train and eval mode), the module's std(A'') / std(A), and the std of the whole network's logits.
+Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 classes):
 
-    python benchmarks/attention_cost.py [--reps 5] [--batches 1 32] [--threads N] [--skip-latency]
+1. throughput as a ratio to plain resnet18, measured in one run: eval-mode forward and a training
+   step (forward + backward + SGD, augmentation included), in float32 and in the fast path (bf16
+   autocast + channels_last), at each ``--ratio-sizes`` (batch ``--ratio-batch``). The models are
+   timed in interleaved rounds and each cell is the median over rounds, so a noisy neighbour
+   slows every model alike instead of one;
+2. forward and forward+backward latency at batch 1 and 32, 224 px, float32 (median of ``--reps``;
+   forward in eval mode; forward+backward in train mode, except at batch 1 where BN stays in eval
+   mode);
+3. for LGAM with G=4 (r=16) and G=32 (r=2): std(y_k) / std(x_k) per group at initialisation (train
+   and eval mode), the module's std(A'') / std(A), and the std of the whole network's logits.
+
+    python benchmarks/attention_cost.py [--ratio-sizes 128 224] [--rounds 3] [--skip-latency]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -20,6 +26,8 @@ import torch
 
 import lgam
 from lgam.attention.lgam import lgam_reference
+from lgam.device import bf16_native, device_summary
+from train_throughput import step_seconds  # the training step, timed as lgam train runs it
 
 VARIANTS = ["resnet18", "resnet18_se", "resnet18_sge", "resnet18_cbam", "resnet18_bam", "resnet18_lgam"]
 
@@ -32,6 +40,41 @@ def _median_ms(fn, reps: int) -> float:
         fn()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def forward_seconds(name: str, batch: int, size: int, steps: int, fast: bool) -> float:
+    """Median seconds of an eval-mode forward (``fast``: bf16 autocast + channels_last)."""
+    torch.manual_seed(0)
+    model = lgam.create_model(name, num_classes=20).eval()
+    x = torch.randn(batch, 3, size, size)
+    if fast:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+        return _median_ms(lambda: model(x), steps) / 1e3
+
+
+def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int) -> None:
+    """Throughput of each variant / throughput of resnet18, per size, precision and mode."""
+    cpu = torch.device("cpu")
+    fast_note = "" if bf16_native(cpu) else " (no native bf16 here: emulated, slower than float32)"
+    print(f"\n## Throughput relative to resnet18 (batch {batch}, median over {rounds} interleaved rounds "
+          f"of {steps} steps){fast_note}\n")
+    columns = [(size, fast, mode) for size in sizes for fast in (False, True) for mode in ("fwd", "train")]
+    seconds: dict[tuple, list[float]] = {}
+    for _ in range(rounds):
+        for size, fast, mode in columns:
+            for name in VARIANTS:
+                s = (forward_seconds(name, batch, size, steps, fast) if mode == "fwd" else
+                     step_seconds(name, cpu, batch, size, steps, 1, False, fast))
+                seconds.setdefault((name, size, fast, mode), []).append(s)
+    heads = [f"{mode} {'bf16' if fast else 'fp32'} {size}" for size, fast, mode in columns]
+    print("| model | " + " | ".join(heads) + " |\n|---|" + "---:|" * len(heads))
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    print("| resnet18 img/s | " + " | ".join(
+        f"{batch / median[('resnet18', *c)]:.0f}" for c in columns) + " |")
+    for name in VARIANTS:
+        print(f"| {name} | " + " | ".join(
+            f"{median[('resnet18', *c)] / median[(name, *c)]:.2f}" for c in columns) + " |", flush=True)
 
 
 def latency(reps: int, batches: list[int], size: int) -> None:
@@ -95,12 +138,19 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--ratio-sizes", type=int, nargs="*", default=[128, 224],
+                   help="input sizes of the throughput-ratio table (none: skip it)")
+    p.add_argument("--ratio-batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ratio table")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
     p.add_argument("--skip-latency", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# machine: {device_summary(torch.device('cpu'))}, {os.cpu_count()} logical CPUs, "
+          f"torch {torch.__version__}")
+    if args.ratio_sizes:
+        speed_ratios(args.ratio_sizes, args.ratio_batch, args.rounds, args.steps)
     if not args.skip_latency:
         latency(args.reps, args.batches, args.size)
     print("\n## LGAM activation growth at initialisation: std(y_k) / std(x_k) per group k")

@@ -12,6 +12,10 @@ def _run(*args: str) -> str:
 
 
 def test_attention_cost_benchmark():
-    out = _run("benchmarks/attention_cost.py", "--reps", "1", "--batches", "1", "2", "--size", "32")
+    out = _run("benchmarks/attention_cost.py", "--reps", "1", "--batches", "1", "2", "--size", "32",
+               "--ratio-sizes", "32", "--ratio-batch", "2", "--rounds", "1", "--steps", "1")
     assert "| resnet18_lgam |" in out and "fwd+bwd b1" in out
+    ratio_rows = [line for line in out.splitlines() if line.startswith("| resnet18") and "train bf16 32" not in line]
+    assert "| model | fwd fp32 32 | train fp32 32 | fwd bf16 32 | train bf16 32 |" in out
+    assert ratio_rows[0].startswith("| resnet18 img/s |") and ratio_rows[1] == "| resnet18 | 1.00 | 1.00 | 1.00 | 1.00 |"
     assert "LGAM G=32, r=2" in out and "| resnet18_lgam_g32 |" in out

@@ -198,3 +198,16 @@ def test_a_16_bit_module_runs_without_autocast(dtype):
     y = copy.deepcopy(m).to(dtype)(x.to(dtype))
     assert y.dtype == dtype
     assert _rel(y.float(), m(x)) <= 3e-2
+
+
+def test_inference_mode_then_backward():
+    """A forward under torch.inference_mode (the app's no-gradient path) leaves nothing behind
+    that a later forward + backward (Grad-CAM) cannot use."""
+    m = LGAM(32, groups=4, reduction=2).eval()
+    x = torch.randn(2, 32, 4, 4)
+    with torch.inference_mode():
+        expected = m(x)
+    y = m(x.requires_grad_(True))
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), expected)
+    assert x.grad is not None and "ladder" not in m.state_dict()

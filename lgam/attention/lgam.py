@@ -7,8 +7,6 @@ concatenated ``A'`` gives a spatial map, and ``A'' = A' * sigmoid(ReLU(sum)) + A
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,6 +58,8 @@ class LGAM(nn.Module):
         self.channel_attention = nn.ModuleList(
             ChannelAttention(width, hidden) for _ in range(groups)
         )
+        # a constant, not a weight: follows .to(device) but stays out of the state_dict
+        self.register_buffer("ladder", ladder_matrix(groups, width), persistent=False)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}, reduction={self.reduction}"
@@ -95,7 +95,7 @@ class LGAM(nn.Module):
         p = torch.cumprod(a, dim=1)
         p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
         q = x * (1 / p_prev).view(b, c, 1, 1).to(x.dtype)
-        ladder = _ladder_matrix(self.groups, c // self.groups, x.dtype, x.device)
+        ladder = self.ladder.to(x.dtype)
         y = channel_matmul(q, ladder) * p.view(b, c, 1, 1).to(x.dtype)  # A' = [y_1 ... y_G]
         ones = torch.ones(c, 1, dtype=x.dtype, device=x.device)
         m_spat = torch.sigmoid(F.relu(channel_matmul(y, ones)))  # eqs (5), (6): sum over channels
@@ -108,12 +108,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-@functools.lru_cache(maxsize=64)
-def _ladder_matrix(groups: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def ladder_matrix(groups: int, width: int) -> Tensor:
     """``(C, C)`` with ``C = groups * width``: entry ``(j*width + i, k*width + i)`` is 1 for
     ``j <= k``, else 0, so ``x @ L`` gives every group the sum of itself and the groups before."""
-    upper = torch.ones(groups, groups, dtype=dtype, device=device).triu()
-    return torch.kron(upper, torch.eye(width, dtype=dtype, device=device))
+    return torch.kron(torch.ones(groups, groups).triu(), torch.eye(width))
 
 
 def channel_matmul(x: Tensor, weight: Tensor) -> Tensor:
