@@ -1,0 +1,59 @@
+"""The trained models shipped in checkpoints/: complete records, loadable, and what the app loads.
+
+Skips (saying so) while no model has been shipped yet.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+from lgam.cam import APP_MODELS, CamEngine
+from lgam.checkpoints import load_checkpoint, load_manifest
+from lgam.evaluate import SIZES
+
+CHECKPOINTS = REPO / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    if not (CHECKPOINTS / "manifest.json").is_file():
+        pytest.skip(f"no trained models shipped yet ({CHECKPOINTS / 'manifest.json'} is absent)")
+    return load_manifest(CHECKPOINTS)["models"]
+
+
+def test_every_shipped_model_has_its_record(shipped):
+    for name, entry in shipped.items():
+        assert name in APP_MODELS, name
+        assert entry["arch"] == name and len(entry["classes"]) == 20
+        assert entry["input_size"] in SIZES
+        metrics = entry["metrics"]
+        assert {f"val_top1_err_{s}" for s in SIZES} <= metrics.keys(), f"{name}: run lgam evaluate"
+        assert metrics["val_images"] == 7854 and metrics["train_wall_min"] > 0
+        assert entry["seed"] is not None and entry["recipe"] and entry["extra"]["machine"]
+        log = CHECKPOINTS / entry["extra"]["run_log"]
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [r["epoch"] for r in records] == list(range(1, entry["epochs"] + 1))
+        config = json.loads((log.parent / "config.json").read_text())
+        assert config["recipe"] == entry["recipe"] and config["seed"] == entry["seed"]
+
+
+def test_files_fit_a_space_without_lfs(shipped):
+    for entry in shipped.values():
+        for fname in entry["sha256"]:
+            assert (CHECKPOINTS / fname).stat().st_size < 10**7, fname
+
+
+def test_shipped_models_load_and_predict(shipped):
+    for name, entry in shipped.items():
+        model, _ = load_checkpoint(CHECKPOINTS, name)  # verifies every sha256
+        size = entry["input_size"]
+        with torch.inference_mode():
+            logits = model(torch.randn(2, 3, size, size))
+        assert logits.shape == (2, 20) and torch.isfinite(logits).all()
+
+
+def test_the_app_loads_the_shipped_models_with_no_flag(shipped):
+    engine = CamEngine.from_checkpoints(CHECKPOINTS, device="cpu")  # the app's default folder
+    assert set(shipped) <= set(engine.available)
+    assert engine.setup_message is None
