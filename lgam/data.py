@@ -414,14 +414,44 @@ def fetch(name: str, root: str | Path) -> Path:
     return root / candidates.get(name, folder)
 
 
+def sample(data: str | Path | Sequence[str | Path], out: str | Path, n: int = 6,
+           split: str = "val", max_size: int = 224) -> list[Path]:
+    """Write ``n`` images of ``split``, spread over its classes, as ``OUT/NN_<class>.jpg`` (at most
+    ``max_size`` px, as stored otherwise); e.g. the inputs of a README figure. Returns the files."""
+    images = load_split(data, split, limit=n)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, (image, label) in enumerate(zip(images.images, images.labels.tolist())):
+        im = Image.fromarray(image.permute(1, 2, 0).numpy())
+        im.thumbnail((max_size, max_size), Image.Resampling.BICUBIC)
+        name = "".join(ch if ch.isalnum() else "_" for ch in images.classes[label])
+        files.append(out / f"{i:02d}_{name}.jpg")
+        im.save(files[-1], quality=90)
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lgam.data", description="fetch a public dataset")
+    p = argparse.ArgumentParser(prog="python -m lgam.data", description="fetch or sample a dataset")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and extract a dataset")
     f.add_argument("name", choices=sorted(DATASETS))
     f.add_argument("--root", default="data")
+    s = sub.add_parser("sample", help="write N images of a split, spread over its classes, as JPEG")
+    s.add_argument("data", help="dataset root or shard folder (as lgam train --data)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("-n", type=int, default=6, help="number of images (default 6)")
+    s.add_argument("--split", default="val")
+    s.add_argument("--max-size", type=int, default=224, help="longest side in px (default 224)")
     args = p.parse_args(argv)
-    print(fetch(args.name, args.root))
+    try:
+        if args.cmd == "fetch":
+            print(fetch(args.name, args.root))
+        else:
+            print("\n".join(map(str, sample(args.data, args.out, args.n, args.split, args.max_size))))
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

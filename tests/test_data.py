@@ -196,3 +196,15 @@ def test_shared_imagenet20_val_shard(imagenet20_dir):
     wnids, names = D.read_classes_tsv(imagenet20_dir / "classes.tsv")
     assert s.classes == names and s.wnids == wnids and s.images.shape[1:] == (3, 224, 224)
     assert s.labels.bincount(minlength=20).min() >= 1  # spread over all 20 classes
+
+
+def test_sample_writes_images_spread_over_classes(shards, tmp_path, capsys):
+    files = D.sample(shards, tmp_path / "s", n=3, split="val", max_size=8)
+    assert [f.name[:3] for f in files] == ["00_", "01_", "02_"]
+    names = {f.name[3:] for f in files}
+    assert len(names) == 3 and all(n.startswith("name_") for n in names)  # three classes, by name
+    assert all(max(Image.open(f).size) <= 8 for f in files)
+    assert D.main(["sample", str(shards), "--out", str(tmp_path / "cli"), "-n", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert D.main(["sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "data error" in capsys.readouterr().err
