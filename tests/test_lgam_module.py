@@ -9,6 +9,8 @@ from lgam import LGAM, create_model
 from lgam.attention.lgam import lgam_reference
 
 GROUPS = [1, 2, 4, 8, 32]
+# LGAM takes two routes (fewer positions than channels, or not): C=128 at 6x6 and at 12x12
+SIDES = pytest.mark.parametrize("side", [6, 12], ids=["hw<c", "hw>=c"])
 
 
 def _module(groups: int, train: bool) -> LGAM:
@@ -37,15 +39,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@SIDES
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("groups", GROUPS)
-def test_fast_ladder_matches_loop_oracle_in_float64(groups, train):
+def test_fast_ladder_matches_loop_oracle_in_float64(groups, train, side):
     """In float64 the module is the loop transcription of eqs (1)-(7) to float64 accuracy:
     outputs, input gradients, parameter gradients and BN running statistics."""
     fast = _module(groups, train).double()
     loop = copy.deepcopy(fast)
-    x = torch.randn(4, 128, 6, 6, dtype=torch.float64)
-    g = torch.randn(4, 128, 6, 6, dtype=torch.float64)
+    x = torch.randn(4, 128, side, side, dtype=torch.float64)
+    g = torch.randn(4, 128, side, side, dtype=torch.float64)
     yf, gxf, gpf = _run(fast, lambda m, t: m(t), x, g)
     yl, gxl, gpl = _run(loop, lgam_reference, x, g)
     assert yf.dtype == gxf.dtype == torch.float64
@@ -58,15 +61,16 @@ def test_fast_ladder_matches_loop_oracle_in_float64(groups, train):
             torch.testing.assert_close(a.bn.running_var, b.bn.running_var, rtol=1e-12, atol=1e-14)
 
 
+@SIDES
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("groups", GROUPS)
-def test_float32_is_as_accurate_as_the_loop(groups, train):
+def test_float32_is_as_accurate_as_the_loop(groups, train, side):
     """In float32, against the float64 oracle, the module loses no more precision than the loop
     (both lose up to ~5e-5 of the gradients to the function's own conditioning for G=8 in eval
     mode, so agreement between the two float32 results is no finer than that)."""
     m32 = _module(groups, train)
     m64 = copy.deepcopy(m32).double()
-    x, g = torch.randn(4, 128, 6, 6), torch.randn(4, 128, 6, 6)
+    x, g = torch.randn(4, 128, side, side), torch.randn(4, 128, side, side)
     y64, gx64, gp64 = _run(m64, lgam_reference, x.double(), g)
     yf, gxf, gpf = _run(copy.deepcopy(m32), lambda m, t: m(t), x, g)
     yl, gxl, gpl = _run(copy.deepcopy(m32), lgam_reference, x, g)
@@ -76,13 +80,15 @@ def test_float32_is_as_accurate_as_the_loop(groups, train):
         assert _rel(fast, exact) <= 2e-4
 
 
+@pytest.mark.parametrize("size", [(3, 2), (4, 5)], ids=["hw<c", "hw>=c"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_gradcheck(train):
-    """Finite differences against the hand-written backward (input and group scales, float64)."""
+def test_gradcheck(train, size):
+    """Finite differences against the hand-written backward and autograd (float64)."""
     torch.manual_seed(0)
     m = LGAM(16, groups=4, reduction=2).double().train(train)
-    x = torch.randn(3, 16, 3, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 16, *size, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,))
+    assert torch.autograd.gradcheck(m, (x.detach().to(memory_format=torch.channels_last).requires_grad_(True),))
 
 
 def test_equations_on_a_hand_computed_case():
@@ -122,10 +128,13 @@ def test_spatial_map_uses_the_channel_sum_not_the_mean():
     assert not torch.allclose(m(x), wrong)
 
 
-def test_channels_last_input_gives_the_same_result():
+@pytest.mark.parametrize("size", [(5, 7), (9, 8)], ids=["hw<c", "hw>=c"])
+def test_channels_last_input_gives_the_same_result(size):
     m = LGAM(64, groups=4, reduction=4).eval()
-    x = torch.randn(2, 64, 5, 7)
-    torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), m(x))
+    x = torch.randn(2, 64, *size)
+    y = m(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, m(x))
 
 
 def test_parameters_are_one_mlp_and_one_bn_per_group():
@@ -146,12 +155,13 @@ def test_bf16_autocast_keeps_dtype_and_stays_close():
     assert ((y.float() - m(x)).norm() / m(x).norm()).item() < 2e-2
 
 
-def test_bf16_keeps_every_group_of_g32_to_bf16_precision():
+@pytest.mark.parametrize("side", [8, 16], ids=["hw<c", "hw>=c"])
+def test_bf16_keeps_every_group_of_g32_to_bf16_precision(side):
     """G=32 under bf16 autocast: the group products reach ~1.5**32, yet every group, the first
     (smallest) included, stays within 1e-2 of the float64 result (bf16 rounds at ~4e-3)."""
     torch.manual_seed(0)
     m = LGAM(256, groups=32, reduction=2).eval()
-    x = torch.randn(2, 256, 8, 8).bfloat16()
+    x = torch.randn(2, 256, side, side).bfloat16()
     with torch.no_grad():
         exact = lgam_reference(copy.deepcopy(m).double(), x.double())
         with torch.autocast("cpu", dtype=torch.bfloat16):

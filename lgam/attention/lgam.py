@@ -85,21 +85,95 @@ class LGAM(nn.Module):
             )
         b, c = x.shape[:2]
         work = _work_dtype(x.dtype)
-        pooled = x.mean(dim=(2, 3), dtype=work).view(b, self.groups, -1)  # eq (1), per group
+        pooled = SpatialMean.apply(x, work).view(b, self.groups, -1)  # eq (1), per group
         with torch.autocast(x.device.type, enabled=False):  # their products reach 1.5**G: no bf16
             weights = self.channel_attention[0].bn.weight.dtype  # float32 unless .bfloat16()/.half()
             a = self.group_scales(pooled.to(weights)).to(work)  # eqs (2)-(4) pooled: a_k = 1 + M_k
         # Ladder (4) unrolled: y_k = a_k (x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1}, with
-        # P_k = a_1 ... a_k, P_0 = 1 (kept in float32 or float64: they grow like 1.5**k). The sum
-        # over groups is one product with a constant 0/1 block-triangular (C, C) matrix.
-        p = torch.cumprod(a, dim=1)
-        p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
+        # P_k = a_1 ... a_k, P_0 = 1 (kept in float32 or float64: they grow like 1.5**k). In matrix
+        # form A' = A T over channels, T = diag(1/P_{k-1}) L diag(P_k), L = self.ladder (0/1).
+        p = torch.cumprod(a, dim=1)  # (B, G, C')
+        p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1).view(b, c)
+        p = p.view(b, c)
+        h, w = x.shape[2:]
+        if h * w >= c:  # T per sample, with a last column T 1 for eq (5)'s channel sum
+            t = (1 / p_prev)[:, :, None] * self.ladder.to(work) * p[:, None, :]
+            return MixAndGate.apply(x, torch.cat([t, t.sum(2, keepdim=True)], 2))
+        # few positions (the last stages): scale, then one product with the constant L
         q = x * (1 / p_prev).view(b, c, 1, 1).to(x.dtype)
-        ladder = self.ladder.to(x.dtype)
-        y = channel_matmul(q, ladder) * p.view(b, c, 1, 1).to(x.dtype)  # A' = [y_1 ... y_G]
+        y = channel_matmul(q, self.ladder.to(x.dtype)) * p.view(b, c, 1, 1).to(x.dtype)  # A'
         ones = torch.ones(c, 1, dtype=x.dtype, device=x.device)
         m_spat = torch.sigmoid(F.relu(channel_matmul(y, ones)))  # eqs (5), (6): sum over channels
         return torch.addcmul(x, y, m_spat.to(y.dtype)).to(x.dtype)  # eq (7): A' M_spat + A
+
+
+class MixAndGate(torch.autograd.Function):
+    """Eqs (5)-(7) from a per-sample channel mixing: ``forward(A (B, C, H, W), T (B, C, C+1))``.
+
+    ``[A' | S] = A T`` (one batched matrix product: ``A'`` and the channel sum ``S`` of eq (5)),
+    ``M_spat = sigmoid(ReLU(S))`` (eq (6)), ``A'' = A' M_spat + A`` (eq (7)), in ``A``'s dtype and
+    memory format. The backward is two more products (``dA = dZ T^T + dA''``, ``dT = A^T dZ``) and
+    two passes over ``dA''``, where autograd over the same ops takes about twice as many passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
+        c = x.shape[1]
+        with torch.autocast(x.device.type, enabled=False):
+            z = _channel_bmm(x, t.to(x.dtype))
+            y, s = z[:, :c], z[:, c:]
+            m = torch.sigmoid(F.relu(s.to(t.dtype)))  # eq (6), in float32 or float64
+            ctx.save_for_backward(x, t, z, m)
+            return torch.addcmul(x, y, m.to(x.dtype))  # eq (7)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x, t, z, m = ctx.saved_tensors
+        c = x.shape[1]
+        with torch.autocast(x.device.type, enabled=False):
+            y, s = z[:, :c], z[:, c:]
+            d_m = (grad * y).sum(dim=1, keepdim=True).to(m.dtype)  # (a dtype= argument would copy)
+            d_z = torch.empty_like(z)
+            torch.mul(grad, m.to(grad.dtype), out=d_z[:, :c])  # through A' M_spat
+            d_z[:, c:] = d_m * m * (1 - m) * (s > 0)  # through sigmoid(ReLU(S))
+            d_x = _channel_bmm(d_z, t.to(x.dtype).transpose(1, 2), add=grad)  # + identity path
+            d_t = torch.bmm(x.flatten(2), d_z.flatten(2).transpose(1, 2))  # sum over positions
+            return d_x, d_t.to(t.dtype)
+
+
+def _channel_bmm(x: Tensor, t: Tensor, add: Tensor | None = None) -> Tensor:
+    """``(B, C, H, W)`` times per-sample ``(B, C, K)`` over channels -> ``(B, K, H, W)`` (plus
+    ``add``, in the same product), as one batched product in ``x``'s memory format."""
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        if add is None:
+            out = torch.bmm(rows, t)
+        else:
+            add = add.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w, -1)
+            out = torch.baddbmm(add, rows, t)
+        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+    cols = x.reshape(b, c, h * w)
+    if add is None:
+        return torch.bmm(t.transpose(1, 2), cols).view(b, -1, h, w)
+    return torch.baddbmm(add.reshape(b, -1, h * w), t.transpose(1, 2), cols).view(b, -1, h, w)
+
+
+class SpatialMean(torch.autograd.Function):
+    """``(B, C, H, W) -> (B, C)`` mean over positions, returned in ``dtype``; its gradient is handed back
+    as a broadcast view, not a materialised full-size tensor (autograd's mean backward writes
+    one and converts it: two full-size passes saved per module)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # 16-bit inputs: reduced in float32
+            return x.mean(dim=(2, 3)).to(dtype)  # inside the kernel, without a float32 copy
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        b, c, h, w = ctx.shape
+        return (grad / (h * w)).to(ctx.dtype)[:, :, None, None].expand(b, c, h, w), None
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
