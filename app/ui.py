@@ -27,8 +27,8 @@ log = logging.getLogger("lgam.app")
 OWN_TOP1 = "each model's own top-1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 TOP5_HEADERS = ["image", "model", "#1", "#2", "#3", "#4", "#5", "ms"]
-MODEL_HEADERS = ["model", "status", "params (M)", "GMACs 224", "val top-1 err 224 (%)",
-                 "val top-1 err 160 (%)"]
+MODEL_HEADERS = ["model", "status", "params (M)", "GMACs 224", "input (px)", "val top-1 err (%)",
+                 "val top-1 err 224 px (%)"]
 
 
 def _raw_preprocess(self: gr.Image, payload: Any) -> str | None:
@@ -182,7 +182,8 @@ def _model_rows(engine: CamEngine) -> list[list[Any]]:
         return "—" if v is None else round(float(v), nd)
 
     return [[r["model"], r["status"], fmt(r["params_m"], 3), fmt(r["gmacs_224"]),
-             fmt(r["val_top1_err_224"]), fmt(r["val_top1_err_160"])] for r in engine.model_table()]
+             r["input_size"], fmt(r["val_top1_err"]), fmt(r["val_top1_err_224"])]
+            for r in engine.model_table()]
 
 
 INTRO = """# LGAM · Figure 5, live

@@ -372,8 +372,9 @@ class CamEngine:
         return self._slot(name).model
 
     def model_table(self) -> list[dict[str, Any]]:
-        """One row per model: label, name, status, params, GMACs (224), val top-1 error (224 and
-        160 px, %), CPU latency (ms) - from the manifest's metrics where present."""
+        """One row per model: label, name, status, params, GMACs (224), the input size it is fed,
+        val top-1 error (%) at that size and at 224 px, CPU latency (ms) - from the manifest where
+        present."""
         rows = []
         for s in self._slots:
             met = dict(s.entry.get("metrics") or {})
@@ -385,8 +386,9 @@ class CamEngine:
                 "status": "ok" if s.model is not None else f"unavailable: {s.error}",
                 "params_m": None if params is None else round(params / 1e6, 3),
                 "gmacs_224": met.get("gmacs_224"),
+                "input_size": s.pre_key()[0],
+                "val_top1_err": met.get(f"val_top1_err_{s.pre_key()[0]}"),
                 "val_top1_err_224": met.get("val_top1_err_224"),
-                "val_top1_err_160": met.get("val_top1_err_160"),
                 "cpu_latency_ms_224": met.get("cpu_latency_ms_224"),
             })
         return rows

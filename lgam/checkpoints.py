@@ -3,7 +3,7 @@
 ``manifest.json`` is ``{"format": 1, "models": {NAME: ENTRY}}``; an ENTRY records the files and
 their sha256, the architecture (``arch`` + ``arch_kwargs`` for :func:`lgam.create_model`), the class
 list, input size and normalisation, the training recipe, seed, epochs, git commit and metrics
-(``val_top1_err_224``, ``val_top1_err_160`` in percent, ``params``, ``gmacs_224``,
+(``val_top1_err_<size>`` in percent at each evaluated size, ``params``, ``gmacs_224``,
 ``cpu_latency_ms_224``, ``train_img_per_s``). A checkpoint over :data:`PART_LIMIT` (9 MiB) is
 stored as ``NAME-00001-of-0000N.safetensors`` parts of at most that size plus
 ``NAME.safetensors.index.json``: every file stays under the 10 MB that a plain ``git push`` to a

@@ -16,6 +16,7 @@ from _app_fixtures import (  # noqa: F401 - fixtures
     synthetic_image,
 )
 from lgam.cam import METHODS, CamEngine, CamError, fast_gradcam, library_cam, overlay
+from lgam.checkpoints import load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,11 @@ def test_unavailable_models_keep_others_working(broken_checkpoints, images):
 
 def test_checkpoints_load(engine, app_checkpoints, images):
     assert engine.available == NAMES and engine.classes == CLASSES
-    assert engine.model_table()[0]["params_m"] == pytest.approx(11.187, abs=1e-3)
+    row = engine.model_table()[0]
+    assert row["params_m"] == pytest.approx(11.187, abs=1e-3)
+    entry = load_manifest(app_checkpoints)["models"]["resnet18"]
+    assert row["input_size"] == entry["input_size"]  # the error shown is at the size it is fed
+    assert row["val_top1_err"] == entry["metrics"].get(f"val_top1_err_{entry['input_size']}")
     assert all(r.ok for r in engine.compare(images[0])[0].results)
 
 
