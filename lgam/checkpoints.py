@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._fileio import atomic_write_json
+from ._fileio import atomic_write, atomic_write_json
 from .models import create_model
 
 __all__ = [
@@ -129,13 +130,13 @@ def save_checkpoint(
         old.unlink()
     if total + _HEADER_ALLOWANCE <= max_part_bytes:
         files = [f"{name}.safetensors"]
-        save_file(tensors, str(directory / files[0]), metadata=meta)
+        atomic_write(directory / files[0], lambda tmp: save_file(tensors, tmp, metadata=meta))
         index = None
     else:
         parts = _split(tensors, max_part_bytes - _HEADER_ALLOWANCE)
         files = [f"{name}-{i:05d}-of-{len(parts):05d}.safetensors" for i in range(1, len(parts) + 1)]
         for fname, part in zip(files, parts):
-            save_file(part, str(directory / fname), metadata=meta)
+            atomic_write(directory / fname, lambda tmp, part=part: save_file(part, tmp, metadata=meta))
         index = f"{name}.safetensors.index.json"
         weight_map = {k: fname for fname, part in zip(files, parts) for k in part}
         atomic_write_json(directory / index,
@@ -169,6 +170,16 @@ def save_checkpoint(
     return entry
 
 
+def _permission_message(path: Path) -> str:
+    try:
+        st = path.stat()
+        mode = f"mode {st.st_mode & 0o777:o}, owner uid {st.st_uid}"
+    except OSError:
+        mode = "mode unknown"
+    return (f"permission denied reading {path} ({mode}; this process runs as uid {os.getuid()}): "
+            "make it readable, e.g. chmod a+r, or run as its owner")
+
+
 def load_manifest(directory: str | Path) -> dict[str, Any]:
     """Read and check ``directory/manifest.json``."""
     path = Path(directory) / MANIFEST
@@ -178,8 +189,14 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
             f"{directory}` or point to a folder that has one"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_text()
+    except PermissionError as e:
+        raise CheckpointError(_permission_message(path)) from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from version control") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
         manifest.get("models"), dict
@@ -212,7 +229,11 @@ def load_checkpoint(
         path = directory / fname
         if not path.is_file():
             raise CheckpointError(f"{name}: file {fname} is missing from {directory}")
-        if verify and sha256_file(path) != digest:
+        try:
+            mismatch = verify and sha256_file(path) != digest
+        except PermissionError as e:
+            raise CheckpointError(f"{name}: {_permission_message(path)}") from e
+        if mismatch:
             raise CheckpointError(
                 f"{name}: {fname} does not match its sha256 in the manifest (corrupt, truncated or "
                 "replaced); download or re-save it"
@@ -221,6 +242,8 @@ def load_checkpoint(
     for fname in entry["files"]:
         try:
             state.update(load_file(str(directory / fname), device=str(map_location)))
+        except PermissionError as e:
+            raise CheckpointError(f"{name}: {_permission_message(directory / fname)}") from e
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{name}: cannot read {fname}: {e}") from e
     try:

@@ -1,5 +1,8 @@
 """Checkpoints: float16 safetensors + manifest; sha256 and architecture checks; split files."""
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +150,46 @@ def test_update_metrics_and_bad_save_arguments(saved, tmp_path):
         save_checkpoint(model, tmp_path, classes=["a", "b", "c"])
     with pytest.raises(CheckpointError, match="lgam.create_model"):
         save_checkpoint(torch.nn.Linear(2, 2), tmp_path, classes=CLASSES)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umask_mode(tmp_path, umask, monkeypatch):
+    """Atomic writes (mkstemp makes 0600 files) end with the mode a plain open() would give, so a
+    container user can read a mounted checkpoints folder."""
+    import lgam._fileio as fileio
+
+    old = os.umask(umask)
+    try:
+        monkeypatch.setattr(fileio, "FILE_MODE", fileio._file_mode())
+        model = lgam.create_model("resnet18", num_classes=len(CLASSES))
+        entry = save_checkpoint(model, tmp_path, classes=CLASSES)
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for name in [*entry["sha256"], "manifest.json"]:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_permission_problems_are_named_as_such(saved, monkeypatch):
+    d, _, entry = saved
+    real_read_text = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(CheckpointError, match=r"permission denied reading .*manifest\.json \(mode \d+, owner uid"):
+        load_manifest(d)
+    monkeypatch.undo()
+    real_open = open
+
+    def denied_open(path, *args, **kwargs):
+        if str(path).endswith(entry["files"][0]):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied_open)
+    with pytest.raises(CheckpointError, match="permission denied reading .*-00001-of-"):
+        load_checkpoint(d, "resnet18")
