@@ -60,49 +60,52 @@ class SGEGate(torch.autograd.Function):
 
         t_i = v_i . mu,   t^_i = (t_i - mean t) / (std t + eps),   out_i = v_i sigmoid(gamma t^_i + beta)
 
-    (unbiased std; a single position gives std 0). Arithmetic in float32 for 16-bit inputs, the
-    input's dtype otherwise; the output has the input's dtype and memory format.
+    (unbiased std; a single position gives std 0). Computed in the input's dtype (reductions
+    accumulate in float32 for 16-bit inputs) and memory format, with fused multiply-adds.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:  # type: ignore[override]
-        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         cl = _is_channels_last(x)
         pos, grp, chan = (1, 2, 3) if cl else (3, 1, 2)  # dimensions of the grouped view
-        v = _grouped(x, groups, cl).to(work)
-        n = v.shape[pos]
-        correction = 1 if n > 1 else 0
-        mu = v.mean(dim=pos, keepdim=True)
-        t = (v * mu).sum(dim=chan, keepdim=True)
-        var, mean = torch.var_mean(t, dim=pos, keepdim=True, correction=correction)
-        sd = var.sqrt()
-        t_hat = (t - mean) / (sd + eps)
-        shape = [1, 1, 1, 1]
-        shape[grp] = groups
-        gamma, beta = weight.to(work).view(shape), bias.to(work).view(shape)
-        s = torch.sigmoid(t_hat * gamma + beta)
-        ctx.save_for_backward(x, weight, mu, t_hat, s, sd)
-        ctx.layout = (groups, eps, cl, pos, grp, chan, n - correction, shape)
-        return _ungrouped((v * s).to(x.dtype), x, cl)
+        with torch.autocast(x.device.type, enabled=False):
+            v = _grouped(x, groups, cl)
+            n = v.shape[pos]
+            correction = 1 if n > 1 else 0
+            mu = v.mean(dim=pos, keepdim=True)
+            t = (v * mu).sum(dim=chan, keepdim=True)
+            var, mean = torch.var_mean(t, dim=pos, keepdim=True, correction=correction)
+            sd = var.sqrt()
+            r = 1 / (sd + eps)
+            t_hat = (t - mean) * r
+            shape = [1, 1, 1, 1]
+            shape[grp] = groups
+            s = torch.sigmoid(torch.addcmul(bias.to(x.dtype).view(shape), t_hat, weight.to(x.dtype).view(shape)))
+            ctx.save_for_backward(x, weight, mu, t_hat, s, sd)
+            ctx.layout = (groups, eps, cl, pos, grp, chan, n - correction, shape)
+            return _ungrouped(v * s, x, cl)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, weight, mu, t_hat, s, sd = ctx.saved_tensors
         groups, eps, cl, pos, grp, chan, dof, shape = ctx.layout
-        v = _grouped(x, groups, cl).to(mu.dtype)
-        g = _grouped(grad, groups, cl).to(mu.dtype)
-        d_a = (g * v).sum(dim=chan, keepdim=True) * s * (1 - s)  # through out = v s, s = sigmoid(a)
-        reduce = [d for d in range(4) if d != grp]
-        d_gamma = (d_a * t_hat).sum(dim=reduce).view_as(weight).to(weight.dtype)
-        d_beta = d_a.sum(dim=reduce).view_as(weight).to(weight.dtype)
-        u = d_a * weight.to(mu.dtype).view(shape)  # d/dt^
-        # t^ = (t - mean) / (sd + eps), sd = sqrt(sum (t - mean)^2 / dof)
-        ut = (u * t_hat).sum(dim=pos, keepdim=True)
-        spread = torch.where(sd > 0, ut / (dof * sd.clamp_min(torch.finfo(sd.dtype).tiny)), 0.0)
-        d_t = (u - u.mean(dim=pos, keepdim=True)) / (sd + eps) - t_hat * spread
-        d_mu = (d_t * v).sum(dim=pos, keepdim=True)  # t_i = v_i . mu
-        d_x = g * s + d_t * mu + d_mu / v.shape[pos]  # mu = mean of v over positions
-        return _ungrouped(d_x.to(x.dtype), x, cl), d_gamma, d_beta, None, None
+        with torch.autocast(x.device.type, enabled=False):
+            v, g = _grouped(x, groups, cl), _grouped(grad.to(x.dtype), groups, cl)
+            # out = v s, s = sigmoid(a), a = gamma t^ + beta
+            d_a = torch.ops.aten.sigmoid_backward((g * v).sum(dim=chan, keepdim=True), s)
+            reduce = [d for d in range(4) if d != grp]
+            d_gamma = (d_a * t_hat).sum(dim=reduce).view_as(weight).to(weight.dtype)
+            d_beta = d_a.sum(dim=reduce).view_as(weight).to(weight.dtype)
+            u = d_a * weight.to(x.dtype).view(shape)  # d/dt^
+            # t^ = (t - mean) r, r = 1 / (sd + eps), sd = sqrt(sum (t - mean)^2 / dof):
+            # d/dt = (u - mean u) r - t^ sum(u t^) / (dof sd)
+            r = 1 / (sd + eps)
+            spread = torch.where(sd > 0, (u * t_hat).sum(dim=pos, keepdim=True)
+                                 / (dof * sd.clamp_min(torch.finfo(sd.dtype).tiny)), 0.0)
+            d_t = torch.addcmul(torch.addcmul(-u.mean(dim=pos, keepdim=True) * r, u, r), t_hat, -spread)
+            d_mu = (d_t * v).sum(dim=pos, keepdim=True) / v.shape[pos]  # t_i = v_i . mu, mu = mean v
+            d_x = torch.addcmul(torch.addcmul(d_mu, g, s), d_t, mu)
+            return _ungrouped(d_x, x, cl), d_gamma, d_beta, None, None
 
 
 def sge_reference(module: SGE, x: Tensor) -> Tensor:
