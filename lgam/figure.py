@@ -83,6 +83,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output file: .png, .pdf or .svg")
     p.add_argument("--checkpoints", default="checkpoints",
                    help="folder with manifest.json (default: checkpoints)")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="models to show, in this order (default: the six of Figure 5)")
     p.add_argument("--target", default=None,
                    help="class name or index for all models (default: each model's own top-1)")
     p.add_argument("--method", default="gradcam", choices=METHODS, help="CAM method")
@@ -92,7 +94,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .cam import CamEngine, CamError
+    from .cam import APP_MODELS, CamEngine, CamError
     from .imageio import ImageLoadError, load_image
 
     if Path(args.out).suffix.lower() not in FORMATS:
@@ -106,7 +108,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: {f}: {e}", file=sys.stderr)
             return 2
     try:
-        engine = CamEngine.from_checkpoints(args.checkpoints, device=args.device)
+        names = args.models or list(APP_MODELS)
+        unknown = [n for n in names if n not in APP_MODELS]
+        if unknown:
+            print(f"error: unknown model(s) {unknown}; choose from {list(APP_MODELS)}", file=sys.stderr)
+            return 2
+        engine = CamEngine.from_checkpoints(args.checkpoints, {n: APP_MODELS[n] for n in names},
+                                            device=args.device)
         if not engine.available:
             print(f"error: {engine.setup_message}", file=sys.stderr)
             return 1

@@ -62,6 +62,15 @@ def test_cli(app_checkpoints, tmp_path, capsys):
     assert w > 1.5 * h  # 3 rows x 7 columns
     arr = np.asarray(Image.open(out).convert("RGB"))
     assert arr.std() > 10  # something was drawn
+    two = tmp_path / "two.png"
+    assert lgam_main(["figure5", paths[0], "--out", str(two), "--checkpoints", str(app_checkpoints),
+                      "--device", "cpu", "--dpi", "60", "--models", "resnet18_lgam", "resnet18"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.index("LGAM · ") < line.index("ResNet18 · ") and "SE · " not in line
+    with Image.open(two) as im:
+        assert im.size[0] < w / 2  # input + 2 columns instead of 7
+    assert lgam_main(["figure5", paths[0], "--out", str(two), "--checkpoints", str(app_checkpoints),
+                      "--models", "resnet19"]) == 2
 
 
 def test_cli_errors(app_checkpoints, tmp_path, capsys):
