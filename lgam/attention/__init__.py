@@ -6,13 +6,15 @@ from typing import Callable
 
 from torch import nn
 
+from ._gates import GateRecorder, attention_gates, capture_gates, stage_of
 from .bam import BAM
 from .cbam import CBAM
 from .lgam import LGAM, lgam_reference
 from .se import SE
 from .sge import SGE
 
-__all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "create_attention", "lgam_reference"]
+__all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "create_attention", "lgam_reference",
+           "GateRecorder", "attention_gates", "capture_gates", "stage_of"]
 
 #: short name -> constructor taking ``channels`` (the names used in model names, e.g. ``resnet18_se``)
 ATTENTION: dict[str, Callable[[int], nn.Module]] = {

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_positive_int, check_reduction
+from ._gates import GateRecorder
 
 __all__ = ["BAM", "BAMChannelGate", "BAMSpatialGate"]
 
@@ -47,7 +48,7 @@ class BAMSpatialGate(nn.Module):
         return self.body(x)
 
 
-class BAM(nn.Module):
+class BAM(GateRecorder):
     """``F + F * sigmoid(Mc(F) + Ms(F))``. Input and output ``(B, C, H, W)``.
 
     ``combine="sum"`` is the BAM paper's equation (the default); the official code multiplies
@@ -72,5 +73,7 @@ class BAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         mc, ms = self.channel_gate(x), self.spatial_gate(x)
-        att = mc + ms if self.combine == "sum" else mc * ms
-        return x + x * torch.sigmoid(att)
+        gate = torch.sigmoid(mc + ms if self.combine == "sum" else mc * ms)  # (B, C, H, W)
+        if self.record_gates:
+            self._record(spatial=gate.mean(dim=1, keepdim=True), spatial_logits=ms)
+        return x + x * gate

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_positive_int, check_reduction
+from ._gates import GateRecorder
 
 __all__ = ["CBAM", "CBAMChannelGate", "CBAMSpatialGate"]
 
@@ -42,7 +43,7 @@ class CBAMSpatialGate(nn.Module):
         return torch.sigmoid(self.conv(pooled))
 
 
-class CBAM(nn.Module):
+class CBAM(GateRecorder):
     """Channel gate then spatial gate, applied in sequence. Input and output ``(B, C, H, W)``."""
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
@@ -52,5 +53,8 @@ class CBAM(nn.Module):
         self.spatial_gate = CBAMSpatialGate(kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x * self.channel_gate(x)
-        return x * self.spatial_gate(x)
+        channel = self.channel_gate(x)
+        x = x * channel
+        spatial = self.spatial_gate(x)
+        self._record(spatial=spatial, channel=channel.flatten(1))
+        return x * spatial

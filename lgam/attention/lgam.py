@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_divisible, check_reduction
+from ._gates import GateRecorder
 
 __all__ = ["LGAM", "ChannelAttention", "lgam_reference"]
 
@@ -33,7 +34,7 @@ class ChannelAttention(nn.Module):
         return torch.sigmoid(F.relu(self.bn(self.mlp(s))))  # eq (2)
 
 
-class LGAM(nn.Module):
+class LGAM(GateRecorder):
     """Lightweight Group-wise Attention Module. Input and output ``(B, C, H, W)``.
 
     Args:
@@ -98,17 +99,21 @@ class LGAM(nn.Module):
         h, w = x.shape[2:]
         if h * w >= c:  # T per sample, with a last column T 1 for eq (5)'s channel sum
             t = (1 / p_prev)[:, :, None] * self.ladder.to(work) * p[:, None, :]
-            return MixAndGate.apply(x, torch.cat([t, t.sum(2, keepdim=True)], 2))
+            out, m_spat = MixAndGate.apply(x, torch.cat([t, t.sum(2, keepdim=True)], 2))
+            self._record(spatial=m_spat)
+            return out
         # few positions (the last stages): scale, then one product with the constant L
         q = x * (1 / p_prev).view(b, c, 1, 1).to(x.dtype)
         y = channel_matmul(q, self.ladder.to(x.dtype)) * p.view(b, c, 1, 1).to(x.dtype)  # A'
         ones = torch.ones(c, 1, dtype=x.dtype, device=x.device)
         m_spat = torch.sigmoid(F.relu(channel_matmul(y, ones)))  # eqs (5), (6): sum over channels
+        self._record(spatial=m_spat)
         return torch.addcmul(x, y, m_spat.to(y.dtype)).to(x.dtype)  # eq (7): A' M_spat + A
 
 
 class MixAndGate(torch.autograd.Function):
-    """Eqs (5)-(7) from a per-sample channel mixing: ``forward(A (B, C, H, W), T (B, C, C+1))``.
+    """Eqs (5)-(7) from a per-sample channel mixing: ``forward(A (B, C, H, W), T (B, C, C+1))
+    -> (A'', M_spat)`` (``M_spat (B, 1, H, W)`` returned for inspection, not differentiable).
 
     ``[A' | S] = A T`` (one batched matrix product: ``A'`` and the channel sum ``S`` of eq (5)),
     ``M_spat = sigmoid(ReLU(S))`` (eq (6)), ``A'' = A' M_spat + A`` (eq (7)), in ``A``'s dtype and
@@ -124,10 +129,11 @@ class MixAndGate(torch.autograd.Function):
             y, s = z[:, :c], z[:, c:]
             m = torch.sigmoid(F.relu(s.to(t.dtype)))  # eq (6), in float32 or float64
             ctx.save_for_backward(x, t, z, m)
-            return torch.addcmul(x, y, m.to(x.dtype))  # eq (7)
+            ctx.mark_non_differentiable(m)
+            return torch.addcmul(x, y, m.to(x.dtype)), m  # eq (7)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor, _grad_m: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         x, t, z, m = ctx.saved_tensors
         c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):

@@ -4,11 +4,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._checks import check_positive_int, check_reduction
+from ._gates import GateRecorder
 
 __all__ = ["SE"]
 
 
-class SE(nn.Module):
+class SE(GateRecorder):
     """Channel gate ``x * sigmoid(W2 ReLU(W1 GAP(x)))``. Input and output ``(B, C, H, W)``.
 
     ``W1: C -> C/r``, ``W2: C/r -> C``, no biases (the ports whose counts the LGAM paper matches).
@@ -29,4 +30,5 @@ class SE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c = x.shape[:2]
         w = self.fc(self.pool(x).view(b, c))  # squeeze, then excitation
+        self._record(channel=w)
         return x * w.view(b, c, 1, 1)

@@ -5,11 +5,12 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_divisible
+from ._gates import GateRecorder
 
 __all__ = ["SGE", "sge_reference"]
 
 
-class SGE(nn.Module):
+class SGE(GateRecorder):
     """Per group: similarity of each position to the group's mean feature, normalised over
     positions, per-group affine (``gamma`` init 0, ``beta`` init 1), sigmoid, scale.
 
@@ -30,7 +31,13 @@ class SGE(nn.Module):
         return f"groups={self.groups}, eps={self.eps}"
 
     def forward(self, x: Tensor) -> Tensor:
-        return SGEGate.apply(x, self.weight, self.bias, self.groups, self.eps)
+        out, gate = SGEGate.apply(x, self.weight, self.bias, self.groups, self.eps)
+        if self.record_gates:  # the grouped view's gates as (B, G, H, W)
+            b, _, h, w = x.shape
+            groups = (gate.reshape(b, h, w, -1).permute(0, 3, 1, 2) if gate.shape[1] == h * w
+                      else gate.reshape(b, -1, h, w))
+            self._record(spatial=groups.mean(dim=1, keepdim=True), groups=groups)
+        return out
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -55,7 +62,8 @@ def _ungrouped(v: Tensor, like: Tensor, channels_last: bool) -> Tensor:
 
 
 class SGEGate(torch.autograd.Function):
-    """``forward(x (B, C, H, W), gamma (1, G, 1, 1), beta (1, G, 1, 1), G, eps)``. With ``v`` the
+    """``forward(x (B, C, H, W), gamma (1, G, 1, 1), beta (1, G, 1, 1), G, eps) -> (out, gate)``
+    (``gate``: the sigmoid below, in the grouped view's layout, not differentiable). With ``v`` the
     group's features at position ``i`` and ``mu`` their mean over positions::
 
         t_i = v_i . mu,   t^_i = (t_i - mean t) / (std t + eps),   out_i = v_i sigmoid(gamma t^_i + beta)
@@ -83,10 +91,11 @@ class SGEGate(torch.autograd.Function):
             s = torch.sigmoid(torch.addcmul(bias.to(x.dtype).view(shape), t_hat, weight.to(x.dtype).view(shape)))
             ctx.save_for_backward(x, weight, mu, t_hat, s, sd)
             ctx.layout = (groups, eps, cl, pos, grp, chan, n - correction, shape)
-            return _ungrouped(v * s, x, cl)
+            ctx.mark_non_differentiable(s)
+            return _ungrouped(v * s, x, cl), s
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor, _grad_gate: Tensor | None):  # type: ignore[override]
         x, weight, mu, t_hat, s, sd = ctx.saved_tensors
         groups, eps, cl, pos, grp, chan, dof, shape = ctx.layout
         with torch.autocast(x.device.type, enabled=False):

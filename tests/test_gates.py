@@ -1,0 +1,102 @@
+"""Attention gates captured from the modules' own forward passes."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lgam
+from lgam import BAM, CBAM, LGAM, SE, SGE, attention_gates, capture_gates
+from lgam.attention import stage_of
+from lgam.attention.lgam import lgam_reference
+
+
+def _captured(module, x):
+    with torch.no_grad(), capture_gates(module) as gates:
+        module(x)
+    return gates[""]  # the module itself is the root: its name is ""
+
+
+def test_se_channel_weights():
+    torch.manual_seed(0)
+    se, x = SE(32, reduction=4).eval(), torch.randn(2, 32, 5, 5)
+    w1, w2 = se.fc[0].weight, se.fc[2].weight
+    expected = torch.sigmoid(F.relu(x.mean(dim=(2, 3)) @ w1.t()) @ w2.t())
+    torch.testing.assert_close(_captured(se, x)["channel"], expected)
+
+
+def test_cbam_spatial_and_channel_gates():
+    torch.manual_seed(0)
+    cbam, x = CBAM(32, reduction=4).eval(), torch.randn(2, 32, 6, 6)
+    mlp = cbam.channel_gate.mlp
+    channel = torch.sigmoid(mlp(x.mean(dim=(2, 3))) + mlp(x.amax(dim=(2, 3))))
+    gated = x * channel[:, :, None, None]
+    pooled = torch.cat([gated.amax(1, keepdim=True), gated.mean(1, keepdim=True)], 1)
+    spatial = torch.sigmoid(F.conv2d(pooled, cbam.spatial_gate.conv.weight, padding=3))
+    gates = _captured(cbam, x)
+    torch.testing.assert_close(gates["channel"], channel)
+    torch.testing.assert_close(gates["spatial"], spatial)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sge_group_maps_and_their_mean(channels_last):
+    torch.manual_seed(0)
+    sge = SGE(16, groups=4)
+    with torch.no_grad():
+        sge.weight.normal_(), sge.bias.normal_()
+    x = torch.randn(2, 16, 5, 3)
+    xg = x.reshape(8, 4, 5, 3)
+    t = (xg * xg.mean(dim=(2, 3), keepdim=True)).sum(1).view(2, 4, 15)
+    t = (t - t.mean(2, keepdim=True)) / (t.std(2, keepdim=True) + sge.eps)
+    groups = torch.sigmoid(t.view(2, 4, 5, 3) * sge.weight + sge.bias)
+    gates = _captured(sge, x.to(memory_format=torch.channels_last) if channels_last else x)
+    torch.testing.assert_close(gates["groups"], groups)
+    torch.testing.assert_close(gates["spatial"], groups.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("side", [3, 6], ids=["hw<c", "hw>=c"])
+def test_lgam_spatial_map_is_eq6(side):
+    """M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6), on both computation routes."""
+    torch.manual_seed(0)
+    m = LGAM(32, groups=4, reduction=2).eval()
+    x = torch.randn(2, 32, side, side)
+    _, ys = lgam_reference(m, x, return_ladder=True)
+    expected = torch.sigmoid(F.relu(torch.cat(ys, 1).sum(1, keepdim=True)))
+    torch.testing.assert_close(_captured(m, x)["spatial"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bam_gate_averaged_over_channels():
+    torch.manual_seed(0)
+    bam, x = BAM(32, reduction=4).eval(), torch.randn(2, 32, 6, 6)
+    ms = bam.spatial_gate(x)
+    gate = torch.sigmoid(bam.channel_gate(x) + ms)
+    gates = _captured(bam, x)
+    torch.testing.assert_close(gates["spatial"], gate.mean(1, keepdim=True))
+    torch.testing.assert_close(gates["spatial_logits"], ms)
+
+
+@pytest.mark.parametrize("name,stages", [("resnet18_lgam", [1, 2, 3, 4]), ("resnet18_bam", [1, 2, 3]),
+                                         ("resnet18_sge", [1, 2, 3, 4]), ("resnet18", [])])
+def test_one_forward_per_batch_and_nothing_left_behind(name, stages):
+    model = lgam.create_model(name, num_classes=5).eval()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 64, 64)
+    gates = attention_gates(model, x)
+    handle.remove()
+    assert len(calls) == 1 and list(gates) == stages
+    for stage, modules in gates.items():
+        side = 64 // 2 ** (stage + 1)  # stem /4, then /2 per stage after the first
+        for g in modules.values():
+            assert g["spatial"].shape == (2, 1, side, side) and not g["spatial"].requires_grad
+            assert 0 <= g["spatial"].min() and g["spatial"].max() <= 1
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+        assert not getattr(m, "record_gates", False) and getattr(m, "last_gates", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), copy.deepcopy(model)(x))  # recording changed nothing
+
+
+def test_stage_names():
+    assert stage_of("layer3.1.attention") == 3 and stage_of("stage_attention.0") == 1
+    assert stage_of("backbone.layer4.0.attention") == 4 and stage_of("fc") is None
