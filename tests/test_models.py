@@ -114,14 +114,15 @@ def test_state_dict_round_trip_through_safetensors(name, tmp_path):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_resnet18_variant_trains(name):
-    """Loss halves in 12 steps. Float64: LGAM's first steps are violent (loss ~140 after one step
-    at this learning rate) and float32 rounding alone picks one of several trajectories."""
+    """Loss halves in 20 small steps. Float64 and a small learning rate: an initialised LGAM
+    network has large activations (x4 per module, see the README) and at lr >= 0.005 its first
+    steps overshoot to losses of 10-100, after which float32 rounding alone picks the trajectory."""
     torch.manual_seed(0)
     model = lgam.create_model(name, num_classes=4, stem="cifar").double()
-    x, y = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.arange(8) % 4
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(8, 3, 16, 16).double(), torch.arange(8) % 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9)
     first = None
-    for _ in range(12):
+    for _ in range(20):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         first = loss.item() if first is None else first
         opt.zero_grad()
