@@ -46,8 +46,9 @@ class LGAM(GateRecorder):
 
     The ladder (4) is sequential across groups, but GAP is linear and ``M_k`` is constant over
     positions, so the recurrence runs on pooled ``(B, C')`` vectors and the full-resolution output
-    follows from a cumulative product/sum in a few batched ops (no loop over full-size tensors).
-    :func:`lgam_reference` is the direct transcription used as the test oracle.
+    is a per-sample mixing of channels, ``A' = A T``, computed as matrix products (no loop over
+    full-size tensors; see ``forward``). :func:`lgam_reference` is the direct transcription used
+    as the test oracle: read it first.
     """
 
     def __init__(self, channels: int, groups: int = 4, reduction: int = 16) -> None:
