@@ -31,3 +31,11 @@ def check_reduction(width: int, reduction: int, module: str, what: str = "channe
 def _divisors_hint(n: int) -> str:
     divs = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(str(d) for d in divs[:8]) + (", ..." if len(divs) > 8 else "")
+
+
+def is_channels_last(x) -> bool:
+    """Whether ``x (B, C, H, W)`` is laid out channels_last (and not also plain contiguous, as
+    tensors with C == 1 or H == W == 1 are): the modules then compute in that layout."""
+    import torch
+
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

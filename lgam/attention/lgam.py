@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_divisible, check_reduction
+from ._checks import check_divisible, check_reduction, is_channels_last
 from ._gates import GateRecorder
 
 __all__ = ["LGAM", "ChannelAttention", "lgam_reference"]
@@ -152,7 +152,7 @@ def _channel_bmm(x: Tensor, t: Tensor, add: Tensor | None = None) -> Tensor:
     """``(B, C, H, W)`` times per-sample ``(B, C, K)`` over channels -> ``(B, K, H, W)`` (plus
     ``add``, in the same product), as one batched product in ``x``'s memory format."""
     b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
         if add is None:
             out = torch.bmm(rows, t)
@@ -199,7 +199,7 @@ def channel_matmul(x: Tensor, weight: Tensor) -> Tensor:
     """``(B, C, H, W) @ (C, K) -> (B, K, H, W)`` over the channel dimension (a 1x1 convolution
     without bias), as one matrix product in ``x``'s memory format (channels_last stays so)."""
     b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         return torch.matmul(x.permute(0, 2, 3, 1), weight).permute(0, 3, 1, 2)
     return torch.matmul(weight.t(), x.reshape(b, c, h * w)).view(b, -1, h, w)
 

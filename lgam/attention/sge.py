@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_divisible
+from ._checks import check_divisible, is_channels_last
 from ._gates import GateRecorder
 
 __all__ = ["SGE", "sge_reference"]
@@ -40,10 +40,6 @@ class SGE(GateRecorder):
         return out
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _grouped(x: Tensor, groups: int, channels_last: bool) -> Tensor:
     """``x (B, C, H, W)`` viewed as ``(B, HW, G, C/G)`` if ``channels_last`` else
     ``(B, G, C/G, HW)``: no copy when that is ``x``'s memory format."""
@@ -74,7 +70,7 @@ class SGEGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:  # type: ignore[override]
-        cl = _is_channels_last(x)
+        cl = is_channels_last(x)
         pos, grp, chan = (1, 2, 3) if cl else (3, 1, 2)  # dimensions of the grouped view
         with torch.autocast(x.device.type, enabled=False):
             v = _grouped(x, groups, cl)
