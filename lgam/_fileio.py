@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UsageError
+
 
 def _file_mode() -> int:
     """The mode ``open()`` gives a new file: 0o666 less the process umask (0o644 under the usual
@@ -46,7 +48,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 150) -> Path:
     """Save a matplotlib ``Figure`` to ``path`` (:data:`FIGURE_FORMATS` by suffix); returns it."""
     path = Path(path)
     if path.suffix.lower() not in FIGURE_FORMATS:
-        raise ValueError(f"output must end in one of {', '.join(FIGURE_FORMATS)}, got {path.name!r}")
+        raise UsageError(f"output must end in one of {', '.join(FIGURE_FORMATS)}, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path

@@ -2,13 +2,16 @@
 
 Each command lives in its own module, which provides ``configure_parser(parser)`` and
 ``main(args) -> int``; the same module runs as ``python -m lgam.<module>`` with the same arguments.
-Only the chosen command's module is imported.
+Only the chosen command's module is imported. A :class:`lgam.errors.LgamError` from any command is
+caught here, once: ``error: <message>`` on stderr, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from .errors import LgamError
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,7 +47,12 @@ def run_module(module: str, argv: list[str] | None = None, prog: str | None = No
     parser = argparse.ArgumentParser(prog=prog or f"python -m {module}", description=mod.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.configure_parser(parser)
-    return mod.main(parser.parse_args(argv)) or 0
+    args = parser.parse_args(argv)
+    try:
+        return mod.main(args) or 0
+    except LgamError as e:  # the user's input or files: the message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

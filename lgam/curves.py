@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._fileio import FIGURE_FORMATS, save_figure
+from .errors import UsageError
 
 __all__ = ["read_logs", "curves_figure", "configure_parser", "main"]
 
@@ -22,20 +23,26 @@ __all__ = ["read_logs", "curves_figure", "configure_parser", "main"]
 def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
               ) -> dict[str, list[dict[str, Any]]]:
     """``{model: records}`` from ``FOLDER/MODEL/log.jsonl`` (in ``models`` order if given, else
-    sorted). Raises ``FileNotFoundError`` naming what is missing."""
+    sorted). Raises :class:`~lgam.errors.UsageError` naming what is missing or unreadable."""
     logs: dict[str, list[dict[str, Any]]] = {}
     for folder in map(Path, folders):
         for log in sorted(folder.glob("*/log.jsonl")):
             lines = log.read_text().splitlines()
-            logs[log.parent.name] = [json.loads(line) for line in lines if line.strip()]
+            try:
+                logs[log.parent.name] = [json.loads(line) for line in lines if line.strip()]
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{log} is not a JSON-lines training log: {e}") from None
+            if not all(isinstance(r, dict) and {"epoch", "loss"} <= r.keys()
+                       for r in logs[log.parent.name]):
+                raise UsageError(f"{log}: every record needs 'epoch' and 'loss' (an lgam train log)")
     if models:
         missing = [m for m in models if m not in logs]
         if missing:
-            raise FileNotFoundError(f"no log.jsonl for {missing} under {[str(f) for f in folders]}; "
+            raise UsageError(f"no log.jsonl for {missing} under {[str(f) for f in folders]}; "
                                     f"found {sorted(logs)}")
         return {m: logs[m] for m in models}
     if not logs:
-        raise FileNotFoundError(f"no MODEL/log.jsonl under {[str(f) for f in folders]}")
+        raise UsageError(f"no MODEL/log.jsonl under {[str(f) for f in folders]}")
     return logs
 
 
@@ -75,12 +82,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        logs = read_logs(args.runs, args.models)
-        save_figure(curves_figure(logs, args.title), args.out)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    logs = read_logs(args.runs, args.models)
+    save_figure(curves_figure(logs, args.title), args.out)
     print(f"wrote {args.out} ({len(logs)} models)")
     return 0
 

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from .errors import LgamError
+
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
     "preprocess", "resize_normalize", "read_classes_tsv", "fetch", "DATASETS",
@@ -46,7 +48,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 SPLIT_ALIASES = {"train": ("train",), "val": ("val", "test"), "test": ("test", "val")}
 
 
-class DataError(ValueError):
+class DataError(LgamError, ValueError):
     """Unreadable data: the message names the file or folder and what is wrong."""
 
 

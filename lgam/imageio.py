@@ -24,6 +24,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import LgamError
+
 __all__ = ["ImageLoadError", "load_image", "to_rgb", "MAX_BYTES", "MAX_PIXELS"]
 
 #: default upload limit (bytes)
@@ -34,7 +36,7 @@ MAX_PIXELS = 50_000_000
 ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO, Image.Image]
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(LgamError, ValueError):
     """The input cannot be used as an image; ``str(err)`` is a message for the user."""
 
 
