@@ -27,9 +27,10 @@ import torch
 import lgam
 from lgam.attention.lgam import lgam_reference
 from lgam.device import bf16_native, device_summary
+from lgam.models import FIGURE5_MODELS
 from train_throughput import step_seconds  # the training step, timed as lgam train runs it
 
-VARIANTS = ["resnet18", "resnet18_se", "resnet18_sge", "resnet18_cbam", "resnet18_bam", "resnet18_lgam"]
+VARIANTS = list(FIGURE5_MODELS)
 
 
 def _median_ms(fn, reps: int) -> float:

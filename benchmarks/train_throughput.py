@@ -23,8 +23,9 @@ from torch import nn
 import lgam
 from lgam.data import DeviceAugment
 from lgam.device import bf16_native, device_summary
+from lgam.models import FIGURE5_MODELS
 
-VARIANTS = ["resnet18", "resnet18_se", "resnet18_sge", "resnet18_cbam", "resnet18_bam", "resnet18_lgam"]
+VARIANTS = list(FIGURE5_MODELS)
 
 
 def step_seconds(name: str, device: torch.device, batch: int, size: int, steps: int, warmup: int,

@@ -13,7 +13,8 @@ from .lgam import LGAM, lgam_reference
 from .se import SE
 from .sge import SGE
 
-__all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "create_attention", "lgam_reference",
+__all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "attention_placement", "create_attention",
+           "lgam_reference",
            "GateRecorder", "attention_gates", "capture_gates", "stage_of"]
 
 #: short name -> constructor taking ``channels`` (the names used in model names, e.g. ``resnet18_se``)
@@ -38,3 +39,10 @@ def create_attention(name: str | None, channels: int, **kwargs) -> nn.Module:
             f"unknown attention {name!r}; choose one of {sorted(ATTENTION)} or None"
         ) from None
     return factory(channels, **kwargs)
+
+
+def attention_placement(name: str) -> str:
+    """Where attention ``name`` goes in a backbone: ``"block"`` or ``"stage"`` (the module class's
+    ``placement``)."""
+    factory = ATTENTION[name]
+    return getattr(factory, "func", factory).placement

@@ -25,6 +25,9 @@ __all__ = ["GateRecorder", "capture_gates", "attention_gates", "stage_of"]
 class GateRecorder(nn.Module):
     """Base of the attention modules: ``_record(name=tensor, ...)`` from ``forward``."""
 
+    #: where the module goes in a backbone: ``"block"`` (every residual block, before the identity
+    #: add) or ``"stage"`` (after stages 1..n-1); see :func:`lgam.attention.attention_placement`
+    placement: str = "block"
     record_gates: bool = False
     last_gates: dict[str, Tensor] | None = None
 

@@ -55,6 +55,8 @@ class BAM(GateRecorder):
     ``Mc * Ms`` instead, available as ``combine="product"``.
     """
 
+    placement = "stage"  # the BAM paper puts it at the bottlenecks between stages
+
     def __init__(
         self, channels: int, reduction: int = 16, dilation: int = 4, combine: str = "sum"
     ) -> None:

@@ -1,10 +1,10 @@
 """Backbones with an attention slot, and the model registry."""
-from .registry import create_model, list_models, model_config, register_model
+from .registry import FIGURE5_MODELS, create_model, list_models, model_config, register_model
 from .resnet import BasicBlock, ResNet
 from .resnext import ResNeXt, ResNeXtBottleneck
 from .wrn import WideBasicBlock, WideResNet
 
 __all__ = [
-    "BasicBlock", "ResNet", "ResNeXt", "ResNeXtBottleneck", "WideBasicBlock", "WideResNet",
+    "FIGURE5_MODELS", "BasicBlock", "ResNet", "ResNeXt", "ResNeXtBottleneck", "WideBasicBlock", "WideResNet",
     "create_model", "list_models", "model_config", "register_model",
 ]

@@ -11,11 +11,12 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..attention import ATTENTION, attention_placement
 from .resnet import ResNet
 from .resnext import ResNeXt
 from .wrn import WideResNet
 
-__all__ = ["create_model", "list_models", "register_model", "model_config"]
+__all__ = ["FIGURE5_MODELS", "create_model", "list_models", "register_model", "model_config"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
@@ -26,9 +27,12 @@ BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "wrn16_10": (WideResNet, {"depth": 16, "widen": 10, "stem": "cifar"}),
     "resnext29_32x4d": (ResNeXt, {"depth": 29, "cardinality": 32, "base_width": 4, "stem": "cifar"}),
 }
-#: attention name -> where it goes ("block": every residual block; "stage": after stages 1..n-1)
-ATTENTION_PLACEMENT = {
-    "se": "block", "sge": "block", "cbam": "block", "bam": "stage", "lgam": "block", "lgam_g32": "block",
+
+#: the six ImageNet ResNet18 variants of the paper's Table 4 and Figure 5, in its column order:
+#: name -> the paper's label (the app's and ``lgam figure5``'s columns)
+FIGURE5_MODELS: dict[str, str] = {
+    "resnet18": "ResNet18", "resnet18_se": "SE", "resnet18_sge": "SGE", "resnet18_cbam": "CBAM",
+    "resnet18_bam": "BAM", "resnet18_lgam": "LGAM",
 }
 
 #: per-backbone attention arguments: WRN-16-10's widths (160, 320, 640) are not divisible by SGE's
@@ -46,10 +50,10 @@ def register_model(name: str, builder: Callable[..., nn.Module], **defaults: Any
 
 for _bb, (_cls, _kw) in BACKBONES.items():
     register_model(_bb, _cls, **_kw)
-    for _att, _place in ATTENTION_PLACEMENT.items():
+    for _att in ATTENTION:
         _extra = ATTENTION_KWARGS.get((_bb, _att))
         register_model(
-            f"{_bb}_{_att}", _cls, **_kw, attention=_att, placement=_place,
+            f"{_bb}_{_att}", _cls, **_kw, attention=_att, placement=attention_placement(_att),
             **({"attention_kwargs": _extra} if _extra else {}),
         )
 

@@ -6,7 +6,7 @@ SE, SGE, CBAM and LGAM sit inside every ``BasicBlock`` after ``bn2``, before the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -53,6 +53,22 @@ def make_stem(stem: str, out_channels: int) -> tuple[nn.Conv2d, nn.Module]:
     return nn.Conv2d(3, out_channels, 3, 1, padding=1, bias=False), nn.Identity()
 
 
+def make_stages(
+    widths: Sequence[int], depth: int, in_channels: int, block: Callable[[int, int, int], nn.Module]
+) -> list[nn.Sequential]:
+    """One ``nn.Sequential`` of ``depth`` blocks per entry of ``widths`` (the CIFAR-style WRN and
+    ResNeXt stages). ``block(in_channels, stage, stride)`` builds one block; the first block of
+    every stage but the first has stride 2."""
+    stages = []
+    for i, width in enumerate(widths):
+        blocks = []
+        for j in range(depth):
+            blocks.append(block(in_channels, i, 2 if (i > 0 and j == 0) else 1))
+            in_channels = width
+        stages.append(nn.Sequential(*blocks))
+    return stages
+
+
 class AttentionBackbone(nn.Module):
     """Shared skeleton: stem -> ``layer1..layer4`` -> global average pool -> ``fc``.
 
@@ -70,6 +86,11 @@ class AttentionBackbone(nn.Module):
             self.stage_attention = nn.ModuleList(modules + [nn.Identity()] * (4 - len(modules)))
 
     def forward_stem(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def cam_target_layer(self) -> nn.Module:
+        """The module whose output is the last feature map, ``forward_features``' result: the
+        Grad-CAM target layer (pytorch-grad-cam's ``target_layers=[...]``)."""
         raise NotImplementedError
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -175,3 +196,6 @@ class ResNet(AttentionBackbone):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def cam_target_layer(self) -> nn.Module:
+        return self.layer4[-1]

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ..attention import create_attention
 from .resnet import (
-    AttentionBackbone, check_num_classes, check_placement, conv1x1, init_weights, make_stem,
+    AttentionBackbone, check_num_classes, check_placement, conv1x1, init_weights, make_stages,
+    make_stem,
 )
 
 __all__ = ["ResNeXtBottleneck", "ResNeXt"]
@@ -81,20 +82,11 @@ class ResNeXt(AttentionBackbone):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         block_att = attention if check_placement(placement) == "block" else None
-        inplanes, stages, outs = 64, [], (256, 512, 1024)
-        for i, out in enumerate(outs):
-            width = cardinality * base_width * 2**i
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(
-                    ResNeXtBottleneck(
-                        inplanes, width, out, cardinality, stride, block_att, attention_kwargs
-                    )
-                )
-                inplanes = out
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        outs = (256, 512, 1024)
+        self.layer1, self.layer2, self.layer3 = make_stages(
+            outs, n, 64, lambda cin, i, stride: ResNeXtBottleneck(
+                cin, cardinality * base_width * 2**i, outs[i], cardinality, stride, block_att,
+                attention_kwargs))
         self._init_stage_attention(attention, placement, list(outs[:2]), attention_kwargs)
         self.layer4 = nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -103,3 +95,6 @@ class ResNeXt(AttentionBackbone):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def cam_target_layer(self) -> nn.Module:
+        return self.layer3[-1]  # layer4 is an identity

@@ -9,7 +9,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..attention import create_attention
-from .resnet import AttentionBackbone, check_num_classes, check_placement, init_weights, make_stem
+from .resnet import (
+    AttentionBackbone, check_num_classes, check_placement, init_weights, make_stages, make_stem,
+)
 
 __all__ = ["WideBasicBlock", "WideResNet"]
 
@@ -74,17 +76,9 @@ class WideResNet(AttentionBackbone):
         widths = [16 * widen, 32 * widen, 64 * widen]
         self.conv1, self.maxpool = make_stem(stem, 16)  # pre-activation: no BN-ReLU here
         block_att = attention if check_placement(placement) == "block" else None
-        in_planes, stages = 16, []
-        for i, w in enumerate(widths):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(
-                    WideBasicBlock(in_planes, w, stride, dropout, block_att, attention_kwargs)
-                )
-                in_planes = w
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = make_stages(
+            widths, n, 16, lambda cin, i, stride: WideBasicBlock(
+                cin, widths[i], stride, dropout, block_att, attention_kwargs))
         self._init_stage_attention(attention, placement, widths[:2], attention_kwargs)
         self.layer4 = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -94,3 +88,6 @@ class WideResNet(AttentionBackbone):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.conv1(x))
+
+    def cam_target_layer(self) -> nn.Module:
+        return self.layer4  # the final BN-ReLU
