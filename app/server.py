@@ -10,7 +10,8 @@ from typing import Sequence
 
 import gradio as gr
 
-from lgam.cam import CamEngine, CamError
+from lgam.engine import CamEngine
+from lgam.errors import LgamError
 from lgam.imageio import MAX_BYTES, MAX_PIXELS
 
 from .ui import build_app, default_examples
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         launch(args)
-    except CamError as e:  # e.g. --device cuda without a GPU
+    except LgamError as e:  # e.g. --device cuda without a GPU
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,8 @@
 """The Gradio 6 page: input image(s) -> input + six Grad-CAM overlays (the paper's Figure 5).
 
 Thin by design: images are read by :mod:`lgam.imageio`, every number comes from
-:class:`lgam.cam.CamEngine`, overlays from :func:`lgam.cam.overlay` and the exported figure from
-:mod:`lgam.figure`. One named API endpoint, ``/compare`` (plus ``/export`` for the figure file).
+:class:`lgam.engine.CamEngine`, overlays from :func:`lgam.cam.overlay` and the exported figure from
+:mod:`lgam.figure`; this module holds the page's words and layout. One named API endpoint, ``/compare`` (plus ``/export`` for the figure file).
 """
 from __future__ import annotations
 
@@ -16,16 +16,19 @@ from typing import Any, Sequence
 import gradio as gr
 from PIL import Image, ImageDraw
 
-from lgam.cam import METHODS, CamEngine, CamError, ImageComparison, overlay
+from lgam._format import format_or_dash
+from lgam.cam import METHODS, CamError, overlay
+from lgam.data import IMAGE_EXTENSIONS
+from lgam.engine import CamEngine, ImageComparison
 from lgam.imageio import MAX_BYTES, MAX_PIXELS, ImageLoadError, load_image
 
-__all__ = ["OWN_TOP1", "build_app", "run_compare", "run_export", "default_examples", "raw_image"]
+__all__ = ["OWN_TOP1", "build_app", "run_compare", "run_export", "default_examples", "raw_image",
+           "model_rows", "setup_help"]
 
 log = logging.getLogger("lgam.app")
 
 #: the target-class choice meaning "each model explains its own prediction"
 OWN_TOP1 = "each model's own top-1"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 TOP5_HEADERS = ["image", "model", "#1", "#2", "#3", "#4", "#5", "ms"]
 MODEL_HEADERS = ["model", "status", "params (M)", "GMACs 224", "input (px)", "val top-1 err (%)",
                  "val top-1 err 224 px (%)"]
@@ -72,7 +75,7 @@ def default_examples(extra_dir: str | Path | None = None) -> list[str]:
     if extra_dir is not None:
         d = Path(extra_dir)
         if d.is_dir():
-            found += sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     return [str(p) for p in found if p.is_file()]
 
 
@@ -104,8 +107,8 @@ def _load_inputs(image: str | None, files: Sequence[Any] | None, max_images: int
 
 def _compare(engine: CamEngine, image, files, target, method, max_images, max_bytes, max_pixels
              ) -> tuple[list[ImageComparison], list[str], float]:
-    if engine.setup_message and not engine.available:
-        raise gr.Error(engine.setup_message)
+    if not engine.available:
+        raise gr.Error(setup_help(engine))
     imgs, names = _load_inputs(image, files, max_images, max_bytes, max_pixels)
     tgt = None if target in (None, "", OWN_TOP1) else target
     t0 = time.perf_counter()
@@ -177,13 +180,31 @@ def run_export(engine: CamEngine, image, files, target, method, opacity, fmt: st
         raise gr.Error(f"Export failed: {type(e).__name__}: {e}") from None
 
 
-def _model_rows(engine: CamEngine) -> list[list[Any]]:
-    def fmt(v, nd=2):
-        return "—" if v is None else round(float(v), nd)
+def model_rows(engine: CamEngine) -> list[list[Any]]:
+    """The page's model table (:data:`MODEL_HEADERS`), from the manifest: the val error shown is
+    the one at the input size the model is fed."""
+    rows = []
+    for name in engine.names:
+        met, model = engine.entry(name).get("metrics") or {}, engine.model(name)
+        params = met.get("params")
+        if params is None and model is not None:
+            params = sum(p.numel() for p in model.parameters())
+        size = engine.input_size(name)
+        status = "ok" if model is not None else f"unavailable: {engine.unavailable[name]}"
+        rows.append([engine.label(name), status,
+                     format_or_dash(None if params is None else params / 1e6, ".3f"),
+                     format_or_dash(met.get("gmacs_224"), ".2f"), size,
+                     format_or_dash(met.get(f"val_top1_err_{size}"), ".2f"),
+                     format_or_dash(met.get("val_top1_err_224"), ".2f")])
+    return rows
 
-    return [[r["model"], r["status"], fmt(r["params_m"], 3), fmt(r["gmacs_224"]),
-             r["input_size"], fmt(r["val_top1_err"]), fmt(r["val_top1_err_224"])]
-            for r in engine.model_table()]
+
+def setup_help(engine: CamEngine) -> str:
+    """What to tell a person when no model could be loaded: why, and how to get checkpoints."""
+    return (f"No trained checkpoints could be loaded ({engine.setup_message or 'none given'}). "
+            "The app needs a folder with manifest.json and the six .safetensors files: train them "
+            "with `lgam train` (see `lgam train --help` and the README), or copy a released "
+            "checkpoints/ folder, then start the app with `--checkpoints DIR`.")
 
 
 INTRO = """# LGAM · Figure 5, live
@@ -213,7 +234,7 @@ def build_app(
     with gr.Blocks(title="LGAM · Figure 5, live") as demo:
         gr.Markdown(INTRO)
         if not engine.available:
-            gr.Markdown(f"> ⚠️ **No models loaded.** {engine.setup_message or ''}",
+            gr.Markdown(f"> ⚠️ **No models loaded.** {setup_help(engine)}",
                         elem_id="setup-message")
         elif engine.unavailable:
             gr.Markdown("> ⚠️ Unavailable: " + "; ".join(
@@ -244,7 +265,7 @@ def build_app(
                     export_btn = gr.Button("Export Figure 5")
                 figure_file = gr.File(label="Figure 5", interactive=False)
         gr.Markdown(f"**Models** (from the checkpoint manifest) · device `{engine.device}`")
-        gr.Dataframe(value=_model_rows(engine), headers=MODEL_HEADERS, interactive=False,
+        gr.Dataframe(value=model_rows(engine), headers=MODEL_HEADERS, interactive=False,
                      elem_id="model-table")
 
         inputs = [image, files, target, method, opacity]

@@ -2,12 +2,12 @@
 
 Per request and device, in the same run:
 
-- ``engine``: :meth:`lgam.cam.CamEngine.compare` - preprocess once, one forward per model, the
+- ``engine``: :meth:`lgam.engine.CamEngine.compare` - preprocess once, one forward per model, the
   fast no-backward Grad-CAM, probabilities, top-5 (what ``/compare`` computes before drawing);
 - ``engine channels_last``: the same on channels_last copies of the models (the CUDA default);
 - ``engine+overlays``: the engine plus the six heatmap overlays at the image's size;
 - ``naive``: preprocess once, then per model a new pytorch-grad-cam ``GradCAM(model,
-  [model.layer4[-1]])`` in ``with``, called with the model's own top-1 (forward + backward), plus
+  [model.cam_target_layer()])`` in ``with``, called with the model's own top-1 (forward + backward), plus
   the softmax - the usual tutorial loop.
 
 Models come from ``--checkpoints`` when it has a manifest, else are freshly initialised (timing
@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 
 import lgam
-from lgam.cam import APP_MODELS, CamEngine, overlay
+from lgam.cam import overlay
+from lgam.engine import CamEngine
+from lgam.models import FIGURE5_MODELS
 
 
 def _image(size: int) -> Image.Image:
@@ -44,9 +46,9 @@ def _image(size: int) -> Image.Image:
 def _engine(checkpoints: str | None, device: str, size: int) -> CamEngine:
     if checkpoints and (Path(checkpoints) / "manifest.json").is_file():
         eng = CamEngine.from_checkpoints(checkpoints, device=device)
-        if len(eng.available) == len(APP_MODELS):
+        if len(eng.available) == len(FIGURE5_MODELS):
             return eng
-    models = {n: lgam.create_model(n, num_classes=20) for n in APP_MODELS}
+    models = {n: lgam.create_model(n, num_classes=20) for n in FIGURE5_MODELS}
     classes = [f"class_{i}" for i in range(20)]
     return CamEngine(models, classes, device=device, entries={n: {"input_size": size} for n in models})
 
@@ -58,7 +60,7 @@ def _naive(engine: CamEngine, image: Image.Image, size: int) -> None:
     x = engine.preprocess([image], size)
     for name in engine.available:
         model = engine.model(name)
-        with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+        with GradCAM(model=model, target_layers=[model.cam_target_layer()]) as cam:
             xin = x.clone().requires_grad_(True)
             grayscale = cam(input_tensor=xin, targets=None)  # own top-1
             probs = torch.softmax(cam.outputs.detach(), 1).cpu().numpy()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,10 +28,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._fileio import atomic_write, atomic_write_json
+from .errors import LgamError
 from .models import create_model
 
 __all__ = [
     "CheckpointError", "MANIFEST", "PART_LIMIT", "save_checkpoint", "load_manifest", "load_checkpoint",
+    "LoadedModels", "load_models",
     "update_metrics", "sha256_file",
 ]
 
@@ -43,7 +46,7 @@ _HEADER_ALLOWANCE = 64 * 1024  # room for each part's safetensors JSON header
 _ENTRY_KEYS = ("files", "sha256", "arch", "arch_kwargs", "classes", "input_size", "mean", "std")
 
 
-class CheckpointError(Exception):
+class CheckpointError(LgamError):
     """A checkpoint or manifest that cannot be used; the message says which and why."""
 
 
@@ -259,6 +262,57 @@ def load_checkpoint(
             f"{entry['arch_kwargs']}: {str(e).splitlines()[0]} ..."
         ) from e
     return model.to(map_location).eval(), entry
+
+
+@dataclass
+class LoadedModels:
+    """What :func:`load_models` found. ``models``: name -> model, or the reason it is unusable;
+    ``entries``: name -> manifest entry; ``classes``: the class names the loaded models share;
+    ``problem``: why no model at all could be loaded (``None`` when at least one did)."""
+
+    models: dict[str, nn.Module | str]
+    entries: dict[str, dict[str, Any]]
+    classes: list[str]
+    problem: str | None = None
+
+
+def load_models(directory: str | Path, names: Sequence[str]) -> LoadedModels:
+    """Load ``names`` from ``directory``'s manifest, each on its own: a missing or broken model
+    gets the reason in place of the model and the others load (the policy of an app that shows
+    what it can). Models whose class list differs from the first loaded model's are refused."""
+    names = list(names)
+    try:
+        manifest = load_manifest(directory)
+    except CheckpointError as e:
+        return LoadedModels({n: "no usable manifest" for n in names}, {}, [], str(e))
+    entries: dict[str, dict[str, Any]] = dict(manifest["models"])
+    models: dict[str, nn.Module | str] = {}
+    classes: list[str] | None = None
+    for n in names:
+        models[n] = _load_one(directory, n, entries)
+        if isinstance(models[n], nn.Module):
+            entry_classes = list(entries[n].get("classes") or [])
+            classes = entry_classes if classes is None else classes
+            if entry_classes != classes:
+                models[n] = "its class list differs from the other models'"
+    problem = None
+    if not any(isinstance(m, nn.Module) for m in models.values()):
+        problem = f"no model could be loaded from {directory}: " + "; ".join(
+            f"{n}: {why}" for n, why in models.items())
+    return LoadedModels(models, entries, classes or [], problem)
+
+
+def _load_one(directory: str | Path, name: str, entries: dict[str, dict[str, Any]]
+              ) -> nn.Module | str:
+    if name not in entries:
+        return "not in the checkpoint manifest"
+    try:
+        model, entries[name] = load_checkpoint(directory, name, map_location="cpu")
+    except CheckpointError as e:
+        return f"checkpoint error: {e}"
+    except Exception as e:  # noqa: BLE001 - any broken file makes this model unavailable only
+        return f"cannot load: {type(e).__name__}: {e}"
+    return model
 
 
 def update_metrics(directory: str | Path, name: str, metrics: dict[str, Any],

@@ -21,8 +21,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ._format import format_or_dash
 from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update_metrics
 from .data import DataError, DecodedSplit, load_split, resize_normalize
+from .errors import UsageError
 from .params import count_macs, count_params
 
 __all__ = ["PAPER_TOP1_ERR", "SIZES", "top1_error", "cpu_latency_ms", "evaluate_checkpoints",
@@ -122,7 +124,7 @@ def format_table(rows: list[dict[str, Any]], sizes: Sequence[int] = SIZES) -> st
     head = ["model", "app size", "top-1 err, app size (%)", *cols, "paper Table 4 (%)", "params (M)",
             "GMACs 224", "CPU ms (b=1, 224)", "train img/s", "train min"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    fmt = format_or_dash
     for r in rows:
         app = r.get("input_size")
         cells = [r["model"], fmt(app, "d"), fmt(r.get(f"val_top1_err_{app}"), ".2f"),
@@ -159,15 +161,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.choose_input_size and (args.limit is not None or args.no_update):
-        print("error: --choose-input-size needs the full val split and a manifest update "
-              "(drop --limit / --no-update)", file=sys.stderr)
-        return 2
-    try:
-        rows = evaluate_checkpoints(args.checkpoints, args.data, args.models, args.sizes, args.limit,
-                                    args.batch_size, args.latency_reps, not args.no_update, args.device)
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError("--choose-input-size needs the full val split and a manifest update "
+                         "(drop --limit / --no-update)")
+    rows = evaluate_checkpoints(args.checkpoints, args.data, args.models, args.sizes, args.limit,
+                                args.batch_size, args.latency_reps, not args.no_update, args.device)
     if args.limit is not None and not args.no_update:
         print(f"note: --limit {args.limit}: numbers of a subset, the manifest is left as it is",
               file=sys.stderr)

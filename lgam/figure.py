@@ -16,7 +16,10 @@ from typing import Sequence
 from PIL import Image
 
 from ._fileio import FIGURE_FORMATS, save_figure
-from .cam import METHODS, ImageComparison, overlay
+from .cam import METHODS, overlay
+from .engine import ImageComparison
+from .errors import UsageError
+from .models import FIGURE5_MODELS
 
 __all__ = ["figure5", "save_figure5", "FORMATS", "configure_parser", "main"]
 
@@ -34,12 +37,12 @@ def _thumb(image: Image.Image) -> Image.Image:
 
 
 def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inches: float = 1.7):
-    """A matplotlib ``Figure``: one row per :class:`~lgam.cam.ImageComparison`, columns = input +
+    """A matplotlib ``Figure``: one row per :class:`~lgam.engine.ImageComparison`, columns = input +
     one CAM overlay per model (an "unavailable" tile where a model failed)."""
     from matplotlib.figure import Figure
 
     if not comparisons:
-        raise ValueError("figure5 needs at least one image")
+        raise UsageError("figure5 needs at least one image")
     n_rows, n_cols = len(comparisons), 1 + len(comparisons[0].results)
     fig = Figure(figsize=(tile_inches * n_cols, tile_inches * n_rows * 1.2 + 0.2),
                  layout="constrained")
@@ -94,37 +97,25 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .cam import APP_MODELS, CamEngine, CamError
-    from .imageio import ImageLoadError, load_image
+    from .engine import CamEngine
+    from .imageio import load_image
 
     if Path(args.out).suffix.lower() not in FORMATS:
-        print(f"error: --out must end in one of {', '.join(FORMATS)}", file=sys.stderr)
-        return 2
-    images = []
-    for f in args.images:
-        try:
-            images.append(load_image(f))
-        except ImageLoadError as e:
-            print(f"error: {f}: {e}", file=sys.stderr)
-            return 2
-    try:
-        names = args.models or list(APP_MODELS)
-        unknown = [n for n in names if n not in APP_MODELS]
-        if unknown:
-            print(f"error: unknown model(s) {unknown}; choose from {list(APP_MODELS)}", file=sys.stderr)
-            return 2
-        engine = CamEngine.from_checkpoints(args.checkpoints, {n: APP_MODELS[n] for n in names},
-                                            device=args.device)
-        if not engine.available:
-            print(f"error: {engine.setup_message}", file=sys.stderr)
-            return 1
-        for name, why in engine.unavailable.items():
-            print(f"warning: {name} unavailable: {why}", file=sys.stderr)
-        comps = engine.compare(images, target=args.target, method=args.method)
-        out = save_figure5(comps, args.out, alpha=args.alpha, dpi=args.dpi)
-    except (CamError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out must end in one of {', '.join(FORMATS)}")
+    images = [load_image(f) for f in args.images]
+    names = args.models or list(FIGURE5_MODELS)
+    unknown = [n for n in names if n not in FIGURE5_MODELS]
+    if unknown:
+        raise UsageError(f"unknown model(s) {unknown}; choose from {list(FIGURE5_MODELS)}")
+    engine = CamEngine.from_checkpoints(args.checkpoints, {n: FIGURE5_MODELS[n] for n in names},
+                                        device=args.device)
+    if not engine.available:
+        print(f"error: {engine.setup_message}", file=sys.stderr)
+        return 1
+    for name, why in engine.unavailable.items():
+        print(f"warning: {name} unavailable: {why}", file=sys.stderr)
+    comps = engine.compare(images, target=args.target, method=args.method)
+    out = save_figure5(comps, args.out, alpha=args.alpha, dpi=args.dpi)
     for comp, f in zip(comps, args.images):
         print(f + ": " + "; ".join(r.caption() for r in comp.results))
     print(f"wrote {out}")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._format import format_or_dash
 from .models import create_model
 
 __all__ = ["count_params", "count_macs", "PAPER_PARAMS_M", "param_table", "configure_parser", "main"]
@@ -100,10 +101,6 @@ def param_table(models: list[str] | None = None, macs: bool = True) -> list[Para
     return rows
 
 
-def _fmt_diff(d: float | None) -> str:
-    return "—" if d is None else f"{d:+.3f}"
-
-
 def format_markdown(rows: list[ParamRow]) -> str:
     head = (
         "| model | CIFAR-10 | paper | Δ (M) | CIFAR-100 | paper | Δ (M) | ImageNet-20 | paper | Δ (M) "
@@ -114,9 +111,9 @@ def format_markdown(rows: list[ParamRow]) -> str:
         cells = [r.model]
         for h, _, _ in HEADS:
             p = r.paper_m[h]
-            cells += [f"{r.params[h]:,}", "—" if p is None else f"{p:.2f}M", _fmt_diff(r.diff_m(h))]
-        cells += ["—" if r.gmacs_224 is None else f"{r.gmacs_224:.3f}",
-                  "—" if r.gmacs_32 is None else f"{r.gmacs_32:.4f}"]
+            cells += [f"{r.params[h]:,}", format_or_dash(p, ".2f", "M"),
+                      format_or_dash(r.diff_m(h), "+.3f")]
+        cells += [format_or_dash(r.gmacs_224, ".3f"), format_or_dash(r.gmacs_32, ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _app_fixtures import (  # noqa: F401 - fixtures
-    run_in_threads,
-    CLASSES, app_checkpoints, broken_checkpoints, engine, images, synthetic_image,
+from _helpers import CLASSES, run_in_threads, synthetic_image
 )
 
 gr = pytest.importorskip("gradio")
@@ -21,8 +19,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
-from app.ui import OWN_TOP1, build_app, run_compare  # noqa: E402
-from lgam.cam import CamEngine  # noqa: E402
+from app.ui import OWN_TOP1, build_app, model_rows, run_compare  # noqa: E402
+from lgam.engine import CamEngine  # noqa: E402
 from lgam.imageio import load_image  # noqa: E402
 
 MAX_MB = 0.5  # the app under test refuses uploads over 0.5 MiB
@@ -250,6 +248,20 @@ def test_unavailable_models_shown_as_tiles(broken_checkpoints, files):
     assert caps[3].startswith("SGE · unavailable: ") and caps[5].startswith("BAM · unavailable: ")
     assert sum("unavailable" in c for c in caps) == 2
     assert rows[2][2].startswith("unavailable")
+
+
+def test_model_table_shows_the_error_at_the_size_each_model_is_fed(engine, app_checkpoints,
+                                                                  broken_checkpoints):
+    from lgam.checkpoints import load_manifest
+
+    rows = model_rows(engine)
+    entry = load_manifest(app_checkpoints)["models"]["resnet18"]
+    size = entry["input_size"]
+    assert rows[0][:2] == ["ResNet18", "ok"] and rows[0][2] == "11.187"
+    assert rows[0][4] == size and rows[0][5] == f"{entry['metrics'][f'val_top1_err_{size}']:.2f}"
+    broken = {r[0]: r for r in model_rows(CamEngine.from_checkpoints(broken_checkpoints,
+                                                                     device="cpu"))}
+    assert broken["BAM"][1].startswith("unavailable: ") and broken["SE"][1] == "ok"
 
 
 def test_no_checkpoints_page_says_how(tmp_path, files):

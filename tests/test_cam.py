@@ -1,5 +1,5 @@
-"""lgam.cam: the fast Grad-CAM against pytorch-grad-cam, targets, other methods, hooks,
-unavailable checkpoints, concurrency and memory."""
+"""lgam.cam and lgam.engine: the fast Grad-CAM against pytorch-grad-cam, every backbone's CAM
+layer, targets, other methods, hooks, unavailable checkpoints, concurrency and memory."""
 from __future__ import annotations
 
 import gc
@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from _app_fixtures import (  # noqa: F401 - fixtures
-    run_in_threads,
-    CLASSES, NAMES, app_checkpoints, broken_checkpoints, engine, images, make_models,
-    synthetic_image,
+from _helpers import CLASSES, NAMES, make_models, run_in_threads, synthetic_image
 )
-from lgam.cam import METHODS, CamEngine, CamError, fast_gradcam, library_cam, overlay
+import lgam
+from lgam.cam import METHODS, CamError, fast_gradcam, inference_copy, library_cam, overlay
+from lgam.engine import CamEngine
 from lgam.checkpoints import load_manifest
 
 
@@ -43,7 +42,7 @@ def _gradcam_reference(model, x, targets):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     xin = x.clone().requires_grad_(True)
-    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+    with GradCAM(model=model, target_layers=[model.cam_target_layer()]) as cam:
         return cam(input_tensor=xin, targets=[ClassifierOutputTarget(int(t)) for t in targets])
 
 
@@ -84,19 +83,64 @@ def test_channels_last_copies_equal_gradcam_on_the_same_copy(models, images):
         assert _hooks(fast) == 0
 
 
-def test_inference_copy_folds_batchnorm(models):
-    from lgam.cam import inference_copy
-
+def test_inference_copy_is_a_frozen_channels_last_twin(models):
     model = models["resnet18_bam"]
-    fast = inference_copy(model, fold_bn=True)
-    n_bn = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
-    left = sum(type(m) is torch.nn.BatchNorm2d for m in fast.modules())
-    assert left < n_bn - 15  # stem + 16 block BNs + 3 downsample BNs folded; BAM's own stay
+    fast = inference_copy(model)
+    assert fast is not model and not fast.training
+    assert all(not p.requires_grad for p in fast.parameters())
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         np.testing.assert_allclose(fast(x.contiguous(memory_format=torch.channels_last)),
                                    model(x), rtol=1e-4, atol=1e-4)
-    assert all(not p.requires_grad for p in fast.parameters())
+
+
+def _tiny(name: str) -> torch.nn.Module:
+    """A fresh model with BN statistics of one batch (with the initial ones LGAM-G32's ladder of
+    32 group products overflows float32 in eval mode), frozen."""
+    m = lgam.create_model(name, num_classes=5)
+    for bn in m.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.momentum = None  # cumulative average: one batch gives its exact statistics
+    with torch.no_grad():
+        m(torch.randn(4, 3, 32, 32))
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+@pytest.mark.parametrize("name", lgam.list_models())
+def test_every_model_has_a_cam_layer_and_the_fast_path(name):
+    """Each backbone names its CAM layer; it is the last feature map, which the fast Grad-CAM
+    reads, and pytorch-grad-cam's Grad-CAM on it agrees."""
+    model = _tiny(name)
+    x = torch.randn(1, 3, 32, 32)
+    seen = []
+    handle = model.cam_target_layer().register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.inference_mode():
+        feats = model.forward_features(x)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], feats)
+    probs, fast = fast_gradcam(model, x)
+    lib = library_cam(model, x, probs.argmax(1).tolist(), "gradcam")
+    assert fast.shape == lib.shape == (1, 32, 32) and np.abs(fast - lib).max() <= 1e-4
+    assert _hooks(model) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "gradcam"])
+@pytest.mark.parametrize("backbone", ["resnet18_lgam", "resnet34_bam", "wrn16_10_sge",
+                                      "resnext29_32x4d_cbam"])
+def test_every_backbone_with_every_method(backbone, method):
+    """Every CAM method on every backbone (each registered model shares its backbone's CAM layer,
+    checked above). ScoreCAM runs one forward per channel, so the input is tiny."""
+    model = _tiny(backbone)
+    size = 16 if method == "scorecam" else 32
+    cams = library_cam(model, torch.randn(1, 3, size, size), [2], method)
+    assert cams.shape == (1, size, size) and np.isfinite(cams).all()
+    assert cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    assert _hooks(model) == 0
 
 
 def test_cam_changes_with_target(mem_engine, images):
@@ -186,24 +230,21 @@ def test_unavailable_models_keep_others_working(broken_checkpoints, images):
     out = eng.compare(images[0])[0]
     assert [r.ok for r in out.results] == [True, True, False, True, False, True]
     assert "unavailable" in out["SGE"].caption()
-    rows = {r["name"]: r for r in eng.model_table()}
-    assert rows["resnet18"]["status"] == "ok" and rows["resnet18_bam"]["status"].startswith("unav")
+    assert "sha256" in eng.unavailable["resnet18_sge"]
 
 
 def test_checkpoints_load(engine, app_checkpoints, images):
     assert engine.available == NAMES and engine.classes == CLASSES
-    row = engine.model_table()[0]
-    assert row["params_m"] == pytest.approx(11.187, abs=1e-3)
     entry = load_manifest(app_checkpoints)["models"]["resnet18"]
-    assert row["input_size"] == entry["input_size"]  # the error shown is at the size it is fed
-    assert row["val_top1_err"] == entry["metrics"].get(f"val_top1_err_{entry['input_size']}")
+    assert engine.entry("resnet18")["metrics"] == entry["metrics"]
+    assert engine.input_size("resnet18") == entry["input_size"]
     assert all(r.ok for r in engine.compare(images[0])[0].results)
 
 
 def test_no_checkpoints(tmp_path, images):
     eng = CamEngine.from_checkpoints(tmp_path / "missing", device="cpu")
     assert eng.available == [] and "lgam train" in eng.setup_message
-    with pytest.raises(CamError, match="No trained checkpoints"):
+    with pytest.raises(CamError, match="no manifest.json"):
         eng.compare(images[0])
 
 
@@ -282,7 +323,7 @@ def test_app_latency_benchmark_runs(tmp_path):
     import subprocess
     import sys
 
-    from _app_fixtures import REPO
+    from _helpers import REPO
 
     proc = subprocess.run(
         [sys.executable, "benchmarks/app_latency.py", "--reps", "1", "--size", "64",

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _app_fixtures import (  # noqa: F401 - fixtures
-    app_checkpoints, broken_checkpoints, engine, images, synthetic_image,
+from _helpers import synthetic_image
 )
 from lgam.cli import main as lgam_main
 from lgam.figure import figure5, save_figure5
@@ -25,7 +24,7 @@ def test_grid_layout(engine, images):
 
 
 def test_unavailable_tile(broken_checkpoints, images):
-    from lgam.cam import CamEngine
+    from lgam.engine import CamEngine
 
     comps = CamEngine.from_checkpoints(broken_checkpoints, device="cpu").compare(images[0])
     axes = figure5(comps).get_axes()
@@ -84,7 +83,7 @@ def test_cli_errors(app_checkpoints, tmp_path, capsys):
     synthetic_image(0).save(good)
     assert lgam_main(["figure5", str(good), "--out", str(out), "--checkpoints",
                       str(tmp_path / "none")]) == 1
-    assert "No trained checkpoints" in capsys.readouterr().err
+    assert "no manifest.json" in capsys.readouterr().err
     assert lgam_main(["figure5", str(good), "--out", str(tmp_path / "x.gif"), "--checkpoints",
                       str(app_checkpoints)]) == 2
     assert lgam_main(["figure5", str(good), "--out", str(out), "--checkpoints",

@@ -1,0 +1,323 @@
+"""Several classifiers side by side on the same images: the engine the app and ``lgam figure5``
+share (the app holds no model math; this module holds no app text).
+
+:class:`CamEngine` holds the loaded models (or, per model, the reason it is unavailable), the
+device and one lock per model. :meth:`CamEngine.compare` preprocesses the images once per input
+size, runs every model and returns, per image and model, the class probabilities, the top-5, the
+CAM (:mod:`lgam.cam`) for the target (each model's own top-1, or one class for all) and the time it
+took. One model failing leaves the others' results intact.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .cam import METHODS, CamError, fast_gradcam, inference_copy, library_cam, supports_fast_path
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .device import resolve_device
+from .models import FIGURE5_MODELS
+
+__all__ = ["CamEngine", "ModelResult", "ImageComparison"]
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class ModelResult:
+    """One model on one image. ``error`` is set (and the rest is empty) when the model is
+    unavailable or failed.
+
+    probs: ``(K,)`` float32 class probabilities; top5: ``[(class name, p)]``; target: the class
+    the CAM explains; score: ``probs[target]``; cam: ``(S, S)`` float32 in [0, 1] at the model's
+    input size ``S`` (the whole image resized to a square: resize it back with :func:`overlay`);
+    time_ms: this model's wall time for the call divided by the number of images.
+    """
+
+    name: str
+    label: str
+    error: str | None = None
+    probs: np.ndarray | None = None
+    top5: list[tuple[str, float]] = field(default_factory=list)
+    target: int | None = None
+    target_class: str | None = None
+    score: float | None = None
+    cam: np.ndarray | None = None
+    time_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def caption(self) -> str:
+        """``"LGAM · tench · 0.93"`` (or ``"LGAM · unavailable: reason"``)."""
+        if not self.ok:
+            return f"{self.label} · unavailable: {self.error}"
+        return f"{self.label} · {self.target_class} · {self.score:.2f}"
+
+
+@dataclass
+class ImageComparison:
+    """All models on one image: ``image`` (RGB, as given) and ``results`` in model order."""
+
+    image: Image.Image
+    results: list[ModelResult]
+    method: str
+    device: str
+
+    def __getitem__(self, name: str) -> ModelResult:
+        for r in self.results:
+            if r.name == name or r.label == name:
+                return r
+        raise KeyError(name)
+
+
+@dataclass
+class _Slot:
+    name: str
+    label: str
+    model: nn.Module | None
+    error: str | None
+    entry: dict[str, Any]
+    fast: nn.Module | None = None  # folded/channels_last copy for the no-backward path
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pre_key(self) -> tuple:
+        e = self.entry
+        return (int(e.get("input_size", 224)), tuple(e.get("mean", IMAGENET_MEAN)),
+                tuple(e.get("std", IMAGENET_STD)))
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+
+
+class CamEngine:
+    """Several classifiers side by side: ``compare(images, target, method)``.
+
+    ``models`` maps name -> ``nn.Module`` (available) or ``str`` (the reason it is unavailable).
+    ``entries`` (optional, name -> manifest entry) give each model's ``input_size``, ``mean``,
+    ``std`` and ``metrics``; ``classes`` are the class names, shared by all models.
+    ``fast_copies``: run the Grad-CAM fast path on :func:`inference_copy` of each model
+    (channels_last); the models themselves serve the pytorch-grad-cam methods. Default: on for
+    CUDA, off for the CPU (there it is ~15% faster but moves LGAM's CAMs by up to ~2e-3, and the
+    app should give exactly what ``lgam evaluate`` computes).
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module | str],
+        classes: Sequence[str],
+        *,
+        device: str | torch.device | None = None,
+        labels: Mapping[str, str] | None = None,
+        entries: Mapping[str, dict[str, Any]] | None = None,
+        setup_message: str | None = None,
+        fast_copies: bool | None = None,
+    ) -> None:
+        try:
+            self.device = resolve_device(device)
+        except ValueError as e:
+            raise CamError(str(e)) from e
+        self.classes = list(classes)
+        self.setup_message = setup_message
+        if fast_copies is None:
+            fast_copies = self.device.type == "cuda"
+        labels = dict(FIGURE5_MODELS, **(labels or {}))
+        self._slots: list[_Slot] = []
+        for name, m in models.items():
+            entry = dict((entries or {}).get(name) or {})
+            label = labels.get(name, name)
+            if isinstance(m, nn.Module):
+                m = m.float().to(self.device).eval()
+                for p in m.parameters():
+                    p.requires_grad_(False)
+                out = getattr(getattr(m, "fc", None), "out_features", len(self.classes))
+                if out != len(self.classes):
+                    self._slots.append(_Slot(name, label, None, (
+                        f"it predicts {out} classes, the others {len(self.classes)}"), entry))
+                    continue
+                fast = inference_copy(m) if fast_copies and supports_fast_path(m) else None
+                self._slots.append(_Slot(name, label, m, None, entry, fast))
+            else:
+                self._slots.append(_Slot(name, label, None, str(m), entry))
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoints(
+        cls,
+        directory: str | Path,
+        names: Sequence[str] | Mapping[str, str] = FIGURE5_MODELS,
+        *,
+        device: str | torch.device | None = None,
+    ) -> "CamEngine":
+        """Load ``names`` (or name -> label) from ``directory``'s manifest with
+        :func:`lgam.checkpoints.load_models`: a missing or broken model is unavailable, with the
+        reason, and the others load. When none loads, :attr:`setup_message` says why."""
+        from .checkpoints import load_models
+
+        labels = dict(names) if isinstance(names, Mapping) else {}
+        found = load_models(directory, list(names))
+        return cls(found.models, found.classes, device=device, labels=labels,
+                   entries=found.entries, setup_message=found.problem)
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._slots]
+
+    @property
+    def available(self) -> list[str]:
+        return [s.name for s in self._slots if s.model is not None]
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """name -> reason."""
+        return {s.name: s.error for s in self._slots if s.model is None}
+
+    def label(self, name: str) -> str:
+        return self._slot(name).label
+
+    def model(self, name: str) -> nn.Module | None:
+        return self._slot(name).model
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """The model's manifest entry (``input_size``, ``metrics``, ...; empty when none)."""
+        return self._slot(name).entry
+
+    def input_size(self, name: str) -> int:
+        """The square size the model is fed (the manifest's ``input_size``, default 224)."""
+        return self._slot(name).pre_key()[0]
+
+    def _slot(self, name: str) -> _Slot:
+        for s in self._slots:
+            if s.name == name or s.label == name:
+                return s
+        raise CamError(f"unknown model {name!r}; the engine has {self.names}")
+
+    # -- work ------------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """One small comparison so that the first real request does not pay for the backend's
+        one-time initialisation (oneDNN/cuDNN kernels, thread pools)."""
+        if self.available:
+            self.compare(Image.new("RGB", (32, 32), (128, 128, 128)))
+
+    def resolve_target(self, target: int | str | None) -> int | None:
+        """``None`` (own top-1), a class index or a class name -> index; :class:`CamError` when
+        out of range or unknown (pytorch-grad-cam would silently swallow the IndexError)."""
+        if target is None or (isinstance(target, str) and target.strip() == ""):
+            return None
+        if isinstance(target, str):
+            if target in self.classes:
+                return self.classes.index(target)
+            if target.strip().lstrip("-").isdigit():
+                target = int(target)
+            else:
+                raise CamError(f"unknown class {target!r}")
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+            raise CamError(f"target must be a class index or name, got {target!r}")
+        if not 0 <= int(target) < len(self.classes):
+            raise CamError(f"class index {target} is out of range 0..{len(self.classes) - 1}")
+        return int(target)
+
+    def preprocess(self, images: Sequence[Image.Image], size: int = 224,
+                   mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> Tensor:
+        """RGB images -> ``(B, 3, size, size)`` float32 on the engine's device
+        (:func:`lgam.data.preprocess`: the same path as evaluation)."""
+        from .data import preprocess
+
+        return preprocess(list(images), size, mean, std).to(self.device, non_blocking=True)
+
+    def compare(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        target: int | str | None = None,
+        method: str = "gradcam",
+        *,
+        models: Sequence[str] | None = None,
+    ) -> list[ImageComparison]:
+        """Run every (or the named) available model on ``images``.
+
+        target: ``None`` = each model's own top-1, or one class (index or name) for all models.
+        method: one of :data:`METHODS`. Returns one :class:`ImageComparison` per image; a model
+        that is unavailable or fails has ``error`` set while the others carry on.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise CamError("no images given")
+        if method not in METHODS:
+            raise CamError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+        if not self.available:
+            raise CamError(self.setup_message or "no model is available")
+        tgt = self.resolve_target(target)
+        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        slots = self._slots if models is None else [self._slot(n) for n in models]
+
+        batches: dict[tuple, Tensor] = {}  # preprocess once per (size, mean, std)
+        per_image: list[list[ModelResult]] = [[] for _ in images]
+        for s in slots:
+            if s.model is None:
+                for res in per_image:
+                    res.append(ModelResult(s.name, s.label, error=s.error))
+                continue
+            key = s.pre_key()
+            if key not in batches:
+                batches[key] = self.preprocess(images, *key)
+            try:
+                out = self._run_model(s, batches[key], tgt, method)
+            except Exception as e:  # noqa: BLE001 - one model failing must not stop the others
+                out = [ModelResult(s.name, s.label, error=f"{type(e).__name__}: {e}")
+                       for _ in images]
+            for res, r in zip(per_image, out):
+                res.append(r)
+        return [ImageComparison(im, res, method, str(self.device))
+                for im, res in zip(images, per_image)]
+
+    def _run_model(self, s: _Slot, x: Tensor, target: int | None, method: str) -> list[ModelResult]:
+        model = s.model
+        assert model is not None
+        B = x.shape[0]
+        with s.lock:
+            t0 = time.perf_counter()
+            targets = None if target is None else torch.full((B,), target, dtype=torch.long)
+            if method == "gradcam" and supports_fast_path(model):
+                fx = x.contiguous(memory_format=torch.channels_last) if s.fast is not None else x
+                probs, cams = fast_gradcam(s.fast if s.fast is not None else model, fx, targets)
+                tgt = probs.argmax(1) if targets is None else targets
+            else:
+                with torch.inference_mode():
+                    probs = torch.softmax(model(x).float(), dim=1)
+                tgt = probs.argmax(1) if targets is None else targets
+                cams = library_cam(model, x, tgt.tolist(), method)
+            probs_np = probs.cpu().numpy()
+            tgt_list = [int(t) for t in tgt.tolist()]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = (time.perf_counter() - t0) * 1000 / B
+        out = []
+        k = min(5, probs_np.shape[1])
+        for i in range(B):
+            p = probs_np[i]
+            top = np.argsort(-p, kind="stable")[:k]
+            t = tgt_list[i]
+            out.append(ModelResult(
+                s.name, s.label, probs=p, top5=[(self._cls(j), float(p[j])) for j in top],
+                target=t, target_class=self._cls(t), score=float(p[t]), cam=cams[i],
+                time_ms=dt,
+            ))
+        return out
+
+    def _cls(self, i: int) -> str:
+        return self.classes[i] if 0 <= i < len(self.classes) else str(i)
