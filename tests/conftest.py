@@ -1,11 +1,12 @@
-import os
+"""Fixtures shared by the test files (helpers they are built from: ``_helpers.py``)."""
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LGAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+from _helpers import SHARED_DATA, entry_files, save_models, synthetic_image
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +20,35 @@ def imagenet20_dir() -> Path:
     if not (d / "classes.tsv").exists():
         pytest.skip(f"ImageNet-20 not found at {d} (set LGAM_SHARED_DATA to its parent folder)")
     return d
+
+
+@pytest.fixture(scope="session")
+def app_checkpoints(tmp_path_factory) -> Path:
+    """A checkpoint folder with the six perturbed models (float16 safetensors + manifest)."""
+    return save_models(tmp_path_factory.mktemp("app_ckpt"))
+
+
+@pytest.fixture(scope="session")
+def broken_checkpoints(app_checkpoints, tmp_path_factory) -> Path:
+    """A copy where SGE's weights file is corrupted and BAM's weights file is missing."""
+    d = tmp_path_factory.mktemp("broken_ckpt")
+    shutil.copytree(app_checkpoints, d, dirs_exist_ok=True)
+    for f in entry_files(d, "resnet18_sge"):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+        f.write_bytes(bytes(data))
+    for f in entry_files(d, "resnet18_bam"):
+        f.unlink()
+    return d
+
+
+@pytest.fixture(scope="session")
+def engine(app_checkpoints):
+    from lgam.engine import CamEngine
+
+    return CamEngine.from_checkpoints(app_checkpoints, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    return [synthetic_image(i, (96 + 8 * i, 80 + 4 * i)) for i in range(8)]

@@ -68,14 +68,35 @@ def test_se_matches_its_definition():
     assert sum(p.numel() for p in se.parameters()) == 2 * 32 * 2
 
 
+def _bam_by_hand() -> BAM:
+    """BAM(2, r=1) in eval mode with identity weights, exact-identity BNs and zero biases, so that
+    ``Mc = ReLU(GAP(x))`` and ``Ms = ReLU(x_0) + 2 ReLU(x_1)`` at each position."""
+    bam = BAM(2, reduction=1).eval()
+    with torch.no_grad():
+        for m in bam.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_var.fill_(1 - m.eps)  # (x - 0) / sqrt(1 - eps + eps) = x
+            elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.bias.zero_()
+                m.weight.zero_()
+                if m.weight.shape[0] == 2:  # identity (the 3x3 convs: centre tap only)
+                    for c in range(2):
+                        m.weight[(c, c) + (m.weight.dim() - 2) * (m.weight.shape[-1] // 2,)] = 1.0
+        bam.spatial_gate.body[-1].weight.copy_(torch.tensor([1.0, 2.0]).view(1, 2, 1, 1))
+    return bam
+
+
 @pytest.mark.parametrize("combine", ["sum", "product"])
-def test_bam_output_is_f_plus_f_times_gate(combine):
-    bam = BAM(64, combine=combine).eval()
-    x = torch.randn(2, 64, 8, 8)
-    mc, ms = bam.channel_gate(x), bam.spatial_gate(x)
-    assert mc.shape == (2, 64, 1, 1) and ms.shape == (2, 1, 8, 8)
-    att = mc + ms if combine == "sum" else mc * ms
-    torch.testing.assert_close(bam(x), x + x * torch.sigmoid(att))
+def test_bam_hand_computed(combine):
+    bam = _bam_by_hand()
+    bam.combine = combine
+    x = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.0]]]])  # (1, 2, 1, 2)
+    # Mc = ReLU(GAP) = [2, 0] per channel; Ms = [1 + 0, 3 + 0] per position
+    if combine == "sum":  # F + F sigmoid(Mc + Ms)
+        expected = [[1 + sig(3), 3 + 3 * sig(5)], [-2 - 2 * sig(1), 0.0]]
+    else:  # F + F sigmoid(Mc Ms)
+        expected = [[1 + sig(2), 3 + 3 * sig(6)], [-2 - 2 * 0.5, 0.0]]
+    torch.testing.assert_close(bam(x), torch.tensor(expected).view(1, 2, 1, 2))
 
 
 def test_bam_uses_two_dilated_convs():

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from _helpers import REPO
 
 
 def _run(*args: str) -> str:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from _app_fixtures import app_checkpoints, engine, synthetic_image  # noqa: F401 - fixtures
+from _helpers import synthetic_image
 
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 from selenium import webdriver  # noqa: E402

@@ -1,6 +1,6 @@
-"""Shared fixtures for the CAM/app/figure tests: the six Figure-5 models, initialised here and
-saved with ``lgam.checkpoints.save_checkpoint`` into a session temp dir (until trained checkpoints
-land), plus small synthetic test images.
+"""Helpers shared by the tests (plain functions and constants; the fixtures built from them are in
+``conftest.py``): the six Figure-5 models, initialised here and saved with
+``lgam.checkpoints.save_checkpoint``, small synthetic test images, a thread runner.
 
 The models are perturbed (seeded) so that they disagree with each other and their predictions
 depend on the image: BN running statistics are recalibrated on a few structured images and the
@@ -9,27 +9,25 @@ depend on the image: BN running statistics are recalibrated on a few structured 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image, ImageDraw
 
 import lgam
-from lgam.cam import APP_MODELS
-
-import os
-import sys
+from lgam.data import IMAGENET_MEAN, IMAGENET_STD
+from lgam.models import FIGURE5_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the app/ folder is not installed (python -m app runs from the repo)
     sys.path.insert(0, str(REPO))
-SHARED_DATA = Path(os.environ.get("LGAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("LGAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-NAMES = list(APP_MODELS)
+NAMES = list(FIGURE5_MODELS)
 
 
 def run_in_threads(work, n: int, timeout: float = 300) -> list[BaseException]:
@@ -91,8 +89,7 @@ def make_models(seed: int = 0) -> dict[str, torch.nn.Module]:
         torch.from_numpy(np.asarray(synthetic_image(100 + i, (112, 112)), dtype=np.float32)
                          ).permute(2, 0, 1) / 255.0 for i in range(6)
     ])
-    calib = (calib - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
-        [0.229, 0.224, 0.225])[:, None, None]
+    calib = (calib - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
     models = {}
     for k, name in enumerate(NAMES):
         torch.manual_seed(seed * 100 + k)
@@ -142,35 +139,3 @@ def entry_files(directory: Path, name: str) -> list[Path]:
     elif isinstance(files, str):
         files = [files]
     return [directory / f for f in files]
-
-
-@pytest.fixture(scope="session")
-def app_checkpoints(tmp_path_factory) -> Path:
-    """A checkpoint folder with the six perturbed models (float16 safetensors + manifest)."""
-    return save_models(tmp_path_factory.mktemp("app_ckpt"))
-
-
-@pytest.fixture(scope="session")
-def broken_checkpoints(app_checkpoints, tmp_path_factory) -> Path:
-    """A copy where SGE's weights file is corrupted and BAM's weights file is missing."""
-    d = tmp_path_factory.mktemp("broken_ckpt")
-    shutil.copytree(app_checkpoints, d, dirs_exist_ok=True)
-    for f in entry_files(d, "resnet18_sge"):
-        data = bytearray(f.read_bytes())
-        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
-        f.write_bytes(bytes(data))
-    for f in entry_files(d, "resnet18_bam"):
-        f.unlink()
-    return d
-
-
-@pytest.fixture(scope="session")
-def engine(app_checkpoints):
-    from lgam.cam import CamEngine
-
-    return CamEngine.from_checkpoints(app_checkpoints, device="cpu")
-
-
-@pytest.fixture(scope="session")
-def images() -> list[Image.Image]:
-    return [synthetic_image(i, (96 + 8 * i, 80 + 4 * i)) for i in range(8)]
