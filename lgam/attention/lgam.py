@@ -1,9 +1,27 @@
 """LGAM: the Lightweight Group-wise Attention Module (Zhang, Li, Yang, 2020), eqs (1)-(7).
 
-``A (B, C, H, W)`` is split into ``G`` groups ``x_k`` of ``C' = C/G`` channels. Each group gets a
-channel attention ``F`` (GAP -> MLP -> BN -> ReLU -> sigmoid, then ``(1 + M) * x``); a ladder feeds
-each group's result into the next (``y_k = F(x_k + y_{k-1})``); the channel **sum** of the
-concatenated ``A'`` gives a spatial map, and ``A'' = A' * sigmoid(ReLU(sum)) + A``.
+Read :func:`lgam_reference` first: it is these equations transcribed line by line (and the tests'
+oracle); :class:`LGAM` computes the same thing fast. Input ``A (B, C, H, W)`` is split into ``G``
+groups ``x_k`` of ``C' = C/G`` channels; the hidden width is ``h = C' // r``.
+
+=====  ==========================================================================================
+eq.    what it computes
+=====  ==========================================================================================
+(1)    ``s = GAP(z_k)``, ``(B, C')``: the group's input pooled over positions
+(2)    ``M = sigmoid(ReLU(BN(MLP(s))))``, ``MLP = Linear(C', h) -> ReLU -> Linear(h, C')``, one MLP
+       and one ``BatchNorm1d`` per group
+(3)    ``F(z_k) = M * z_k + z_k = (1 + M) z_k``
+(4)    the ladder: ``z_1 = x_1``, ``z_k = x_k + y_{k-1}``; ``y_k = F(z_k)``; ``A' = [y_1 ... y_G]``
+(5)    ``S = sum over the C channels of A'``, ``(B, 1, H, W)``: a sum as written, not a mean
+(6)    ``M_spat = sigmoid(ReLU(S))``: 0.5 wherever ``S <= 0``
+(7)    ``A'' = A' * M_spat + A``
+=====  ==========================================================================================
+
+The paper states neither ``G`` nor ``r``: ``G=4, r=16`` is the default; ``G=32, r=2`` is the only
+setting that reproduces every "+0.03M" of the paper's parameter tables (``lgam_g32`` models). As
+written, the ladder scales group ``k`` by at least ``1.5**(k-1)``: with ``G=32`` activations grow by
+~1e6 per module at initialisation (a fresh ``resnet18_lgam_g32`` overflows float32 in eval mode
+until its BatchNorm statistics are those of real activations); with ``G=4`` by ~4.
 """
 from __future__ import annotations
 
@@ -41,7 +59,7 @@ class LGAM(GateRecorder):
         channels: ``C``, the number of input channels.
         groups: ``G``; ``C`` must be divisible by it. The paper does not state it: the default
             ``G=4`` keeps activations bounded (the ladder scales group ``k`` by ``>=1.5**(k-1)``);
-            ``G=32, r=2`` reproduces the paper's parameter counts (see DESIGN.md section 1).
+            ``G=32, r=2`` reproduces the paper's parameter counts (see the module docstring).
         reduction: ``r``; the hidden width of each group's MLP is ``C' // r``.
 
     The ladder (4) is sequential across groups, but GAP is linear and ``M_k`` is constant over
