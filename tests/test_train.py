@@ -1,6 +1,8 @@
-"""``lgam train``: recipes, overfitting a tiny set, exact resume, DDP on 2 gloo processes."""
+"""``lgam train``: recipes, overfitting a tiny set, exact resume, the settings a resume must keep,
+DDP on 2 gloo processes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO
+from _helpers import REPO
 from lgam.cli import run_module
+import lgam.errors
 import lgam.train
-from lgam.train import RECIPES, lr_at, make_recipe, param_groups, train_size_at
+from lgam.recipes import RECIPES, TrainError, lr_at, make_recipe, param_groups, train_size_at
 
 CLASSES = ("red", "green", "blue")
 # tiny and quick: CIFAR stem, 16 px, global batch 8, learning-rate warm-up over the first epoch;
@@ -191,8 +194,121 @@ def test_existing_run_needs_resume_with_the_same_settings(tiny_data, tmp_path):
     assert _train(tiny_data, tmp_path, *args) == 0
     assert "pass --resume" in _cli_error(tiny_data, tmp_path, *args)
     msg = _cli_error(tiny_data, tmp_path, *args, "--resume", "--set", "lr=0.1")
-    assert "different settings" in msg and "'lr': (0.02, 0.1)" in msg
+    assert msg.startswith("error: cannot resume ") and "--set lr was 0.02, now 0.1" in msg
+    assert "Traceback" not in msg
     assert "KEY one of" in _cli_error(tiny_data, tmp_path, *args, "--set", "lr")
+
+
+ONE_EPOCH = ("--model", "resnet18", "--epochs", "1", "--val-every", "0")
+NUM_IMAGES = "the number of training images (--data, --limit, --skip-corrupt)"
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_data, tmp_path_factory) -> Path:
+    """A finished 1-epoch resnet18 run (TINY settings) for the resume checks; a refused resume
+    changes nothing in it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _train(tiny_data, out, *ONE_EPOCH) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+#: a weight-shaping setting changed on --resume -> what the message says
+CHANGED = [
+    (("--stem", "imagenet"), "--stem was 'cifar', now 'imagenet'"),
+    (("--seed", "1"), "--seed was 0, now 1"),
+    (("--epochs", "2"), "--epochs was 1, now 2"),
+    (("--recipe", "paper", "--epochs", "1"), "--set schedule was 'cosine', now 'step'"),
+    (("--set", "batch_size=4"), "--set batch_size was 8, now 4"),
+    (("--set", "momentum=0.5"), "--set momentum was 0.9, now 0.5"),
+    (("--set", "weight_decay=0"), "--set weight_decay was 5e-05, now 0.0"),
+    (("--set", "label_smoothing=0.1"), "--set label_smoothing was 0.0, now 0.1"),
+    (("--set", "accum_steps=2"), "--set accum_steps was 1, now 2"),
+    (("--set", "crop_scale_min=0.25"), "--set crop_scale_min was 0.5, now 0.25"),
+    (("--set", "bn_bias_decay=false"), "--set bn_bias_decay was True, now False"),
+    (("--limit", "12"), f"{NUM_IMAGES} was 24, now 12"),
+    (("--decode-size", "8"), "the training images' size (--decode-size) was 16, now 8"),
+]
+
+
+@pytest.mark.parametrize("change, message", CHANGED, ids=[" ".join(c) for c, _ in CHANGED])
+def test_resume_names_the_changed_setting(one_epoch_run, tiny_data, capsys, change, message):
+    config = (one_epoch_run / "resnet18" / "config.json").read_bytes()
+    assert _train(tiny_data, one_epoch_run, *ONE_EPOCH, "--resume", *change) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume {one_epoch_run / 'resnet18'}: ")
+    assert message in err and "use the same setting" in err, err
+    assert (one_epoch_run / "resnet18" / "config.json").read_bytes() == config  # untouched
+
+
+def _with_classes(root: Path, out: Path, rename: dict[str, str | None]) -> Path:
+    """A copy of ``root`` with class folders renamed (``None``: left out)."""
+    for split in ("train", "val"):
+        for folder in (root / split).iterdir():
+            new = rename.get(folder.name, folder.name)
+            if new is not None:
+                shutil.copytree(folder, out / split / new)
+    return out
+
+
+@pytest.mark.parametrize("rename, message", [
+    ({"red": "rose"}, "the classes (--data) was ['blue', 'green', 'red'], now ['blue', 'green', 'rose']"),
+    ({"red": None}, "the number of classes (--data) was 3, now 2"),
+], ids=["renamed", "fewer"])
+def test_resume_names_other_classes(one_epoch_run, tiny_data, tmp_path, capsys, rename, message):
+    data = _with_classes(tiny_data, tmp_path, rename)
+    assert _train(data, one_epoch_run, *ONE_EPOCH, "--resume") == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert ("the classes (--data)" in err) == (None not in rename.values())  # the count says it
+
+
+def test_resume_names_the_world_size(one_epoch_run, tiny_data, capsys, monkeypatch):
+    """Two processes slice each batch in two (BatchNorm over 4 images): other weights."""
+    monkeypatch.setattr(lgam.train, "_dist_info", lambda: (0, 2))  # refused before any collective
+    assert _train(tiny_data, one_epoch_run, *ONE_EPOCH, "--resume") == 2
+    assert "the number of processes (torchrun --nproc_per_node) was 1, now 2" in capsys.readouterr().err
+
+
+def test_resume_names_the_autocast_dtype(tiny_data, tmp_path, capsys, monkeypatch):
+    """The same recipe on a device with native bf16 would continue in bf16 autocast: refused."""
+    args = (*ONE_EPOCH, "--set", "bf16=true")
+    monkeypatch.setattr(lgam.train, "bf16_native", lambda device: False)
+    assert _train(tiny_data, tmp_path, *args) == 0
+    monkeypatch.setattr(lgam.train, "bf16_native", lambda device: True)
+    assert _train(tiny_data, tmp_path, *args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "the autocast dtype (--set bf16, on a device with native bf16) was 'float32', now 'bfloat16'" in err
+
+
+def test_resume_lists_every_changed_setting(one_epoch_run, tiny_data, capsys):
+    assert _train(tiny_data, one_epoch_run, *ONE_EPOCH, "--resume", "--seed", "3", "--set", "lr=0.1") == 2
+    err = capsys.readouterr().err
+    assert "--set lr was 0.02, now 0.1; --seed was 0, now 3; use the same settings or a new --out" in err
+
+
+def test_resume_checks_a_state_saved_without_its_settings(one_epoch_run, tiny_data, tmp_path, capsys):
+    """A state.json from before it held its settings (recipe and seed only) resumes, and a changed
+    --stem is still named (from config.json) instead of failing while loading the weights."""
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    state = json.loads((run / "resnet18" / "state.json").read_text())
+    settings = state.pop("settings")
+    state.update(recipe=settings["recipe"], seed=settings["seed"])
+    (run / "resnet18" / "state.json").write_text(json.dumps(state))
+    assert _train(tiny_data, run, *ONE_EPOCH, "--resume", "--stem", "imagenet") == 2
+    assert "--stem was 'cifar', now 'imagenet'" in capsys.readouterr().err
+    assert _train(tiny_data, run, *ONE_EPOCH, "--resume") == 0
+
+
+def test_train_error_is_a_value_error_and_an_lgam_error():
+    assert issubclass(TrainError, ValueError) and issubclass(TrainError, lgam.errors.LgamError)
+    with pytest.raises(TrainError, match="unknown recipe"):
+        make_recipe("slow")
 
 
 def _cli_error(data: Path, out: Path, *args: str) -> str:

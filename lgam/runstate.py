@@ -1,0 +1,175 @@
+"""A training run's files in ``OUT/MODEL/`` and the resume state ``lgam train`` writes after every epoch.
+
+``state.safetensors`` holds the model's weights (``model.NAME``) and the optimiser's tensors
+(``optim.INDEX.NAME``); ``state.json`` the number of finished epochs, the optimiser's other state and
+parameter groups, the states of the three random generators (batch order, augmentation, torch's
+global generator) and the settings that shaped the weights (:data:`SETTINGS`). Both are replaced
+atomically, so a kill leaves the previous epoch's state; no pickle anywhere.
+
+On ``--resume`` :func:`check_settings` compares every saved setting with the new run's and raises
+:class:`lgam.recipes.TrainError` naming each one that differs with both values, before any tensor is
+loaded. States written before ``state.json`` held its settings are checked against its recipe and
+seed and the run's ``config.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ._fileio import atomic_write, atomic_write_json
+from .models import model_config
+from .recipes import TrainError
+
+__all__ = [
+    "STATE_TENSORS", "STATE_JSON", "LOG", "CONFIG", "RUNS", "SETTINGS", "generator_states",
+    "restore_generators", "save_state", "load_state", "load_weights", "read_log", "check_settings",
+]
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+LOG = "log.jsonl"  # one line per finished epoch
+CONFIG = "config.json"  # the run's settings, command line, versions and machine
+RUNS = "runs"  # checkpoints/runs/MODEL/{config.json,log.jsonl}: each shipped model's training record
+
+#: the settings that shape the weights -> how the user sets them; besides these, every field of the
+#: recipe (``recipe.FIELD``: ``--set FIELD``, ``--epochs``). Not here: the device, --compile,
+#: --val-size and --val-every, which change timing or what is measured, not the weights.
+SETTINGS: dict[str, str] = {
+    "model": "--model",
+    "seed": "--seed",
+    "stem": "--stem",
+    "num_classes": "the number of classes (--data)",
+    "classes": "the classes (--data)",
+    "train_images": "the number of training images (--data, --limit, --skip-corrupt)",
+    "image_size": "the training images' size (--decode-size)",
+    "world_size": "the number of processes (torchrun --nproc_per_node)",
+    "autocast": "the autocast dtype (--set bf16, on a device with native bf16)",
+}
+
+
+# ------------------------------------------------------------------------------ generators
+
+def generator_states(shuffle: torch.Generator, augment: torch.Generator) -> dict[str, list[int]]:
+    """The states of the batch-order and augmentation generators and of torch's global one."""
+    return {"shuffle": shuffle.get_state().tolist(), "augment": augment.get_state().tolist(),
+            "torch": torch.get_rng_state().tolist()}
+
+
+def restore_generators(states: dict[str, list[int]], shuffle: torch.Generator,
+                       augment: torch.Generator) -> None:
+    """Set the three generators to ``states`` (from :func:`generator_states`)."""
+    shuffle.set_state(torch.tensor(states["shuffle"], dtype=torch.uint8))
+    augment.set_state(torch.tensor(states["augment"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------ save, load
+
+def save_state(directory: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+               settings: dict[str, Any], generators: dict[str, list[int]]) -> None:
+    """Write ``state.safetensors`` and ``state.json`` for ``epoch`` finished epochs."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    atomic_write(directory / STATE_TENSORS, lambda tmp: save_file(tensors, tmp))
+    atomic_write_json(directory / STATE_JSON, {
+        "epoch": epoch, "settings": settings, "param_groups": opt["param_groups"],
+        "optim_scalars": scalars, "generators": generators,
+    })
+
+
+def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               settings: dict[str, Any], device: torch.device) -> tuple[int, dict[str, list[int]]]:
+    """Check ``settings`` against the saved ones (:func:`check_settings`), then restore ``model``
+    and ``optimizer``; returns the finished epochs and the saved generator states."""
+    meta = json.loads((directory / STATE_JSON).read_text())
+    check_settings(directory, _saved_settings(directory, meta), settings)
+    tensors = load_file(str(directory / STATE_TENSORS), device=str(device))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, entry in meta["optim_scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["epoch"], meta["generators"]
+
+
+def load_weights(directory: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """The model's ``state_dict`` from ``directory``'s ``state.safetensors``."""
+    tensors = load_file(str(directory / STATE_TENSORS), device=device)
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def read_log(directory: Path, epochs: int) -> list[dict[str, Any]]:
+    """The log records of the first ``epochs`` epochs: a line of an epoch whose state was never
+    written (killed in between) is dropped."""
+    log = directory / LOG
+    if not log.exists():
+        return []
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["epoch"] <= epochs]
+
+
+# ------------------------------------------------------------------------------ settings
+
+def check_settings(directory: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise :class:`TrainError` naming every setting of ``now`` that differs from ``saved``
+    (recipe fields one by one); a setting missing from either side is not compared."""
+    saved, now = _flatten(saved), _flatten(now)
+    differ = [key for key in now if key in saved and saved[key] != now[key]]
+    if "num_classes" in differ and "classes" in differ:
+        differ.remove("classes")  # the count says it
+    if not differ:
+        return
+    changes = "; ".join(f"{_label(k)} was {_show(saved[k])}, now {_show(now[k])}" for k in differ)
+    plural = "s" if len(differ) > 1 else ""
+    raise TrainError(f"cannot resume {directory}: {changes}; use the same setting{plural} or a new --out")
+
+
+def _flatten(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the recipe's fields in its place as ``recipe.FIELD``."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        flat.update({f"recipe.{k}": v for k, v in value.items()} if key == "recipe" else {key: value})
+    return flat
+
+
+def _label(key: str) -> str:
+    if key == "recipe.epochs":
+        return "--epochs"
+    if key.startswith("recipe."):
+        return f"--set {key[7:]}"
+    return SETTINGS.get(key, key)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:76] + " ..."
+
+
+def _saved_settings(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """``state.json``'s settings; for a state written before it held them, its recipe and seed and
+    what ``config.json`` recorded."""
+    if "settings" in meta:
+        return meta["settings"]
+    config_file = directory / CONFIG
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    legacy = {k: config[k] for k in ("model", "num_classes", "train_images", "world_size") if k in config}
+    if "bf16_autocast" in config:
+        legacy["autocast"] = "bfloat16" if config["bf16_autocast"] else "float32"
+    if "model" in config:  # config.json's stem is the --stem given (None: the model's own)
+        legacy["stem"] = model_config(config["model"], stem=config.get("stem"))["stem"]
+    return {**legacy, "recipe": meta["recipe"], "seed": meta["seed"]}
