@@ -84,7 +84,8 @@ def fast_gradcam(
         tgt = probs.argmax(1) if targets is None else targets.to(probs.device)
         h, w = feats.shape[-2:]
         weights = model.fc.weight[tgt].float() / (h * w)  # (B, C): d logit_t / d A_c(i, j)
-        cam = torch.einsum("bc,bchw->bhw", weights, feats.float()).clamp_min_(0)
+        with torch.autocast(x.device.type, enabled=False):  # the map in float32 under autocast too
+            cam = torch.einsum("bc,bchw->bhw", weights, feats.float()).clamp_min_(0)
         cam_np = cam.cpu().numpy()
     return probs, _scale(cam_np, (x.shape[-1], x.shape[-2]))
 

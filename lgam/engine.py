@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from .attention import GateRecorder, capture_gates, stage_gate
 from .cam import METHODS, CamError, fast_gradcam, inference_copy, library_cam, supports_fast_path
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .device import resolve_device
+from .device import bf16_native, resolve_device
 from .models import FIGURE5_MODELS
 
-__all__ = ["CamEngine", "ModelResult", "ImageComparison"]
+__all__ = ["CamEngine", "ModelResult", "ImageComparison", "PRECISIONS"]
+
+#: the engine's precision choices (see :class:`CamEngine`)
+PRECISIONS = ("auto", "bf16", "float32")
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,6 +47,12 @@ class ModelResult:
     the CAM explains; score: ``probs[target]``; cam: ``(S, S)`` float32 in [0, 1] at the model's
     input size ``S`` (the whole image resized to a square: resize it back with :func:`overlay`);
     time_ms: this model's wall time for the call divided by the number of images.
+
+    With ``gates=True`` in :meth:`CamEngine.compare`: gate: ``(S, S)`` float32, the spatial gate
+    its attention module computed in the same forward pass (values as the module used them, in
+    [0, 1], not rescaled); gate_source: that module's name (``"layer4.1.attention"``);
+    gate_formula: what the gate is; gate_note: why there is no gate (SE's gates are per channel,
+    the plain network has none).
     """
 
     name: str
@@ -53,6 +65,10 @@ class ModelResult:
     score: float | None = None
     cam: np.ndarray | None = None
     time_ms: float = 0.0
+    gate: np.ndarray | None = None
+    gate_source: str | None = None
+    gate_formula: str | None = None
+    gate_note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,10 +123,13 @@ class CamEngine:
     ``models`` maps name -> ``nn.Module`` (available) or ``str`` (the reason it is unavailable).
     ``entries`` (optional, name -> manifest entry) give each model's ``input_size``, ``mean``,
     ``std`` and ``metrics``; ``classes`` are the class names, shared by all models.
-    ``fast_copies``: run the Grad-CAM fast path on :func:`inference_copy` of each model
-    (channels_last); the models themselves serve the pytorch-grad-cam methods. Default: on for
-    CUDA, off for the CPU (there it is ~15% faster but moves LGAM's CAMs by up to ~2e-3, and the
-    app should give exactly what ``lgam evaluate`` computes).
+    ``precision``: ``"bf16"`` runs the Grad-CAM fast path under bf16 autocast on channels_last
+    copies of the models (:func:`inference_copy`; CAMs within ~0.02 of float32, see the tests),
+    ``"float32"`` exactly as ``lgam evaluate`` computes, ``"auto"`` (default) bf16 where it is
+    native (CUDA, a CPU with AVX512-BF16/AMX: :func:`lgam.device.bf16_native`), else float32.
+    The pytorch-grad-cam methods always run in float32 on the models themselves.
+    ``fast_copies`` (default: on for bf16 and for CUDA) runs the float32 fast path on the
+    channels_last copies too.
     """
 
     def __init__(
@@ -123,15 +142,21 @@ class CamEngine:
         entries: Mapping[str, dict[str, Any]] | None = None,
         setup_message: str | None = None,
         fast_copies: bool | None = None,
+        precision: str = "auto",
     ) -> None:
         try:
             self.device = resolve_device(device)
         except ValueError as e:
             raise CamError(str(e)) from e
+        if precision not in PRECISIONS:
+            raise CamError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "auto":
+            precision = "bf16" if bf16_native(self.device) else "float32"
+        self.precision = precision
         self.classes = list(classes)
         self.setup_message = setup_message
         if fast_copies is None:
-            fast_copies = self.device.type == "cuda"
+            fast_copies = self.device.type == "cuda" or precision == "bf16"
         labels = dict(FIGURE5_MODELS, **(labels or {}))
         self._slots: list[_Slot] = []
         for name, m in models.items():
@@ -159,6 +184,7 @@ class CamEngine:
         names: Sequence[str] | Mapping[str, str] = FIGURE5_MODELS,
         *,
         device: str | torch.device | None = None,
+        precision: str = "auto",
     ) -> "CamEngine":
         """Load ``names`` (or name -> label) from ``directory``'s manifest with
         :func:`lgam.checkpoints.load_models`: a missing or broken model is unavailable, with the
@@ -168,7 +194,7 @@ class CamEngine:
         labels = dict(names) if isinstance(names, Mapping) else {}
         found = load_models(directory, list(names))
         return cls(found.models, found.classes, device=device, labels=labels,
-                   entries=found.entries, setup_message=found.problem)
+                   entries=found.entries, setup_message=found.problem, precision=precision)
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -245,12 +271,16 @@ class CamEngine:
         method: str = "gradcam",
         *,
         models: Sequence[str] | None = None,
+        gates: bool = False,
+        stage: int | None = None,
     ) -> list[ImageComparison]:
         """Run every (or the named) available model on ``images``.
 
         target: ``None`` = each model's own top-1, or one class (index or name) for all models.
-        method: one of :data:`METHODS`. Returns one :class:`ImageComparison` per image; a model
-        that is unavailable or fails has ``error`` set while the others carry on.
+        method: one of :data:`METHODS`. gates: also return each model's spatial attention gate
+        of ``stage`` (1-4; ``None``: the last stage that has one), captured in the same forward
+        pass. Returns one :class:`ImageComparison` per image; a model that is unavailable or
+        fails has ``error`` set while the others carry on.
         """
         if isinstance(images, Image.Image):
             images = [images]
@@ -262,6 +292,8 @@ class CamEngine:
         if not self.available:
             raise CamError(self.setup_message or "no model is available")
         tgt = self.resolve_target(target)
+        if stage is not None and stage not in (1, 2, 3, 4):
+            raise CamError(f"stage must be 1, 2, 3 or 4, got {stage!r}")
         images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         slots = self._slots if models is None else [self._slot(n) for n in models]
 
@@ -276,7 +308,7 @@ class CamEngine:
             if key not in batches:
                 batches[key] = self.preprocess(images, *key)
             try:
-                out = self._run_model(s, batches[key], tgt, method)
+                out = self._run_model(s, batches[key], tgt, method, gates, stage)
             except Exception as e:  # noqa: BLE001 - one model failing must not stop the others
                 out = [ModelResult(s.name, s.label, error=f"{type(e).__name__}: {e}")
                        for _ in images]
@@ -285,39 +317,71 @@ class CamEngine:
         return [ImageComparison(im, res, method, str(self.device))
                 for im, res in zip(images, per_image)]
 
-    def _run_model(self, s: _Slot, x: Tensor, target: int | None, method: str) -> list[ModelResult]:
-        model = s.model
-        assert model is not None
+    def _run_model(self, s: _Slot, x: Tensor, target: int | None, method: str, gates: bool,
+                   stage: int | None) -> list[ModelResult]:
         B = x.shape[0]
         with s.lock:
             t0 = time.perf_counter()
             targets = None if target is None else torch.full((B,), target, dtype=torch.long)
-            if method == "gradcam" and supports_fast_path(model):
-                fx = x.contiguous(memory_format=torch.channels_last) if s.fast is not None else x
-                probs, cams = fast_gradcam(s.fast if s.fast is not None else model, fx, targets)
-                tgt = probs.argmax(1) if targets is None else targets
-            else:
-                with torch.inference_mode():
-                    probs = torch.softmax(model(x).float(), dim=1)
-                tgt = probs.argmax(1) if targets is None else targets
-                cams = library_cam(model, x, tgt.tolist(), method)
-            probs_np = probs.cpu().numpy()
-            tgt_list = [int(t) for t in tgt.tolist()]
+            probs, cams, captured = self._forward(s, x, targets, method, gates)
+            tgt = probs.argmax(1) if targets is None else targets
+            probs_np, tgt_list = probs.cpu().numpy(), [int(t) for t in tgt.tolist()]
+            gate_maps = _gate_maps(s, captured, stage, x.shape[-2:]) if gates else None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = (time.perf_counter() - t0) * 1000 / B
         out = []
         k = min(5, probs_np.shape[1])
         for i in range(B):
-            p = probs_np[i]
+            p, t = probs_np[i], tgt_list[i]
             top = np.argsort(-p, kind="stable")[:k]
-            t = tgt_list[i]
-            out.append(ModelResult(
+            r = ModelResult(
                 s.name, s.label, probs=p, top5=[(self._cls(j), float(p[j])) for j in top],
-                target=t, target_class=self._cls(t), score=float(p[t]), cam=cams[i],
-                time_ms=dt,
-            ))
+                target=t, target_class=self._cls(t), score=float(p[t]), cam=cams[i], time_ms=dt)
+            if gate_maps is not None:
+                maps, r.gate_source, r.gate_formula, r.gate_note = gate_maps
+                r.gate = None if maps is None else maps[i]
+            out.append(r)
         return out
+
+    def _forward(self, s: _Slot, x: Tensor, targets: Tensor | None, method: str, gates: bool
+                 ) -> tuple[Tensor, np.ndarray, dict[str, dict[str, Tensor]]]:
+        """``(probs, cams, captured gates)`` from one forward pass (plus the CAM method's own
+        passes for the pytorch-grad-cam methods)."""
+        model = s.model
+        assert model is not None
+        fast = method == "gradcam" and supports_fast_path(model)
+        net = s.fast if fast and s.fast is not None else model
+        with (capture_gates(net) if gates else nullcontext({})) as captured:
+            if fast:
+                fx = x.contiguous(memory_format=torch.channels_last) if net is s.fast else x
+                with torch.autocast(self.device.type, torch.bfloat16,
+                                    enabled=self.precision == "bf16"):
+                    probs, cams = fast_gradcam(net, fx, targets)
+            else:
+                with torch.inference_mode():
+                    probs = torch.softmax(model(x).float(), dim=1)
+        if not fast:
+            tgt = probs.argmax(1) if targets is None else targets
+            cams = library_cam(model, x, tgt.tolist(), method)
+        return probs, cams, captured
 
     def _cls(self, i: int) -> str:
         return self.classes[i] if 0 <= i < len(self.classes) else str(i)
+
+
+def _gate_maps(s: _Slot, captured: dict[str, dict[str, Tensor]], stage: int | None,
+               size: tuple[int, int]) -> tuple[np.ndarray | None, str | None, str | None, str | None]:
+    """``(maps (B, H, W) in [0, 1] or None, source module, formula, note)`` for one model."""
+    found = stage_gate(captured, stage)
+    if found is None:
+        modules = [m for m in s.model.modules() if isinstance(m, GateRecorder)]
+        if not modules:
+            return None, None, None, "no attention module"
+        if not any(m.gate_description for m in modules):
+            return None, None, None, "channel gates only, no spatial map"
+        return None, None, None, f"no spatial gate in stage {stage}"
+    name, gate = found
+    maps = F.interpolate(gate.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    formula = s.model.get_submodule(name).gate_description  # the copy has the same names
+    return maps[:, 0].clamp_(0, 1).cpu().numpy(), name, formula, None

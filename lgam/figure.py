@@ -17,11 +17,11 @@ from PIL import Image
 
 from ._fileio import FIGURE_FORMATS, save_figure
 from .cam import METHODS, overlay
-from .engine import ImageComparison
+from .engine import ImageComparison, ModelResult
 from .errors import UsageError
 from .models import FIGURE5_MODELS
 
-__all__ = ["figure5", "save_figure5", "FORMATS", "configure_parser", "main"]
+__all__ = ["figure5", "save_figure5", "gate_place", "FORMATS", "VIEWS", "configure_parser", "main"]
 
 FORMATS = FIGURE_FORMATS
 #: the longest side of each tile's bitmap (keeps PDFs small)
@@ -36,49 +36,81 @@ def _thumb(image: Image.Image) -> Image.Image:
     return im
 
 
-def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inches: float = 1.7):
-    """A matplotlib ``Figure``: one row per :class:`~lgam.engine.ImageComparison`, columns = input +
-    one CAM overlay per model (an "unavailable" tile where a model failed)."""
+#: what the model tiles show: the Grad-CAM, the attention modules' own spatial gates, or both
+VIEWS = ("cam", "gates", "both")
+
+
+def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inches: float = 1.7,
+            view: str = "cam"):
+    """A matplotlib ``Figure``: one row per :class:`~lgam.engine.ImageComparison` (two with
+    ``view="both"``: CAMs, then gates), columns = input + one overlay per model (an
+    "unavailable" tile where a model failed). Gates need ``compare(..., gates=True)``; they are
+    drawn on the colormap's absolute scale (0.5 is 0.5 in every tile), CAMs min-max scaled."""
     from matplotlib.figure import Figure
 
     if not comparisons:
         raise UsageError("figure5 needs at least one image")
-    n_rows, n_cols = len(comparisons), 1 + len(comparisons[0].results)
-    fig = Figure(figsize=(tile_inches * n_cols, tile_inches * n_rows * 1.2 + 0.2),
+    if view not in VIEWS:
+        raise UsageError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+    rows = [(comp, v) for comp in comparisons for v in (("cam", "gates") if view == "both" else (view,))]
+    n_cols = 1 + len(comparisons[0].results)
+    thumbs = {id(comp): _thumb(comp.image) for comp in comparisons}
+    aspects = [thumbs[id(comp)].height / thumbs[id(comp)].width for comp, _ in rows]
+    fig = Figure(figsize=(tile_inches * n_cols, sum(tile_inches * a + 0.45 for a in aspects) + 0.3),
                  layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    for i, comp in enumerate(comparisons):
-        thumb = _thumb(comp.image)
-        tiles = [("Input", thumb, "")]
-        for r in comp.results:
-            if r.ok:
-                tiles.append((r.label, overlay(thumb, r.cam, alpha), f"{r.target_class}\n{r.score:.2f}"))
-            else:
-                tiles.append((r.label, None, "unavailable"))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False, height_ratios=aspects)
+    for i, (comp, v) in enumerate(rows):
+        thumb = thumbs[id(comp)]
+        tiles = [("Input", thumb, "" if view != "both" else ("Grad-CAM" if v == "cam" else "gates"))]
+        tiles += [_tile(r, thumb, alpha, v) for r in comp.results]
         for j, (label, img, caption) in enumerate(tiles):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if img is not None:
-                ax.imshow(img.resize((224, 224), Image.Resampling.BILINEAR))
-            else:
-                ax.set_facecolor("0.9")
-                ax.set_xlim(0, 1)
-                ax.set_ylim(0, 1)
-            if i == 0:
-                ax.set_title(label, fontsize=10, fontweight="bold")
-            if caption:
-                ax.set_xlabel(caption, fontsize=8)
+            _draw(axes[i][j], img, label if i == 0 else None, caption, thumb.height / thumb.width)
     return fig
 
 
+def _tile(r: ModelResult, thumb: Image.Image, alpha: float, view: str):
+    """``(title, image or None, caption)`` of one model's tile."""
+    if not r.ok:
+        return r.label, None, "unavailable"
+    if view == "cam":
+        return r.label, overlay(thumb, r.cam, alpha), f"{r.target_class}\n{r.score:.2f}"
+    if r.gate is None:
+        return r.label, None, r.gate_note or "no gate"
+    return r.label, overlay(thumb, r.gate, alpha), gate_place(r.gate_source)
+
+
+def gate_place(module: str) -> str:
+    """Where a gate comes from, for a caption: ``layer4.1.attention`` -> ``stage 4 · layer4.1``,
+    ``stage_attention.2`` (BAM) -> ``after stage 3``."""
+    from .attention import stage_of
+
+    if module.startswith("stage_attention."):
+        return f"after stage {stage_of(module)}"
+    return f"stage {stage_of(module)} · {module.removesuffix('.attention')}"
+
+
+def _draw(ax, img: Image.Image | None, title: str | None, caption: str, aspect: float) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if img is not None:
+        ax.imshow(img)  # the photo's own aspect ratio
+    else:
+        ax.set_facecolor("0.9")
+        ax.set_box_aspect(aspect)
+    if title:
+        ax.set_title(title, fontsize=10, fontweight="bold")
+    if caption:
+        ax.set_xlabel(caption, fontsize=7, wrap=True)
+
+
 def save_figure5(
-    comparisons: Sequence[ImageComparison], path: str | Path, alpha: float = 0.5, dpi: int = 150
+    comparisons: Sequence[ImageComparison], path: str | Path, alpha: float = 0.5, dpi: int = 150,
+    view: str = "cam",
 ) -> Path:
     """Draw :func:`figure5` into ``path`` (``.png``, ``.pdf`` or ``.svg``); returns the path."""
-    return save_figure(figure5(comparisons, alpha), path, dpi)
+    return save_figure(figure5(comparisons, alpha, view=view), path, dpi)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -92,6 +124,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="class name or index for all models (default: each model's own top-1)")
     p.add_argument("--method", default="gradcam", choices=METHODS, help="CAM method")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1]")
+    p.add_argument("--view", choices=VIEWS, default="cam",
+                   help="cam: Grad-CAM; gates: each attention module's own spatial gate; both")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), default=None,
+                   help="stage of the gates (default: the last stage that has them)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--dpi", type=int, default=150)
 
@@ -114,8 +150,9 @@ def main(args: argparse.Namespace) -> int:
         return 1
     for name, why in engine.unavailable.items():
         print(f"warning: {name} unavailable: {why}", file=sys.stderr)
-    comps = engine.compare(images, target=args.target, method=args.method)
-    out = save_figure5(comps, args.out, alpha=args.alpha, dpi=args.dpi)
+    comps = engine.compare(images, target=args.target, method=args.method,
+                           gates=args.view != "cam", stage=args.stage)
+    out = save_figure5(comps, args.out, alpha=args.alpha, dpi=args.dpi, view=args.view)
     for comp, f in zip(comps, args.images):
         print(f + ": " + "; ".join(r.caption() for r in comp.results))
     print(f"wrote {out}")

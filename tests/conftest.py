@@ -46,7 +46,7 @@ def broken_checkpoints(app_checkpoints, tmp_path_factory) -> Path:
 def engine(app_checkpoints):
     from lgam.engine import CamEngine
 
-    return CamEngine.from_checkpoints(app_checkpoints, device="cpu")
+    return CamEngine.from_checkpoints(app_checkpoints, device="cpu", precision="float32")
 
 
 @pytest.fixture(scope="session")

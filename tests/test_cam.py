@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from _helpers import CLASSES, NAMES, make_models, run_in_threads, synthetic_image
-)
 import lgam
 from lgam.cam import METHODS, CamError, fast_gradcam, inference_copy, library_cam, overlay
+from lgam.device import cpu_has_native_bf16
 from lgam.engine import CamEngine
 from lgam.checkpoints import load_manifest
 
@@ -29,7 +29,7 @@ def models() -> dict[str, torch.nn.Module]:
 
 @pytest.fixture(scope="module")
 def mem_engine(models) -> CamEngine:
-    return CamEngine(models, CLASSES, device="cpu")
+    return CamEngine(models, CLASSES, device="cpu", precision="float32")
 
 
 def _hooks(model: torch.nn.Module) -> int:
@@ -71,7 +71,8 @@ def test_channels_last_copies_equal_gradcam_on_the_same_copy(models, images):
     """The CUDA default (``fast_copies``): the engine's CAM equals pytorch-grad-cam's GradCAM run
     on the same channels_last copy."""
     names = ["resnet18", "resnet18_lgam"]
-    eng = CamEngine({n: models[n] for n in names}, CLASSES, device="cpu", fast_copies=True)
+    eng = CamEngine({n: models[n] for n in names}, CLASSES, device="cpu", fast_copies=True,
+                    precision="float32")
     x = eng.preprocess(images[:2])
     got = eng.compare(images[:2])
     for k, n in enumerate(names):
@@ -331,6 +332,80 @@ def test_app_latency_benchmark_runs(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for path in ("| cpu | engine |", "| cpu | engine+overlays |", "| cpu | naive | "):
+    for path in ("| cpu | engine float32 |", "| cpu | page (", "| cpu | /compare round trip (",
+                 "| cpu | naive | "):
         assert path in proc.stdout
     assert "Machine:" in proc.stdout
+
+
+def test_gates_come_from_the_same_forward_and_are_the_modules_own(models, mem_engine, images):
+    import torch.nn.functional as F
+
+    from lgam.attention import GateRecorder, attention_gates
+
+    comps = mem_engine.compare(images[:2], gates=True)
+    x = mem_engine.preprocess(images[:2])
+    for name in ("resnet18_sge", "resnet18_cbam", "resnet18_lgam"):
+        want = attention_gates(models[name], x)[4]["layer4.1.attention"]["spatial"]
+        want = F.interpolate(want, size=(224, 224), mode="bilinear", align_corners=False)[:, 0]
+        for k, comp in enumerate(comps):
+            r = comp[name]
+            assert r.gate_source == "layer4.1.attention" and r.gate_formula and r.gate_note is None
+            np.testing.assert_allclose(r.gate, want[k].clamp(0, 1).numpy(), atol=1e-6)
+    bam = comps[0]["resnet18_bam"]
+    assert bam.gate_source == "stage_attention.2" and bam.gate.shape == (224, 224)
+    assert "eqs (5)-(6)" in comps[0]["resnet18_lgam"].gate_formula
+    assert comps[0]["resnet18"].gate is None and comps[0]["resnet18"].gate_note == "no attention module"
+    assert comps[0]["resnet18_se"].gate is None and "channel" in comps[0]["resnet18_se"].gate_note
+    # the gates do not change the CAMs, and recording is off again afterwards
+    plain = mem_engine.compare(images[:2])
+    for a, b in zip(plain[0].results, comps[0].results):
+        np.testing.assert_array_equal(a.cam, b.cam)
+        assert a.gate is None
+    assert not any(m.record_gates for m in models["resnet18_lgam"].modules()
+                   if isinstance(m, GateRecorder))
+    assert _hooks(models["resnet18_lgam"]) == 0
+
+
+def test_gates_of_a_chosen_stage(mem_engine, images):
+    one = mem_engine.compare(images[0], gates=True, stage=1)[0]
+    assert one["LGAM"].gate_source == "layer1.1.attention"
+    assert one["BAM"].gate_source == "stage_attention.0"
+    four = mem_engine.compare(images[0], gates=True, stage=4)[0]
+    assert four["BAM"].gate is None and four["BAM"].gate_note == "no spatial gate in stage 4"
+    with pytest.raises(CamError, match="stage"):
+        mem_engine.compare(images[0], gates=True, stage=5)
+
+
+def test_precision_choice(models):
+    from lgam.device import bf16_native
+
+    one = {"resnet18": models["resnet18"]}
+    auto = CamEngine(one, CLASSES, device="cpu")
+    assert auto.precision == ("bf16" if bf16_native(torch.device("cpu")) else "float32")
+    assert CamEngine(one, CLASSES, device="cpu", precision="float32").precision == "float32"
+    with pytest.raises(CamError, match="precision"):
+        CamEngine(one, CLASSES, device="cpu", precision="fp8")
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(),
+                    reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_bf16_engine_is_close_to_float32(models, images):
+    fp32 = CamEngine(models, CLASSES, device="cpu", precision="float32")
+    bf16 = CamEngine(models, CLASSES, device="cpu", precision="bf16")
+    a, b = fp32.compare(images, gates=True), bf16.compare(images, gates=True)
+    same = 0
+    for ca, cb in zip(a, b):
+        for ra, rb in zip(ca.results, cb.results):
+            assert np.abs(ra.probs - rb.probs).max() < 0.05, ra.name
+            if ra.target == rb.target:
+                same += 1
+                # fixture models (random weights, small CAM ranges) amplify bf16 rounding; the
+                # trained models' bound on val images is in test_shipped_checkpoints.py
+                assert np.abs(ra.cam - rb.cam).mean() <= 0.02, ra.name
+                assert np.abs(ra.cam - rb.cam).max() <= 0.2, ra.name
+    assert same >= 0.9 * len(images) * len(models)
+    # the pytorch-grad-cam methods stay float32
+    ga = fp32.compare(images[0], method="gradcam++", models=["resnet18_lgam"])[0].results[0]
+    gb = bf16.compare(images[0], method="gradcam++", models=["resnet18_lgam"])[0].results[0]
+    np.testing.assert_allclose(ga.cam, gb.cam, atol=1e-5)

@@ -6,7 +6,6 @@ import pytest
 from PIL import Image
 
 from _helpers import synthetic_image
-)
 from lgam.cli import main as lgam_main
 from lgam.figure import figure5, save_figure5
 
@@ -90,3 +89,39 @@ def test_cli_errors(app_checkpoints, tmp_path, capsys):
                       str(app_checkpoints), "--target", "nope"]) == 2
     assert "unknown class" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_gates_and_both_views(engine, images):
+    comps = engine.compare(images[:2], gates=True)
+    axes = figure5(comps, view="gates").get_axes()
+    assert len(axes) == 2 * 7
+    assert axes[1].get_xlabel() == "no attention module" and not axes[1].get_images()
+    assert axes[6].get_xlabel() == "stage 4 · layer4.1" and len(axes[6].get_images()) == 1
+    assert axes[5].get_xlabel() == "after stage 3"  # BAM sits between stages
+    both = figure5(comps, view="both").get_axes()
+    assert len(both) == 4 * 7  # per image: a CAM row, then a gates row
+    assert [both[0].get_xlabel(), both[7].get_xlabel()] == ["Grad-CAM", "gates"]
+    with pytest.raises(ValueError, match="view"):
+        figure5(comps, view="attention")
+
+
+def test_tiles_keep_the_photo_aspect(engine):
+    wide = Image.new("RGB", (300, 100), (90, 120, 30))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figure5(engine.compare(wide))
+    FigureCanvasAgg(fig).draw()  # lay out
+    ax = fig.get_axes()[1]
+    h, w = ax.get_images()[0].get_array().shape[:2]
+    assert w / h == pytest.approx(3, rel=0.02)
+    bbox = ax.get_window_extent()
+    assert bbox.width / bbox.height == pytest.approx(3, rel=0.05)
+
+
+def test_cli_view_both(app_checkpoints, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    synthetic_image(3).save(img)
+    out = tmp_path / "both.png"
+    assert lgam_main(["figure5", str(img), "--out", str(out), "--checkpoints", str(app_checkpoints),
+                      "--view", "both", "--stage", "3", "--dpi", "60"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -11,6 +11,7 @@ from _helpers import REPO
 from lgam.engine import CamEngine
 from lgam.models import FIGURE5_MODELS
 from lgam.checkpoints import load_checkpoint, load_manifest
+from lgam.device import cpu_has_native_bf16
 from lgam.evaluate import SIZES
 
 CHECKPOINTS = REPO / "checkpoints"
@@ -58,3 +59,25 @@ def test_the_app_loads_the_shipped_models_with_no_flag(shipped):
     engine = CamEngine.from_checkpoints(CHECKPOINTS, device="cpu")  # the app's default folder
     assert set(shipped) <= set(engine.available)
     assert engine.setup_message is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_bf16_app_agrees_with_float32_on_val_images(shipped, imagenet20_dir):
+    """The app's bf16 fast path: the same top-1 as float32 and heatmaps within 0.02 on a val
+    subset (48 images, every class)."""
+    import numpy as np
+    from PIL import Image
+
+    from lgam.data import load_split
+
+    split = load_split(imagenet20_dir, "val", limit=48)
+    images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in split.images]
+    fp32 = CamEngine.from_checkpoints(CHECKPOINTS, device="cpu", precision="float32")
+    bf16 = CamEngine.from_checkpoints(CHECKPOINTS, device="cpu", precision="bf16")
+    a, b = fp32.compare(images), bf16.compare(images)
+    pairs = [(ra, rb) for ca, cb in zip(a, b) for ra, rb in zip(ca.results, cb.results) if ra.ok]
+    agree = [ra.target == rb.target for ra, rb in pairs]
+    assert sum(agree) >= 0.98 * len(pairs)
+    diffs = [np.abs(ra.cam - rb.cam).mean() for (ra, rb), ok in zip(pairs, agree) if ok]
+    assert max(diffs) <= 0.02

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from ._gates import GateRecorder, attention_gates, capture_gates, stage_of
+from ._gates import GateRecorder, attention_gates, capture_gates, stage_gate, stage_of
 from .bam import BAM
 from .cbam import CBAM
 from .lgam import LGAM, lgam_reference
@@ -15,7 +15,7 @@ from .sge import SGE
 
 __all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "attention_placement", "create_attention",
            "lgam_reference",
-           "GateRecorder", "attention_gates", "capture_gates", "stage_of"]
+           "GateRecorder", "attention_gates", "capture_gates", "stage_gate", "stage_of"]
 
 #: short name -> constructor taking ``channels`` (the names used in model names, e.g. ``resnet18_se``)
 ATTENTION: dict[str, Callable[[int], nn.Module]] = {

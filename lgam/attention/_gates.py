@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GateRecorder", "capture_gates", "attention_gates", "stage_of"]
+__all__ = ["GateRecorder", "capture_gates", "attention_gates", "stage_of", "stage_gate"]
 
 
 class GateRecorder(nn.Module):
@@ -28,6 +28,8 @@ class GateRecorder(nn.Module):
     #: where the module goes in a backbone: ``"block"`` (every residual block, before the identity
     #: add) or ``"stage"`` (after stages 1..n-1); see :func:`lgam.attention.attention_placement`
     placement: str = "block"
+    #: what its recorded ``spatial`` gate is, in one line (``""``: it records no spatial gate)
+    gate_description: str = ""
     record_gates: bool = False
     last_gates: dict[str, Tensor] | None = None
 
@@ -75,3 +77,19 @@ def attention_gates(model: nn.Module, x: Tensor) -> dict[int, dict[str, dict[str
     for name, gates in captured.items():
         stages.setdefault(stage_of(name) or 0, {})[name] = gates
     return dict(sorted(stages.items()))
+
+
+def stage_gate(captured: dict[str, dict[str, Tensor]], stage: int | None = None
+               ) -> tuple[str, Tensor] | None:
+    """``(module name, spatial gate (B, 1, h, w))`` of the last module in ``stage`` that records
+    a spatial gate (``stage=None``: the last stage that has one), from :func:`capture_gates`'s
+    dict; ``None`` when there is none (SE, a plain network, BAM after the last stage)."""
+    found = [(stage_of(name) or 0, name, g["spatial"]) for name, g in captured.items()
+             if "spatial" in g]
+    if stage is not None:
+        found = [f for f in found if f[0] == stage]
+    if not found:
+        return None
+    last = max(f[0] for f in found)
+    _, name, gate = [f for f in found if f[0] == last][-1]  # network order: the stage's last
+    return name, gate

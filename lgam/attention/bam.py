@@ -56,6 +56,7 @@ class BAM(GateRecorder):
     """
 
     placement = "stage"  # the BAM paper puts it at the bottlenecks between stages
+    gate_description = "sigmoid(Mc + Ms) averaged over channels"
 
     def __init__(
         self, channels: int, reduction: int = 16, dilation: int = 4, combine: str = "sum"

@@ -46,6 +46,8 @@ class CBAMSpatialGate(nn.Module):
 class CBAM(GateRecorder):
     """Channel gate then spatial gate, applied in sequence. Input and output ``(B, C, H, W)``."""
 
+    gate_description = "sigmoid(conv7x7([max_c, mean_c])) of the channel-gated input"
+
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
         super().__init__()
         check_positive_int("channels", channels)

@@ -69,6 +69,8 @@ class LGAM(GateRecorder):
     as the test oracle: read it first.
     """
 
+    gate_description = "M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6)"
+
     def __init__(self, channels: int, groups: int = 4, reduction: int = 16) -> None:
         super().__init__()
         check_divisible(channels, groups, "LGAM")

@@ -20,6 +20,8 @@ class SGE(GateRecorder):
     transcription of the paper's formula that the tests hold it to.
     """
 
+    gate_description = "sigmoid(normalised x . GAP(x)) averaged over the groups"
+
     def __init__(self, channels: int, groups: int = 64, eps: float = 1e-5) -> None:
         super().__init__()
         check_divisible(channels, groups, "SGE")

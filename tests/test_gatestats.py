@@ -1,0 +1,62 @@
+"""lgam gates: per-stage statistics of the attention modules' own spatial gates."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lgam
+from _helpers import synthetic_image
+from lgam.attention import attention_gates
+from lgam.cli import main as lgam_main
+from lgam.data import IMAGENET_MEAN, IMAGENET_STD, DecodedSplit, resize_normalize
+from lgam.gatestats import gate_statistics
+
+
+def _split(n: int = 6, size: int = 48) -> DecodedSplit:
+    imgs = torch.stack([torch.from_numpy(np.asarray(synthetic_image(i, (size, size)))).permute(2, 0, 1)
+                        for i in range(n)])
+    return DecodedSplit(imgs, torch.zeros(n, dtype=torch.long), ["a"], ["a"])
+
+
+def _model(name: str) -> torch.nn.Module:
+    m = lgam.create_model(name, num_classes=3)
+    with torch.no_grad():  # BN statistics of real activations
+        m(torch.randn(8, 3, 64, 64))
+    return m.eval()
+
+
+def test_statistics_count_every_position_of_every_module():
+    model, split = _model("resnet18_lgam"), _split()
+    stats = gate_statistics(model, split, 64, IMAGENET_MEAN, IMAGENET_STD, batch_size=4)
+    assert sorted(stats) == [1, 2, 3, 4] and all(s["modules"] == 2 for s in stats.values())
+    x = resize_normalize(split.images, 64, IMAGENET_MEAN, IMAGENET_STD)
+    gates = attention_gates(model, x)
+    for stage in (1, 4):
+        g = torch.cat([m["spatial"].flatten() for m in gates[stage].values()]).double()
+        assert stats[stage]["at_half"] == pytest.approx(float((g == 0.5).double().mean()))
+        assert stats[stage]["open"] == pytest.approx(float((g >= 0.99).double().mean()))
+        assert stats[stage]["mean"] == pytest.approx(float(g.mean()), rel=1e-6)
+    assert all(0 <= s["at_half"] <= 1 for s in stats.values())
+
+
+def test_models_without_spatial_gates_have_none():
+    split = _split(2)
+    assert gate_statistics(_model("resnet18_se"), split, 32, IMAGENET_MEAN, IMAGENET_STD) == {}
+    bam = gate_statistics(_model("resnet18_bam"), split, 32, IMAGENET_MEAN, IMAGENET_STD)
+    assert sorted(bam) == [1, 2, 3]  # between the stages
+
+
+def test_cli_table(app_checkpoints, tmp_path, capsys):
+    val = tmp_path / "val"
+    for k, cls in enumerate(["n01", "n02"]):
+        (val / cls).mkdir(parents=True)
+        for i in range(2):
+            synthetic_image(10 * k + i, (40, 32)).save(val / cls / f"{i}.png")
+    out = tmp_path / "gates.md"
+    assert lgam_main(["gates", "--checkpoints", str(app_checkpoints), "--data", str(tmp_path),
+                      "--limit", "4", "--out", str(out), "--models", "resnet18_lgam",
+                      "resnet18_se"]) == 0
+    table = out.read_text()
+    assert "| resnet18_lgam | 4 | 2 |" in table and "| resnet18_se | — | 0 |" in table
+    assert "Val images: 4" in capsys.readouterr().out
