@@ -1,4 +1,5 @@
-"""Command-line flags, engine construction and ``launch`` for the app."""
+"""Command-line flags, engine construction and ``launch`` for the app (which prints a one-line
+startup summary: models loaded, device, precision)."""
 from __future__ import annotations
 
 import argparse
@@ -10,23 +11,30 @@ from typing import Sequence
 
 import gradio as gr
 
-from lgam.engine import CamEngine
+from lgam.cli import HelpFormatter
+from lgam.device import device_summary
+from lgam.engine import PRECISIONS, CamEngine
 from lgam.errors import LgamError
 from lgam.imageio import MAX_BYTES, MAX_PIXELS
 
 from .ui import build_app, default_examples
 
-__all__ = ["parse_args", "create_app", "launch", "main"]
+__all__ = ["parse_args", "create_app", "launch", "main", "startup_summary"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m app",
-        description="LGAM Figure 5, live: input + Grad-CAM of six ResNet18 variants (Gradio app).")
+        description="LGAM Figure 5, live: input + Grad-CAM of six ResNet18 variants (Gradio app).",
+        formatter_class=HelpFormatter)
     p.add_argument("--checkpoints", default=os.environ.get("LGAM_CHECKPOINTS", "checkpoints"),
-                   help="folder with manifest.json and the six models (default: checkpoints)")
+                   help="folder with manifest.json and the six models (default: %(default)s)")
     p.add_argument("--device", default=os.environ.get("LGAM_DEVICE", "auto"),
                    help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   default=os.environ.get("LGAM_PRECISION", "auto"),
+                   help="auto: bf16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), "
+                        "else float32; float32: exactly what `lgam evaluate` computes")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (0.0.0.0 in Docker/Spaces)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -39,9 +47,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def startup_summary(engine: CamEngine) -> str:
+    """One line for the server log: how many models loaded (and which did not), the device and
+    the precision the models run in."""
+    loaded = f"{len(engine.available)}/{len(engine.names)} models loaded"
+    if engine.unavailable:
+        loaded += " (unavailable: " + ", ".join(engine.label(n) for n in engine.unavailable) + ")"
+    return (f"lgam app: {loaded} · device {device_summary(engine.device)} · "
+            f"precision {engine.precision}")
+
+
 def create_app(args: argparse.Namespace, engine: CamEngine | None = None) -> tuple[gr.Blocks, dict]:
     """``(blocks, launch_kwargs)`` for ``args`` (``engine`` defaults to the checkpoints')."""
-    engine = engine or CamEngine.from_checkpoints(args.checkpoints, device=args.device)
+    engine = engine or CamEngine.from_checkpoints(args.checkpoints, device=args.device,
+                                                  precision=args.precision)
     engine.warmup()
     examples = default_examples(args.examples)
     max_bytes = int(args.max_mb * 2**20)
@@ -58,8 +77,11 @@ def create_app(args: argparse.Namespace, engine: CamEngine | None = None) -> tup
 
 
 def launch(args: argparse.Namespace, engine: CamEngine | None = None, **overrides) -> gr.Blocks:
-    """Build and launch; ``overrides`` go to ``Blocks.launch`` (e.g. ``prevent_thread_lock``)."""
+    """Build, print :func:`startup_summary` and launch; ``overrides`` go to ``Blocks.launch``
+    (e.g. ``prevent_thread_lock``)."""
+    engine = engine or CamEngine.from_checkpoints(args.checkpoints, device=args.device)
     demo, kwargs = create_app(args, engine)
+    print(startup_summary(engine), flush=True)
     kwargs.update(overrides)
     demo.launch(**kwargs)
     return demo

@@ -1,8 +1,13 @@
-"""The Gradio 6 page: input image(s) -> input + six Grad-CAM overlays (the paper's Figure 5).
+"""The Gradio 6 page: input image(s) -> the input and, per model, its Grad-CAM and/or its attention
+module's own gate (the paper's Figure 5, live).
 
 Thin by design: images are read by :mod:`lgam.imageio`, every number comes from
-:class:`lgam.engine.CamEngine`, overlays from :func:`lgam.cam.overlay` and the exported figure from
-:mod:`lgam.figure`; this module holds the page's words and layout. One named API endpoint, ``/compare`` (plus ``/export`` for the figure file).
+:class:`lgam.engine.CamEngine`, tiles and the result grid from :mod:`app.render`, the exported
+figure from :mod:`lgam.figure`; this module holds the page's words and layout. Two named API
+endpoints, ``/compare`` (image files) and ``/export`` (the figure file), each callable with just
+an image: every other input has a default. The page runs the comparison when an image is
+uploaded, taken, pasted or picked from the examples, and when the view changes; the Compare button
+re-runs it with changed settings.
 """
 from __future__ import annotations
 
@@ -10,28 +15,80 @@ import logging
 import tempfile
 import time
 import types
+from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import gradio as gr
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lgam._format import format_or_dash
-from lgam.cam import METHODS, CamError, overlay
+from lgam.cam import METHODS, CamError
 from lgam.data import IMAGE_EXTENSIONS
 from lgam.engine import CamEngine, ImageComparison
 from lgam.imageio import MAX_BYTES, MAX_PIXELS, ImageLoadError, load_image
 
-__all__ = ["OWN_TOP1", "build_app", "run_compare", "run_export", "default_examples", "raw_image",
-           "model_rows", "setup_help"]
+from .render import VIEWS, Tile, gate_notes, save_tiles, tiles_for, tiles_html
+
+__all__ = ["OWN_TOP1", "LOW_CONFIDENCE", "MIN_AGREEMENT", "build_app", "run_compare",
+           "run_export", "default_examples", "raw_image", "model_rows", "setup_help",
+           "classes_note", "confidence_warning", "training_status"]
 
 log = logging.getLogger("lgam.app")
 
 #: the target-class choice meaning "each model explains its own prediction"
 OWN_TOP1 = "each model's own top-1"
+DEFAULT_METHOD = "gradcam"
+DEFAULT_OPACITY = 0.5
+DEFAULT_FORMAT = "png"
+DEFAULT_VIEW = "Grad-CAM"
+#: the gate-stage choice: label -> stage (None: the last stage where the model has gates)
+STAGES = {"last stage with gates": None, "stage 1": 1, "stage 2": 2, "stage 3": 3, "stage 4": 4}
+DEFAULT_STAGE = "last stage with gates"
 TOP5_HEADERS = ["image", "model", "#1", "#2", "#3", "#4", "#5", "ms"]
-MODEL_HEADERS = ["model", "status", "params (M)", "GMACs 224", "input (px)", "val top-1 err (%)",
-                 "val top-1 err 224 px (%)"]
+MODEL_HEADERS = ["model", "status", "params (M)", "GMACs 224", "input (px)",
+                 "val top-1 err at input size (%)", "val images", "val top-1 err 224 px (%)"]
+#: the components' labels: they also name the endpoints' inputs and outputs in the API
+#: (``Client.view_api()``)
+GALLERY_LABEL = "Input + Grad-CAM per model"
+TOP5_LABEL = "Top-5 per model"
+INFO_LABEL = "Run info"
+FIGURE_LABEL = "Figure 5 file"
+
+#: Warn below this mean top-1 probability over the models. Every model knows only its classes and
+#: must spread 100% over them, so a photo of something else tends to get a flat answer, while a
+#: clear in-class photo should get well above 0.5 (the shipped models were trained with label
+#: smoothing 0.1, whose target for the right class is 0.9 + 0.1/20 = 0.905). A heuristic, not a
+#: detector: some out-of-class photos still get a confident wrong class.
+LOW_CONFIDENCE = 0.5
+#: Warn when no class is the top-1 of more than this fraction of the models. Each model is wrong on
+#: about one val image in five, so one dissenting model is normal on an in-class photo; no majority
+#: for any class is not.
+MIN_AGREEMENT = 0.5
+
+_C = TypeVar("_C", bound=gr.components.Component)
+
+
+def _user_error(message: str) -> gr.Error:
+    """A ``gr.Error`` for the user's input: shown to the user, no traceback in the server log."""
+    return gr.Error(message, print_exception=False)
+
+
+def _quiet_checks(comp: _C) -> _C:
+    """``comp`` with Gradio's own input checks (a value not among a dropdown's choices, a slider
+    value out of range) answered to the caller without a traceback in the server log: they are the
+    caller's mistake, not the server's."""
+    check = comp.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return check(payload)
+        except gr.Error as e:
+            e.print_exception = False
+            raise
+
+    comp.preprocess = preprocess  # type: ignore[method-assign]
+    return comp
 
 
 def _raw_preprocess(self: gr.Image, payload: Any) -> str | None:
@@ -79,110 +136,201 @@ def default_examples(extra_dir: str | Path | None = None) -> list[str]:
     return [str(p) for p in found if p.is_file()]
 
 
-def _unavailable_tile(size: tuple[int, int] = (224, 224)) -> Image.Image:
-    tile = Image.new("RGB", size, (225, 225, 225))
-    d = ImageDraw.Draw(tile)
-    d.line([(0, 0), size], fill=(180, 180, 180), width=3)
-    d.line([(0, size[1]), (size[0], 0)], fill=(180, 180, 180), width=3)
-    return tile
-
-
 def _load_inputs(image: str | None, files: Sequence[Any] | None, max_images: int,
                  max_bytes: int, max_pixels: int) -> tuple[list[Image.Image], list[str]]:
     paths = ([image] if image else []) + [str(getattr(f, "name", f)) for f in (files or [])]
     if not paths:
-        raise gr.Error("Please add an image: upload, webcam, paste, or pick an example.")
+        raise _user_error("Please add an image: upload, webcam, paste, or pick an example.")
     if len(paths) > max_images:
-        raise gr.Error(f"At most {max_images} images at once, got {len(paths)}.")
+        raise _user_error(f"At most {max_images} images at once, got {len(paths)}.")
     imgs, names = [], []
     for p in paths:
         name = Path(p).name
         try:
             imgs.append(load_image(p, max_bytes=max_bytes, max_pixels=max_pixels))
         except ImageLoadError as e:
-            raise gr.Error(f"Cannot use this file: {e}") from None
+            raise _user_error(f"Cannot use this file: {e}") from None
         names.append(name)
     return imgs, names
 
 
-def _compare(engine: CamEngine, image, files, target, method, max_images, max_bytes, max_pixels
+def _compare(engine: CamEngine, image, files, target, method, max_images, max_bytes, max_pixels,
+             view: str = "cam", stage: int | None = None
              ) -> tuple[list[ImageComparison], list[str], float]:
     if not engine.available:
-        raise gr.Error(setup_help(engine))
+        raise _user_error(setup_help(engine))
     imgs, names = _load_inputs(image, files, max_images, max_bytes, max_pixels)
     tgt = None if target in (None, "", OWN_TOP1) else target
     t0 = time.perf_counter()
     try:
-        comps = engine.compare(imgs, target=tgt, method=method or "gradcam")
+        comps = engine.compare(imgs, target=tgt, method=method or DEFAULT_METHOD,
+                               gates=view != "cam", stage=stage)
     except CamError as e:
-        raise gr.Error(str(e)) from None
+        raise _user_error(str(e)) from None
     return comps, names, (time.perf_counter() - t0) * 1000
 
 
-def run_compare(engine: CamEngine, image: str | None, files: Sequence[Any] | None,
-                target: str | None, method: str, opacity: float, *, max_images: int = 8,
-                max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS):
-    """The ``/compare`` handler: ``(gallery [(image, caption)], top-5 rows, info markdown)``.
+def _opacity(opacity: float | None) -> float:
+    alpha = float(DEFAULT_OPACITY if opacity is None else opacity)
+    if not 0.0 <= alpha <= 1.0:
+        raise _user_error(f"Opacity must be between 0 and 1, got {alpha}.")
+    return alpha
 
-    Gallery: per image the input then one overlay per model, captioned ``model · class · p``
-    (an unavailable model gets a grey tile captioned with the reason)."""
+
+def confidence_warning(comp: ImageComparison, n_classes: int) -> str | None:
+    """Why the models' answers on one image deserve no trust, or ``None``: their mean top-1
+    probability is below :data:`LOW_CONFIDENCE`, or no class is the top-1 of more than
+    :data:`MIN_AGREEMENT` of them. Only the models that gave an answer count."""
+    tops = [r.top5[0] for r in comp.results if r.ok and r.top5]
+    if not tops:
+        return None
+    reasons = []
+    mean_p = sum(p for _, p in tops) / len(tops)
+    if mean_p < LOW_CONFIDENCE:
+        reasons.append(f"mean top-1 probability {mean_p:.2f} < {LOW_CONFIDENCE}")
+    votes = Counter(c for c, _ in tops)
+    if len(tops) > 1 and votes.most_common(1)[0][1] <= MIN_AGREEMENT * len(tops):
+        reasons.append(f"the models disagree ({len(votes)} different top-1 classes "
+                       f"among {len(tops)} models)")
+    if not reasons:
+        return None
+    return (f"⚠ low confidence: {' and '.join(reasons)}; this photo may show none of the "
+            f"{n_classes} classes")
+
+
+def _info(comps: list[ImageComparison], names: list[str], total_ms: float, n_classes: int) -> str:
+    """The run-info Markdown: a warning per doubtful image, then device, method and times."""
+    lines = []
+    for comp, name in zip(comps, names):
+        warning = confidence_warning(comp, n_classes)
+        if warning:
+            lines.append(f"{warning} ({name})" if len(comps) > 1 else warning)
+    times = " · ".join(f"{r.label} {r.time_ms:.0f} ms" for r in comps[0].results if r.ok)
+    lines.append(f"**Device:** `{comps[0].device}` · **method:** {comps[0].method} · "
+                 f"**{len(comps)} image(s), total {total_ms:.0f} ms** (per model and image: {times})")
+    return "\n\n".join(lines)
+
+
+def _view(view: str | None) -> str:
+    if view in (None, ""):
+        return "cam"
+    if view not in VIEWS:
+        raise _user_error(f"View must be one of {', '.join(VIEWS)}, got {view!r}.")
+    return VIEWS[view]
+
+
+def _stage(stage: str | None) -> int | None:
+    if stage in (None, ""):
+        return None
+    if stage not in STAGES:
+        raise _user_error(f"Gate stage must be one of {', '.join(STAGES)}, got {stage!r}.")
+    return STAGES[stage]
+
+
+def _results(engine: CamEngine, image, more_images, target, method, opacity, view, stage,
+             limits: dict[str, int]) -> tuple[list[list[Tile]], list[str], list[list[Any]], str]:
+    """``(rows of tiles, row titles, top-5 rows, info markdown)`` for one request."""
+    alpha, v, st = _opacity(opacity), _view(view), _stage(stage)
+    comps, names, total_ms = _compare(engine, image, more_images, target, method,
+                                      limits["max_images"], limits["max_bytes"],
+                                      limits["max_pixels"], v, st)
+    rows, titles, top5 = [], [], []
+    for comp, name in zip(comps, names):
+        for k, row in enumerate(tiles_for(comp, name, alpha, v)):
+            rows.append(row)
+            titles.append(name if k == 0 and len(comps) > 1 else "")
+        for r in comp.results:
+            top5.append([name, r.label] + [f"{c} ({p:.2f})" for c, p in r.top5]
+                        + [round(r.time_ms, 1)] if r.ok else
+                        [name, r.label, f"unavailable: {r.error}", "", "", "", "", ""])
+    info = _info(comps, names, total_ms, len(engine.classes))
+    if v != "cam":
+        info += "\n\n" + gate_notes(comps[0])
+    return rows, titles, top5, info
+
+
+def _guarded(what: str, fn, *args):
+    """Call ``fn``; a user error goes to the user as it is, anything else is logged once and
+    reported without taking the app down."""
     try:
-        comps, names, total_ms = _compare(engine, image, files, target, method, max_images,
-                                          max_bytes, max_pixels)
-        alpha = float(opacity if opacity is not None else 0.5)
-        if not 0.0 <= alpha <= 1.0:
-            raise gr.Error(f"Opacity must be between 0 and 1, got {alpha}.")
-        gallery, rows = [], []
-        for k, (comp, name) in enumerate(zip(comps, names)):
-            shown = comp.image
-            if max(shown.size) > 640:  # smaller PNGs to the browser; the CAM is resized anyway
-                shown = shown.copy()
-                shown.thumbnail((640, 640), Image.Resampling.BICUBIC)
-            gallery.append((shown, f"Input · {name}"))
-            for r in comp.results:
-                if r.ok:
-                    gallery.append((overlay(shown, r.cam, alpha), r.caption()))
-                    rows.append([name, r.label] + [f"{c} ({p:.2f})" for c, p in r.top5]
-                                + [round(r.time_ms, 1)])
-                else:
-                    gallery.append((_unavailable_tile(), r.caption()))
-                    rows.append([name, r.label, f"unavailable: {r.error}", "", "", "", "", ""])
-        times = " · ".join(f"{r.label} {r.time_ms:.0f} ms" for r in comps[0].results if r.ok)
-        info = (f"**Device:** `{comps[0].device}` · **method:** {comps[0].method} · "
-                f"**{len(comps)} image(s), total {total_ms:.0f} ms** (per model and image: {times})")
-        return gallery, rows, info
+        return fn(*args)
     except gr.Error:
         raise
     except Exception as e:  # noqa: BLE001 - never take the app down; say what happened
-        log.exception("compare failed")
-        raise gr.Error(f"Something went wrong: {type(e).__name__}: {e}") from None
+        log.exception("%s failed", what)
+        raise _user_error(f"Something went wrong: {type(e).__name__}: {e}") from None
 
 
-def run_export(engine: CamEngine, image, files, target, method, opacity, fmt: str, *,
+def run_compare(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None = None,
+                target: str | None = OWN_TOP1, method: str = DEFAULT_METHOD,
+                opacity: float = DEFAULT_OPACITY, view: str = DEFAULT_VIEW,
+                stage: str = DEFAULT_STAGE, *, max_images: int = 8, max_bytes: int = MAX_BYTES,
+                max_pixels: int = MAX_PIXELS) -> tuple[list[tuple[str, str]], list[list[Any]], str]:
+    """The ``/compare`` API handler: ``(gallery [(JPEG path, "model · caption")], top-5 rows,
+    info markdown)``. Per image the input, then one tile per model: its Grad-CAM captioned
+    ``class · p`` and/or its attention gate (``view``); an unavailable model gets a grey tile
+    with the reason. The info starts with a warning for each image the models are unsure about
+    (:func:`confidence_warning`)."""
+    limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
+    rows, _, top5, info = _guarded("compare", _results, engine, image, more_images, target,
+                                   method, opacity, view, stage, limits)
+    return save_tiles(rows), top5, info
+
+
+def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None = None,
+             target: str | None = OWN_TOP1, method: str = DEFAULT_METHOD,
+             opacity: float = DEFAULT_OPACITY, view: str = DEFAULT_VIEW,
+             stage: str = DEFAULT_STAGE, *, max_images: int = 8, max_bytes: int = MAX_BYTES,
+             max_pixels: int = MAX_PIXELS) -> tuple[str, list[list[Any]], str]:
+    """The page's handler: like :func:`run_compare`, with the tiles as one HTML grid
+    (:func:`app.render.tiles_html`) instead of files."""
+    limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
+    rows, titles, top5, info = _guarded("compare", _results, engine, image, more_images, target,
+                                        method, opacity, view, stage, limits)
+    return tiles_html(rows, titles), top5, info
+
+
+def run_export(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None = None,
+               target: str | None = OWN_TOP1, method: str = DEFAULT_METHOD,
+               opacity: float = DEFAULT_OPACITY, fmt: str = DEFAULT_FORMAT,
+               view: str = DEFAULT_VIEW, stage: str = DEFAULT_STAGE, *,
                max_images: int = 8, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS
                ) -> str:
     """The ``/export`` handler: the current comparison as a Figure-5 PNG or PDF; returns its path
     (in the system temp dir, which Gradio may serve)."""
     from lgam.figure import save_figure5
 
-    fmt = (fmt or "png").lower().lstrip(".")
+    fmt = (fmt or DEFAULT_FORMAT).lower().lstrip(".")
     if fmt not in ("png", "pdf"):
-        raise gr.Error(f"Export format must be png or pdf, got {fmt!r}.")
+        raise _user_error(f"Export format must be png or pdf, got {fmt!r}.")
     try:
-        comps, _, _ = _compare(engine, image, files, target, method, max_images, max_bytes,
-                               max_pixels)
+        alpha, v = _opacity(opacity), _view(view)
+        comps, _, _ = _compare(engine, image, more_images, target, method, max_images, max_bytes,
+                               max_pixels, v, _stage(stage))
         out = Path(tempfile.mkdtemp(prefix="lgam_fig5_")) / f"figure5.{fmt}"
-        return str(save_figure5(comps, out, alpha=float(opacity)))
+        return str(save_figure5(comps, out, alpha=alpha, view=v))
     except gr.Error:
         raise
     except Exception as e:  # noqa: BLE001
         log.exception("export failed")
-        raise gr.Error(f"Export failed: {type(e).__name__}: {e}") from None
+        raise _user_error(f"Export failed: {type(e).__name__}: {e}") from None
+
+
+def training_status(engine: CamEngine, name: str) -> str:
+    """``"trained 20 epochs"`` from the model's manifest entry (``"trained (epochs not recorded)"``
+    without ``epochs``), or ``"unavailable: <reason>"``."""
+    if engine.model(name) is None:
+        return f"unavailable: {engine.unavailable[name]}"
+    epochs = engine.entry(name).get("epochs")
+    if epochs is None:
+        return "trained (epochs not recorded)"
+    return f"trained {epochs} epoch{'' if epochs == 1 else 's'}"
 
 
 def model_rows(engine: CamEngine) -> list[list[Any]]:
-    """The page's model table (:data:`MODEL_HEADERS`), from the manifest: the val error shown is
-    the one at the input size the model is fed."""
+    """The page's model table (:data:`MODEL_HEADERS`), from the manifest: each model's training
+    status (:func:`training_status`), and the val error at the input size the model is fed, with
+    the number of val images it was measured on."""
     rows = []
     for name in engine.names:
         met, model = engine.entry(name).get("metrics") or {}, engine.model(name)
@@ -190,13 +338,20 @@ def model_rows(engine: CamEngine) -> list[list[Any]]:
         if params is None and model is not None:
             params = sum(p.numel() for p in model.parameters())
         size = engine.input_size(name)
-        status = "ok" if model is not None else f"unavailable: {engine.unavailable[name]}"
-        rows.append([engine.label(name), status,
+        rows.append([engine.label(name), training_status(engine, name),
                      format_or_dash(None if params is None else params / 1e6, ".3f"),
                      format_or_dash(met.get("gmacs_224"), ".2f"), size,
                      format_or_dash(met.get(f"val_top1_err_{size}"), ".2f"),
+                     format_or_dash(met.get("val_images"), ","),
                      format_or_dash(met.get("val_top1_err_224"), ".2f")])
     return rows
+
+
+def classes_note(classes: Sequence[str]) -> str:
+    """The page's line on what the models know: their classes, and that anything else still gets
+    one of them."""
+    return (f"**The models know {len(classes)} classes:** {', '.join(classes)}. A photo of "
+            "anything else still gets one of these; the run info warns when the models are unsure.")
 
 
 def setup_help(engine: CamEngine) -> str:
@@ -209,8 +364,9 @@ def setup_help(engine: CamEngine) -> str:
 
 INTRO = """# LGAM · Figure 5, live
 Drop in a photo: the input and the Grad-CAM of six ImageNet-20 ResNet18 variants —
-plain, SE, SGE, CBAM, BAM and LGAM — each captioned *model · class · probability*,
-like Figure 5 of the LGAM paper (§3.2.2), for any image. Add more images for a grid."""
+plain, SE, SGE, CBAM, BAM and LGAM — each captioned with the class it explains and its
+probability, like Figure 5 of the LGAM paper (§3.2.2), for any image. Switch **Show** to see where
+each attention module itself attends (its own spatial gate), or both. Add more images for a grid."""
 
 
 def build_app(
@@ -225,14 +381,30 @@ def build_app(
     """The Blocks page around ``engine``. Launch with :func:`app.launch` (theme, size limits)."""
     limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
 
-    def compare(image, files, target, method, opacity):
-        return run_compare(engine, image, files, target, method, opacity, **limits)
+    # the API's parameter names and defaults are these functions' (image is the one required)
+    def compare(image, more_images=None, target=OWN_TOP1, method=DEFAULT_METHOD,
+                opacity=DEFAULT_OPACITY, view=DEFAULT_VIEW, stage=DEFAULT_STAGE):
+        return run_compare(engine, image, more_images, target, method, opacity, view, stage,
+                           **limits)
 
-    def export(image, files, target, method, opacity, fmt):
-        return run_export(engine, image, files, target, method, opacity, fmt, **limits)
+    def export(image, more_images=None, target=OWN_TOP1, method=DEFAULT_METHOD,
+               opacity=DEFAULT_OPACITY, view=DEFAULT_VIEW, stage=DEFAULT_STAGE,
+               figure_format=DEFAULT_FORMAT):
+        return run_export(engine, image, more_images, target, method, opacity, figure_format,
+                          view, stage, **limits)
+
+    def page(image, more_images, target, method, opacity, view, stage):
+        """The page's run (on a new, taken, pasted, picked image, or Compare): the HTML grid;
+        no image left clears the results."""
+        if not image and not more_images:
+            return "", [], ""
+        return run_page(engine, image, more_images, target, method, opacity, view, stage,
+                        **limits)
 
     with gr.Blocks(title="LGAM · Figure 5, live") as demo:
         gr.Markdown(INTRO)
+        if engine.classes:
+            gr.Markdown(classes_note(engine.classes), elem_id="classes")
         if not engine.available:
             gr.Markdown(f"> ⚠️ **No models loaded.** {setup_help(engine)}",
                         elem_id="setup-message")
@@ -240,37 +412,59 @@ def build_app(
             gr.Markdown("> ⚠️ Unavailable: " + "; ".join(
                 f"**{engine.label(n)}** ({why})" for n, why in engine.unavailable.items()))
         with gr.Row():
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, min_width=280):
                 image = raw_image(sources=["upload", "webcam", "clipboard"],
-                                 label="Image", elem_id="input-image")
-                files = gr.File(file_count="multiple", type="filepath", label="More images (grid)",
-                                file_types=["image"], elem_id="more-images")
-                target = gr.Dropdown([OWN_TOP1] + list(engine.classes), value=OWN_TOP1,
-                                     label="Target class", elem_id="target")
-                method = gr.Dropdown(list(METHODS), value="gradcam", label="CAM method",
-                                     info="gradcam: one forward pass; scorecam is slow on a CPU")
-                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity")
+                                  label="Image", elem_id="input-image")
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
-                if examples:
+                view = _quiet_checks(gr.Radio(
+                    list(VIEWS), value=DEFAULT_VIEW, label="Show", elem_id="view",
+                    info="Grad-CAM: where each model's evidence is; attention gates: where each "
+                         "module itself attends"))
+                if examples:  # a click puts the example in `image`, whose change runs compare
                     gr.Examples(examples=[[e] for e in examples], inputs=[image],
                                 cache_examples=False, label="Examples")
+                with gr.Accordion("Settings", open=False):
+                    target = _quiet_checks(gr.Dropdown(
+                        [OWN_TOP1] + list(engine.classes), value=OWN_TOP1, label="Target class",
+                        elem_id="target"))
+                    method = _quiet_checks(gr.Dropdown(
+                        list(METHODS), value=DEFAULT_METHOD, label="CAM method",
+                        info="gradcam: one forward pass; scorecam is slow on a CPU"))
+                    stage = _quiet_checks(gr.Dropdown(
+                        list(STAGES), value=DEFAULT_STAGE, label="Gate stage"))
+                    opacity = _quiet_checks(gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05,
+                                                      label="Heatmap opacity"))
+                    files = gr.File(file_count="multiple", type="filepath",
+                                    label="More images (one row each)", file_types=["image"],
+                                    elem_id="more-images")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Input + Grad-CAM per model", columns=7, format="png",
-                                     object_fit="contain", height="auto", elem_id="gallery")
-                info = gr.Markdown(elem_id="run-info")
-                top5 = gr.Dataframe(headers=TOP5_HEADERS, label="Top-5 per model",
-                                    interactive=False, wrap=True)
+                grid = gr.HTML(elem_id="results")
+                info = gr.Markdown(label=INFO_LABEL, elem_id="run-info")
+                with gr.Accordion("Top-5 per model", open=False):
+                    top5 = gr.Dataframe(headers=TOP5_HEADERS, label=TOP5_LABEL,
+                                        interactive=False, wrap=True)
                 with gr.Row():
-                    fmt = gr.Radio(["png", "pdf"], value="png", label="Figure format")
+                    fmt = _quiet_checks(gr.Radio(["png", "pdf"], value=DEFAULT_FORMAT,
+                                                 label="Figure format"))
                     export_btn = gr.Button("Export Figure 5")
-                figure_file = gr.File(label="Figure 5", interactive=False)
-        gr.Markdown(f"**Models** (from the checkpoint manifest) · device `{engine.device}`")
+                figure_file = gr.File(label=FIGURE_LABEL, interactive=False)
+                # the API's /compare answers with image files; the page shows the HTML grid
+                gallery = gr.Gallery(label=GALLERY_LABEL, visible=False)
+                api_run = gr.Button(visible=False)
+        gr.Markdown(f"**Models** (from the checkpoint manifest: training status, val error) · "
+                    f"device `{engine.device}`")
         gr.Dataframe(value=model_rows(engine), headers=MODEL_HEADERS, interactive=False,
                      elem_id="model-table")
 
-        inputs = [image, files, target, method, opacity]
-        run.click(compare, inputs, [gallery, top5, info], api_name="compare",
-                  concurrency_limit=concurrency_limit)
-        export_btn.click(export, inputs + [fmt], [figure_file], api_name="export",
-                         concurrency_limit=concurrency_limit)
+        # one concurrency group: the page's runs, the API and the export share the limit
+        inputs = [image, files, target, method, opacity, view, stage]
+        queue = dict(concurrency_limit=concurrency_limit, concurrency_id="cam")
+        api_run.click(compare, inputs, [gallery, top5, info], api_name="compare", **queue,
+                      api_description="Input + Grad-CAM (or attention gate) of each model as "
+                                      "image files, the top-5 table and the run info for an "
+                                      "image (plus more images for a grid)")
+        for trigger in (run.click, image.change, files.change, view.change):
+            trigger(page, inputs, [grid, top5, info], api_visibility="private", **queue)
+        export_btn.click(export, inputs + [fmt], [figure_file], api_name="export", **queue,
+                         api_description="The comparison as a Figure-5 PNG or PDF file")
     return demo

@@ -2,10 +2,14 @@
 
 Per request and device, in the same run:
 
-- ``engine``: :meth:`lgam.engine.CamEngine.compare` - preprocess once, one forward per model, the
-  fast no-backward Grad-CAM, probabilities, top-5 (what ``/compare`` computes before drawing);
-- ``engine channels_last``: the same on channels_last copies of the models (the CUDA default);
-- ``engine+overlays``: the engine plus the six heatmap overlays at the image's size;
+- ``engine float32``: :meth:`lgam.engine.CamEngine.compare` - preprocess once, one forward per
+  model, the fast no-backward Grad-CAM, probabilities, top-5 - in float32;
+- ``engine bf16``: the same under bf16 autocast on channels_last copies (the app's default where
+  the device has native bf16);
+- ``page``: what the page's handler does per request with the app's engine: read the upload,
+  the engine, the overlays and the HTML grid of JPEG tiles (:func:`app.ui.run_page`);
+- ``/compare round trip``: a ``gradio_client`` call of the running app with just the image
+  (upload, queue, engine, JPEG files, download of the answer), the user's wait;
 - ``naive``: preprocess once, then per model a new pytorch-grad-cam ``GradCAM(model,
   [model.cam_target_layer()])`` in ``with``, called with the model's own top-1 (forward + backward), plus
   the softmax - the usual tutorial loop.
@@ -22,6 +26,8 @@ import argparse
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import lgam
-from lgam.cam import overlay
-from lgam.engine import CamEngine
-from lgam.models import FIGURE5_MODELS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app/ folder (not installed)
+
+import lgam  # noqa: E402
+from lgam.engine import CamEngine  # noqa: E402
+from lgam.models import FIGURE5_MODELS  # noqa: E402
 
 
 def _image(size: int) -> Image.Image:
@@ -43,14 +50,32 @@ def _image(size: int) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def _engine(checkpoints: str | None, device: str, size: int) -> CamEngine:
+def _engine(checkpoints: str | None, device: str, size: int, precision: str) -> CamEngine:
     if checkpoints and (Path(checkpoints) / "manifest.json").is_file():
-        eng = CamEngine.from_checkpoints(checkpoints, device=device)
+        eng = CamEngine.from_checkpoints(checkpoints, device=device, precision=precision)
         if len(eng.available) == len(FIGURE5_MODELS):
             return eng
     models = {n: lgam.create_model(n, num_classes=20) for n in FIGURE5_MODELS}
     classes = [f"class_{i}" for i in range(20)]
-    return CamEngine(models, classes, device=device, entries={n: {"input_size": size} for n in models})
+    return CamEngine(models, classes, device=device, precision=precision,
+                     entries={n: {"input_size": size} for n in models})
+
+
+def _round_trip(engine: CamEngine, path: str):
+    """Launch the app around ``engine`` on a free local port; a function that calls /compare."""
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = app.parse_args(["--host", "127.0.0.1", "--port", str(port)])
+    demo = app.launch(args, engine=engine, prevent_thread_lock=True, quiet=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    return demo, lambda: client.predict(handle_file(path), api_name="/compare")
 
 
 def _naive(engine: CamEngine, image: Image.Image, size: int) -> None:
@@ -112,6 +137,7 @@ def main() -> None:
     p.add_argument("--checkpoints", default="checkpoints")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--naive-reps", type=int, default=None, help="default: --reps")
+    p.add_argument("--no-round-trip", action="store_true", help="skip the gradio_client call")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,26 +146,35 @@ def main() -> None:
     print(f"# App request latency: 1 image ({args.image_size}x{args.image_size}), six models, "
           f"Grad-CAM, {args.size} px\n\nMachine: {machine()}\n")
     print("| device | path | median ms | p90 ms | speed-up vs naive |\n|---|---|---:|---:|---:|")
-    for dev in devices:
-        engine = _engine(args.checkpoints, dev, args.size)
-        sync = (lambda: torch.cuda.synchronize()) if dev.startswith("cuda") else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "request.jpg")
+        image.save(path, quality=92)
+        for dev in devices:
+            _device_rows(dev, args, image, path)
 
-        def with_overlays():
-            for r in engine.compare(image)[0].results:
-                overlay(image, r.cam, 0.5)
 
-        naive = _time(lambda: _naive(engine, image, args.size), args.naive_reps or args.reps, sync)
-        fast = CamEngine({n: engine.model(n) for n in engine.available}, engine.classes,
-                         device=dev, entries={n: {"input_size": args.size} for n in engine.available},
-                         fast_copies=True)
-        rows = [("engine", _time(lambda: engine.compare(image), args.reps, sync)),
-                ("engine channels_last", _time(lambda: fast.compare(image), args.reps, sync)),
-                ("engine+overlays", _time(with_overlays, args.reps, sync)), ("naive", naive)]
-        base = _fmt(naive)[0]
-        for name, ts in rows:
-            med, p90 = _fmt(ts)
-            print(f"| {dev} | {name} | {med:.2f} | {p90:.2f} | {base / med:.1f}x |")
+def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: str) -> None:
+    from app.ui import run_page
 
+    sync = (lambda: torch.cuda.synchronize()) if dev.startswith("cuda") else (lambda: None)
+    fp32 = _engine(args.checkpoints, dev, args.size, "float32")
+    rows = [("engine float32", _time(lambda: fp32.compare(image), args.reps, sync))]
+    auto = _engine(args.checkpoints, dev, args.size, "auto")
+    if auto.precision == "bf16":
+        rows.append(("engine bf16", _time(lambda: auto.compare(image), args.reps, sync)))
+    rows.append((f"page ({auto.precision})", _time(lambda: run_page(auto, path), args.reps, sync)))
+    if not args.no_round_trip:
+        demo, call = _round_trip(auto, path)
+        try:
+            rows.append((f"/compare round trip ({auto.precision})", _time(call, args.reps, sync)))
+        finally:
+            demo.close()
+    rows.append(("naive", _time(lambda: _naive(fp32, image, args.size), args.naive_reps or args.reps,
+                                sync)))
+    base = _fmt(rows[-1][1])[0]
+    for name, ts in rows:
+        med, p90 = _fmt(ts)
+        print(f"| {dev} | {name} | {med:.2f} | {p90:.2f} | {base / med:.1f}x |")
 
 if __name__ == "__main__":
     main()

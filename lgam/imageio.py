@@ -4,7 +4,9 @@
 returns an RGB image or raises :class:`ImageLoadError` (a ``ValueError``) with a message meant for
 the person who sent the file. It handles:
 
-- not an image / zero bytes / truncated or corrupt data -> a clear error;
+- not an image / zero bytes / truncated or corrupt data / a format variant the decoder does not
+  support -> a clear error (whatever exception the decoder raises: one "cannot be decoded"
+  message);
 - files over ``max_bytes`` and images over ``max_pixels`` (decompression bombs) -> an error, checked
   from the header *before* any pixel is decoded;
 - animations (GIF, APNG, WebP) -> the first frame;
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -117,10 +118,9 @@ def load_image(
     Raises :class:`ImageLoadError` with a user-facing message for anything unusable.
     """
     if isinstance(source, Image.Image):
-        img = source
-        if img.width * img.height > max_pixels:
-            raise ImageLoadError(_too_many_pixels("the image", img.size, max_pixels))
-        return to_rgb(ImageOps.exif_transpose(img) or img, background)
+        if source.width * source.height > max_pixels:
+            raise ImageLoadError(_too_many_pixels("the image", source.size, max_pixels))
+        return _upright_rgb(source, "the image", background)
 
     data, name = _read_bytes(source, max_bytes)
     try:
@@ -147,19 +147,39 @@ def load_image(
             f"{name} is too large to decode safely (possible decompression bomb); "
             f"the limit is {max_pixels:,} pixels"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        raise ImageLoadError(f"{name} is truncated or corrupt and cannot be decoded ({e})") from None
     except MemoryError:
         raise ImageLoadError(f"{name} needs too much memory to decode") from None
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises, the user gets one message
+        raise ImageLoadError(_undecodable(name, e)) from None
 
+    return _upright_rgb(img, name, background)
+
+
+def _upright_rgb(img: Image.Image, name: str, background: tuple[int, int, int]) -> Image.Image:
+    """EXIF rotation applied (ignored when the EXIF is broken), then :func:`to_rgb`; always a new
+    image. A conversion the decoder cannot do gets the "cannot be decoded" message."""
     try:
         upright = ImageOps.exif_transpose(img)
         if upright is not None:
             img = upright
     except Exception:  # noqa: BLE001 - broken EXIF must not lose the picture
         pass
-    rgb = to_rgb(img, background)
+    try:
+        rgb = to_rgb(img, background)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ImageLoadError(_undecodable(name, e)) from None
     return rgb.copy() if rgb is img else rgb
+
+
+def _undecodable(name: str, error: BaseException) -> str:
+    """The one message for a file a decoder fails on, whatever it raised (``OSError``,
+    ``SyntaxError``, ``ValueError``, ``EOFError``, ``struct.error``, ``NotImplementedError`` for an
+    unsupported variant of a format such as a DDS pixel format, ...)."""
+    detail = str(error).strip() or type(error).__name__
+    return (f"{name} cannot be decoded: it is truncated or corrupt, or a variant of its format "
+            f"that is not supported ({detail})")
 
 
 def _too_many_pixels(name: str, size: tuple[int, int], max_pixels: int) -> str:

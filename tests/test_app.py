@@ -2,25 +2,32 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from _helpers import CLASSES, run_in_threads, synthetic_image
-)
+from _helpers import CLASSES, REPO, run_in_threads, synthetic_image
+from test_imageio import _dds_with_unknown_fourcc
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from torch import nn  # noqa: E402
 
 import app  # noqa: E402
-from app.ui import OWN_TOP1, build_app, model_rows, run_compare  # noqa: E402
-from lgam.engine import CamEngine  # noqa: E402
+from app.ui import (  # noqa: E402
+    FIGURE_LABEL, GALLERY_LABEL, INFO_LABEL, LOW_CONFIDENCE, MIN_AGREEMENT, OWN_TOP1, TOP5_LABEL,
+    build_app, classes_note, confidence_warning, model_rows, run_compare, training_status,
+)
+from lgam.engine import CamEngine, ImageComparison, ModelResult  # noqa: E402
 from lgam.imageio import load_image  # noqa: E402
 
 MAX_MB = 0.5  # the app under test refuses uploads over 0.5 MiB
@@ -68,9 +75,70 @@ def _compare(client, path, more=(), target=OWN_TOP1, method="gradcam", opacity=0
                           opacity, api_name="/compare")
 
 
-def test_api_has_named_compare(client):
+def test_api_names_every_input_and_output_and_needs_only_an_image(client):
     eps = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert "/compare" in eps and "/export" in eps
+    assert set(eps) == {"/compare", "/export"}  # the page's automatic runs are not endpoints
+    compare, export = eps["/compare"]["parameters"], eps["/export"]["parameters"]
+    assert [p["parameter_name"] for p in compare] == ["image", "more_images", "target", "method",
+                                                       "opacity", "view", "stage"]
+    assert [p["parameter_name"] for p in export] == [p["parameter_name"] for p in compare] + [
+        "figure_format"]
+    assert [p["parameter_has_default"] for p in export] == [False] + [True] * 7
+    assert [p["parameter_default"] for p in export[2:]] == [
+        OWN_TOP1, "gradcam", 0.5, "Grad-CAM", "last stage with gates", "png"]
+    assert [r["label"] for r in eps["/compare"]["returns"]] == [GALLERY_LABEL, TOP5_LABEL,
+                                                                INFO_LABEL]
+    assert [r["label"] for r in eps["/export"]["returns"]] == [FIGURE_LABEL]
+    labels = [x["label"] for e in eps.values() for x in e["parameters"] + e["returns"]]
+    assert not any(re.fullmatch(r"(value|parameter)_\d+", str(lb)) for lb in labels), labels
+
+
+def test_just_an_image_and_inputs_by_name(client, files):
+    gallery, top5, info = client.predict(handle_file(files[0]), api_name="/compare")
+    assert len(gallery) == 7 and len(top5["data"]) == 6 and "Device" in info
+    gallery, _, _ = client.predict(handle_file(files[0]), target=CLASSES[2], opacity=0.3,
+                                   api_name="/compare")
+    assert all(f" · {CLASSES[2]} · " in g["caption"] for g in gallery[1:])
+    path = client.predict(handle_file(files[0]), figure_format="pdf", api_name="/export")
+    with open(path, "rb") as f:
+        assert f.read(4) == b"%PDF"
+
+
+API_EXAMPLE_MARKER = "<!-- api-example"
+
+
+def readme_api_example() -> str:
+    """The first ``python`` code block after the API-example marker in README.md."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert API_EXAMPLE_MARKER in text, "README.md lost its API example marker"
+    block = re.compile(r"```python\n(.*?)```", re.S).search(text, text.index(API_EXAMPLE_MARKER))
+    assert block, "no python code block after the API example marker"
+    return block.group(1)
+
+
+def test_readme_api_example_runs_verbatim(server, monkeypatch, tmp_path, capsys):
+    code = readme_api_example()
+    url = re.search(r'Client\("([^"]+)"\)', code).group(1)
+    real_client = gradio_client.Client
+
+    def client_of_the_test_server(src, *args, **kwargs):  # the README's address -> the fixture's
+        assert src == url
+        return real_client(server, *args, **kwargs)
+
+    monkeypatch.setattr(gradio_client, "Client", client_of_the_test_server)
+    monkeypatch.chdir(tmp_path)
+    synthetic_image(21, (120, 90)).save(tmp_path / "photo.jpg")
+    namespace: dict = {"__name__": "readme_api_example"}
+    exec(compile(code, "README.md (API example)", "exec"), namespace)  # noqa: S102
+    gallery = namespace["gallery"]
+    assert len(gallery) == 7 and gallery[0]["caption"] == "Input · photo.jpg"
+    assert all(Path(t["image"]).is_file() for t in gallery)
+    assert "Device" in namespace["info"] and len(namespace["top5"]["data"]) == 6
+    for name, magic in (("figure", b"\x89PNG"), ("pdf", b"%PDF")):
+        with open(namespace[name], "rb") as f:
+            assert f.read(4) == magic, name
+    printed = capsys.readouterr().out
+    assert all(t["caption"] in printed for t in gallery)
 
 
 def test_compare_matches_engine(client, engine, files):
@@ -80,7 +148,7 @@ def test_compare_matches_engine(client, engine, files):
     assert [g["caption"] for g in gallery] == ["Input · img0.png"] + [r.caption() for r in want.results]
     for g in gallery:
         with Image.open(g["image"]) as im:
-            assert im.format == "PNG" and im.size == (96, 80)
+            assert im.format == "JPEG" and im.size == (96, 80)  # the photo's own aspect
     rows = top5["data"]
     assert [r[1] for r in rows] == ["ResNet18", "SE", "SGE", "CBAM", "BAM", "LGAM"]
     assert rows[0][2] == f"{want.results[0].top5[0][0]} ({want.results[0].top5[0][1]:.2f})"
@@ -110,7 +178,7 @@ def test_several_images_make_a_grid(client, files):
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("pdf", b"%PDF")])
 def test_export_figure(client, files, fmt, magic):
     path = client.predict(handle_file(files[0]), [handle_file(files[1])], OWN_TOP1, "gradcam",
-                          0.5, fmt, api_name="/export")
+                          0.5, figure_format=fmt, api_name="/export")
     with open(path, "rb") as f:
         assert f.read(4) == magic
 
@@ -141,6 +209,7 @@ def _bad_inputs() -> dict[str, tuple[bytes, str]]:
         "corrupt.png": (good[:60] + bytes(range(256)) * 4, "truncated or corrupt|not an image"),
         "huge.png": (noise, "limit"),
         "bomb.png": (_bomb(), "pixels"),
+        "texture.dds": (_dds_with_unknown_fourcc(), "cannot be decoded"),  # NotImplementedError
     }
 
 
@@ -200,6 +269,27 @@ def test_unusual_inputs_work(client, tmp_path):
             assert np.asarray(Image.open(gallery[0]["image"]))[..., 0].mean() > 200, name
 
 
+def test_user_errors_leave_no_traceback_in_the_log(client, files, tmp_path, capfd):
+    dds = tmp_path / "texture.dds"
+    dds.write_bytes(_dds_with_unknown_fourcc())
+    mistakes = {
+        "undecodable file": lambda: _compare(client, str(dds)),
+        "no image": lambda: client.predict(None, api_name="/compare"),
+        "unknown class": lambda: _compare(client, files[0], target="not a class"),
+        "unknown method": lambda: _compare(client, files[0], method="magic"),
+        "opacity out of range": lambda: _compare(client, files[0], opacity=2.0),
+        "unknown format": lambda: client.predict(handle_file(files[0]), figure_format="gif",
+                                                 api_name="/export"),
+    }
+    capfd.readouterr()
+    for what, call in mistakes.items():
+        with pytest.raises(AppError):
+            call()
+        out, err = capfd.readouterr()
+        assert "Traceback" not in out + err, what
+        assert "Something went wrong" not in out + err, what
+
+
 def test_no_image_and_bad_controls(client, files):
     with pytest.raises(AppError, match="add an image"):
         client.predict(None, [], OWN_TOP1, "gradcam", 0.5, api_name="/compare")
@@ -238,6 +328,68 @@ def test_eight_concurrent_clients_get_their_own_results(server, files):
     assert len({tuple(g[0]) for g in got}) == len(jobs)
 
 
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.fixture(scope="module")
+def server_process(app_checkpoints):
+    """``python -m app`` in its own process (to measure the server's memory alone): its pid and URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--checkpoints", str(app_checkpoints), "--device", "cpu",
+         "--precision", "float32", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, "the app exited"
+                time.sleep(0.5)
+        yield proc.pid, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_sixteen_clients_ten_requests_of_the_same_photo(server_process, files):
+    """Many users clicking the same example: every answer complete and equal to a sequential
+    one (no file rewritten while another request streams it), and the server's memory flat."""
+    pid, url = server_process
+    clients = [Client(url, verbose=False) for _ in range(16)]
+    want = _tiles(_compare(clients[0], files[1]))
+    # one concurrent round first: the server's threads and their allocator arenas are set up
+    # once; memory is measured over the ten rounds after it
+    assert not run_in_threads(lambda i: _compare(clients[i], files[1]), len(clients))
+    before = _rss_mb(pid)
+    got: list = [[] for _ in clients]
+
+    def work(i):
+        for _ in range(10):
+            got[i].append(_tiles(_compare(clients[i], files[1])))
+
+    errors = run_in_threads(work, len(clients), timeout=600)
+    assert not errors, errors[:3]
+    for answers in got:
+        assert len(answers) == 10
+        for g in answers:
+            assert g[0] == want[0] and [r[:7] for r in g[1]] == [r[:7] for r in want[1]]
+            assert all(x.shape == y.shape and np.abs(x - y).max() <= 1 for x, y in zip(g[2], want[2]))
+    growth = (_rss_mb(pid) - before) / before
+    assert growth < 0.05, f"server RSS grew {100 * growth:.1f}% over 160 requests"
+
+
 # -- handlers without a server --------------------------------------------------------------
 
 
@@ -257,11 +409,133 @@ def test_model_table_shows_the_error_at_the_size_each_model_is_fed(engine, app_c
     rows = model_rows(engine)
     entry = load_manifest(app_checkpoints)["models"]["resnet18"]
     size = entry["input_size"]
-    assert rows[0][:2] == ["ResNet18", "ok"] and rows[0][2] == "11.187"
+    assert rows[0][:2] == ["ResNet18", "trained (epochs not recorded)"] and rows[0][2] == "11.187"
     assert rows[0][4] == size and rows[0][5] == f"{entry['metrics'][f'val_top1_err_{size}']:.2f}"
+    assert rows[0][6] == "—"  # the fixture's manifest does not say on how many images
     broken = {r[0]: r for r in model_rows(CamEngine.from_checkpoints(broken_checkpoints,
                                                                      device="cpu"))}
-    assert broken["BAM"][1].startswith("unavailable: ") and broken["SE"][1] == "ok"
+    assert broken["BAM"][1].startswith("unavailable: ") and broken["SE"][1].startswith("trained")
+
+
+def _status_engine() -> CamEngine:
+    """Two loaded stand-in models (no weights to load) with manifest entries, one unavailable."""
+    entries = {
+        "resnet18": {"epochs": 20, "input_size": 160, "metrics": {
+            "params": 11_186_772, "val_top1_err_160": 22.55, "val_top1_err_224": 28.98,
+            "val_images": 7854}},
+        "resnet18_se": {"epochs": 1, "metrics": {"val_top1_err_224": 50.0, "val_images": 200}},
+    }
+    models = {"resnet18": nn.Identity(), "resnet18_se": nn.Identity(),
+              "resnet18_lgam": "not in the checkpoint manifest"}
+    return CamEngine(models, CLASSES, device="cpu", entries=entries)
+
+
+def test_training_status_from_the_manifest_entry():
+    eng = _status_engine()
+    assert training_status(eng, "resnet18") == "trained 20 epochs"
+    assert training_status(eng, "resnet18_se") == "trained 1 epoch"
+    assert training_status(eng, "resnet18_lgam") == "unavailable: not in the checkpoint manifest"
+    rows = {r[0]: r for r in model_rows(eng)}
+    assert rows["ResNet18"] == ["ResNet18", "trained 20 epochs", "11.187", "—", 160, "22.55",
+                                "7,854", "28.98"]
+    assert rows["SE"][4:7] == [224, "50.00", "200"]  # the error at the size it is fed: 224
+
+
+def test_page_lists_the_classes_and_each_models_training():
+    note = classes_note(CLASSES)
+    assert f"know {len(CLASSES)} classes" in note and all(c in note for c in CLASSES)
+    config = build_app(_status_engine()).get_config_file()
+    texts = [str(c.get("props", {}).get("value")) for c in config["components"]]
+    assert any(classes_note(CLASSES) in t for t in texts)
+    assert any("trained 20 epochs" in t and "7,854" in t for t in texts)  # the model table
+
+
+def _comparison(*tops: tuple[str, float] | None) -> ImageComparison:
+    results = [ModelResult(f"m{i}", f"M{i}", error="unavailable") if t is None
+               else ModelResult(f"m{i}", f"M{i}", top5=[t]) for i, t in enumerate(tops)]
+    return ImageComparison(Image.new("RGB", (4, 4)), results, "gradcam", "cpu")
+
+
+def test_confidence_warning():
+    sure = [("tench", 0.9)] * 5 + [("church", 0.8)]  # one dissenting model is normal
+    assert confidence_warning(_comparison(*sure), 20) is None
+    low = confidence_warning(_comparison(*[("tench", 0.3)] * 6), 20)
+    assert low.startswith("⚠ low confidence: mean top-1 probability 0.30 < 0.5")
+    assert low.endswith("this photo may show none of the 20 classes")
+    split = confidence_warning(_comparison(*[("tench", 0.9)] * 3, *[("church", 0.9)] * 3), 20)
+    assert "the models disagree (2 different top-1 classes among 6 models)" in split
+    assert "probability" not in split
+    both = confidence_warning(_comparison(("tench", 0.2), ("church", 0.3)), 20)
+    assert "probability 0.25" in both and "disagree" in both
+    # unavailable models do not count; one model cannot disagree with itself
+    assert confidence_warning(_comparison(("tench", 0.9), None, None), 20) is None
+    assert confidence_warning(_comparison(None, None), 20) is None
+    assert 0 < LOW_CONFIDENCE < 1 and 0 < MIN_AGREEMENT < 1
+
+
+def test_info_line_warns_per_image(engine, files):
+    _, _, info = run_compare(engine, files[0], [files[1]], OWN_TOP1, "gradcam", 0.5)
+    comps = engine.compare([load_image(f) for f in files[:2]])
+    warnings = [confidence_warning(c, len(engine.classes)) for c in comps]
+    paragraphs = info.split("\n\n")
+    assert paragraphs[:-1] == [f"{w} ({Path(f).name})" for w, f in zip(warnings, files) if w]
+    assert paragraphs[-1].startswith("**Device:**")
+
+
+def test_runs_on_new_input_and_example_click(engine, files):
+    demo = build_app(engine, examples=[files[0]])
+    fns = list(demo.fns.values())
+    public = sorted(f.api_name for f in fns if f.api_visibility == "public")
+    assert public == ["compare", "export"]  # one API name per endpoint
+    comps = dict(demo.blocks.items())
+    image_id = next(i for i, c in comps.items() if getattr(c, "elem_id", None) == "input-image")
+    files_id = next(i for i, c in comps.items() if getattr(c, "elem_id", None) == "more-images")
+    view_id = next(i for i, c in comps.items() if getattr(c, "elem_id", None) == "view")
+    auto = [f for f in fns if any(event == "change" for _, event in f.targets)]
+    assert sorted(i for f in auto for i, _ in f.targets) == sorted([image_id, files_id, view_id])
+    assert all(f.api_visibility == "private" and f.trigger_mode == "always_last" for f in auto)
+    cam = [f for f in fns if f.fn is not None and f.name != "load_example"]
+    assert {f.concurrency_id for f in cam} == {"cam"}  # button, automatic runs, export: one limit
+    # an example click only fills the image (whose change then runs the comparison): no 2nd run
+    example = next(f for f in fns if f.name == "load_example")
+    assert [o._id for o in example.outputs] == [image_id]
+    run = auto[0].fn
+    settings = (OWN_TOP1, "gradcam", 0.5, "Grad-CAM", "last stage with gates")
+    html, rows, info = run(files[0], None, *settings)
+    assert html.count("<figure>") == 7 and len(rows) == 6 and "Device" in info
+    assert run(None, [], *settings) == ("", [], "")  # cleared: results cleared
+    html, _, _ = run(None, [files[1]], *settings)
+    assert f"<b>Input</b>{Path(files[1]).name}</figcaption>" in html
+
+
+def test_page_grid_views(engine, files):
+    """The page's grid: captions are text (never cut), one figure per tile, gates on demand."""
+    from app.ui import run_page
+
+    html, _, _ = run_page(engine, files[0])
+    assert html.count("<figure>") == 7 and html.count("data:image/jpeg;base64,") == 7
+    assert "SE</b>" in html and "· 0." in html and "<style>" in html
+    html, _, info = run_page(engine, files[0], view="attention gates", stage="stage 3")
+    assert "<b>LGAM</b>gate, stage 3 · layer3.1</figcaption>" in html
+    assert "<b>ResNet18</b>no attention module</figcaption>" in html
+    assert "What the gate maps are" in info and "eqs (5)-(6)" in info
+    html, _, _ = run_page(engine, files[0], [files[1]], view="both")
+    assert html.count("<figure>") == 4 * 7 and html.count("lgam-row-title") >= 2
+    with pytest.raises(gr.Error, match="View must be one of"):
+        run_page(engine, files[0], view="heat")
+    with pytest.raises(gr.Error, match="Gate stage must be one of"):
+        run_page(engine, files[0], stage="stage 9")
+
+
+def test_startup_summary(engine, broken_checkpoints, monkeypatch, capsys):
+    line = app.startup_summary(engine)
+    assert line.startswith("lgam app: 6/6 models loaded · device cpu") and "\n" not in line
+    assert line.endswith("· precision float32")
+    broken = app.startup_summary(CamEngine.from_checkpoints(broken_checkpoints, device="cpu"))
+    assert "4/6 models loaded (unavailable: SGE, BAM)" in broken
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: None)
+    app.launch(app.parse_args(["--device", "cpu"]), engine=engine)
+    assert capsys.readouterr().out.splitlines()[-1] == line
 
 
 def test_no_checkpoints_page_says_how(tmp_path, files):

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from lgam.imageio import ImageLoadError, load_image
 
@@ -79,6 +79,70 @@ def test_corrupt_body(jpeg_bytes):
     data[200:] = b"\xff" * (len(data) - 200)  # garbage entropy-coded data after the headers
     with pytest.raises(ImageLoadError, match="truncated or corrupt|not an image"):
         load_image(bytes(data))
+
+
+def _dds_with_unknown_fourcc() -> bytes:
+    """A 4x4 DDS file whose pixel format is a FourCC no decoder knows ("LGAM"): Pillow's
+    DdsImagePlugin raises ``NotImplementedError`` for it while opening."""
+    header = (struct.pack("<3I", 0x1007, 4, 4)  # flags (caps, height, width, pixel format), h, w
+              + struct.pack("<3I", 0, 0, 0)  # pitch, depth, mipmaps
+              + bytes(44)  # 11 reserved words
+              + struct.pack("<4I", 32, 0x4, int.from_bytes(b"LGAM", "little"), 0)  # DDPF_FOURCC
+              + bytes(36))  # masks, caps
+    assert len(header) == 120
+    return b"DDS " + struct.pack("<I", 124) + header + bytes(64)
+
+
+def test_unsupported_dds_gets_the_cannot_be_decoded_message(tmp_path):
+    data = _dds_with_unknown_fourcc()
+    with pytest.raises(NotImplementedError):  # what Pillow itself raises
+        Image.open(io.BytesIO(data))
+    p = tmp_path / "texture.dds"
+    p.write_bytes(data)
+    with pytest.raises(ImageLoadError, match=r"^texture\.dds cannot be decoded: .*Unimplemented"):
+        load_image(p)
+
+
+@pytest.mark.parametrize("error", [
+    NotImplementedError("Unimplemented pixel format"), OSError("broken data stream"),
+    ValueError("bad value"), SyntaxError("bad header"), struct.error("unpack requires 4 bytes"),
+    EOFError(), IndexError("tile out of range"), KeyError("mode"), RuntimeError("decoder bug"),
+    Image.DecompressionBombError("too big"),
+], ids=lambda e: type(e).__name__)
+def test_any_decoder_exception_gets_one_clear_message(monkeypatch, jpeg_bytes, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail)  # a decoder failing on the pixels
+    with pytest.raises(ImageLoadError) as info:
+        load_image(jpeg_bytes)
+    msg = str(info.value)
+    if isinstance(error, Image.DecompressionBombError):
+        assert "decompression bomb" in msg
+    else:
+        assert msg.startswith("the upload cannot be decoded: it is truncated or corrupt")
+        assert msg.endswith(f"({str(error).strip() or type(error).__name__})")
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_decoder_exception_while_opening(monkeypatch, jpeg_bytes):
+    def fail(*args, **kwargs):
+        raise NotImplementedError("Unimplemented DXGI format 99")
+
+    monkeypatch.setattr(Image, "open", fail)
+    with pytest.raises(ImageLoadError, match="cannot be decoded.*DXGI format 99"):
+        load_image(jpeg_bytes)
+
+
+def test_conversion_failure_of_a_given_image(monkeypatch):
+    img = Image.new("CMYK", (4, 4))
+
+    def fail(*args, **kwargs):
+        raise NotImplementedError("no conversion")
+
+    monkeypatch.setattr(Image.Image, "convert", fail)
+    with pytest.raises(ImageLoadError, match="the image"):
+        load_image(img)
 
 
 def test_over_size_limit(tmp_path, jpeg_bytes):

@@ -1,0 +1,96 @@
+"""The ``lgam`` command (lgam.cli): plain-text help with defaults, and its exit statuses."""
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from lgam.cli import COMMANDS, HelpFormatter, main, plain_text
+
+#: reStructuredText markup that must not reach a terminal
+REST = re.compile(r"``|:(?:class|func|mod|meth|data|attr|obj):`")
+
+
+def _flat(text: str) -> str:
+    """``text`` with every run of whitespace as one space (argparse wraps to the terminal)."""
+    return " ".join(text.split())
+
+
+def test_plain_text_strips_rest_markup():
+    doc = """``lgam params``: counted with :class:`torch.utils.flop_counter.FlopCounterMode` and
+    :func:`~lgam.data.preprocess` (``MACs = FLOPs / 2``); **not** the *same* as a*b or 2 * 3.
+
+        lgam params --models resnet18
+    """
+    assert plain_text(doc) == (
+        "lgam params: counted with torch.utils.flop_counter.FlopCounterMode and\n"
+        "preprocess (MACs = FLOPs / 2); not the same as a*b or 2 * 3.\n\n"
+        "    lgam params --models resnet18")
+    assert plain_text(None) == "" and plain_text("") == ""
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: lgam")
+    assert all(name in err for name in COMMANDS) and not REST.search(err)
+
+
+def test_top_level_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "The lgam console command: lgam COMMAND [options]." in out
+    assert not REST.search(out)
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["nope"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_command_help_is_plain_text_with_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: lgam {command}")
+    assert not REST.search(out), out
+    flat = _flat(out)
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert not re.search(r"\(default: ([^)]*)\) \(default: \1\)", flat)  # never said twice
+
+
+def test_figure5_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["figure5", "--help"])
+    flat = _flat(capsys.readouterr().out)
+    for shown in ("CAM method (default: gradcam)", "heatmap opacity in [0, 1] (default: 0.5)"):
+        assert shown in flat
+
+
+def test_help_formatter():
+    p = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter,
+                                description=plain_text("Uses ``x``;\nsee below.\n\n    x --size 1\n    x -h"))
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--size", type=int, default=224, help="input size")
+    p.add_argument("--sizes", nargs="+", type=int, default=[224, 160], help="sizes")
+    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--recipe", default="fast", help="preset (default: fast)")
+    p.add_argument("--out", help="output file")
+    p.add_argument("--models", nargs="+", default=[], help="models")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--share", default="5%", help="a share")
+    p.add_argument("--see", default="a", help="see :func:`~lgam.cli.main`")
+    text = p.format_help()
+    assert "Uses x;\nsee below.\n\n    x --size 1\n    x -h\n" in text  # lines kept as written
+    flat = _flat(text)
+    for shown in ("input size (default: 224)", "sizes (default: 224 160)", "--dpi DPI (default: 150)",
+                  "preset (default: fast) ", "output file ", "a switch ", "a share (default: 5%)",
+                  "see main (default: a)"):
+        assert shown in flat + " ", shown
+    assert flat.count("(default:") == 6 and "image files (default" not in flat
