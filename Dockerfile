@@ -1,32 +1,49 @@
-# LGAM · Figure 5 live — the Gradio app as a Docker image / Hugging Face Docker Space.
+# LGAM · Figure 5 live — the Gradio app as a container image / Hugging Face Docker Space.
 #
-#   docker build -t lgam-app .
-#   docker run --rm -p 7860:7860 lgam-app                 # CPU
-#   docker run --rm --gpus all -p 7860:7860 lgam-app      # GPU (NVIDIA Container Toolkit)
+#   docker build -t lgam-app .                                   # GPU image (PyPI torch, CUDA inside)
+#   docker build --build-arg TORCH=cpu -t lgam-app:cpu .         # CPU image (PyTorch's CPU wheels)
+#   docker run --rm -p 7860:7860 lgam-app                        # runs on the CPU without a GPU too
+#   docker run --rm --gpus all -p 7860:7860 lgam-app             # NVIDIA GPU (Container Toolkit)
+#   docker run --rm -p 8080:8080 -e GRADIO_SERVER_PORT=8080 lgam-app
 #   docker run --rm -p 7860:7860 -v "$PWD/checkpoints:/home/user/app/checkpoints:ro" lgam-app
 #
-# Hugging Face Spaces conventions: the app listens on 0.0.0.0:7860 and runs as user uid 1000 with a
-# writable $HOME. Checkpoints: ./checkpoints (manifest.json + *.safetensors) is copied in when it
-# exists in the build context, or mount it at run time; without it the page says how to get them.
-# Default torch wheels come from PyPI (CUDA build; also runs on CPU). For a smaller CPU-only image:
-#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t lgam-app:cpu .
-FROM python:3.11-slim
+# Hugging Face Spaces conventions: listens on $GRADIO_SERVER_NAME:$GRADIO_SERVER_PORT (0.0.0.0:7860)
+# as uid 1000 with a writable $HOME. Layers, most stable first: Python packages (root-owned venv),
+# the weights (checkpoints/), then the code, so that a code change re-sends neither packages nor
+# weights. Code, weights and packages belong to root: the app's user can read, not change, them.
+# `python -m app` handles SIGTERM, so `docker stop` returns at once.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
-ARG TORCH_INDEX_URL=""
+# gpu: torch from PyPI (CUDA libraries included, ~5 GB; runs on a CPU as well)
+# cpu: torch from PyPI's sibling index of CPU-only wheels (~1 GB image)
+ARG TORCH=gpu
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="lgam-app" \
+      org.opencontainers.image.description="LGAM Figure 5, live: Grad-CAMs of six attention ResNet18s" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.version="${VERSION}"
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
-# OpenCV (pulled in by grad-cam, headless build) needs glib; curl-free health check uses python
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
+# runtime requirements only (tests and their tools stay out of the image)
+COPY requirements.txt /opt/lgam-requirements.txt
+RUN python3 -m venv /opt/venv \
+    && if [ "$TORCH" = cpu ]; then \
+         pip install --index-url "$TORCH_CPU_INDEX" "$(grep -E '^torch==' /opt/lgam-requirements.txt)" \
+           "$(grep -E '^torchvision==' /opt/lgam-requirements.txt)"; \
+       elif [ "$TORCH" != gpu ]; then echo "TORCH must be cpu or gpu, got '$TORCH'" >&2; exit 2; fi \
+    && pip install -r /opt/lgam-requirements.txt \
+    && python -c "import torch, torchvision, pytorch_grad_cam, gradio, cv2; print('torch', torch.__version__)"
 
 RUN useradd --create-home --uid 1000 user
-USER user
 ENV HOME=/home/user \
-    PATH=/home/user/.local/bin:$PATH \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860 \
     GRADIO_ANALYTICS_ENABLED=False \
@@ -34,19 +51,15 @@ ENV HOME=/home/user \
     LGAM_CHECKPOINTS=/home/user/app/checkpoints
 WORKDIR /home/user/app
 
-# dependencies first (cached layer); torch and torchvision from one source (see DESIGN §7)
-COPY --chown=user requirements.txt ./
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --user --index-url "$TORCH_INDEX_URL" torch==2.15.0 torchvision==0.29.2; \
-    fi \
-    && pip install --user -r requirements.txt \
-    && python -c "import torchvision, pytorch_grad_cam, gradio"
+# the weights (their own layer; an empty folder when the build context has none: the page then
+# says how to get them, or mount them at run time), then the code
+COPY checkpoints/ checkpoints/
+COPY lgam/ lgam/
+COPY app/ app/
+COPY LICENSE ./
 
-# the library, the app and (when present) the checkpoints
-COPY --chown=user . .
-RUN pip install --user --no-deps . && mkdir -p checkpoints
-
+USER user
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"
-CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "7860"]
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/' % os.environ.get('GRADIO_SERVER_PORT', '7860'), timeout=4)"
+CMD ["python", "-m", "app"]

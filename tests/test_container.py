@@ -1,0 +1,98 @@
+"""The deployable app: SIGTERM stops it at once; the Dockerfile takes its port from the
+environment, installs runtime requirements only and layers weights apart from code. The full
+build-run-call-stop check is ``scripts/container_check.sh`` (minutes, needs an engine and the
+package registries); it runs here only with ``LGAM_CONTAINER_CHECK=1``."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from _helpers import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited early:\n{proc.stdout.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_app_within_two_seconds(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--checkpoints", str(tmp_path), "--device", "cpu"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/", proc)  # the port came from the environment
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, proc.stdout.read()[-2000:]
+    assert took < 2.0, f"SIGTERM took {took:.1f} s"
+
+
+def _dockerfile() -> str:
+    return (REPO / "Dockerfile").read_text()
+
+
+def test_dockerfile_port_from_the_environment():
+    text = _dockerfile()
+    cmd = re.search(r"^CMD (.*)$", text, re.M).group(1)
+    health = text[text.index("HEALTHCHECK"):text.index("\nCMD")]
+    assert "7860" not in cmd and "GRADIO_SERVER_PORT" in health
+    assert "ENV" in text and "GRADIO_SERVER_PORT=7860" in text  # the one default
+
+
+def test_dockerfile_runtime_requirements_only_and_layers():
+    text = _dockerfile()
+    runtime = (REPO / "requirements.txt").read_text().lower()
+    assert not re.search(r"^(pytest|selenium|trio)\b", runtime, re.M), "test tools in the image"
+    assert "requirements-test" not in text
+    order = [text.index(f"COPY {p}") for p in ("requirements.txt", "checkpoints/", "lgam/", "app/")]
+    assert order == sorted(order), "packages, then weights, then code"
+    assert "--chown" not in text  # root owns code and weights: the runtime user cannot change them
+    assert re.search(r"^USER user$", text, re.M) and text.index("USER user") > order[-1]
+    assert "ARG TORCH=" in text and "TORCH_CPU_INDEX" in text
+
+
+def test_dockerignore_keeps_build_leftovers_out():
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {"build", "*.egg-info", ".venv", ".git", "tests"} <= ignored
+
+
+@pytest.mark.skipif(os.environ.get("LGAM_CONTAINER_CHECK") != "1",
+                    reason="builds an image (minutes, registries): set LGAM_CONTAINER_CHECK=1")
+@pytest.mark.skipif(not (shutil.which("podman") or shutil.which("docker")),
+                    reason="no container engine (podman or docker)")
+def test_container_build_run_call_stop():
+    proc = subprocess.run(["bash", "scripts/container_check.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "container check passed" in proc.stdout
