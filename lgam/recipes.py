@@ -39,7 +39,8 @@ class Recipe:
     ``channels_last`` apply on CUDA and on CPUs with native bf16. ``train_size_start`` (0: off)
     starts the crops at that size and grows them linearly to ``train_size``, reached
     ``size_hold_epochs`` before the end (:func:`train_size_at`). ``bn_bias_decay=False`` exempts
-    BatchNorm weights and all biases from weight decay.
+    BatchNorm weights and all biases from weight decay. ``zero_init_residual`` starts every residual
+    block as the identity (:func:`lgam.models.zero_init_residual`).
     """
 
     epochs: int
@@ -61,6 +62,7 @@ class Recipe:
     train_size_start: int = 0
     size_hold_epochs: int = 0
     bn_bias_decay: bool = True
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
@@ -88,11 +90,13 @@ RECIPES: dict[str, Recipe] = {
                    train_size=160, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1),
     # each ResNet18 variant on ImageNet-20 within an hour of a 2-core CPU with native bf16
     # (AVX512-BF16): progressive resizing 96 -> 128 px (FFCV), evaluated at a larger size (FixRes),
-    # label smoothing, no decay on BN/bias; the README's "Training on the CPU" has the measurements
+    # label smoothing, no decay on BN/bias, residual blocks starting as the identity (LGAM stalls
+    # at chance without it at this lr); the README's "Training on the CPU" has the measurements
     "cpu": Recipe(epochs=20, batch_size=128, lr=0.25, momentum=0.9, nesterov=True, weight_decay=5e-5,
                   schedule="cosine", step_epochs=30, gamma=0.1, warmup_epochs=1.0, label_smoothing=0.1,
                   train_size=128, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1,
-                  train_size_start=96, size_hold_epochs=4, bn_bias_decay=False),
+                  train_size_start=96, size_hold_epochs=4, bn_bias_decay=False,
+                  zero_init_residual=True),
 }
 
 

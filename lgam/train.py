@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ._fileio import atomic_write_json
 from .device import bf16_native, device_summary, resolve_device
-from .models import create_model, list_models, model_config
+from .models import create_model, list_models, model_config, zero_init_residual
 from .recipes import RECIPES, Recipe, TrainError, lr_at, make_recipe, param_groups, train_size_at
 from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, generator_states, load_state, load_weights, read_log,
                        restore_generators, save_state)
@@ -253,6 +253,8 @@ def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Tr
     """Model ``name`` drawn from the seed's random stream (the same for every model), its optimiser."""
     torch.manual_seed(run.seed)
     model = create_model(name, num_classes=len(run.classes), stem=stem).to(run.device)
+    if run.recipe.zero_init_residual:
+        zero_init_residual(model)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     r = run.recipe

@@ -22,6 +22,8 @@ __all__ = ["ResNeXtBottleneck", "ResNeXt"]
 class ResNeXtBottleneck(nn.Module):
     """1x1 reduce -> grouped 3x3 -> 1x1 expand, attention after ``bn3``. ``(B, C, H, W)``."""
 
+    residual_bn = "bn3"  # the branch's last BN (see zero_init_residual)
+
     def __init__(
         self,
         inplanes: int,
