@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._fileio import atomic_write, atomic_write_json
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import LgamError
 from .models import create_model
 
@@ -104,8 +105,8 @@ def save_checkpoint(
     *,
     classes: Sequence[str],
     input_size: int = 224,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     recipe: dict[str, Any] | None = None,
     seed: int | None = None,
     epochs: int | None = None,

@@ -110,11 +110,13 @@ class LGAM(GateRecorder):
         pooled = SpatialMean.apply(x, work).view(b, self.groups, -1)  # eq (1), per group
         with torch.autocast(x.device.type, enabled=False):  # their products reach 1.5**G: no bf16
             weights = self.channel_attention[0].bn.weight.dtype  # float32 unless .bfloat16()/.half()
-            a = self.group_scales(pooled.to(weights)).to(work)  # eqs (2)-(4) pooled: a_k = 1 + M_k
-        # Ladder (4) unrolled: y_k = a_k (x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1}, with
-        # P_k = a_1 ... a_k, P_0 = 1 (kept in float32 or float64: they grow like 1.5**k). In matrix
-        # form A' = A T over channels, T = diag(1/P_{k-1}) L diag(P_k), L = self.ladder (0/1).
-        p = torch.cumprod(a, dim=1)  # (B, G, C')
+            # eqs (2)-(4) on pooled vectors: the group scales 1 + M_k
+            group_scale = self.group_scales(pooled.to(weights)).to(work)
+        # Ladder (4) unrolled: y_k = (1 + M_k)(x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1}, with
+        # P_k = (1 + M_1) ... (1 + M_k), P_0 = 1 (kept in float32 or float64: they grow like
+        # 1.5**k). In matrix form A' = A T over channels, T = diag(1/P_{k-1}) L diag(P_k),
+        # L = self.ladder (0/1).
+        p = torch.cumprod(group_scale, dim=1)  # (B, G, C')
         p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1).view(b, c)
         p = p.view(b, c)
         h, w = x.shape[2:]
