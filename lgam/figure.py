@@ -17,7 +17,7 @@ from PIL import Image
 
 from ._fileio import FIGURE_FORMATS, save_figure
 from .cam import METHODS, overlay
-from .engine import ImageComparison, ModelResult
+from .engine import PRECISIONS, ImageComparison, ModelResult
 from .errors import UsageError
 from .models import FIGURE5_MODELS
 
@@ -129,6 +129,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), default=None,
                    help="stage of the gates (default: the last stage that has them)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="float32: the numbers lgam evaluate computes; auto/bf16: the app's fast path")
     p.add_argument("--dpi", type=int, default=150)
 
 
@@ -144,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown model(s) {unknown}; choose from {list(FIGURE5_MODELS)}")
     engine = CamEngine.from_checkpoints(args.checkpoints, {n: FIGURE5_MODELS[n] for n in names},
-                                        device=args.device)
+                                        device=args.device, precision=args.precision)
     if not engine.available:
         print(f"error: {engine.setup_message}", file=sys.stderr)
         return 1

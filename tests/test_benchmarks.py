@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from _helpers import REPO
 
 
@@ -11,6 +13,7 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_attention_cost_benchmark():
     out = _run("benchmarks/attention_cost.py", "--reps", "1", "--batches", "1", "2", "--size", "32",
                "--ratio-sizes", "32", "--ratio-batch", "2", "--rounds", "1", "--steps", "1")

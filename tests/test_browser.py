@@ -1,5 +1,8 @@
-"""One real-browser test: headless Chromium (Debian's ``chromium`` + ``chromium-driver``) driven by
-selenium uploads an image, runs the comparison and finds seven tiles (input + six models)."""
+"""Real-browser tests: headless Chromium (Debian's ``chromium`` + ``chromium-driver``) driven by
+selenium uploads a photo at a desktop and a phone width; the upload alone runs the comparison, and
+every tile must be readable: its caption fully visible (not clipped), the photo's aspect ratio
+kept, at least 200 px wide on the desktop. Screenshots go to ``$LGAM_SCREENSHOTS`` (default: the
+test's temp folder)."""
 from __future__ import annotations
 
 import os
@@ -45,15 +48,17 @@ def server(engine, app_checkpoints):
 
 
 @pytest.fixture()
-def browser():
+def browser(request):
     profile = tempfile.mkdtemp(prefix="lgam_chromium_")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--no-first-run", f"--user-data-dir={profile}", "--window-size=1600,1200"):
+              "--no-first-run", f"--user-data-dir={profile}", "--hide-scrollbars"):
         opts.add_argument(a)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    width, height = request.param
+    driver.set_window_size(width, height)
     try:
         yield driver
     finally:
@@ -61,25 +66,53 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_upload_compare_seven_tiles(server, browser, tmp_path):
-    img = tmp_path / "shapes.png"
-    synthetic_image(11, (160, 120)).save(img)
+# per tile: widths, the image's natural and rendered aspect, whether the caption is clipped
+TILE_METRICS = """
+return Array.from(document.querySelectorAll('#results figure')).map(f => {
+  const img = f.querySelector('img'), cap = f.querySelector('figcaption');
+  const r = img.getBoundingClientRect(), c = cap.getBoundingClientRect();
+  return {width: r.width, rendered: r.width / r.height,
+          natural: img.naturalWidth / img.naturalHeight, text: cap.innerText,
+          clipped: cap.scrollWidth > cap.clientWidth + 1 || cap.scrollHeight > cap.clientHeight + 1
+                   || c.right > window.innerWidth + 1 || c.width < 20};
+});
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("browser", [(1280, 800), (420, 900)], indirect=True,
+                         ids=["desktop-1280x800", "phone-420x900"])
+def test_upload_alone_shows_seven_readable_tiles(server, browser, tmp_path):
+    img = tmp_path / "wide.png"
+    synthetic_image(11, (240, 120)).save(img)  # 2:1, to see the aspect ratio kept
     browser.get(server)
     wait = WebDriverWait(browser, 60)
     upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
-    upload.send_keys(str(img))
-    # the upload is shown in the image component before we press Compare
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
-    time.sleep(0.5)
-    browser.find_element(By.ID, "compare-button").click()
+    upload.send_keys(str(img))  # no click: the upload runs the comparison
 
     def tiles(d):
-        found = d.find_elements(By.CSS_SELECTOR, "#gallery .thumbnail-item img, #gallery button img")
+        found = d.find_elements(By.CSS_SELECTOR, "#results figure img")
         return found if len(found) >= 7 else False
 
-    found = WebDriverWait(browser, 120).until(tiles)
-    assert len(found) == 7
-    text = browser.find_element(By.ID, "gallery").text + browser.find_element(By.ID, "run-info").text
-    for label in ("ResNet18", "SE", "SGE", "CBAM", "BAM", "LGAM"):
-        assert f"{label} · " in text, label
-    assert "Device" in text and "cpu" in text
+    WebDriverWait(browser, 120).until(tiles)
+    time.sleep(0.5)  # images decoded and laid out
+    width = browser.execute_script("return window.innerWidth")
+    shots = os.environ.get("LGAM_SCREENSHOTS") or str(tmp_path)
+    os.makedirs(shots, exist_ok=True)
+    browser.find_element(By.ID, "results").screenshot(os.path.join(shots, f"results-{width}.png"))
+    browser.save_screenshot(os.path.join(shots, f"page-{width}.png"))
+
+    metrics = browser.execute_script(TILE_METRICS)
+    assert len(metrics) == 7
+    for m in metrics:
+        assert not m["clipped"], m
+        assert m["rendered"] == pytest.approx(m["natural"], rel=0.03), m
+        assert m["natural"] == pytest.approx(2.0, rel=0.05)
+        if width >= 1280:
+            assert m["width"] >= 200, m
+    captions = [m["text"] for m in metrics]
+    assert captions[0].startswith("Input")
+    for cap, label in zip(captions[1:], ("ResNet18", "SE", "SGE", "CBAM", "BAM", "LGAM")):
+        assert cap.startswith(label) and (" · 0." in cap or " · 1.00" in cap), cap
+    info = browser.find_element(By.ID, "run-info").text
+    assert "Device" in info and "cpu" in info

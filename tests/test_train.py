@@ -139,6 +139,7 @@ def test_lr_schedules():
     assert all(a >= b for a, b in zip(lrs[20:], lrs[21:])) and lrs[-1] < 1e-3
 
 
+@pytest.mark.slow
 def test_overfit_two_models_and_checkpoint(tiny_data, tmp_path):
     """Two models over the same batches: loss falls, the (training) images end up all correct."""
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
@@ -164,6 +165,7 @@ def test_overfit_two_models_and_checkpoint(tiny_data, tmp_path):
     assert json.loads((record.parent / "config.json").read_text())["seed"] == 0
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     """Stopping after an epoch and resuming gives bit-identical weights and logs, also when the kill
     came after one model had saved its next epoch but before the other had."""
@@ -319,6 +321,7 @@ def _cli_error(data: Path, out: Path, *args: str) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_single_process(tiny_data, tmp_path):
     """2 gloo processes x 4 images == 1 process with 2 accumulated micro-batches of 4: the same
     global batches, augmentation and per-4-image BatchNorm statistics, so the parameters agree up
@@ -345,6 +348,7 @@ def test_ddp_two_gloo_processes_match_single_process(tiny_data, tmp_path):
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_runs():
     proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--models", "resnet18",
                            "resnet18_lgam", "--batch", "2", "--size", "32", "--steps", "1", "--threads", "1"],
