@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +25,8 @@ from lgam.cam import overlay
 from lgam.engine import ImageComparison, ModelResult
 from lgam.figure import gate_place
 
-__all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "save_tiles", "gate_notes", "GRID_CSS"]
+__all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "save_tiles", "gate_notes", "GRID_CSS",
+           "TILE_FILES", "TILE_FILES_KEEP_S"]
 
 #: the view switch: label -> what the model tiles show
 VIEWS = {"Grad-CAM": "cam", "attention gates": "gates", "both": "both"}
@@ -116,10 +119,28 @@ def tiles_html(rows: Sequence[Sequence[Tile]], titles: Sequence[str] = ()) -> st
     return "\n".join(parts)
 
 
+#: where the API's tile files go, one folder per call; Gradio copies them into its own cache, so a
+#: folder older than TILE_FILES_KEEP_S seconds is no longer needed and is removed by later calls
+TILE_FILES = Path(tempfile.gettempdir()) / "lgam_tiles"
+TILE_FILES_KEEP_S = 600
+
+
+def _prune_tile_files(now: float) -> None:
+    for old in TILE_FILES.iterdir():
+        try:
+            if now - old.stat().st_mtime > TILE_FILES_KEEP_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # removed by another request meanwhile
+            pass
+
+
 def save_tiles(rows: Sequence[Sequence[Tile]]) -> list[tuple[str, str]]:
-    """JPEG files of the tiles in a fresh temporary folder: ``[(path, "title · caption")]`` for
-    the API's gallery (a new folder per call: no two requests write the same file)."""
-    folder = Path(tempfile.mkdtemp(prefix="lgam_tiles_"))
+    """JPEG files of the tiles in a fresh folder: ``[(path, "title · caption")]`` for the API's
+    gallery (a new folder per call: no two requests write the same file; folders older than
+    :data:`TILE_FILES_KEEP_S` are removed, so a long-running server does not fill the disk)."""
+    TILE_FILES.mkdir(exist_ok=True)
+    _prune_tile_files(time.time())
+    folder = Path(tempfile.mkdtemp(dir=TILE_FILES))
     out = []
     for i, t in enumerate(t for row in rows for t in row):
         path = folder / f"{i:02d}.jpg"

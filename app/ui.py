@@ -249,16 +249,16 @@ def _results(engine: CamEngine, image, more_images, target, method, opacity, vie
     return rows, titles, top5, info
 
 
-def _guarded(what: str, fn, *args):
+def _guarded(what: str, fn, *args, failure: str = "Something went wrong"):
     """Call ``fn``; a user error goes to the user as it is, anything else is logged once and
-    reported without taking the app down."""
+    reported as ``failure: <error>`` without taking the app down."""
     try:
         return fn(*args)
     except gr.Error:
         raise
     except Exception as e:  # noqa: BLE001 - never take the app down; say what happened
         log.exception("%s failed", what)
-        raise _user_error(f"Something went wrong: {type(e).__name__}: {e}") from None
+        raise _user_error(f"{failure}: {type(e).__name__}: {e}") from None
 
 
 def run_compare(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None = None,
@@ -303,17 +303,15 @@ def run_export(engine: CamEngine, image: str | None, more_images: Sequence[Any] 
     fmt = (fmt or DEFAULT_FORMAT).lower().lstrip(".")
     if fmt not in ("png", "pdf"):
         raise _user_error(f"Export format must be png or pdf, got {fmt!r}.")
-    try:
+
+    def figure() -> str:
         alpha, v = _opacity(opacity), _view(view)
         comps, _, _ = _compare(engine, image, more_images, target, method, max_images, max_bytes,
                                max_pixels, v, _stage(stage))
         out = Path(tempfile.mkdtemp(prefix="lgam_fig5_")) / f"figure5.{fmt}"
         return str(save_figure5(comps, out, alpha=alpha, view=v))
-    except gr.Error:
-        raise
-    except Exception as e:  # noqa: BLE001
-        log.exception("export failed")
-        raise _user_error(f"Export failed: {type(e).__name__}: {e}") from None
+
+    return _guarded("export", figure, failure="Export failed")
 
 
 def training_status(engine: CamEngine, name: str) -> str:

@@ -563,3 +563,18 @@ def test_flags():
     a = app.parse_args(["--checkpoints", "ck", "--device", "cuda", "--host", "0.0.0.0",
                         "--port", "1234"])
     assert (a.checkpoints, a.device, a.host, a.port) == ("ck", "cuda", "0.0.0.0", 1234)
+
+
+def test_api_tile_files_do_not_pile_up(monkeypatch, tmp_path):
+    """Each /compare call writes its tiles to a new folder; folders older than the keep time go."""
+    import time
+
+    from app import render
+
+    monkeypatch.setattr(render, "TILE_FILES", tmp_path / "tiles")
+    rows = [[render.Tile(Image.new("RGB", (8, 6)), "Input", "a.png")]]
+    first = Path(render.save_tiles(rows)[0][0]).parent
+    old = time.time() - render.TILE_FILES_KEEP_S - 5
+    os.utime(first, (old, old))
+    second = Path(render.save_tiles(rows)[0][0]).parent
+    assert not first.exists() and second.exists() and second.parent == tmp_path / "tiles"
