@@ -1,4 +1,5 @@
 """LGAM's batched ladder against the loop-per-group transcription of eqs (1)-(7)."""
+import contextlib
 import copy
 import math
 
@@ -171,34 +172,75 @@ def test_bf16_keeps_every_group_of_g32_to_bf16_precision(side):
         assert _rel(got, want) <= 1e-2
 
 
-def test_resnet18_lgam_g32_in_bf16_agrees_with_float32():
-    """The whole G=32 network (BatchNorm statistics calibrated on random batches, eval mode):
-    bf16 autocast + channels_last logits within 2e-2 (relative norm) of float32, same argmax.
-
-    The premise is checked: this initialisation is well conditioned (float32 within 1e-5 of
-    float64). Some initialisations are not (float32 already 1e-3 from float64 with logits ~1e9:
-    sigmoid(ReLU(sum)) of eq (6) sits on a cancellation); bf16 (eps 4e-3) cannot match those,
-    whatever the implementation.
-    """
-    torch.manual_seed(1)
+def _calibrated_g32(seed: int):
+    """``resnet18_lgam_g32`` with BatchNorm statistics of three random batches, in eval mode,
+    its LGAM modules, and a test batch ``(8, 3, 64, 64)``."""
+    torch.manual_seed(seed)
     model = create_model("resnet18_lgam_g32", num_classes=20)
+    x = torch.randn(8, 3, 64, 64)
     for bn in model.modules():
         if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
             bn.momentum = None  # cumulative average over the calibration batches
-    x = torch.randn(8, 3, 64, 64)
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, 64, 64))
-        model.eval()
-        exact = copy.deepcopy(model).double()(x.double())
+    return model.eval(), [m for m in model.modules() if isinstance(m, LGAM)], x
+
+
+def _exact(m: LGAM, x: torch.Tensor) -> torch.Tensor:
+    """Eqs (1)-(7) in float64 with ``m``'s weights."""
+    with torch.autocast("cpu", enabled=False):
+        return lgam_reference(copy.deepcopy(m).double(), x.double())
+
+
+def test_every_module_of_resnet18_lgam_g32_in_bf16_is_exact_to_bf16_precision():
+    """In the bf16 autocast + channels_last G=32 network, each LGAM module's output, on the bf16
+    input it gets there, is within 5e-3 of eqs (1)-(7) evaluated in float64 on that input: no
+    overflow, no group lost to the ladder's 1.5**k growth (bf16 rounds at ~2e-3). A bf16 pooled
+    vector missed this by 20x (11% in the last module)."""
+    model, modules, x = _calibrated_g32(seed=2)
+    errors = []
+    record = lambda m, inputs, out: errors.append(_rel(out.double(), _exact(m, inputs[0])))  # noqa: E731
+    with torch.no_grad(), _hooks(modules, record), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x.to(memory_format=torch.channels_last))
+    assert torch.isfinite(y).all() and y.abs().max() > 1e4  # the ladder's growth is exercised
+    assert len(errors) == 8 and max(errors) <= 5e-3, errors
+
+
+def test_resnet18_lgam_g32_in_bf16_agrees_with_float32():
+    """The whole G=32 network in bf16 autocast + channels_last: logits within 2e-2 (relative
+    norm) of float32, same argmax.
+
+    Premises, checked (skipped, saying which, where they fail): the initialisation is well
+    conditioned (float32 within 1e-5 of float64), and so is the rest of the network in bf16 (the
+    bf16 network with its LGAM modules computed exactly, in float64, within 1e-2 of float32).
+    The second is fragile at G=32: with seed 1 the bf16 convolutions alone move the logits by 5%,
+    and a 1e-7 change in the calibration statistics can move seed 2 from 4e-3 to 5e-2.
+    """
+    model, modules, x = _calibrated_g32(seed=2)
+    exact_output = lambda m, inputs, out: _exact(m, inputs[0]).to(out.dtype)  # noqa: E731
+    with torch.no_grad():
         ref = model(x)
+        f64 = copy.deepcopy(model).double()(x.double())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = model(x.to(memory_format=torch.channels_last))
-    assert ref.abs().max() > 1e4  # the ladder's growth is really exercised
-    assert _rel(ref, exact) <= 1e-5
-    assert torch.isfinite(y).all()
+            with _hooks(modules, exact_output):
+                y_exact_lgam = model(x.to(memory_format=torch.channels_last))
+    if _rel(ref, f64) > 1e-5 or _rel(y_exact_lgam.float(), ref) > 1e-2:
+        pytest.skip(f"ill-conditioned here: float32 vs float64 {_rel(ref, f64):.1e}, bf16 "
+                    f"network with exact LGAM vs float32 {_rel(y_exact_lgam.float(), ref):.1e}")
     assert _rel(y.float(), ref) <= 2e-2
     assert torch.equal(y.float().argmax(1), ref.argmax(1))
+
+
+@contextlib.contextmanager
+def _hooks(modules, hook):
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -64,9 +64,12 @@ class LGAM(GateRecorder):
 
     The ladder (4) is sequential across groups, but GAP is linear and ``M_k`` is constant over
     positions, so the recurrence runs on pooled ``(B, C')`` vectors and the full-resolution output
-    is a per-sample mixing of channels, ``A' = A T``, computed as matrix products (no loop over
-    full-size tensors; see ``forward``). :func:`lgam_reference` is the direct transcription used
-    as the test oracle: read it first.
+    is a per-sample mixing of channels, ``A' = A T``: one batched matrix product where a map has
+    at least as many positions as channels (:class:`MixAndGate`), a running sum over the groups
+    where it has fewer (:class:`LadderAndGate`), each with a hand-written backward. The group
+    scales, their products and the pooled vectors are float32 for 16-bit input (float64 for
+    float64). :func:`lgam_reference` is the direct transcription used as the test oracle: read it
+    first.
     """
 
     gate_description = "M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6)"
@@ -81,7 +84,8 @@ class LGAM(GateRecorder):
             ChannelAttention(width, hidden) for _ in range(groups)
         )
         # a constant, not a weight: follows .to(device) but stays out of the state_dict
-        self.register_buffer("ladder", ladder_matrix(groups, width), persistent=False)
+        self.register_buffer("ladder_mask", torch.ones(groups, groups).triu()[:, :, None],
+                             persistent=False)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}, reduction={self.reduction}"
@@ -114,60 +118,157 @@ class LGAM(GateRecorder):
             group_scale = self.group_scales(pooled.to(weights)).to(work)
         # Ladder (4) unrolled: y_k = (1 + M_k)(x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1}, with
         # P_k = (1 + M_1) ... (1 + M_k), P_0 = 1 (kept in float32 or float64: they grow like
-        # 1.5**k). In matrix form A' = A T over channels, T = diag(1/P_{k-1}) L diag(P_k),
-        # L = self.ladder (0/1).
+        # 1.5**k). In matrix form A' = A T over channels, T[j C' + i, k C' + i] = P_k / P_{j-1}.
         p = torch.cumprod(group_scale, dim=1)  # (B, G, C')
-        p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1).view(b, c)
-        p = p.view(b, c)
-        h, w = x.shape[2:]
-        if h * w >= c:  # T per sample, with a last column T 1 for eq (5)'s channel sum
-            t = (1 / p_prev)[:, :, None] * self.ladder.to(work) * p[:, None, :]
-            out, m_spat = MixAndGate.apply(x, torch.cat([t, t.sum(2, keepdim=True)], 2))
-            self._record(spatial=m_spat)
-            return out
-        # few positions (the last stages): scale, then one product with the constant L
-        q = x * (1 / p_prev).view(b, c, 1, 1).to(x.dtype)
-        y = channel_matmul(q, self.ladder.to(x.dtype)) * p.view(b, c, 1, 1).to(x.dtype)  # A'
-        ones = torch.ones(c, 1, dtype=x.dtype, device=x.device)
-        m_spat = torch.sigmoid(F.relu(channel_matmul(y, ones)))  # eqs (5), (6): sum over channels
+        p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
+        if x.shape[2] * x.shape[3] >= c:  # A' and S as one product per sample with T
+            # T's non-zeros, the ratios R[j, k] = P_k / P_{j-1} for j <= k: (B, G, G, C')
+            ratios = p[:, None] / p_prev[:, :, None] * self._upper(p)
+            out, m_spat = MixAndGate.apply(x, ratios)
+        else:  # few positions (the last stages): the unrolled ladder on the map itself
+            out, m_spat = LadderAndGate.apply(x, p_prev, p)
         self._record(spatial=m_spat)
-        return torch.addcmul(x, y, m_spat.to(y.dtype)).to(x.dtype)  # eq (7): A' M_spat + A
+        return out
+
+    def _upper(self, like: Tensor) -> Tensor:
+        """``(G, G, 1)`` 0/1 mask of ``j <= k``: group ``k`` sums the groups ``j`` up to itself."""
+        return self.ladder_mask.to(like.dtype)
 
 
 class MixAndGate(torch.autograd.Function):
-    """Eqs (5)-(7) from a per-sample channel mixing: ``forward(A (B, C, H, W), T (B, C, C+1))
-    -> (A'', M_spat)`` (``M_spat (B, 1, H, W)`` returned for inspection, not differentiable).
+    """Eqs (5)-(7) from the ladder as a per-sample channel mixing: ``forward(A (B, C, H, W),
+    R (B, G, G, C')) -> (A'', M_spat)`` (``M_spat (B, 1, H, W)`` returned for inspection, not
+    differentiable).
 
-    ``[A' | S] = A T`` (one batched matrix product: ``A'`` and the channel sum ``S`` of eq (5)),
+    ``R[b, j, k, i] = P_k / P_{j-1}`` (0 for ``j > k``) are the non-zeros of the mixing matrix
+    ``T (B, C, C)``: ``T[j C' + i, k C' + i] = R[j, k, i]``, so that ``A' = A T``. With eq (5)'s
+    channel sum as a last column, ``[A' | S] = A [T | T 1]`` is one batched matrix product;
     ``M_spat = sigmoid(ReLU(S))`` (eq (6)), ``A'' = A' M_spat + A`` (eq (7)), in ``A``'s dtype and
-    memory format. The backward is two more products (``dA = dZ T^T + dA''``, ``dT = A^T dZ``) and
-    two passes over ``dA''``, where autograd over the same ops takes about twice as many passes.
+    memory format. The backward is two more products (``dA = dZ T^T + dA''``, ``dT = A^T dZ``, of
+    which ``R``'s entries are kept) and two passes over ``dA''``.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, t: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, ratios: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            z = _channel_bmm(x, t.to(x.dtype))
+            t = mixing_matrix(ratios, x.dtype)
+            z = _channel_bmm(x, t)
             y, s = z[:, :c], z[:, c:]
-            m = torch.sigmoid(F.relu(s.to(t.dtype)))  # eq (6), in float32 or float64
-            ctx.save_for_backward(x, t, z, m)
+            m, d_gate = _spatial_gate(s.to(ratios.dtype))  # eq (6), in float32 or float64
+            m_x = m.to(x.dtype)
+            if any(ctx.needs_input_grad):
+                ctx.save_for_backward(x, t, z, m_x, d_gate)
+                ctx.groups, ctx.dtype = ratios.shape[1], ratios.dtype
             ctx.mark_non_differentiable(m)
-            return torch.addcmul(x, y, m.to(x.dtype)), m  # eq (7)
+            return torch.addcmul(x, y, m_x), m  # eq (7)
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_m: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        x, t, z, m = ctx.saved_tensors
+        x, t, z, m, d_gate = ctx.saved_tensors
         c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            y, s = z[:, :c], z[:, c:]
-            d_m = (grad * y).sum(dim=1, keepdim=True).to(m.dtype)  # (a dtype= argument would copy)
+            d_m = (grad * z[:, :c]).sum(dim=1, keepdim=True)  # (a dtype= argument would copy)
             d_z = torch.empty_like(z)
-            torch.mul(grad, m.to(grad.dtype), out=d_z[:, :c])  # through A' M_spat
-            d_z[:, c:] = d_m * m * (1 - m) * (s > 0)  # through sigmoid(ReLU(S))
-            d_x = _channel_bmm(d_z, t.to(x.dtype).transpose(1, 2), add=grad)  # + identity path
+            torch.mul(grad, m, out=d_z[:, :c])  # through A' M_spat
+            d_z[:, c:] = d_m * d_gate  # through sigmoid(ReLU(S))
+            d_x = _channel_bmm(d_z, t.transpose(1, 2), add=grad)  # + identity path
             d_t = torch.bmm(x.flatten(2), d_z.flatten(2).transpose(1, 2))  # sum over positions
-            return d_x, d_t.to(t.dtype)
+            return d_x, mixing_ratios_grad(d_t.to(ctx.dtype), ctx.groups)
+
+
+class LadderAndGate(torch.autograd.Function):
+    """Eqs (4)-(7) on the map itself, for maps with fewer positions than channels:
+    ``forward(A (B, C, H, W), P_prev (B, G, C'), P (B, G, C')) -> (A'', M_spat)`` (``M_spat``
+    ``(B, 1, H, W)``, not differentiable).
+
+    ``U_k = sum_{j<=k} A_j / P_{j-1}`` (a running sum over the groups, in place), ``A' = P U``,
+    ``S`` = the sum of ``A'`` over channels (eq (5)), ``M_spat = sigmoid(ReLU(S))`` (eq (6)),
+    ``A'' = A' M_spat + A`` (eq (7)). Computed in float32 (float64 for float64 input) on rows
+    ``(B, HW, G, C')``: a few passes over a small map, where a matrix product would cost ``C``
+    multiply-adds per element. The backward runs the same steps in reverse (the running sum
+    backwards).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p_prev: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        with torch.autocast(x.device.type, enabled=False):
+            rows = _group_rows(x, p.shape[1]).to(p.dtype)  # (B, HW, G, C')
+            u = rows / p_prev[:, None]
+            for k in range(1, u.shape[2]):
+                u[:, :, k] += u[:, :, k - 1]  # eq (4), unrolled: sum over j <= k of x_j / P_{j-1}
+            y = u * p[:, None]  # A'
+            m, d_gate = _spatial_gate(y.sum(dim=(2, 3)))  # eqs (5), (6): (B, HW)
+            out = torch.addcmul(rows, y, m[:, :, None, None])  # eq (7)
+            if any(ctx.needs_input_grad):
+                ctx.save_for_backward(rows, u, y, m, d_gate, p_prev, p)
+                ctx.shape, ctx.dtype, ctx.channels_last = x.shape, x.dtype, is_channels_last(x)
+            ctx.mark_non_differentiable(m)
+            return _from_rows(out.to(x.dtype), x.shape, is_channels_last(x)), _map(m, x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_m: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        rows, u, y, m, d_gate, p_prev, p = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            g = _group_rows(grad, p.shape[1]).to(p.dtype)
+            d_s = (g * y).sum(dim=(2, 3)) * d_gate  # through sigmoid(ReLU(S))
+            d_y = torch.addcmul(d_s[:, :, None, None], g, m[:, :, None, None])  # + through A' M
+            d_p = (d_y * u).sum(dim=1)
+            d_u = d_y.mul_(p[:, None])
+            for k in range(d_u.shape[2] - 2, -1, -1):
+                d_u[:, :, k] += d_u[:, :, k + 1]  # the running sum, backwards
+            d_p_prev = -(d_u * rows).sum(dim=1) / p_prev.square()
+            d_x = torch.addcdiv(g, d_u, p_prev[:, None])  # identity path + ladder path
+            return _from_rows(d_x.to(ctx.dtype), ctx.shape, ctx.channels_last), d_p_prev, d_p
+
+
+def _spatial_gate(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq (6): ``M = sigmoid(ReLU(S))`` and its derivative ``dM/dS`` (0 where ``S <= 0``)."""
+    r = F.relu(s)
+    m = torch.sigmoid(r)
+    return m, m * (1 - m) * (r > 0)
+
+
+def _group_rows(x: Tensor, groups: int) -> Tensor:
+    """``(B, C, H, W) -> (B, HW, G, C')``: a view for channels_last input, else a copy."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, groups, c // groups)
+
+
+def _from_rows(rows: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
+    """The inverse of :func:`_group_rows`: ``(B, C, H, W)``, channels_last or contiguous."""
+    b, c, h, w = shape
+    x = rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return x if channels_last else x.contiguous()
+
+
+def _map(m: Tensor, shape: torch.Size) -> Tensor:
+    """``(B, HW) -> (B, 1, H, W)``."""
+    return m.view(shape[0], 1, shape[2], shape[3])
+
+
+def mixing_matrix(ratios: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[T | T 1] (B, C, C + 1)`` in ``dtype`` from the ladder ratios ``R (B, G, G, C')``:
+    ``T[j C' + i, k C' + i] = R[j, k, i]``, zero elsewhere (see :class:`MixAndGate`)."""
+    b, g, _, width = ratios.shape
+    c = g * width
+    t = ratios.new_zeros(b, c, c + 1, dtype=dtype)
+    _ratio_entries(t, g).copy_(ratios)
+    t[:, :, c] = ratios.sum(2).view(b, c)  # T 1: eq (5)'s channel sum folded into the product
+    return t
+
+
+def mixing_ratios_grad(d_t: Tensor, groups: int) -> Tensor:
+    """The gradient of ``R (B, G, G, C')`` from that of ``[T | T 1] (B, C, C + 1)``."""
+    b, c = d_t.shape[:2]
+    return _ratio_entries(d_t, groups) + d_t[:, :, c].view(b, groups, 1, -1)
+
+
+def _ratio_entries(t: Tensor, groups: int) -> Tensor:
+    """The view ``(B, G, G, C')`` of ``R``'s places in ``[T | T 1] (B, C, C + 1)``."""
+    b, c = t.shape[:2]
+    blocks = t[:, :, :c].unflatten(1, (groups, -1)).unflatten(3, (groups, -1))  # (B, G, C', G, C')
+    return blocks.diagonal(dim1=2, dim2=4)
 
 
 def _channel_bmm(x: Tensor, t: Tensor, add: Tensor | None = None) -> Tensor:
@@ -196,8 +297,11 @@ class SpatialMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
         ctx.shape, ctx.dtype = x.shape, x.dtype
-        with torch.autocast(x.device.type, enabled=False):  # 16-bit inputs: reduced in float32
-            return x.mean(dim=(2, 3)).to(dtype)  # inside the kernel, without a float32 copy
+        with torch.autocast(x.device.type, enabled=False):
+            # accumulated and returned in ``dtype`` (float32 for 16-bit input): a bf16 result
+            # would round the pooled groups by 2**-9, which the ladder amplifies (up to 10% of a
+            # G=32 module's output)
+            return x.sum(dim=(2, 3), dtype=dtype) / (x.shape[2] * x.shape[3])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -209,21 +313,6 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the group scales and their products: float32 for 16-bit inputs, else the input's
     own (a float64 module computes in float64)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def ladder_matrix(groups: int, width: int) -> Tensor:
-    """``(C, C)`` with ``C = groups * width``: entry ``(j*width + i, k*width + i)`` is 1 for
-    ``j <= k``, else 0, so ``x @ L`` gives every group the sum of itself and the groups before."""
-    return torch.kron(torch.ones(groups, groups).triu(), torch.eye(width))
-
-
-def channel_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    """``(B, C, H, W) @ (C, K) -> (B, K, H, W)`` over the channel dimension (a 1x1 convolution
-    without bias), as one matrix product in ``x``'s memory format (channels_last stays so)."""
-    b, c, h, w = x.shape
-    if is_channels_last(x):
-        return torch.matmul(x.permute(0, 2, 3, 1), weight).permute(0, 3, 1, 2)
-    return torch.matmul(weight.t(), x.reshape(b, c, h * w)).view(b, -1, h, w)
 
 
 def lgam_reference(
