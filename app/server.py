@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import gradio as gr
 
@@ -19,7 +24,8 @@ from lgam.imageio import MAX_BYTES, MAX_PIXELS
 
 from .ui import build_app, default_examples
 
-__all__ = ["parse_args", "create_app", "launch", "main", "startup_summary"]
+__all__ = ["parse_args", "create_app", "launch", "main", "startup_summary", "free_port",
+           "wait_until_serving", "app_process"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -95,3 +101,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Return once ``url`` answers; ``RuntimeError`` if ``proc`` exits first or time runs out."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app exited (code {proc.returncode}) before serving {url}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer in {timeout_s:.0f} s")
+
+
+@contextmanager
+def app_process(argv: Sequence[str], **popen) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``python -m app ARGV --host 127.0.0.1 --port <free>`` in its own process, as deployed
+    (for tests and benchmarks): yields the process and its URL once it answers; terminated on
+    exit. ``popen``: extra :class:`subprocess.Popen` arguments (default: output discarded)."""
+    port = free_port()
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    proc = subprocess.Popen([sys.executable, "-m", "app", *argv, "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=Path(__file__).resolve().parents[1], **popen)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(url, proc)
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -6,29 +6,35 @@ Per request and device, in the same run:
   model, the fast no-backward Grad-CAM, probabilities, top-5 - in float32;
 - ``engine bf16``: the same under bf16 autocast on channels_last copies (the app's default where
   the device has native bf16);
+- ``engine ... + gates``: the app's engine, also capturing every attention module's gate (the
+  gates view's cost, from the same forward);
 - ``page``: what the page's handler does per request with the app's engine: read the upload,
-  the engine, the overlays and the HTML grid of JPEG tiles (:func:`app.ui.run_page`);
-- ``/compare round trip``: a ``gradio_client`` call of the running app with just the image
-  (upload, queue, engine, JPEG files, download of the answer), the user's wait;
+  the engine, the overlays and the HTML grid of JPEG tiles (:func:`app.ui.run_page`); again with
+  the view showing Grad-CAM and the gates (twice the tiles);
+- ``/compare round trip``: a ``gradio_client`` call with just the image to ``python -m app``
+  running in its own process, as deployed (upload, queue, engine, JPEG files, download of the
+  answer), the user's wait;
 - ``naive``: preprocess once, then per model a new pytorch-grad-cam ``GradCAM(model,
   [model.cam_target_layer()])`` in ``with``, called with the model's own top-1 (forward + backward), plus
   the softmax - the usual tutorial loop.
 
-Models come from ``--checkpoints`` when it has a manifest, else are freshly initialised (timing
-does not depend on the weights). Prints a Markdown table (median and p90 over ``--reps``) and the
-machine.
+Models come from ``--checkpoints`` when it holds all six, else are freshly initialised at
+``--size`` (timing does not depend on the weights); every path runs at the models' input size.
+Prints a Markdown table (median and p90 over ``--reps``) and the machine.
 
-    python benchmarks/app_latency.py [--reps 30] [--devices cpu cuda] [--size 224] [--threads N]
+    python benchmarks/app_latency.py [--reps 30] [--devices cpu cuda] [--size 160] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +44,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app/ folder (not installed)
 
 import lgam  # noqa: E402
+from lgam.checkpoints import save_checkpoint  # noqa: E402
 from lgam.engine import CamEngine  # noqa: E402
 from lgam.models import FIGURE5_MODELS  # noqa: E402
 
@@ -50,37 +57,37 @@ def _image(size: int) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def _engine(checkpoints: str | None, device: str, size: int, precision: str) -> CamEngine:
+def _checkpoints(checkpoints: str | None, size: int, tmp: str) -> Path:
+    """``checkpoints`` when it holds all six models, else a folder of freshly initialised ones
+    (timing does not depend on the weights)."""
     if checkpoints and (Path(checkpoints) / "manifest.json").is_file():
-        eng = CamEngine.from_checkpoints(checkpoints, device=device, precision=precision)
-        if len(eng.available) == len(FIGURE5_MODELS):
-            return eng
-    models = {n: lgam.create_model(n, num_classes=20) for n in FIGURE5_MODELS}
+        entries = json.loads((Path(checkpoints) / "manifest.json").read_text())["models"]
+        if all(n in entries for n in FIGURE5_MODELS):
+            return Path(checkpoints)
+    out = Path(tmp) / "fresh_checkpoints"
     classes = [f"class_{i}" for i in range(20)]
-    return CamEngine(models, classes, device=device, precision=precision,
-                     entries={n: {"input_size": size} for n in models})
+    for name in FIGURE5_MODELS:
+        save_checkpoint(lgam.create_model(name, num_classes=20), out, name, classes=classes,
+                        input_size=size)
+    return out
 
 
-def _round_trip(engine: CamEngine, path: str):
-    """Launch the app around ``engine`` on a free local port; a function that calls /compare."""
-    import socket
-
+@contextmanager
+def _server(checkpoints: Path, device: str, precision: str):
+    """``python -m app`` in its own process, as deployed (the client is another process); yields
+    a function that calls ``/compare`` with just the image."""
     from gradio_client import Client, handle_file
 
-    import app
+    from app.server import app_process
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = app.parse_args(["--host", "127.0.0.1", "--port", str(port)])
-    demo = app.launch(args, engine=engine, prevent_thread_lock=True, quiet=True)
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    return demo, lambda: client.predict(handle_file(path), api_name="/compare")
+    with app_process(["--checkpoints", str(checkpoints), "--device", device,
+                      "--precision", precision]) as (_, url):
+        client = Client(url, verbose=False)
+        yield lambda path: client.predict(handle_file(path), api_name="/compare")
 
 
 def _naive(engine: CamEngine, image: Image.Image, size: int) -> None:
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     x = engine.preprocess([image], size)
     for name in engine.available:
@@ -132,7 +139,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--devices", nargs="+", default=None,
                    help="default: cpu, plus cuda when available")
-    p.add_argument("--size", type=int, default=224, help="model input size (the app uses 224)")
+    p.add_argument("--size", type=int, default=160,
+                   help="input size of freshly initialised models (checkpoints bring their own)")
     p.add_argument("--image-size", type=int, default=480, help="side of the request's image")
     p.add_argument("--checkpoints", default="checkpoints")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -144,33 +152,38 @@ def main() -> None:
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     image = _image(args.image_size)
     print(f"# App request latency: 1 image ({args.image_size}x{args.image_size}), six models, "
-          f"Grad-CAM, {args.size} px\n\nMachine: {machine()}\n")
+          f"Grad-CAM\n\nMachine: {machine()}\n")
     print("| device | path | median ms | p90 ms | speed-up vs naive |\n|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "request.jpg")
         image.save(path, quality=92)
+        checkpoints = _checkpoints(args.checkpoints, args.size, tmp)
         for dev in devices:
-            _device_rows(dev, args, image, path)
+            _device_rows(dev, args, image, path, checkpoints)
 
 
-def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: str) -> None:
+def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: str,
+                 checkpoints: Path) -> None:
     from app.ui import run_page
 
     sync = (lambda: torch.cuda.synchronize()) if dev.startswith("cuda") else (lambda: None)
-    fp32 = _engine(args.checkpoints, dev, args.size, "float32")
+    fp32 = CamEngine.from_checkpoints(checkpoints, device=dev, precision="float32")
     rows = [("engine float32", _time(lambda: fp32.compare(image), args.reps, sync))]
-    auto = _engine(args.checkpoints, dev, args.size, "auto")
+    auto = CamEngine.from_checkpoints(checkpoints, device=dev, precision="auto")
     if auto.precision == "bf16":
         rows.append(("engine bf16", _time(lambda: auto.compare(image), args.reps, sync)))
+    rows.append((f"engine {auto.precision} + gates",
+                 _time(lambda: auto.compare(image, gates=True), args.reps, sync)))
     rows.append((f"page ({auto.precision})", _time(lambda: run_page(auto, path), args.reps, sync)))
+    rows.append((f"page, Grad-CAM + gates ({auto.precision})",
+                 _time(lambda: run_page(auto, path, view="both"), args.reps, sync)))
     if not args.no_round_trip:
-        demo, call = _round_trip(auto, path)
-        try:
-            rows.append((f"/compare round trip ({auto.precision})", _time(call, args.reps, sync)))
-        finally:
-            demo.close()
-    rows.append(("naive", _time(lambda: _naive(fp32, image, args.size), args.naive_reps or args.reps,
-                                sync)))
+        with _server(checkpoints, dev, "auto") as call:
+            rows.append((f"/compare round trip ({auto.precision})",
+                         _time(lambda: call(path), args.reps, sync)))
+    size = fp32.input_size(fp32.available[0])
+    naive = _time(lambda: _naive(fp32, image, size), args.naive_reps or args.reps, sync)
+    rows.append((f"naive (pytorch-grad-cam, float32, {size} px)", naive))
     base = _fmt(rows[-1][1])[0]
     for name, ts in rows:
         med, p90 = _fmt(ts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -23,6 +22,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from torch import nn  # noqa: E402
 
 import app  # noqa: E402
+from app.server import app_process, free_port  # noqa: E402
 from app.ui import (  # noqa: E402
     FIGURE_LABEL, GALLERY_LABEL, INFO_LABEL, LOW_CONFIDENCE, MIN_AGREEMENT, OWN_TOP1, TOP5_LABEL,
     build_app, classes_note, confidence_warning, model_rows, run_compare, training_status,
@@ -31,12 +31,6 @@ from lgam.engine import CamEngine, ImageComparison, ModelResult  # noqa: E402
 from lgam.imageio import load_image  # noqa: E402
 
 MAX_MB = 0.5  # the app under test refuses uploads over 0.5 MiB
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -336,29 +330,9 @@ def _rss_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def server_process(app_checkpoints):
     """``python -m app`` in its own process (to measure the server's memory alone): its pid and URL."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--checkpoints", str(app_checkpoints), "--device", "cpu",
-         "--precision", "float32", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "the app exited"
-                time.sleep(0.5)
+    with app_process(["--checkpoints", str(app_checkpoints), "--device", "cpu",
+                      "--precision", "float32"]) as (proc, url):
         yield proc.pid, url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
