@@ -155,10 +155,11 @@ class MixAndGate(torch.autograd.Function):
             t = mixing_matrix(ratios, x.dtype)
             z = _channel_bmm(x, t)
             y, s = z[:, :c], z[:, c:]
-            m, d_gate = _spatial_gate(s.to(ratios.dtype))  # eq (6), in float32 or float64
+            s = s.to(ratios.dtype)
+            m = torch.sigmoid(F.relu(s))  # eq (6), in float32 or float64
             m_x = m.to(x.dtype)
             if any(ctx.needs_input_grad):
-                ctx.save_for_backward(x, t, z, m_x, d_gate)
+                ctx.save_for_backward(x, t, z, m_x, _gate_derivative(s, m))
                 ctx.groups, ctx.dtype = ratios.shape[1], ratios.dtype
             ctx.mark_non_differentiable(m)
             return torch.addcmul(x, y, m_x), m  # eq (7)
@@ -193,18 +194,19 @@ class LadderAndGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p_prev: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
-            rows = _group_rows(x, p.shape[1]).to(p.dtype)  # (B, HW, G, C')
+            rows = _group_rows(x, p.shape[1]).to(p.dtype)  # (B, HW, G, C'), float32 or float64
             u = rows / p_prev[:, None]
             for k in range(1, u.shape[2]):
                 u[:, :, k] += u[:, :, k - 1]  # eq (4), unrolled: sum over j <= k of x_j / P_{j-1}
             y = u * p[:, None]  # A'
-            m, d_gate = _spatial_gate(y.sum(dim=(2, 3)))  # eqs (5), (6): (B, HW)
-            out = torch.addcmul(rows, y, m[:, :, None, None])  # eq (7)
+            s = y.sum(dim=(2, 3))  # eq (5): (B, HW)
+            m = torch.sigmoid(F.relu(s))  # eq (6)
+            out = torch.addcmul(rows, y, m[:, :, None, None]).to(x.dtype)  # eq (7)
             if any(ctx.needs_input_grad):
-                ctx.save_for_backward(rows, u, y, m, d_gate, p_prev, p)
+                ctx.save_for_backward(rows, u, y, m, _gate_derivative(s, m), p_prev, p)
                 ctx.shape, ctx.dtype, ctx.channels_last = x.shape, x.dtype, is_channels_last(x)
             ctx.mark_non_differentiable(m)
-            return _from_rows(out.to(x.dtype), x.shape, is_channels_last(x)), _map(m, x.shape)
+            return _from_rows(out, x.shape, is_channels_last(x)), _map(m, x.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_m: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
@@ -218,15 +220,13 @@ class LadderAndGate(torch.autograd.Function):
             for k in range(d_u.shape[2] - 2, -1, -1):
                 d_u[:, :, k] += d_u[:, :, k + 1]  # the running sum, backwards
             d_p_prev = -(d_u * rows).sum(dim=1) / p_prev.square()
-            d_x = torch.addcdiv(g, d_u, p_prev[:, None])  # identity path + ladder path
-            return _from_rows(d_x.to(ctx.dtype), ctx.shape, ctx.channels_last), d_p_prev, d_p
+            d_x = torch.addcdiv(g, d_u, p_prev[:, None]).to(ctx.dtype)  # identity + ladder paths
+            return _from_rows(d_x, ctx.shape, ctx.channels_last), d_p_prev, d_p
 
 
-def _spatial_gate(s: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq (6): ``M = sigmoid(ReLU(S))`` and its derivative ``dM/dS`` (0 where ``S <= 0``)."""
-    r = F.relu(s)
-    m = torch.sigmoid(r)
-    return m, m * (1 - m) * (r > 0)
+def _gate_derivative(s: Tensor, m: Tensor) -> Tensor:
+    """``dM/dS`` of eq (6), ``M = sigmoid(ReLU(S))``: ``M (1 - M)`` where ``S > 0``, else 0."""
+    return m * (1 - m) * (s > 0)
 
 
 def _group_rows(x: Tensor, groups: int) -> Tensor:
