@@ -35,3 +35,4 @@ def test_app_latency_benchmark(tmp_path):
     assert names[0] == "engine float32" and names[-1].startswith("naive")
     assert any(n.startswith("/compare round trip") for n in names)
     assert any(n.startswith("page, Grad-CAM + gates") for n in names)
+    assert "Machine:" in out

@@ -320,26 +320,6 @@ def test_memory_flat_and_no_hooks(models):
     assert all(_hooks(m) == 0 for m in models.values())
 
 
-@pytest.mark.slow
-def test_app_latency_benchmark_runs(tmp_path):
-    """benchmarks/app_latency.py end to end with tiny settings (the real numbers are in README)."""
-    import subprocess
-    import sys
-
-    from _helpers import REPO
-
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/app_latency.py", "--reps", "1", "--size", "64",
-         "--image-size", "64", "--devices", "cpu", "--checkpoints", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for path in ("| cpu | engine float32 |", "| cpu | page (", "| cpu | /compare round trip (",
-                 "| cpu | naive | "):
-        assert path in proc.stdout
-    assert "Machine:" in proc.stdout
-
-
 def test_gates_come_from_the_same_forward_and_are_the_modules_own(models, mem_engine, images):
     import torch.nn.functional as F
 
