@@ -27,7 +27,6 @@ Prints a Markdown table (median and p90 over ``--reps``) and the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -44,7 +43,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app/ folder (not installed)
 
 import lgam  # noqa: E402
-from lgam.checkpoints import save_checkpoint  # noqa: E402
+from lgam.checkpoints import load_manifest, save_checkpoint  # noqa: E402
 from lgam.engine import CamEngine  # noqa: E402
 from lgam.models import FIGURE5_MODELS  # noqa: E402
 
@@ -61,8 +60,7 @@ def _checkpoints(checkpoints: str | None, size: int, tmp: str) -> Path:
     """``checkpoints`` when it holds all six models, else a folder of freshly initialised ones
     (timing does not depend on the weights)."""
     if checkpoints and (Path(checkpoints) / "manifest.json").is_file():
-        entries = json.loads((Path(checkpoints) / "manifest.json").read_text())["models"]
-        if all(n in entries for n in FIGURE5_MODELS):
+        if all(n in load_manifest(checkpoints)["models"] for n in FIGURE5_MODELS):
             return Path(checkpoints)
     out = Path(tmp) / "fresh_checkpoints"
     classes = [f"class_{i}" for i in range(20)]

@@ -83,7 +83,8 @@ class LGAM(GateRecorder):
         self.channel_attention = nn.ModuleList(
             ChannelAttention(width, hidden) for _ in range(groups)
         )
-        # a constant, not a weight: follows .to(device) but stays out of the state_dict
+        # (G, G, 1) 0/1 mask of j <= k (group k sums the groups j up to itself); a constant, not
+        # a weight: follows .to(device) but stays out of the state_dict
         self.register_buffer("ladder_mask", torch.ones(groups, groups).triu()[:, :, None],
                              persistent=False)
 
@@ -123,17 +124,12 @@ class LGAM(GateRecorder):
         p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
         if x.shape[2] * x.shape[3] >= c:  # A' and S as one product per sample with T
             # T's non-zeros, the ratios R[j, k] = P_k / P_{j-1} for j <= k: (B, G, G, C')
-            ratios = p[:, None] / p_prev[:, :, None] * self._upper(p)
+            ratios = p[:, None] / p_prev[:, :, None] * self.ladder_mask.to(p.dtype)
             out, m_spat = MixAndGate.apply(x, ratios)
         else:  # few positions (the last stages): the unrolled ladder on the map itself
             out, m_spat = LadderAndGate.apply(x, p_prev, p)
         self._record(spatial=m_spat)
         return out
-
-    def _upper(self, like: Tensor) -> Tensor:
-        """``(G, G, 1)`` 0/1 mask of ``j <= k``: group ``k`` sums the groups ``j`` up to itself."""
-        return self.ladder_mask.to(like.dtype)
-
 
 class MixAndGate(torch.autograd.Function):
     """Eqs (5)-(7) from the ladder as a per-sample channel mixing: ``forward(A (B, C, H, W),
@@ -169,7 +165,7 @@ class MixAndGate(torch.autograd.Function):
         x, t, z, m, d_gate = ctx.saved_tensors
         c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            d_m = (grad * z[:, :c]).sum(dim=1, keepdim=True)  # (a dtype= argument would copy)
+            d_m = (grad * z[:, :c]).sum(dim=1, keepdim=True)
             d_z = torch.empty_like(z)
             torch.mul(grad, m, out=d_z[:, :c])  # through A' M_spat
             d_z[:, c:] = d_m * d_gate  # through sigmoid(ReLU(S))
@@ -193,6 +189,8 @@ class LadderAndGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, p_prev: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        b, _, h, w = x.shape
+        channels_last = is_channels_last(x)
         with torch.autocast(x.device.type, enabled=False):
             rows = _group_rows(x, p.shape[1]).to(p.dtype)  # (B, HW, G, C'), float32 or float64
             u = rows / p_prev[:, None]
@@ -204,9 +202,9 @@ class LadderAndGate(torch.autograd.Function):
             out = torch.addcmul(rows, y, m[:, :, None, None]).to(x.dtype)  # eq (7)
             if any(ctx.needs_input_grad):
                 ctx.save_for_backward(rows, u, y, m, _gate_derivative(s, m), p_prev, p)
-                ctx.shape, ctx.dtype, ctx.channels_last = x.shape, x.dtype, is_channels_last(x)
+                ctx.shape, ctx.dtype, ctx.channels_last = x.shape, x.dtype, channels_last
             ctx.mark_non_differentiable(m)
-            return _from_rows(out, x.shape, is_channels_last(x)), _map(m, x.shape)
+            return _from_rows(out, x.shape, channels_last), m.view(b, 1, h, w)
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_m: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
@@ -240,11 +238,6 @@ def _from_rows(rows: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
     b, c, h, w = shape
     x = rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
     return x if channels_last else x.contiguous()
-
-
-def _map(m: Tensor, shape: torch.Size) -> Tensor:
-    """``(B, HW) -> (B, 1, H, W)``."""
-    return m.view(shape[0], 1, shape[2], shape[3])
 
 
 def mixing_matrix(ratios: Tensor, dtype: torch.dtype) -> Tensor:
