@@ -14,6 +14,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def on_every_device(request):
+    """Run the test once per device here (CPU; CUDA where there is a GPU) as torch's default
+    device, float32 convolutions exact (no TF32); ``torch.get_default_device().type`` names it."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_default_device(request.param)
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device(request.param)
+    finally:
+        torch.set_default_device("cpu")
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 @pytest.fixture(scope="session")
 def imagenet20_dir() -> Path:
     d = SHARED_DATA / "imagenet20"

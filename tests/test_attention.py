@@ -7,6 +7,8 @@ import torch
 from lgam import BAM, CBAM, LGAM, SE, SGE, create_attention
 from lgam.attention.sge import sge_reference
 
+pytestmark = pytest.mark.usefixtures("on_every_device")  # CPU, and CUDA where there is a GPU
+
 sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
 
 
@@ -196,7 +198,7 @@ def test_sge_gradcheck_and_bf16():
     x = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(sge, (x,))
     x = torch.randn(2, 16, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
         y = sge.float()(x.bfloat16().to(memory_format=torch.channels_last))
     assert y.dtype == torch.bfloat16
     ref = sge_reference(sge, x)

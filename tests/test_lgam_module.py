@@ -9,6 +9,8 @@ import torch
 from lgam import LGAM, create_model
 from lgam.attention.lgam import lgam_reference
 
+pytestmark = pytest.mark.usefixtures("on_every_device")  # CPU, and CUDA where there is a GPU
+
 GROUPS = [1, 2, 4, 8, 32]
 # LGAM takes two routes (fewer positions than channels, or not): C=128 at 6x6 and at 12x12
 SIDES = pytest.mark.parametrize("side", [6, 12], ids=["hw<c", "hw>=c"])
@@ -76,8 +78,11 @@ def test_float32_is_as_accurate_as_the_loop(groups, train, side):
     yf, gxf, gpf = _run(copy.deepcopy(m32), lambda m, t: m(t), x, g)
     yl, gxl, gpl = _run(copy.deepcopy(m32), lgam_reference, x, g)
     assert yf.dtype == torch.float32
+    # on a GPU (H200) the batched products' reductions run in another order: for G=8 in train
+    # mode the fast path's output lost 1.7e-6 (loop 2.8e-7), its input gradient 6.1e-5 (loop 9.6e-6)
+    factor = 2 if torch.get_default_device().type == "cpu" else 8
     for fast, loop, exact in ((yf, yl, y64), (gxf, gxl, gx64), (gpf, gpl, gp64)):
-        assert _rel(fast, exact) <= 2 * _rel(loop, exact) + 1e-6
+        assert _rel(fast, exact) <= factor * _rel(loop, exact) + 2e-6
         assert _rel(fast, exact) <= 2e-4
 
 
@@ -150,7 +155,7 @@ def test_bf16_autocast_keeps_dtype_and_stays_close():
     torch.manual_seed(0)
     m = LGAM(64, groups=4, reduction=4).eval()
     x = torch.randn(2, 64, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
         y = m(x.bfloat16())
     assert y.dtype == torch.bfloat16
     assert ((y.float() - m(x)).norm() / m(x).norm()).item() < 2e-2
@@ -165,7 +170,7 @@ def test_bf16_keeps_every_group_of_g32_to_bf16_precision(side):
     x = torch.randn(2, 256, side, side).bfloat16()
     with torch.no_grad():
         exact = lgam_reference(copy.deepcopy(m).double(), x.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
             y = m(x.to(memory_format=torch.channels_last))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     for got, want in zip(y.double().chunk(32, dim=1), exact.chunk(32, dim=1)):
@@ -189,19 +194,21 @@ def _calibrated_g32(seed: int):
 
 def _exact(m: LGAM, x: torch.Tensor) -> torch.Tensor:
     """Eqs (1)-(7) in float64 with ``m``'s weights."""
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(torch.get_default_device().type, enabled=False):
         return lgam_reference(copy.deepcopy(m).double(), x.double())
 
 
-def test_every_module_of_resnet18_lgam_g32_in_bf16_is_exact_to_bf16_precision():
+@pytest.mark.parametrize("seed", range(4))
+def test_every_module_of_resnet18_lgam_g32_in_bf16_is_exact_to_bf16_precision(seed):
     """In the bf16 autocast + channels_last G=32 network, each LGAM module's output, on the bf16
     input it gets there, is within 5e-3 of eqs (1)-(7) evaluated in float64 on that input: no
     overflow, no group lost to the ladder's 1.5**k growth (bf16 rounds at ~2e-3). A bf16 pooled
-    vector missed this by 20x (11% in the last module)."""
-    model, modules, x = _calibrated_g32(seed=2)
+    vector missed this by 20x (11% in the last module); a mixing matrix rounded to bf16 by 7x
+    with seed 3 (3.4% in the first module, on the CPU; 3.9% with seed 2 on a GPU)."""
+    model, modules, x = _calibrated_g32(seed)
     errors = []
     record = lambda m, inputs, out: errors.append(_rel(out.double(), _exact(m, inputs[0])))  # noqa: E731
-    with torch.no_grad(), _hooks(modules, record), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), _hooks(modules, record), torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
         y = model(x.to(memory_format=torch.channels_last))
     assert torch.isfinite(y).all() and y.abs().max() > 1e4  # the ladder's growth is exercised
     assert len(errors) == 8 and max(errors) <= 5e-3, errors
@@ -222,7 +229,7 @@ def test_resnet18_lgam_g32_in_bf16_agrees_with_float32():
     with torch.no_grad():
         ref = model(x)
         f64 = copy.deepcopy(model).double()(x.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16):
             y = model(x.to(memory_format=torch.channels_last))
             with _hooks(modules, exact_output):
                 y_exact_lgam = model(x.to(memory_format=torch.channels_last))
