@@ -23,6 +23,7 @@ Models come from ``--checkpoints`` when it holds all six, else are freshly initi
 Prints a Markdown table (median and p90 over ``--reps``) and the machine.
 
     python benchmarks/app_latency.py [--reps 30] [--devices cpu cuda] [--size 160] [--threads N]
+                                     [--engine-only]
 """
 from __future__ import annotations
 
@@ -144,6 +145,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--naive-reps", type=int, default=None, help="default: --reps")
     p.add_argument("--no-round-trip", action="store_true", help="skip the gradio_client call")
+    p.add_argument("--engine-only", action="store_true",
+                   help="the library's rows alone (engine, naive): no page or server, no gradio")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,10 +163,16 @@ def main() -> None:
             _device_rows(dev, args, image, path, checkpoints)
 
 
-def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: str,
-                 checkpoints: Path) -> None:
+def _page_rows(engine: CamEngine, path: str, reps: int, sync) -> list[tuple[str, list[float]]]:
     from app.ui import run_page
 
+    return [(f"page ({engine.precision})", _time(lambda: run_page(engine, path), reps, sync)),
+            (f"page, Grad-CAM + gates ({engine.precision})",
+             _time(lambda: run_page(engine, path, view="both"), reps, sync))]
+
+
+def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: str,
+                 checkpoints: Path) -> None:
     sync = (lambda: torch.cuda.synchronize()) if dev.startswith("cuda") else (lambda: None)
     fp32 = CamEngine.from_checkpoints(checkpoints, device=dev, precision="float32")
     rows = [("engine float32", _time(lambda: fp32.compare(image), args.reps, sync))]
@@ -172,10 +181,9 @@ def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: s
         rows.append(("engine bf16", _time(lambda: auto.compare(image), args.reps, sync)))
     rows.append((f"engine {auto.precision} + gates",
                  _time(lambda: auto.compare(image, gates=True), args.reps, sync)))
-    rows.append((f"page ({auto.precision})", _time(lambda: run_page(auto, path), args.reps, sync)))
-    rows.append((f"page, Grad-CAM + gates ({auto.precision})",
-                 _time(lambda: run_page(auto, path, view="both"), args.reps, sync)))
-    if not args.no_round_trip:
+    if not args.engine_only:
+        rows += _page_rows(auto, path, args.reps, sync)
+    if not (args.no_round_trip or args.engine_only):
         with _server(checkpoints, dev, "auto") as call:
             rows.append((f"/compare round trip ({auto.precision})",
                          _time(lambda: call(path), args.reps, sync)))

@@ -14,6 +14,7 @@ Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 clas
    and eval mode), the module's std(A'') / std(A), and the std of the whole network's logits.
 
     python benchmarks/attention_cost.py [--ratio-sizes 128 224] [--rounds 3] [--skip-latency]
+    python benchmarks/attention_cost.py --device cuda --ratio-batch 128 [--compile] --skip-latency --skip-growth
 """
 from __future__ import annotations
 
@@ -26,48 +27,59 @@ import torch
 
 import lgam
 from lgam.attention.lgam import lgam_reference
-from lgam.device import bf16_native, device_summary
+from lgam.device import bf16_native, device_summary, resolve_device
 from lgam.models import FIGURE5_MODELS
 from train_throughput import step_seconds  # the training step, timed as lgam train runs it
 
 VARIANTS = list(FIGURE5_MODELS)
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
+def _median_ms(fn, reps: int, sync=lambda: None) -> float:
+    fn()  # warm-up (with --compile: the compilation)
     times = []
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
-def forward_seconds(name: str, batch: int, size: int, steps: int, fast: bool) -> float:
+def forward_seconds(name: str, batch: int, size: int, steps: int, fast: bool,
+                    device: torch.device = torch.device("cpu"), compile: bool = False) -> float:
     """Median seconds of an eval-mode forward (``fast``: bf16 autocast + channels_last)."""
     torch.manual_seed(0)
-    model = lgam.create_model(name, num_classes=20).eval()
-    x = torch.randn(batch, 3, size, size)
+    model = lgam.create_model(name, num_classes=20).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
     if fast:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-        return _median_ms(lambda: model(x), steps) / 1e3
+    net = torch.compile(model, dynamic=False) if compile else model  # see lgam.train
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+        return _median_ms(lambda: net(x), steps, sync) / 1e3
 
 
-def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int) -> None:
-    """Throughput of each variant / throughput of resnet18, per size, precision and mode."""
-    cpu = torch.device("cpu")
-    fast_note = "" if bf16_native(cpu) else " (no native bf16 here: emulated, slower than float32)"
-    print(f"\n## Throughput relative to resnet18 (batch {batch}, median over {rounds} interleaved rounds "
-          f"of {steps} steps){fast_note}\n")
-    columns = [(size, fast, mode) for size in sizes for fast in (False, True) for mode in ("fwd", "train")]
+def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int,
+                 device: torch.device = torch.device("cpu"), compile: bool = False,
+                 modes: tuple[str, ...] = ("fwd", "train")) -> None:
+    """Throughput of each variant / throughput of resnet18, per size, precision and mode
+    (``compile``: the fast path alone, each model under ``torch.compile``)."""
+    fast_note = "" if bf16_native(device) else " (no native bf16 here: emulated, slower than float32)"
+    how = ", torch.compile" if compile else ""
+    print(f"\n## Throughput relative to resnet18 ({device.type}{how}, batch {batch}, median over "
+          f"{rounds} interleaved rounds of {steps} steps){fast_note}\n")
+    precisions = (True,) if compile else (False, True)
+    columns = [(size, fast, mode) for size in sizes for fast in precisions for mode in modes]
     seconds: dict[tuple, list[float]] = {}
     for _ in range(rounds):
         for size, fast, mode in columns:
             for name in VARIANTS:
-                s = (forward_seconds(name, batch, size, steps, fast) if mode == "fwd" else
-                     step_seconds(name, cpu, batch, size, steps, 1, False, fast))
+                s = (forward_seconds(name, batch, size, steps, fast, device, compile) if mode == "fwd"
+                     else step_seconds(name, device, batch, size, steps, 1, compile, fast))
                 seconds.setdefault((name, size, fast, mode), []).append(s)
+                print(f"<!-- {name} {mode} {'bf16' if fast else 'fp32'} {size}: {s * 1e3:.2f} ms -->",
+                      flush=True)  # each cell as it comes: a run stopped early keeps them
     heads = [f"{mode} {'bf16' if fast else 'fp32'} {size}" for size, fast, mode in columns]
     print("| model | " + " | ".join(heads) + " |\n|---|" + "---:|" * len(heads))
     median = {k: statistics.median(v) for k, v in seconds.items()}
@@ -76,8 +88,6 @@ def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int) -> None:
     for name in VARIANTS:
         print(f"| {name} | " + " | ".join(
             f"{median[('resnet18', *c)] / median[(name, *c)]:.2f}" for c in columns) + " |", flush=True)
-
-
 def latency(reps: int, batches: list[int], size: int) -> None:
     print(f"\n## Latency, CPU, {size} px, median of {reps} (ms)\n")
     cols = [f"{k} b{b}" for b in batches for k in ("fwd", "fwd+bwd")]
@@ -145,13 +155,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ratio table")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-growth", action="store_true")
+    p.add_argument("--device", default="cpu", help="device of the ratio table (cpu, cuda)")
+    p.add_argument("--modes", nargs="+", choices=("fwd", "train"), default=("fwd", "train"),
+                   help="columns of the ratio table: eval forward, training step")
+    p.add_argument("--compile", action="store_true",
+                   help="ratio table of the fast path with every model under torch.compile")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# machine: {device_summary(torch.device('cpu'))}, {os.cpu_count()} logical CPUs, "
+    device = resolve_device(args.device)
+    print(f"# machine: {device_summary(device)}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__}")
     if args.ratio_sizes:
-        speed_ratios(args.ratio_sizes, args.ratio_batch, args.rounds, args.steps)
+        speed_ratios(args.ratio_sizes, args.ratio_batch, args.rounds, args.steps, device, args.compile,
+                     tuple(args.modes))
+    if args.skip_growth:
+        return
     if not args.skip_latency:
         latency(args.reps, args.batches, args.size)
     print("\n## LGAM activation growth at initialisation: std(y_k) / std(x_k) per group k")

@@ -36,7 +36,7 @@ def step_seconds(name: str, device: torch.device, batch: int, size: int, steps: 
     model = lgam.create_model(name, num_classes=20).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, dynamic=False) if compile else model  # see lgam.train
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -294,7 +294,9 @@ def _wrap(run: _Run, tr: _Trainee, compile: bool) -> None:
         tr.ddp = nn.parallel.DistributedDataParallel(tr.model, device_ids=device_ids)
     tr.net = tr.model if tr.ddp is None else tr.ddp
     if compile:
-        tr.net = torch.compile(tr.net)
+        # static shapes: LGAM's functions meet a new shape per stage, and the dynamic-shape
+        # recompile this would trigger failed in Inductor (torch 2.11, CUDA: CantSplit)
+        tr.net = torch.compile(tr.net, dynamic=False)
 
 
 def _config(run: _Run, tr: _Trainee, models: Sequence[str], stem: str | None,
