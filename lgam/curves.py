@@ -46,6 +46,40 @@ def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
     return logs
 
 
+def spread(values: Sequence[float], gap: float) -> list[float]:
+    """Positions for labels at ``values``: each as near its value as it can be, at least ``gap``
+    from the others, in the same order (labels that would overlap are spread around their mean)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    clusters: list[list[float]] = []  # runs of labels that touch: their values, in order
+    for i in order:
+        clusters.append([values[i]])
+        while len(clusters) > 1 and (_start(clusters[-2], gap) + len(clusters[-2]) * gap
+                                     > _start(clusters[-1], gap)):
+            clusters[-2:] = [clusters[-2] + clusters[-1]]
+    placed = [_start(c, gap) + k * gap for c in clusters for k in range(len(c))]
+    out = [0.0] * len(values)
+    for i, p in zip(order, placed):
+        out[i] = p
+    return out
+
+
+def _start(cluster: list[float], gap: float) -> float:
+    """The first position of a run of labels centred on its values' mean."""
+    return sum(cluster) / len(cluster) - (len(cluster) - 1) * gap / 2
+
+
+def _label_ends(ax, ends: list[tuple[float, float, str]]) -> None:
+    """Write each curve's last value beside its end, spread so that no two labels overlap."""
+    if not ends:
+        return
+    low, high = ax.get_ylim()
+    ys = spread([e for _, e, _ in ends], gap=0.045 * (high - low))  # ~1.5 lines of 7 pt text
+    for (x, y, colour), y_text in zip(ends, ys):
+        ax.annotate(f"{y:.1f}", (x, y), xytext=(x + 0.4, y_text), textcoords="data", fontsize=7,
+                    color=colour, va="center",
+                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.5, shrinkA=0, shrinkB=1))
+
+
 def curves_figure(logs: dict[str, list[dict[str, Any]]], title: str | None = None):
     """A matplotlib ``Figure``: validation top-1 error (left) and training loss (right) per epoch,
     one line per model; the last validation error is written at each line's end."""
@@ -53,18 +87,18 @@ def curves_figure(logs: dict[str, list[dict[str, Any]]], title: str | None = Non
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     err_ax, loss_ax = fig.subplots(1, 2)
+    ends = []  # (epoch, error, colour, name) of each validation curve's last point
     for name, records in logs.items():
         scored = [r for r in records if r.get("val_top1_err") is not None]
         line, = err_ax.plot([r["epoch"] for r in scored], [r["val_top1_err"] for r in scored],
                             marker="o", markersize=3, label=name)
         if scored:
-            err_ax.annotate(f"{scored[-1]['val_top1_err']:.1f}", (scored[-1]["epoch"], scored[-1]["val_top1_err"]),
-                            xytext=(4, 0), textcoords="offset points", fontsize=7, color=line.get_color(),
-                            va="center")
+            ends.append((scored[-1]["epoch"], scored[-1]["val_top1_err"], line.get_color()))
         loss_ax.plot([r["epoch"] for r in records], [r["loss"] for r in records], label=name)
     sizes = {r.get("val_size") for rs in logs.values() for r in rs if r.get("val_size")}
     size = f" at {sizes.pop()} px" if len(sizes) == 1 else ""
     err_ax.set(xlabel="epoch", ylabel=f"val top-1 error (%){size}", ylim=(0, None))
+    _label_ends(err_ax, ends)
     loss_ax.set(xlabel="epoch", ylabel="training loss")
     for ax in (err_ax, loss_ax):
         ax.grid(alpha=0.3)

@@ -39,3 +39,15 @@ def test_cli_writes_a_png_and_explains_errors(tmp_path, capsys):
     assert main(["curves", str(runs), "--out", str(tmp_path / "c.gif")]) == 2
     assert "must end in one of .png" in capsys.readouterr().err
     assert main(["curves", str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_end_labels_spread_apart_only_where_they_would_overlap():
+    from lgam.curves import spread
+
+    ys = spread([24.1, 30.0, 23.6, 24.0, 60.0], gap=2.0)
+    assert ys[1] == 30.0 and ys[4] == 60.0  # far from the others: where they are
+    close = sorted(ys[i] for i in (0, 2, 3))
+    assert all(b - a >= 2.0 - 1e-9 for a, b in zip(close, close[1:]))
+    assert abs(sum(close) / 3 - (24.1 + 23.6 + 24.0) / 3) < 1e-9  # centred on their mean
+    assert ys[2] < ys[3] < ys[0]  # order kept
+    assert spread([], 1.0) == []
