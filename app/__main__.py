@@ -3,6 +3,8 @@
 SIGTERM (``docker stop``, a Space restart) stops the server as Ctrl-C does: as PID 1 in a container
 Python would otherwise ignore it and be killed after the grace period.
 """
+import logging
+import os
 import signal
 import sys
 
@@ -13,9 +15,19 @@ def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # Gradio's launch loop closes the server on it
 
 
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown: once the server is closed nothing is left to
+    write, and tearing down torch and Gradio's thread pools took 1.4 s of a 2.1 s stop."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop)
     try:
-        sys.exit(main())
+        code = main()
     except KeyboardInterrupt:  # a signal before the server was up
-        sys.exit(0)
+        code = 0
+    _exit_now(code)

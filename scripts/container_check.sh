@@ -17,6 +17,8 @@ TAG=${TAG:-lgam-app:check}
 PORT=${PORT:-7861}
 BUILD_ARGS=()
 [ -n "${BASE_IMAGE:-}" ] && BUILD_ARGS+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
+# podman writes OCI images by default, which have no HEALTHCHECK: ask for Docker's format
+[ "$(basename "$ENGINE")" = podman ] && BUILD_ARGS+=(--format docker)
 
 t0=$(date +%s)
 "$ENGINE" build -t "$TAG" "${BUILD_ARGS[@]}" "$@" .
@@ -30,6 +32,10 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 "$ENGINE" logs "$cid" 2>&1 | tail -5
+if [ "$(basename "$ENGINE")" = podman ]; then  # the image's HEALTHCHECK, run now
+  "$ENGINE" healthcheck run "$cid" && echo "healthcheck: healthy" \
+    || { echo "FAIL: the HEALTHCHECK reports unhealthy" >&2; exit 1; }
+fi
 
 python scripts/compare_client.py "http://127.0.0.1:$PORT/"
 

@@ -18,13 +18,15 @@ from _helpers import REPO
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_app_within_two_seconds(tmp_path):
+def test_sigterm_stops_the_app_within_a_second(app_checkpoints):
+    """With the six models loaded, as deployed: the interpreter's teardown alone took 1.4 s
+    (2.1 s in all; ``docker stop`` allows 2 s in our check, 10 s before it kills)."""
     from app.server import free_port, wait_until_serving
 
     port = free_port()
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--checkpoints", str(tmp_path), "--device", "cpu"],
+        [sys.executable, "-m", "app", "--checkpoints", str(app_checkpoints), "--device", "cpu"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/", proc)  # the port came from the environment
@@ -36,7 +38,8 @@ def test_sigterm_stops_the_app_within_two_seconds(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert rc == 0, proc.stdout.read()[-2000:]
-    assert took < 2.0, f"SIGTERM took {took:.1f} s"
+    assert "6/6 models loaded" in proc.stdout.read()
+    assert took < 1.0, f"SIGTERM took {took:.1f} s"
 
 
 def _dockerfile() -> str:
