@@ -1,22 +1,19 @@
 """Results as a person sees them: one tile per model (the heatmap over the photo, its caption), laid
-out as an HTML grid for the page and written as JPEG files for the API.
+out as an HTML grid for the page and as a JSON list for the API.
 
 The page's grid is HTML (``<figure>`` + ``<figcaption>``), not a gallery of thumbnails: captions are
 text that wraps instead of being cut, every tile keeps the photo's aspect ratio, and the columns
 follow the width (at least :data:`MIN_TILE_PX` wide: four per row at 1280 px, two on a phone).
-Tiles travel inside the HTML as JPEG data URLs: no file per tile, nothing for two requests to
-overwrite. The API's gallery gets JPEG files, each written under a fresh temporary folder.
+Tiles travel as JPEG data URLs, inside the HTML and inside the API's JSON: no file per tile,
+nothing for two requests to overwrite, nothing for a client to download one by one (seven files
+cost gradio_client seven connections: 160 ms of a 530 ms round trip).
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from PIL import Image, ImageDraw
@@ -25,8 +22,7 @@ from lgam.cam import overlay
 from lgam.engine import ImageComparison, ModelResult
 from lgam.figure import gate_place
 
-__all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "save_tiles", "gate_notes", "GRID_CSS",
-           "TILE_FILES", "TILE_FILES_KEEP_S"]
+__all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "tiles_data", "gate_notes", "GRID_CSS"]
 
 #: the view switch: label -> what the model tiles show
 VIEWS = {"Grad-CAM": "cam", "attention gates": "gates", "both": "both"}
@@ -119,34 +115,11 @@ def tiles_html(rows: Sequence[Sequence[Tile]], titles: Sequence[str] = ()) -> st
     return "\n".join(parts)
 
 
-#: where the API's tile files go, one folder per call; Gradio copies them into its own cache, so a
-#: folder older than TILE_FILES_KEEP_S seconds is no longer needed and is removed by later calls
-TILE_FILES = Path(tempfile.gettempdir()) / "lgam_tiles"
-TILE_FILES_KEEP_S = 600
-
-
-def _prune_tile_files(now: float) -> None:
-    for old in TILE_FILES.iterdir():
-        try:
-            if now - old.stat().st_mtime > TILE_FILES_KEEP_S:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:  # removed by another request meanwhile
-            pass
-
-
-def save_tiles(rows: Sequence[Sequence[Tile]]) -> list[tuple[str, str]]:
-    """JPEG files of the tiles in a fresh folder: ``[(path, "title · caption")]`` for the API's
-    gallery (a new folder per call: no two requests write the same file; folders older than
-    :data:`TILE_FILES_KEEP_S` are removed, so a long-running server does not fill the disk)."""
-    TILE_FILES.mkdir(exist_ok=True)
-    _prune_tile_files(time.time())
-    folder = Path(tempfile.mkdtemp(dir=TILE_FILES))
-    out = []
-    for i, t in enumerate(t for row in rows for t in row):
-        path = folder / f"{i:02d}.jpg"
-        t.image.save(path, format="JPEG", quality=JPEG_QUALITY)
-        out.append((str(path), f"{t.title} · {t.caption}"))
-    return out
+def tiles_data(rows: Sequence[Sequence[Tile]]) -> dict[str, list[dict[str, object]]]:
+    """The API's tiles: ``{"tiles": [{"row", "title", "caption", "image"}]}``, row by row (a row
+    per image and view: its input, then one tile per model), ``image`` a JPEG data URL."""
+    return {"tiles": [{"row": k, "title": t.title, "caption": t.caption, "image": _data_url(t.image)}
+                      for k, row in enumerate(rows) for t in row]}
 
 
 def gate_notes(comp: ImageComparison) -> str:

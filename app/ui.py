@@ -28,7 +28,7 @@ from lgam.data import IMAGE_EXTENSIONS
 from lgam.engine import CamEngine, ImageComparison
 from lgam.imageio import MAX_BYTES, MAX_PIXELS, ImageLoadError, load_image
 
-from .render import VIEWS, Tile, gate_notes, save_tiles, tiles_for, tiles_html
+from .render import VIEWS, Tile, gate_notes, tiles_data, tiles_for, tiles_html
 
 __all__ = ["OWN_TOP1", "LOW_CONFIDENCE", "MIN_AGREEMENT", "build_app", "run_compare",
            "run_export", "default_examples", "raw_image", "model_rows", "setup_help",
@@ -50,7 +50,7 @@ MODEL_HEADERS = ["model", "status", "params (M)", "GMACs 224", "input (px)",
                  "val top-1 err at input size (%)", "val images", "val top-1 err 224 px (%)"]
 #: the components' labels: they also name the endpoints' inputs and outputs in the API
 #: (``Client.view_api()``)
-GALLERY_LABEL = "Input + Grad-CAM per model"
+TILES_LABEL = "Input + Grad-CAM per model (JPEG data URLs)"
 TOP5_LABEL = "Top-5 per model"
 INFO_LABEL = "Run info"
 FIGURE_LABEL = "Figure 5 file"
@@ -266,15 +266,15 @@ def run_compare(engine: CamEngine, image: str | None, more_images: Sequence[Any]
                 opacity: float = DEFAULT_OPACITY, view: str = DEFAULT_VIEW,
                 stage: str = DEFAULT_STAGE, *, max_images: int = 8, max_bytes: int = MAX_BYTES,
                 max_pixels: int = MAX_PIXELS) -> tuple[list[tuple[str, str]], list[list[Any]], str]:
-    """The ``/compare`` API handler: ``(gallery [(JPEG path, "model · caption")], top-5 rows,
-    info markdown)``. Per image the input, then one tile per model: its Grad-CAM captioned
-    ``class · p`` and/or its attention gate (``view``); an unavailable model gets a grey tile
-    with the reason. The info starts with a warning for each image the models are unsure about
+    """The ``/compare`` API handler: ``(tiles, top-5 rows, info markdown)``, the tiles as
+    :func:`app.render.tiles_data` (JPEG data URLs). Per image the input, then one tile per model:
+    its Grad-CAM captioned ``class · p`` and/or its attention gate (``view``); an unavailable model
+    gets a grey tile with the reason. The info starts with a warning for each image the models are unsure about
     (:func:`confidence_warning`)."""
     limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
     rows, _, top5, info = _guarded("compare", _results, engine, image, more_images, target,
                                    method, opacity, view, stage, limits)
-    return save_tiles(rows), top5, info
+    return tiles_data(rows), top5, info
 
 
 def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None = None,
@@ -446,8 +446,8 @@ def build_app(
                                                  label="Figure format"))
                     export_btn = gr.Button("Export Figure 5")
                 figure_file = gr.File(label=FIGURE_LABEL, interactive=False)
-                # the API's /compare answers with image files; the page shows the HTML grid
-                gallery = gr.Gallery(label=GALLERY_LABEL, visible=False)
+                # the API's /compare answers with the tiles as JSON; the page shows the HTML grid
+                tiles = gr.JSON(label=TILES_LABEL, visible=False)
                 api_run = gr.Button(visible=False)
         gr.Markdown(f"**Models** (from the checkpoint manifest: training status, val error) · "
                     f"device `{engine.device}`")
@@ -457,10 +457,10 @@ def build_app(
         # one concurrency group: the page's runs, the API and the export share the limit
         inputs = [image, files, target, method, opacity, view, stage]
         queue = dict(concurrency_limit=concurrency_limit, concurrency_id="cam")
-        api_run.click(compare, inputs, [gallery, top5, info], api_name="compare", **queue,
+        api_run.click(compare, inputs, [tiles, top5, info], api_name="compare", **queue,
                       api_description="Input + Grad-CAM (or attention gate) of each model as "
-                                      "image files, the top-5 table and the run info for an "
-                                      "image (plus more images for a grid)")
+                                      "JPEG data URLs with their captions, the top-5 table and "
+                                      "the run info for an image (plus more images for a grid)")
         for trigger in (run.click, image.change, files.change, view.change):
             trigger(page, inputs, [grid, top5, info], api_visibility="private", **queue)
         export_btn.click(export, inputs + [fmt], [figure_file], api_name="export", **queue,

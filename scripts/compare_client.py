@@ -18,10 +18,11 @@ def main(url: str) -> int:
     Image.radial_gradient("L").convert("RGB").save(img)
     client = Client(url, verbose=False)
     t0 = time.perf_counter()
-    gallery, top5, info = client.predict(handle_file(str(img)), api_name="/compare")
+    tiles, top5, info = client.predict(handle_file(str(img)), api_name="/compare")
     ms = (time.perf_counter() - t0) * 1000
-    print(f"/compare: {len(gallery)} images, {len(top5['data'])} top-5 rows in {ms:.0f} ms")
-    if len(gallery) < 2:
+    tiles = tiles["tiles"]
+    print(f"/compare: {len(tiles)} tiles, {len(top5['data'])} top-5 rows in {ms:.0f} ms")
+    if len(tiles) < 2 or not all(t["image"].startswith("data:image/jpeg;base64,") for t in tiles):
         print("FAIL: expected the input and one heatmap per model", file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,7 @@
 """The Gradio app end to end through ``gradio_client`` (launched on 127.0.0.1), plus the handlers."""
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -26,7 +27,7 @@ from torch import nn  # noqa: E402
 import app  # noqa: E402
 from app.server import app_process, free_port  # noqa: E402
 from app.ui import (  # noqa: E402
-    FIGURE_LABEL, GALLERY_LABEL, INFO_LABEL, LOW_CONFIDENCE, MIN_AGREEMENT, OWN_TOP1, TOP5_LABEL,
+    FIGURE_LABEL, INFO_LABEL, LOW_CONFIDENCE, MIN_AGREEMENT, OWN_TOP1, TILES_LABEL, TOP5_LABEL,
     build_app, classes_note, confidence_warning, model_rows, run_compare, training_status,
 )
 from lgam.engine import CamEngine, ImageComparison, ModelResult  # noqa: E402
@@ -66,9 +67,23 @@ def files(tmp_path_factory, images):
     return paths
 
 
+def _gallery(tiles: dict) -> list[dict]:
+    """The API's tiles as ``[{"caption": "title · caption", "image": JPEG bytes (a file object),
+    "row": k}]``, decoding each data URL."""
+    out = []
+    for t in tiles["tiles"]:
+        head, data = t["image"].split(",", 1)
+        assert head == "data:image/jpeg;base64"
+        out.append({"caption": f"{t['title']} · {t['caption']}", "row": t["row"],
+                    "image": io.BytesIO(base64.b64decode(data))})
+    return out
+
+
 def _compare(client, path, more=(), target=OWN_TOP1, method="gradcam", opacity=0.5):
-    return client.predict(handle_file(path), [handle_file(m) for m in more], target, method,
-                          opacity, api_name="/compare")
+    """``/compare`` through gradio_client: ``(tiles as :func:`_gallery`, top-5, info)``."""
+    tiles, top5, info = client.predict(handle_file(path), [handle_file(m) for m in more], target,
+                                       method, opacity, api_name="/compare")
+    return _gallery(tiles), top5, info
 
 
 def test_api_names_every_input_and_output_and_needs_only_an_image(client):
@@ -82,7 +97,7 @@ def test_api_names_every_input_and_output_and_needs_only_an_image(client):
     assert [p["parameter_has_default"] for p in export] == [False] + [True] * 7
     assert [p["parameter_default"] for p in export[2:]] == [
         OWN_TOP1, "gradcam", 0.5, "Grad-CAM", "last stage with gates", "png"]
-    assert [r["label"] for r in eps["/compare"]["returns"]] == [GALLERY_LABEL, TOP5_LABEL,
+    assert [r["label"] for r in eps["/compare"]["returns"]] == [TILES_LABEL, TOP5_LABEL,
                                                                 INFO_LABEL]
     assert [r["label"] for r in eps["/export"]["returns"]] == [FIGURE_LABEL]
     labels = [x["label"] for e in eps.values() for x in e["parameters"] + e["returns"]]
@@ -90,11 +105,11 @@ def test_api_names_every_input_and_output_and_needs_only_an_image(client):
 
 
 def test_just_an_image_and_inputs_by_name(client, files):
-    gallery, top5, info = client.predict(handle_file(files[0]), api_name="/compare")
-    assert len(gallery) == 7 and len(top5["data"]) == 6 and "Device" in info
-    gallery, _, _ = client.predict(handle_file(files[0]), target=CLASSES[2], opacity=0.3,
-                                   api_name="/compare")
-    assert all(f" · {CLASSES[2]} · " in g["caption"] for g in gallery[1:])
+    tiles, top5, info = client.predict(handle_file(files[0]), api_name="/compare")
+    assert len(tiles["tiles"]) == 7 and len(top5["data"]) == 6 and "Device" in info
+    tiles, _, _ = client.predict(handle_file(files[0]), target=CLASSES[2], opacity=0.3,
+                                 api_name="/compare")
+    assert all(t["caption"].startswith(f"{CLASSES[2]} · ") for t in tiles["tiles"][1:])
     path = client.predict(handle_file(files[0]), figure_format="pdf", api_name="/export")
     with open(path, "rb") as f:
         assert f.read(4) == b"%PDF"
@@ -126,15 +141,16 @@ def test_readme_api_example_runs_verbatim(server, monkeypatch, tmp_path, capsys)
     synthetic_image(21, (120, 90)).save(tmp_path / "photo.jpg")
     namespace: dict = {"__name__": "readme_api_example"}
     exec(compile(code, "README.md (API example)", "exec"), namespace)  # noqa: S102
-    gallery = namespace["gallery"]
-    assert len(gallery) == 7 and gallery[0]["caption"] == "Input · photo.jpg"
-    assert all(Path(t["image"]).is_file() for t in gallery)
+    tiles = namespace["tiles"]["tiles"]
+    assert len(tiles) == 7 and (tiles[0]["title"], tiles[0]["caption"]) == ("Input", "photo.jpg")
+    assert sorted(p.name for p in tmp_path.glob("*.jpg")) == sorted(
+        ["photo.jpg"] + [f"{t['title']}.jpg" for t in tiles])  # the example saved each tile
     assert "Device" in namespace["info"] and len(namespace["top5"]["data"]) == 6
     for name, magic in (("figure", b"\x89PNG"), ("pdf", b"%PDF")):
         with open(namespace[name], "rb") as f:
             assert f.read(4) == magic, name
     printed = capsys.readouterr().out
-    assert all(t["caption"] in printed for t in gallery)
+    assert all(f"{t['title']} · {t['caption']}" in printed for t in tiles)
 
 
 def test_compare_matches_engine(client, engine, files):
@@ -381,8 +397,8 @@ def test_sixteen_clients_eleven_rounds_of_the_same_photo(server_process, files):
 
 def test_unavailable_models_shown_as_tiles(broken_checkpoints, files):
     eng = CamEngine.from_checkpoints(broken_checkpoints, device="cpu")
-    gallery, rows, _ = run_compare(eng, files[0], [], OWN_TOP1, "gradcam", 0.5)
-    caps = [c for _, c in gallery]
+    tiles, rows, _ = run_compare(eng, files[0], [], OWN_TOP1, "gradcam", 0.5)
+    caps = [f"{t['title']} · {t['caption']}" for t in tiles["tiles"]]
     assert caps[3].startswith("SGE · unavailable: ") and caps[5].startswith("BAM · unavailable: ")
     assert sum("unavailable" in c for c in caps) == 2
     assert rows[2][2].startswith("unavailable")
@@ -551,16 +567,15 @@ def test_flags():
     assert (a.checkpoints, a.device, a.host, a.port) == ("ck", "cuda", "0.0.0.0", 1234)
 
 
-def test_api_tile_files_do_not_pile_up(monkeypatch, tmp_path):
-    """Each /compare call writes its tiles to a new folder; folders older than the keep time go."""
-    import time
-
+def test_api_tiles_are_jpeg_data_urls_row_by_row():
+    """The API answers with the tiles themselves (no files to download or to pile up)."""
     from app import render
 
-    monkeypatch.setattr(render, "TILE_FILES", tmp_path / "tiles")
-    rows = [[render.Tile(Image.new("RGB", (8, 6)), "Input", "a.png")]]
-    first = Path(render.save_tiles(rows)[0][0]).parent
-    old = time.time() - render.TILE_FILES_KEEP_S - 5
-    os.utime(first, (old, old))
-    second = Path(render.save_tiles(rows)[0][0]).parent
-    assert not first.exists() and second.exists() and second.parent == tmp_path / "tiles"
+    rows = [[render.Tile(Image.new("RGB", (8, 6), (200, 10, 10)), "Input", "a.png"),
+             render.Tile(Image.new("RGB", (8, 6)), "LGAM", "tench · 0.90")],
+            [render.Tile(Image.new("RGB", (8, 6)), "Input", "b.png")]]
+    got = _gallery(render.tiles_data(rows))
+    assert [(g["row"], g["caption"]) for g in got] == [
+        (0, "Input · a.png"), (0, "LGAM · tench · 0.90"), (1, "Input · b.png")]
+    with Image.open(got[0]["image"]) as im:
+        assert im.format == "JPEG" and im.size == (8, 6) and im.getpixel((4, 3))[0] > 150
