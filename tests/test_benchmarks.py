@@ -36,3 +36,9 @@ def test_app_latency_benchmark(tmp_path):
     assert any(n.startswith("/compare round trip") for n in names)
     assert any(n.startswith("page, Grad-CAM + gates") for n in names)
     assert "Machine:" in out
+
+
+def test_lgam_mixing_benchmark():
+    out = _run("benchmarks/lgam_mixing.py", "--batch", "2", "--reps", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| 64,") or line.startswith("| 128,")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 6 for r in rows)
