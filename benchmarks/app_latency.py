@@ -12,8 +12,8 @@ Per request and device, in the same run:
   the engine, the overlays and the HTML grid of JPEG tiles (:func:`app.ui.run_page`); again with
   the view showing Grad-CAM and the gates (twice the tiles);
 - ``/compare round trip``: a ``gradio_client`` call with just the image to ``python -m app``
-  running in its own process, as deployed (upload, queue, engine, JPEG files, download of the
-  answer), the user's wait;
+  running in its own process, as deployed (upload, queue, engine, the tiles as JPEG data URLs in
+  the JSON answer), the user's wait;
 - ``naive``: preprocess once, then per model a new pytorch-grad-cam ``GradCAM(model,
   [model.cam_target_layer()])`` in ``with``, called with the model's own top-1 (forward + backward), plus
   the softmax - the usual tutorial loop.
