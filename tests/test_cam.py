@@ -290,6 +290,20 @@ def test_overlay():
         overlay(img, cam, alpha=1.5)
 
 
+def test_overlay_is_the_blend_with_matplotlibs_colormap():
+    """The 8-bit table lookup and blend equal ``(1 - a) image + a jet(cam)`` to one level."""
+    from matplotlib import colormaps
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    cam = rng.random((30, 40), dtype=np.float32)
+    cam[0, :3] = (0.0, 1.0, np.nan)  # the ends, and a NaN drawn as 0
+    for alpha in (0.3, 0.8):
+        want = (1 - alpha) * np.asarray(img) / 255 + alpha * colormaps["jet"](np.nan_to_num(cam))[..., :3]
+        got = np.asarray(overlay(img, cam, alpha), dtype=np.float64)
+        assert np.abs(got - np.rint(want * 255)).max() <= 1
+
+
 def _sig(comps):
     return [[(r.target, r.probs, r.cam) for r in c.results] for c in comps]
 
