@@ -14,11 +14,12 @@ Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 clas
    and eval mode), the module's std(A'') / std(A), and the std of the whole network's logits.
 
     python benchmarks/attention_cost.py [--ratio-sizes 128 224] [--rounds 3] [--skip-latency]
-    python benchmarks/attention_cost.py --device cuda --ratio-batch 128 [--compile] --skip-latency --skip-growth
+    python benchmarks/attention_cost.py --device cuda --ratio-batch 128 [--compile | --cuda-graphs] --skip-latency --skip-growth
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -29,7 +30,7 @@ import lgam
 from lgam.attention.lgam import lgam_reference
 from lgam.device import bf16_native, device_summary, resolve_device
 from lgam.models import FIGURE5_MODELS
-from train_throughput import step_seconds  # the training step, timed as lgam train runs it
+from train_throughput import captured, step_seconds  # the training step, timed as lgam train runs it
 
 VARIANTS = list(FIGURE5_MODELS)
 
@@ -47,8 +48,10 @@ def _median_ms(fn, reps: int, sync=lambda: None) -> float:
 
 
 def forward_seconds(name: str, batch: int, size: int, steps: int, fast: bool,
-                    device: torch.device = torch.device("cpu"), compile: bool = False) -> float:
-    """Median seconds of an eval-mode forward (``fast``: bf16 autocast + channels_last)."""
+                    device: torch.device = torch.device("cpu"), compile: bool = False,
+                    cuda_graph: bool = False) -> float:
+    """Median seconds of an eval-mode forward (``fast``: bf16 autocast + channels_last;
+    ``cuda_graph``: replayed as a captured CUDA graph)."""
     torch.manual_seed(0)
     model = lgam.create_model(name, num_classes=20).eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -56,27 +59,41 @@ def forward_seconds(name: str, batch: int, size: int, steps: int, fast: bool,
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     net = torch.compile(model, dynamic=False) if compile else model  # see lgam.train
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-        return _median_ms(lambda: net(x), steps, sync) / 1e3
+
+    def forward() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast, cache_enabled=not cuda_graph):
+            net(x)
+
+    with torch.no_grad():
+        run = captured(forward).replay if cuda_graph else forward
+        return _median_ms(run, steps, sync) / 1e3
 
 
 def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int,
                  device: torch.device = torch.device("cpu"), compile: bool = False,
-                 modes: tuple[str, ...] = ("fwd", "train")) -> None:
+                 modes: tuple[str, ...] = ("fwd", "train"), cuda_graph: bool = False) -> None:
     """Throughput of each variant / throughput of resnet18, per size, precision and mode
-    (``compile``: the fast path alone, each model under ``torch.compile``)."""
+    (``compile``, ``cuda_graph``: the fast path alone, each model under ``torch.compile``,
+    replayed as a CUDA graph)."""
     fast_note = "" if bf16_native(device) else " (no native bf16 here: emulated, slower than float32)"
-    how = ", torch.compile" if compile else ""
+    how = (", torch.compile" if compile else "") + (", CUDA graphs" if cuda_graph else "")
     print(f"\n## Throughput relative to resnet18 ({device.type}{how}, batch {batch}, median over "
           f"{rounds} interleaved rounds of {steps} steps){fast_note}\n")
-    precisions = (True,) if compile else (False, True)
+    precisions = (True,) if compile or cuda_graph else (False, True)
     columns = [(size, fast, mode) for size in sizes for fast in precisions for mode in modes]
     seconds: dict[tuple, list[float]] = {}
     for _ in range(rounds):
         for size, fast, mode in columns:
             for name in VARIANTS:
-                s = (forward_seconds(name, batch, size, steps, fast, device, compile) if mode == "fwd"
-                     else step_seconds(name, device, batch, size, steps, 1, compile, fast))
+                try:
+                    s = (forward_seconds(name, batch, size, steps, fast, device, compile, cuda_graph)
+                         if mode == "fwd" else step_seconds(name, device, batch, size, steps, 1, compile, fast,
+                                                            cuda_graph))
+                except RuntimeError as e:  # a model whose step cannot be captured: its cells say so
+                    if not cuda_graph:
+                        raise
+                    s = math.nan
+                    print(f"<!-- {name} {mode} {size}: not captured: {str(e).splitlines()[0]} -->")
                 seconds.setdefault((name, size, fast, mode), []).append(s)
                 print(f"<!-- {name} {mode} {'bf16' if fast else 'fp32'} {size}: {s * 1e3:.2f} ms -->",
                       flush=True)  # each cell as it comes: a run stopped early keeps them
@@ -87,7 +104,13 @@ def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int,
         f"{batch / median[('resnet18', *c)]:.0f}" for c in columns) + " |")
     for name in VARIANTS:
         print(f"| {name} | " + " | ".join(
-            f"{median[('resnet18', *c)] / median[(name, *c)]:.2f}" for c in columns) + " |", flush=True)
+            _ratio(median[('resnet18', *c)], median[(name, *c)]) for c in columns) + " |", flush=True)
+
+
+def _ratio(base: float, s: float) -> str:
+    return "—" if math.isnan(s) else f"{base / s:.2f}"
+
+
 def latency(reps: int, batches: list[int], size: int) -> None:
     print(f"\n## Latency, CPU, {size} px, median of {reps} (ms)\n")
     cols = [f"{k} b{b}" for b in batches for k in ("fwd", "fwd+bwd")]
@@ -161,15 +184,19 @@ def main() -> None:
                    help="columns of the ratio table: eval forward, training step")
     p.add_argument("--compile", action="store_true",
                    help="ratio table of the fast path with every model under torch.compile")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="ratio table of the fast path, each step replayed as one CUDA graph (needs --device cuda)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        p.error("--cuda-graphs needs --device cuda (a GPU)")
     print(f"# machine: {device_summary(device)}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__}")
     if args.ratio_sizes:
         speed_ratios(args.ratio_sizes, args.ratio_batch, args.rounds, args.steps, device, args.compile,
-                     tuple(args.modes))
+                     tuple(args.modes), args.cuda_graphs)
     if args.skip_growth:
         return
     if not args.skip_latency:

@@ -29,9 +29,12 @@ VARIANTS = list(FIGURE5_MODELS)
 
 
 def step_seconds(name: str, device: torch.device, batch: int, size: int, steps: int, warmup: int,
-                 compile: bool, fast: bool) -> float:
-    """Median seconds of one training step of model ``name``; ``fast``: bf16 autocast + channels_last."""
+                 compile: bool, fast: bool, cuda_graph: bool = False) -> float:
+    """Median seconds of one training step of model ``name``; ``fast``: bf16 autocast + channels_last;
+    ``cuda_graph``: forward, backward and SGD step replayed as one captured CUDA graph."""
     cuda = device.type == "cuda"
+    if cuda_graph and not cuda:
+        raise ValueError("CUDA graphs need --device cuda")
     torch.manual_seed(0)
     model = lgam.create_model(name, num_classes=20).to(device)
     if fast:
@@ -43,24 +46,58 @@ def step_seconds(name: str, device: torch.device, batch: int, size: int, steps: 
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device, generator=gen)
     labels = torch.randint(0, 20, (batch,), device=device, generator=gen)
     augment = DeviceAugment(size, train=True)
+
+    def update(x: torch.Tensor) -> None:
+        # no autocast weight cache: a CUDA graph must not capture a cast made before it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast, cache_enabled=not cuda_graph):
+            loss = criterion(net(x), labels)
+        opt.zero_grad(set_to_none=True)  # captured: backward writes the graph's own gradients
+        loss.backward()
+        opt.step()
+
+    def batch_in() -> torch.Tensor:
+        x = augment(images, generator=gen)
+        return x.contiguous(memory_format=torch.channels_last) if fast else x
+
+    step = _graphed(update, batch_in) if cuda_graph else (lambda: update(batch_in()))
     times = []
     for i in range(warmup + steps):
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        x = augment(images, generator=gen)
-        if fast:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-            loss = criterion(net(x), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step()
         if cuda:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _graphed(update, batch_in):
+    """The step for a captured ``update``: a new batch from ``batch_in()`` copied into the graph's
+    static input, then the graph replayed (PyTorch's "whole-network capture")."""
+    static_x = batch_in()
+    graph = captured(lambda: update(static_x))
+
+    def step() -> None:
+        static_x.copy_(batch_in())
+        graph.replay()
+    return step
+
+
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """``fn()`` captured as a CUDA graph, after three warm-up calls on a side stream (as capture
+    requires); ``.replay()`` reruns its kernels on the same tensors with one launch."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def main() -> None:
@@ -72,21 +109,25 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (more with --compile)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="each step replayed as one captured CUDA graph (needs --device cuda)")
     p.add_argument("--models", nargs="+", default=VARIANTS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        p.error("--cuda-graphs needs --device cuda (a GPU)")
     native = "" if bf16_native(device) else " (emulated: this CPU has no native bf16; lgam train uses float32)"
     print(f"## Training throughput: {device_summary(device)}; batch {args.batch}, {args.size} px, "
           f"median of {args.steps} steps after {args.warmup} warm-up"
-          f"{', torch.compile' if args.compile else ''}; torch {torch.__version__}\n")
+          f"{', torch.compile' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs else ''}; torch {torch.__version__}\n")
     print(f"fast = bf16 autocast + channels_last{native}\n")
     print("| model | float32 img/s | fast img/s | fast / float32 | fast vs resnet18 |\n|---|---:|---:|---:|---:|")
     base = None
     for name in args.models:
-        slow = step_seconds(name, device, args.batch, args.size, args.steps, args.warmup, args.compile, False)
-        fast = step_seconds(name, device, args.batch, args.size, args.steps, args.warmup, args.compile, True)
+        slow, fast = (step_seconds(name, device, args.batch, args.size, args.steps, args.warmup, args.compile,
+                                   fast, args.cuda_graphs) for fast in (False, True))
         base = base or fast
         print(f"| {name} | {args.batch / slow:.1f} | {args.batch / fast:.1f} | {slow / fast:.2f}x "
               f"| {base / fast:.2f}x |", flush=True)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from _helpers import REPO
 
@@ -42,3 +43,38 @@ def test_lgam_mixing_benchmark():
     out = _run("benchmarks/lgam_mixing.py", "--batch", "2", "--reps", "1")
     rows = [line for line in out.splitlines() if line.startswith("| 64,") or line.startswith("| 128,")]
     assert len(rows) == 2 and all(len(r.split("|")) == 6 for r in rows)
+
+
+@pytest.mark.parametrize("script", ["benchmarks/attention_cost.py", "benchmarks/train_throughput.py"])
+def test_cuda_graphs_without_a_gpu_is_a_clear_error(script):
+    proc = subprocess.run([sys.executable, script, "--cuda-graphs", "--device", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--cuda-graphs needs --device cuda" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_attention_cost_cuda_graphs_on_cuda():
+    """Every model's forward and training step capture as one CUDA graph and replay (LGAM's
+    hand-written backward included): the table has a row per model."""
+    out = _run("benchmarks/attention_cost.py", "--device", "cuda", "--cuda-graphs", "--ratio-sizes", "32",
+               "--ratio-batch", "4", "--rounds", "1", "--steps", "2", "--skip-latency", "--skip-growth")
+    assert "CUDA graphs" in out and "| model | fwd bf16 32 | train bf16 32 |" in out
+    assert "| resnet18_lgam |" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lgam_replayed_as_a_cuda_graph_matches_eager_on_cuda(monkeypatch):
+    """The benchmarks' captured graph recomputes on new input: replay == eager forward."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import captured
+
+    import lgam
+    torch.manual_seed(0)
+    model = lgam.create_model("resnet18_lgam", num_classes=20).cuda().eval()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    out = {}
+    with torch.no_grad():
+        graph = captured(lambda: out.update(y=model(x)))
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out["y"], model(x))

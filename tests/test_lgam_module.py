@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lgam import LGAM, create_model
-from lgam.attention.lgam import lgam_reference
+from lgam.attention.lgam import GroupProducts, lgam_reference
 
 pytestmark = pytest.mark.usefixtures("on_every_device")  # CPU, and CUDA where there is a GPU
 
@@ -95,6 +95,24 @@ def test_gradcheck(train, size):
     x = torch.randn(3, 16, *size, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,))
     assert torch.autograd.gradcheck(m, (x.detach().to(memory_format=torch.channels_last).requires_grad_(True),))
+
+
+def test_group_products_backward_needs_no_host_sync():
+    """``P_k`` is ``torch.cumprod`` of the scales ``1 + M >= 1.5``, with a backward of device ops
+    only (cumprod's own asks the host for zeros: a CUDA graph cannot capture that)."""
+    scales = (1.5 + 0.5 * torch.rand(3, 5, 4, dtype=torch.float64)).requires_grad_(True)
+    torch.testing.assert_close(GroupProducts.apply(scales), torch.cumprod(scales, dim=1))
+    assert torch.autograd.gradcheck(GroupProducts.apply, (scales,))
+    m = LGAM(16, groups=4, reduction=2)
+    out = m(torch.randn(2, 16, 4, 4)).sum()
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    names = {type(f).__name__ for f in seen}
+    assert "GroupProductsBackward" in names and not any("Cumprod" in n for n in names), names
 
 
 def test_equations_on_a_hand_computed_case():

@@ -120,7 +120,7 @@ class LGAM(GateRecorder):
         # Ladder (4) unrolled: y_k = (1 + M_k)(x_k + y_{k-1}) = P_k * sum_{j<=k} x_j / P_{j-1}, with
         # P_k = (1 + M_1) ... (1 + M_k), P_0 = 1 (kept in float32 or float64: they grow like
         # 1.5**k). In matrix form A' = A T over channels, T[j C' + i, k C' + i] = P_k / P_{j-1}.
-        p = torch.cumprod(group_scale, dim=1)  # (B, G, C')
+        p = GroupProducts.apply(group_scale)  # (B, G, C')
         p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
         if x.shape[2] * x.shape[3] >= c:  # A' and S as one product per sample with T
             # T's non-zeros, the ratios R[j, k] = P_k / P_{j-1} for j <= k: (B, G, G, C')
@@ -221,6 +221,28 @@ class LadderAndGate(torch.autograd.Function):
             d_p_prev = -(d_u * rows).sum(dim=1) / p_prev.square()
             d_x = torch.addcdiv(g, d_u, p_prev[:, None]).to(ctx.dtype)  # identity + ladder paths
             return _from_rows(d_x, ctx.shape, ctx.channels_last), d_p_prev, d_p
+
+
+class GroupProducts(torch.autograd.Function):
+    """``P_k = (1 + M_1) ... (1 + M_k)``: the cumulative product over the groups of the scales
+    ``(B, G, C')``, with a backward that never waits on the host.
+
+    The scales are at least 1.5 (``M >= 0.5``: eq (2)'s ``sigmoid(ReLU(.))``), never zero, so
+    ``dL/d(1 + M_j) = sum_{k >= j} dL/dP_k * P_k / (1 + M_j)``. ``torch.cumprod``'s own backward
+    first asks the host whether the input holds a zero: a device sync per module, which a CUDA
+    graph cannot capture.
+    """
+
+    @staticmethod
+    def forward(ctx, scales: Tensor) -> Tensor:  # type: ignore[override]
+        p = torch.cumprod(scales, dim=1)
+        ctx.save_for_backward(scales, p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        scales, p = ctx.saved_tensors
+        return (grad * p).flip(1).cumsum(1).flip(1) / scales  # the sum over k >= j
 
 
 def _gate_derivative(s: Tensor, m: Tensor) -> Tensor:
