@@ -13,7 +13,9 @@ Per request and device, in the same run:
   the view showing Grad-CAM and the gates (twice the tiles);
 - ``/compare round trip``: a ``gradio_client`` call with just the image to ``python -m app``
   running in its own process, as deployed (upload, queue, engine, the tiles as JPEG data URLs in
-  the JSON answer), the user's wait;
+  the JSON answer), the user's wait: with gradio_client as it comes, and with one TLS context
+  passed for all its requests (``ssl_verify=ssl.create_default_context(...)``, as the README's
+  example does: by default it builds one, loading the CA bundle, for every HTTP request);
 - ``naive``: preprocess once, then per model a new pytorch-grad-cam ``GradCAM(model,
   [model.cam_target_layer()])`` in ``with``, called with the model's own top-1 (forward + backward), plus
   the softmax - the usual tutorial loop.
@@ -74,15 +76,23 @@ def _checkpoints(checkpoints: str | None, size: int, tmp: str) -> Path:
 @contextmanager
 def _server(checkpoints: Path, device: str, precision: str):
     """``python -m app`` in its own process, as deployed (the client is another process); yields
-    a function that calls ``/compare`` with just the image."""
+    ``{client: function that calls /compare with just the image}`` for gradio_client as it comes
+    and with one TLS context for all its requests (as the README's example; by default it builds
+    a context, loading the CA bundle, per HTTP request, even for http://)."""
+    import ssl
+
+    import certifi
     from gradio_client import Client, handle_file
 
     from app.server import app_process
 
     with app_process(["--checkpoints", str(checkpoints), "--device", device,
                       "--precision", precision]) as (_, url):
-        client = Client(url, verbose=False)
-        yield lambda path: client.predict(handle_file(path), api_name="/compare")
+        clients = {"gradio_client": Client(url, verbose=False),
+                   "gradio_client, one TLS context": Client(
+                       url, verbose=False, ssl_verify=ssl.create_default_context(cafile=certifi.where()))}
+        yield {k: (lambda path, c=c: c.predict(handle_file(path), api_name="/compare"))
+               for k, c in clients.items()}
 
 
 def _naive(engine: CamEngine, image: Image.Image, size: int) -> None:
@@ -184,9 +194,10 @@ def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: s
     if not args.engine_only:
         rows += _page_rows(auto, path, args.reps, sync)
     if not (args.no_round_trip or args.engine_only):
-        with _server(checkpoints, dev, "auto") as call:
-            rows.append((f"/compare round trip ({auto.precision})",
-                         _time(lambda: call(path), args.reps, sync)))
+        with _server(checkpoints, dev, "auto") as calls:
+            for k, call in calls.items():
+                rows.append((f"/compare round trip ({auto.precision}), {k}, just the image",
+                             _time(lambda: call(path), args.reps, sync)))
     size = fp32.input_size(fp32.available[0])
     naive = _time(lambda: _naive(fp32, image, size), args.naive_reps or args.reps, sync)
     rows.append((f"naive (pytorch-grad-cam, float32, {size} px)", naive))

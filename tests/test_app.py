@@ -129,7 +129,7 @@ def readme_api_example() -> str:
 
 def test_readme_api_example_runs_verbatim(server, monkeypatch, tmp_path, capsys):
     code = readme_api_example()
-    url = re.search(r'Client\("([^"]+)"\)', code).group(1)
+    url = re.search(r'Client\("([^"]+)"', code).group(1)
     real_client = gradio_client.Client
 
     def client_of_the_test_server(src, *args, **kwargs):  # the README's address -> the fixture's
