@@ -301,29 +301,27 @@ def _ratio_entries(t: Tensor, groups: int) -> Tensor:
     return blocks.diagonal(dim1=2, dim2=4)
 
 
-def _channel_bmm(x: Tensor, t: Tensor, add: Tensor | None = None) -> Tensor:
-    """``(B, C, H, W)`` times per-sample ``(B, C, K)`` over channels -> ``(B, K, H, W)`` (plus
-    ``add``, in the same product), as one batched product in ``x``'s memory format."""
-    b, c, h, w = x.shape
-    if is_channels_last(x):
-        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        if add is None:
-            out = torch.bmm(rows, t)
-        else:
-            add = add.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w, -1)
-            out = torch.baddbmm(add, rows, t)
-        return out.view(b, h, w, -1).permute(0, 3, 1, 2)
-    cols = x.reshape(b, c, h * w)
-    if add is None:
-        return torch.bmm(t.transpose(1, 2), cols).view(b, -1, h, w)
-    return torch.baddbmm(add.reshape(b, -1, h * w), t.transpose(1, 2), cols).view(b, -1, h, w)
-
-
 def _channel_bmm_sum(x: Tensor, parts: list[Tensor], add: Tensor | None = None) -> Tensor:
-    """:func:`_channel_bmm` with ``t = sum(parts)``, one product per part, accumulated."""
-    for t in parts:
-        add = _channel_bmm(x, t, add)
-    return add
+    """``(B, C, H, W)`` times per-sample ``t = sum(parts)``, each ``(B, C, K)``, over channels ->
+    ``(B, K, H, W)`` (plus ``add``), in ``x``'s memory format: one batched product per part, the
+    later ones accumulated in place (no copy of the partial sum)."""
+    b, c, h, w = x.shape
+    last = is_channels_last(x)
+    if last:  # positions as rows: (B, HW, C) @ (B, C, K)
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        pairs = [(rows, t) for t in parts]
+        if add is not None:
+            add = add.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w, -1)
+    else:  # channels as rows: (B, K, C) @ (B, C, HW)
+        cols = x.reshape(b, c, h * w)
+        pairs = [(t.transpose(1, 2), cols) for t in parts]
+        if add is not None:
+            add = add.reshape(b, -1, h * w)
+    (m1, m2), *rest = pairs
+    out = torch.bmm(m1, m2) if add is None else torch.baddbmm(add, m1, m2)
+    for m1, m2 in rest:
+        out.baddbmm_(m1, m2)
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2) if last else out.view(b, -1, h, w)
 
 
 class SpatialMean(torch.autograd.Function):
