@@ -6,7 +6,9 @@ Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 clas
    step (forward + backward + SGD, augmentation included), in float32 and in the fast path (bf16
    autocast + channels_last), at each ``--ratio-sizes`` (batch ``--ratio-batch``). The models are
    timed in interleaved rounds and each cell is the median over rounds, so a noisy neighbour
-   slows every model alike instead of one;
+   slows every model alike instead of one. In the fast path LGAM takes its fused path (compiled,
+   ``lgam.attention.set_fused_kernels``) where torch.compile builds CPU kernels; the row
+   "resnet18_lgam (eager)" is the same model with it off;
 2. forward and forward+backward latency at batch 1 and 32, 224 px, float32 (median of ``--reps``;
    forward in eval mode; forward+backward in train mode, except at batch 1 where BN stays in eval
    mode);
@@ -19,19 +21,38 @@ Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 clas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
+from typing import Iterator
 
 import torch
 
 import lgam
+from lgam.attention import set_fused_kernels
 from lgam.attention.lgam import lgam_reference
 from lgam.device import bf16_native, device_summary, resolve_device
 from lgam.models import FIGURE5_MODELS
 from train_throughput import captured, step_seconds  # the training step, timed as lgam train runs it
 
-VARIANTS = list(FIGURE5_MODELS)
+#: the same model as resnet18_lgam with LGAM's fused (compiled) path off: its eager path
+EAGER_LGAM = "resnet18_lgam (eager)"
+VARIANTS = list(FIGURE5_MODELS) + [EAGER_LGAM]
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[str]:
+    """The model name to build for table row ``name``, with LGAM's fused path off for ``EAGER_LGAM``
+    (elsewhere LGAM takes it for channels_last input where torch.compile builds CPU kernels)."""
+    if name != EAGER_LGAM:
+        yield name
+        return
+    set_fused_kernels(False)
+    try:
+        yield "resnet18_lgam"
+    finally:
+        set_fused_kernels(None)
 
 
 def _median_ms(fn, reps: int, sync=lambda: None) -> float:
@@ -84,9 +105,10 @@ def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int,
     for _ in range(rounds):
         for size, fast, mode in columns:
             for name in VARIANTS:
-                s = (forward_seconds(name, batch, size, steps, fast, device, compile, cuda_graph)
-                     if mode == "fwd" else step_seconds(name, device, batch, size, steps, 1, compile, fast,
-                                                        cuda_graph))
+                with variant(name) as model_name:
+                    s = (forward_seconds(model_name, batch, size, steps, fast, device, compile, cuda_graph)
+                         if mode == "fwd" else step_seconds(model_name, device, batch, size, steps, 1, compile,
+                                                            fast, cuda_graph))
                 seconds.setdefault((name, size, fast, mode), []).append(s)
                 print(f"<!-- {name} {mode} {'bf16' if fast else 'fp32'} {size}: {s * 1e3:.2f} ms -->",
                       flush=True)  # each cell as it comes: a run stopped early keeps them
@@ -107,7 +129,7 @@ def latency(reps: int, batches: list[int], size: int) -> None:
     warm = lgam.create_model("resnet18", num_classes=20)  # allocator and thread-pool warm-up, so
     warm(torch.randn(max(batches), 3, size, size)).sum().backward()  # the first row is not penalised
     del warm
-    for name in VARIANTS:
+    for name in FIGURE5_MODELS:  # float32, NCHW: LGAM's eager path
         model = lgam.create_model(name, num_classes=20)
         cells = []
         for b in batches:

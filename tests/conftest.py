@@ -14,6 +14,30 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _eager_lgam():
+    """LGAM's eager path everywhere (each new shape would compile the fused one: seconds); the
+    tests of the fused path ask for it with the ``fused`` fixture."""
+    from lgam.attention import set_fused_kernels
+
+    set_fused_kernels(False)
+    yield
+    set_fused_kernels(False)
+
+
+@pytest.fixture
+def fused():
+    """LGAM's fused (compiled) path for channels_last input, as on a CPU with a C++ compiler;
+    skips, saying why, where torch.compile cannot build kernels here."""
+    from lgam.attention import set_fused_kernels
+    from lgam.attention._lgam_fused import compiler_missing
+
+    why = compiler_missing()
+    if why:
+        pytest.skip(f"torch.compile cannot build CPU kernels here: {why}")
+    set_fused_kernels(True)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

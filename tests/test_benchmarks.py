@@ -39,10 +39,11 @@ def test_app_latency_benchmark(tmp_path):
     assert "Machine:" in out
 
 
-def test_lgam_mixing_benchmark():
-    out = _run("benchmarks/lgam_mixing.py", "--batch", "2", "--reps", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| 64,") or line.startswith("| 128,")]
-    assert len(rows) == 2 and all(len(r.split("|")) == 6 for r in rows)
+def test_lgam_paths_benchmark():
+    out = _run("benchmarks/lgam_paths.py", "--batch", "2", "--size", "32", "--reps", "1")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"SE", "LGAM eager"} <= rows.keys() and "64ch 8x8 fwd" in rows["module"]
+    assert all(len(rows[r].split("|")) == 13 for r in rows if r != "module")
 
 
 @pytest.mark.parametrize("script", ["benchmarks/attention_cost.py", "benchmarks/train_throughput.py"])

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ._checks import check_divisible, check_reduction, is_channels_last
 from ._gates import GateRecorder
+from ._lgam_fused import FUSED
 
 __all__ = ["LGAM", "ChannelAttention", "lgam_reference"]
 
@@ -66,10 +67,12 @@ class LGAM(GateRecorder):
     positions, so the recurrence runs on pooled ``(B, C')`` vectors and the full-resolution output
     is a per-sample mixing of channels, ``A' = A T``: one batched matrix product where a map has
     at least as many positions as channels (:class:`MixAndGate`), a running sum over the groups
-    where it has fewer (:class:`LadderAndGate`), each with a hand-written backward. The group
-    scales, their products and the pooled vectors are float32 for 16-bit input (float64 for
-    float64). :func:`lgam_reference` is the direct transcription used as the test oracle: read it
-    first.
+    where it has fewer (:class:`LadderAndGate`), each with a hand-written backward. Channels_last
+    input takes the fused path instead where ``torch.compile`` can build kernels (the CPU with a
+    C++ compiler): eqs (4)-(7) unrolled per position, one pass over the map (``_lgam_fused``;
+    :func:`~lgam.attention.set_fused_kernels`). The group scales, their products and the pooled
+    vectors are float32 for 16-bit input (float64 for float64). :func:`lgam_reference` is the
+    direct transcription used as the test oracle: read it first.
     """
 
     gate_description = "M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6)"
@@ -110,6 +113,15 @@ class LGAM(GateRecorder):
             raise ValueError(
                 f"LGAM expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}"
             )
+        if FUSED.applies(self, x):  # channels_last: compiled (see _lgam_fused), where it can be
+            out, m_spat = FUSED.run(self, x)
+        else:
+            out, m_spat = self.forward_eager(x)
+        self._record(spatial=m_spat)
+        return out
+
+    def forward_eager(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Eqs (1)-(7) in eager mode: ``x (B, C, H, W) -> (A'', M_spat (B, 1, H, W))``."""
         b, c = x.shape[:2]
         work = _work_dtype(x.dtype)
         pooled = SpatialMean.apply(x, work).view(b, self.groups, -1)  # eq (1), per group
@@ -122,14 +134,12 @@ class LGAM(GateRecorder):
         # 1.5**k). In matrix form A' = A T over channels, T[j C' + i, k C' + i] = P_k / P_{j-1}.
         p = GroupProducts.apply(group_scale)  # (B, G, C')
         p_prev = torch.cat([torch.ones_like(p[:, :1]), p[:, :-1]], dim=1)
-        if x.shape[2] * x.shape[3] >= c:  # A' and S as one product per sample with T
+        if x.shape[2] * x.shape[3] >= c:  # A' and S as products per sample with T
             # T's non-zeros, the ratios R[j, k] = P_k / P_{j-1} for j <= k: (B, G, G, C')
             ratios = p[:, None] / p_prev[:, :, None] * self.ladder_mask.to(p.dtype)
-            out, m_spat = MixAndGate.apply(x, ratios)
-        else:  # few positions (the last stages): the unrolled ladder on the map itself
-            out, m_spat = LadderAndGate.apply(x, p_prev, p)
-        self._record(spatial=m_spat)
-        return out
+            return MixAndGate.apply(x, ratios)
+        return LadderAndGate.apply(x, p_prev, p)  # few positions: the ladder on the map itself
+
 
 class MixAndGate(torch.autograd.Function):
     """Eqs (5)-(7) from the ladder as a per-sample channel mixing: ``forward(A (B, C, H, W),
@@ -137,42 +147,50 @@ class MixAndGate(torch.autograd.Function):
     differentiable).
 
     ``R[b, j, k, i] = P_k / P_{j-1}`` (0 for ``j > k``) are the non-zeros of the mixing matrix
-    ``T (B, C, C)``: ``T[j C' + i, k C' + i] = R[j, k, i]``, so that ``A' = A T``. With eq (5)'s
-    channel sum as a last column, ``[A' | S] = A [T | T 1]`` is one batched matrix product (two
-    for 16-bit ``A``: ``T``'s parts, :func:`split_in`);
-    ``M_spat = sigmoid(ReLU(S))`` (eq (6)), ``A'' = A' M_spat + A`` (eq (7)), in ``A``'s dtype and
-    memory format. The backward is two more products (``dA = dZ T^T + dA''``, ``dT = A^T dZ``, of
-    which ``R``'s entries are kept) and two passes over ``dA''``.
+    ``T (B, C, C)``: ``T[j C' + i, k C' + i] = R[j, k, i]``, so that ``A' = A T`` (one batched
+    product), and eq (5)'s channel sum is ``S = A v`` with ``v = T 1`` (a second, narrow one, in
+    two parts for 16-bit ``A``: :func:`mixing_weights`). Then ``M_spat = sigmoid(ReLU(S))``
+    (eq (6)) and ``A'' = A' M_spat + A`` (eq (7)), in ``A``'s dtype and memory format.
+
+    Backward: with ``dY = dA'' M_spat + dS`` (``dS`` broadcast over channels), ``v = T 1`` folds
+    the channel sum's gradient into the same two products as ``A'``'s: ``dA = dA'' + dY T^T``, and
+    the entries ``R`` occupies in ``A^T dY`` are ``dR`` (``dT + dv 1^T`` there).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, ratios: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        c = x.shape[1]
         with torch.autocast(x.device.type, enabled=False):
-            parts = split_in(mixing_matrix(ratios), x.dtype)
-            z = _channel_bmm_sum(x, parts)
-            y, s = z[:, :c], z[:, c:]
-            s = s.to(ratios.dtype)
+            t, v = mixing_weights(ratios, x.dtype)
+            a, dim = _as_matrix(x)
+            y = _times(a, t, dim)  # A' = A T
+            s = _times(a, v, dim).sum(dim, keepdim=True, dtype=ratios.dtype)  # eq (5): S = A v
             m = torch.sigmoid(F.relu(s))  # eq (6), in float32 or float64
             m_x = m.to(x.dtype)
+            out = torch.empty_like(x, memory_format=_memory_format(x))
+            torch.addcmul(a, y, m_x, out=_as_matrix(out)[0])  # eq (7)
             if any(ctx.needs_input_grad):
-                ctx.save_for_backward(x, z, m_x, _gate_derivative(s, m), *parts)
-                ctx.groups, ctx.dtype = ratios.shape[1], ratios.dtype
+                ctx.save_for_backward(x, y, m_x, _gate_derivative(s, m), t)
+                ctx.groups = ratios.shape[1]
             ctx.mark_non_differentiable(m)
-            return torch.addcmul(x, y, m_x), m  # eq (7)
+            b, _, h, w = x.shape
+            return out, m.view(b, 1, h, w)
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_m: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        x, z, m, d_gate, *parts = ctx.saved_tensors
-        c = x.shape[1]
+        x, y, m, d_gate, t = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            d_m = (grad * z[:, :c]).sum(dim=1, keepdim=True)
-            d_z = torch.empty_like(z)
-            torch.mul(grad, m, out=d_z[:, :c])  # through A' M_spat
-            d_z[:, c:] = d_m * d_gate  # through sigmoid(ReLU(S))
-            d_x = _channel_bmm_sum(d_z, [t.transpose(1, 2) for t in parts], add=grad)  # + identity
-            d_t = torch.bmm(x.flatten(2), d_z.flatten(2).transpose(1, 2))  # sum over positions
-            return d_x, mixing_ratios_grad(d_t.to(ctx.dtype), ctx.groups)
+            a, dim = _as_matrix(x)
+            g = _as_matrix(grad.contiguous(memory_format=_memory_format(x)))[0]
+            d_s = torch.linalg.vecdot(g, y, dim=dim).unsqueeze(dim) * d_gate  # through eq (6)
+            d_y = torch.mul(g, m).add_(d_s.to(g.dtype))  # through eq (7), and eq (5) as 1^T
+            d_x = torch.empty_like(x, memory_format=_memory_format(x))
+            if dim == 2:  # (B, HW, C) rows
+                torch.baddbmm(g, d_y, t.transpose(1, 2), out=_as_matrix(d_x)[0])
+                d_t = torch.bmm(a.transpose(1, 2), d_y)  # sums over positions
+            else:  # (B, C, HW) columns
+                torch.baddbmm(g, t, d_y, out=_as_matrix(d_x)[0])
+                d_t = torch.bmm(a, d_y.transpose(1, 2))
+            return d_x, _ratio_entries(d_t, ctx.groups).to(d_gate.dtype)
 
 
 class LadderAndGate(torch.autograd.Function):
@@ -263,80 +281,74 @@ def _from_rows(rows: Tensor, shape: torch.Size, channels_last: bool) -> Tensor:
     return x if channels_last else x.contiguous()
 
 
-def mixing_matrix(ratios: Tensor) -> Tensor:
-    """``[T | T 1] (B, C, C + 1)`` in ``ratios``' dtype from the ladder ratios ``R (B, G, G, C')``:
-    ``T[j C' + i, k C' + i] = R[j, k, i]``, zero elsewhere (see :class:`MixAndGate`)."""
+def mixing_weights(ratios: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The mixing matrix ``T (B, C, C)`` and ``v = T 1`` as ``(B, C, 2)``, in ``dtype``, from the
+    ladder ratios ``R (B, G, G, C')``: ``T[j C' + i, k C' + i] = R[j, k, i]``, zero elsewhere;
+    ``v``'s columns are ``v`` rounded to ``dtype`` and its rounding error (zero for float32/64).
+
+    ``S = A v`` sums ``C`` terms that cancel, and eq (6) is steepest where ``S`` is near 0: ``v``
+    rounded to bf16 (2**-9) would move ``M_spat`` by ~1 %; ``v_hi + v_lo`` keeps it to ~2**-17.
+    ``T`` itself is rounded: each output sums at most ``G`` terms, to ``dtype``'s precision.
+    """
     b, g, _, width = ratios.shape
     c = g * width
-    t = ratios.new_zeros(b, c, c + 1)
+    t = ratios.new_zeros(b, c, c, dtype=dtype)
     _ratio_entries(t, g).copy_(ratios)
-    t[:, :, c] = ratios.sum(2).view(b, c)  # T 1: eq (5)'s channel sum folded into the product
-    return t
+    v = ratios.sum(2).view(b, c, 1)
+    hi = v.to(dtype)
+    return t, torch.cat([hi, (v - hi.to(v.dtype)).to(dtype)], dim=2)
 
 
-def split_in(t: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """``t`` as a sum of parts in ``dtype``: ``[t]`` for float32/64, else ``[hi, lo]`` with
-    ``hi = t`` rounded to ``dtype`` and ``lo`` its rounding error, also rounded.
-
-    The ladder's product sums terms ``A_j P_k / P_{j-1}`` that can cancel: with ``T`` rounded to
-    bf16 (2**-9) a G=32 module lost 3 % of its output; ``hi + lo`` keeps ``T`` to ~2**-17 at the
-    cost of a second 16-bit product.
-    """
-    if dtype not in (torch.float16, torch.bfloat16):
-        return [t.to(dtype)]
-    hi = t.to(dtype)
-    return [hi, (t - hi.to(t.dtype)).to(dtype)]
-
-
-def mixing_ratios_grad(d_t: Tensor, groups: int) -> Tensor:
-    """The gradient of ``R (B, G, G, C')`` from that of ``[T | T 1] (B, C, C + 1)``."""
-    b, c = d_t.shape[:2]
-    return _ratio_entries(d_t, groups) + d_t[:, :, c].view(b, groups, 1, -1)
+def _times(a: Tensor, t: Tensor, dim: int) -> Tensor:
+    """``A T`` per sample for ``A`` as :func:`_as_matrix` gives it: ``(B, HW, C) @ (B, C, K)``
+    for ``dim == 2``, else ``(B, C, K)^T @ (B, C, HW)``, in the same orientation."""
+    return torch.bmm(a, t) if dim == 2 else torch.bmm(t.transpose(1, 2), a)
 
 
 def _ratio_entries(t: Tensor, groups: int) -> Tensor:
-    """The view ``(B, G, G, C')`` of ``R``'s places in ``[T | T 1] (B, C, C + 1)``."""
+    """The view ``(B, G, G, C')`` of ``R``'s places in ``T (B, C, C)``."""
     b, c = t.shape[:2]
     blocks = t[:, :, :c].unflatten(1, (groups, -1)).unflatten(3, (groups, -1))  # (B, G, C', G, C')
     return blocks.diagonal(dim1=2, dim2=4)
 
 
-def _channel_bmm_sum(x: Tensor, parts: list[Tensor], add: Tensor | None = None) -> Tensor:
-    """``(B, C, H, W)`` times per-sample ``t = sum(parts)``, each ``(B, C, K)``, over channels ->
-    ``(B, K, H, W)`` (plus ``add``), in ``x``'s memory format: one batched product per part, the
-    later ones accumulated in place (no copy of the partial sum)."""
+def _as_matrix(x: Tensor) -> tuple[Tensor, int]:
+    """``(B, C, H, W)`` as a matrix per sample and the dim of its channels: the view
+    ``(B, HW, C)``, 2, for channels_last input; ``(B, C, HW)``, 1, otherwise."""
     b, c, h, w = x.shape
-    last = is_channels_last(x)
-    if last:  # positions as rows: (B, HW, C) @ (B, C, K)
-        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        pairs = [(rows, t) for t in parts]
-        if add is not None:
-            add = add.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w, -1)
-    else:  # channels as rows: (B, K, C) @ (B, C, HW)
-        cols = x.reshape(b, c, h * w)
-        pairs = [(t.transpose(1, 2), cols) for t in parts]
-        if add is not None:
-            add = add.reshape(b, -1, h * w)
-    (m1, m2), *rest = pairs
-    out = torch.bmm(m1, m2) if add is None else torch.baddbmm(add, m1, m2)
-    for m1, m2 in rest:
-        out.baddbmm_(m1, m2)
-    return out.view(b, h, w, -1).permute(0, 3, 1, 2) if last else out.view(b, -1, h, w)
+    if is_channels_last(x):
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c), 2
+    return x.reshape(b, c, h * w), 1
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 class SpatialMean(torch.autograd.Function):
     """``(B, C, H, W) -> (B, C)`` mean over positions, returned in ``dtype``; its gradient is handed back
     as a broadcast view, not a materialised full-size tensor (autograd's mean backward writes
-    one and converts it: two full-size passes saved per module)."""
+    one and converts it: two full-size passes saved per module).
+
+    16-bit input is summed by two products with a vector of ones, ``hi`` and ``lo`` (the sum
+    minus ``hi``, computed before rounding): float32-accurate (~2**-17), where a 16-bit sum
+    rounds by 2**-9, which the ladder amplifies (up to 10% of a G=32 module's output), and a
+    float32 sum first converts the whole map.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:  # type: ignore[override]
         ctx.shape, ctx.dtype = x.shape, x.dtype
+        b, c, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            # accumulated and returned in ``dtype`` (float32 for 16-bit input): a bf16 result
-            # would round the pooled groups by 2**-9, which the ladder amplifies (up to 10% of a
-            # G=32 module's output)
-            return x.sum(dim=(2, 3), dtype=dtype) / (x.shape[2] * x.shape[3])
+            if x.dtype not in (torch.float16, torch.bfloat16):
+                return x.sum(dim=(2, 3), dtype=dtype) / (h * w)
+            a, dim = _as_matrix(x)
+            ones = x.new_ones(b, 1, h * w) if dim == 2 else x.new_ones(b, h * w, 1)
+            pair = (ones, a) if dim == 2 else (a, ones)
+            hi = torch.bmm(*pair)
+            lo = torch.baddbmm(hi, *pair, beta=-1)  # the sum minus hi, rounded once
+            return (hi.to(dtype) + lo.to(dtype)).view(b, c) / (h * w)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]

@@ -1,0 +1,89 @@
+"""What one LGAM module costs on each path, per resnet18 stage shape: the eager path (batched
+products, hand-written backward) against the fused one (compiled, ``lgam.attention._lgam_fused``),
+with SE for scale; bf16 autocast + channels_last, eval-mode forward and training forward +
+backward, interleaved in one run; the totals are over resnet18's eight modules.
+
+    python benchmarks/lgam_paths.py [--batch 32] [--size 128] [--reps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from lgam.attention import SE, LGAM, set_fused_kernels
+from lgam.attention._lgam_fused import compiler_missing
+
+ROWS = ("SE", "LGAM eager", "LGAM fused")
+
+
+def stage_shapes(size: int) -> list[tuple[int, int]]:
+    """(channels, side) of resnet18's four stages at input ``size`` (two blocks each)."""
+    return [(64 * 2**i, size // 4 // 2**i) for i in range(4)]
+
+
+def module_steps(row: str, channels: int, side: int, batch: int) -> dict[str, Callable[[], None]]:
+    """``fwd`` (eval, no grad) and ``train`` (forward + backward) of one module of kind ``row``."""
+    torch.manual_seed(0)
+    m = SE(channels) if row == "SE" else LGAM(channels)
+    x = torch.randn(batch, channels, side, side).bfloat16().contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd() -> None:
+        m.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x)
+
+    def train() -> None:
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xg)
+        torch.autograd.grad(y, xg, g)
+
+    return {"fwd": fwd, "train": train}
+
+
+def timed(row: str, fn: Callable[[], None]) -> float:
+    set_fused_kernels(row == "LGAM fused")
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+    rows = ROWS if compiler_missing() is None else ROWS[:2]
+    if len(rows) < len(ROWS):
+        print(f"note: no fused path here ({compiler_missing()})")
+    shapes = stage_shapes(args.size)
+    steps = {(r, s): module_steps(r, *s, args.batch) for r in rows for s in shapes}
+    times: dict[tuple, list[float]] = {}
+    for rep in range(args.reps + 2):  # two warm-up rounds (the fused path compiles in the first)
+        for key, fns in steps.items():
+            for mode, fn in fns.items():
+                ms = timed(key[0], fn)
+                if rep >= 2:
+                    times.setdefault((*key, mode), []).append(ms)
+    set_fused_kernels(None)
+    heads = [f"{c}ch {s}x{s} {mode}" for c, s in shapes for mode in ("fwd", "train")]
+    print(f"\n## One module, ms (batch {args.batch}, {args.size} px input, bf16 autocast + channels_last, "
+          f"median of {args.reps})\n")
+    print("| module | " + " | ".join(heads) + " | 8 modules fwd | 8 modules train |")
+    print("|---|" + "---:|" * (len(heads) + 2))
+    for r in rows:
+        med = {(s, mode): statistics.median(times[(r, s, mode)]) for s in shapes for mode in ("fwd", "train")}
+        total = {mode: 2 * sum(med[(s, mode)] for s in shapes) for mode in ("fwd", "train")}
+        print(f"| {r} | " + " | ".join(f"{med[(s, mode)]:.2f}" for s in shapes for mode in ("fwd", "train"))
+              + f" | {total['fwd']:.1f} | {total['train']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
