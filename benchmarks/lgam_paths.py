@@ -1,9 +1,10 @@
 """What one LGAM module costs on each path, per resnet18 stage shape: the eager path (batched
 products, hand-written backward) against the fused one (compiled, ``lgam.attention._lgam_fused``),
-with SE for scale; bf16 autocast + channels_last, eval-mode forward and training forward +
-backward, interleaved in one run; the totals are over resnet18's eight modules.
+with SE for scale; bf16 autocast + channels_last (``--float32``: float32, contiguous), eval-mode
+forward and training forward + backward, interleaved in one run; the totals are over resnet18's
+eight modules.
 
-    python benchmarks/lgam_paths.py [--batch 32] [--size 128] [--reps 10]
+    python benchmarks/lgam_paths.py [--batch 32] [--size 128] [--reps 10] [--float32]
 """
 from __future__ import annotations
 
@@ -25,22 +26,25 @@ def stage_shapes(size: int) -> list[tuple[int, int]]:
     return [(64 * 2**i, size // 4 // 2**i) for i in range(4)]
 
 
-def module_steps(row: str, channels: int, side: int, batch: int) -> dict[str, Callable[[], None]]:
-    """``fwd`` (eval, no grad) and ``train`` (forward + backward) of one module of kind ``row``."""
+def module_steps(row: str, channels: int, side: int, batch: int, fast: bool) -> dict[str, Callable[[], None]]:
+    """``fwd`` (eval, no grad) and ``train`` (forward + backward) of one module of kind ``row``
+    (``fast``: bf16 autocast + channels_last, else float32)."""
     torch.manual_seed(0)
     m = SE(channels) if row == "SE" else LGAM(channels)
-    x = torch.randn(batch, channels, side, side).bfloat16().contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, side, side)
+    if fast:
+        x = x.bfloat16().contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(x)
     xg = x.clone().requires_grad_(True)
 
     def fwd() -> None:
         m.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
             m(x)
 
     def train() -> None:
         m.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
             y = m(xg)
         torch.autograd.grad(y, xg, g)
 
@@ -59,12 +63,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--float32", action="store_true", help="float32, contiguous (default: bf16 + channels_last)")
     args = p.parse_args()
     rows = ROWS if compiler_missing() is None else ROWS[:2]
     if len(rows) < len(ROWS):
         print(f"note: no fused path here ({compiler_missing()})")
     shapes = stage_shapes(args.size)
-    steps = {(r, s): module_steps(r, *s, args.batch) for r in rows for s in shapes}
+    steps = {(r, s): module_steps(r, *s, args.batch, not args.float32) for r in rows for s in shapes}
     times: dict[tuple, list[float]] = {}
     for rep in range(args.reps + 2):  # two warm-up rounds (the fused path compiles in the first)
         for key, fns in steps.items():
@@ -74,8 +79,8 @@ def main() -> None:
                     times.setdefault((*key, mode), []).append(ms)
     set_fused_kernels(None)
     heads = [f"{c}ch {s}x{s} {mode}" for c, s in shapes for mode in ("fwd", "train")]
-    print(f"\n## One module, ms (batch {args.batch}, {args.size} px input, bf16 autocast + channels_last, "
-          f"median of {args.reps})\n")
+    how = "float32, contiguous" if args.float32 else "bf16 autocast + channels_last"
+    print(f"\n## One module, ms (batch {args.batch}, {args.size} px input, {how}, median of {args.reps})\n")
     print("| module | " + " | ".join(heads) + " | 8 modules fwd | 8 modules train |")
     print("|---|" + "---:|" * (len(heads) + 2))
     for r in rows:

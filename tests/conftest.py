@@ -27,7 +27,7 @@ def _eager_lgam():
 
 @pytest.fixture
 def fused():
-    """LGAM's fused (compiled) path for channels_last input, as on a CPU with a C++ compiler;
+    """LGAM's fused (compiled) path, as on a CPU with a C++ compiler;
     skips, saying why, where torch.compile cannot build kernels here."""
     from lgam.attention import set_fused_kernels
     from lgam.attention._lgam_fused import compiler_missing

@@ -1,14 +1,15 @@
-"""LGAM's fused path: eqs (1)-(7) as plain tensor ops on channels_last rows, for ``torch.compile``.
+"""LGAM's fused path: eqs (1)-(7) as plain tensor ops for ``torch.compile`` to fuse.
 
 The eager path (:class:`~lgam.attention.lgam.MixAndGate`) needs a pass over the map per op: the
 GAP, the mixing product, ``S``, the gate and the output each read or write a full-size tensor. Per
 position, though, eqs (4)-(7) need only that position's ``C`` values: with the ladder unrolled over
 the groups, Inductor compiles them into one loop over the map (one read, one write) after the GAP's
 (one read), and recomputes them in the backward (``torch.utils.checkpoint``) instead of storing
-float32 intermediates. ``C' = C/G``; rows are ``(B, HW, G, C')``, a view of channels_last input.
+float32 intermediates. ``C' = C/G``; the map is viewed as rows ``(B, HW, G, C')`` (channels_last
+input) or ``(B, G, C', HW)`` (contiguous input).
 
-:class:`~lgam.attention.lgam.LGAM` takes this path for channels_last input where Inductor can build
-kernels (:func:`set_fused_kernels`); :func:`lgam_fused` is the uncompiled formulation (an outer
+:class:`~lgam.attention.lgam.LGAM` takes this path where Inductor can build kernels
+(:func:`set_fused_kernels`); :func:`lgam_fused` is the uncompiled formulation (an outer
 ``torch.compile`` of a whole model inlines it).
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ._checks import is_channels_last
 if TYPE_CHECKING:
     from .lgam import LGAM
 
-__all__ = ["compiler_missing", "fused_kernels_enabled", "lgam_fused", "set_fused_kernels"]
+__all__ = ["compiler_missing", "fused_kernels_enabled", "fused_kernels_setting", "lgam_fused",
+           "set_fused_kernels"]
 
 #: recompilations allowed for the compiled path: one graph per (shape, dtype, G, train/eval, grad)
 RECOMPILE_LIMIT = 64
@@ -54,32 +56,46 @@ def ladder_weights(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.stack(p, 1), torch.stack(inv_prev, 1), torch.stack(v[::-1], 1)
 
 
-def mix_and_gate(rows: Tensor, p: Tensor, inv_prev: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Eqs (4)-(7) per position: rows ``A (B, HW, G, C')`` and :func:`ladder_weights` ->
-    ``(A'' (B, HW, G, C')`` in ``A``'s dtype, ``M_spat (B, HW, 1)``), computed in ``v``'s dtype."""
-    x = rows.to(v.dtype)
-    s = (x * v[:, None]).sum((2, 3))  # eq (5): S = sum over channels of A'
-    m = torch.sigmoid(F.relu(s))[:, :, None]  # eq (6)
+def mix_and_gate(a: Tensor, p: Tensor, inv_prev: Tensor, v: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Eqs (4)-(7) per position on the map ``A`` grouped along ``dim``: rows ``(B, HW, G, C')``
+    (``dim=2``) or ``(B, G, C', HW)`` (``dim=1``), with :func:`ladder_weights` ``(B, G, C')``
+    -> ``A''`` in ``A``'s layout and dtype, and eq (5)'s ``S`` (``(B, HW, 1)`` or ``(B, 1, HW)``);
+    computed in ``v``'s dtype. ``M_spat`` is not returned: a gate the output loop recomputes from
+    ``S`` lets Inductor fuse that loop with the one summing ``S`` (one read of the map, not two)."""
+    x = a.to(v.dtype)
+    s = (x * _spread(v, dim)).sum((dim, dim + 1), keepdim=True).squeeze(dim)  # eq (5): A v = sum of A'
+    m = torch.sigmoid(F.relu(s))  # eq (6)
+    p, inv_prev = _spread(p, dim), _spread(inv_prev, dim)
     out, u = [], None
-    for k in range(rows.shape[2]):
-        term = x[:, :, k] * inv_prev[:, None, k]
+    for k in range(a.shape[dim]):
+        x_k = x.select(dim, k)
+        term = x_k * inv_prev.select(dim, k)
         u = term if u is None else u + term  # eq (4) unrolled: y_k = P_k sum_{j<=k} x_j / P_{j-1}
-        out.append(torch.addcmul(x[:, :, k], u * p[:, None, k], m).to(rows.dtype))  # eq (7)
-    return torch.stack(out, 2), m
+        out.append(torch.addcmul(x_k, u * p.select(dim, k), m).to(a.dtype))  # eq (7)
+    return torch.stack(out, dim), s
+
+
+def _spread(t: Tensor, dim: int) -> Tensor:
+    """Per-sample weights ``(B, G, C')`` broadcast over the positions of a map grouped along ``dim``."""
+    return t[:, None] if dim == 2 else t[..., None]
 
 
 def lgam_fused(module: LGAM, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``module``'s eqs (1)-(7) on ``x (B, C, H, W)`` -> ``(A'' (B, C, H, W), M_spat (B, 1, H, W))``,
-    ``A''`` channels_last; float32 arithmetic for 16-bit ``x`` (float64 for float64)."""
+    """``module``'s eqs (1)-(7) on ``x (B, C, H, W)`` -> ``(A'' (B, C, H, W), S (B, 1, H, W))``,
+    ``A''`` in ``x``'s memory format, ``S`` eq (5)'s channel sum (``M_spat = sigmoid(ReLU(S))``);
+    float32 arithmetic for 16-bit ``x`` (float64 for float64)."""
     b, c, h, w = x.shape
+    g = module.groups
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = is_channels_last(x)
     with torch.autocast(x.device.type, enabled=False):
-        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, module.groups, c // module.groups)
-        pooled = rows.mean(1, dtype=work)  # eq (1), per group: (B, G, C')
+        a = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g) if rows else x.reshape(b, g, c // g, h * w)
+        pooled = a.mean(1 if rows else 3, dtype=work)  # eq (1), per group: (B, G, C')
         weights = module.channel_attention[0].bn.weight.dtype
         scales = module.group_scales(pooled.to(weights)).to(work)  # eqs (2)-(4) on pooled vectors
-        out, m = checkpoint(mix_and_gate, rows, *ladder_weights(scales), use_reentrant=False)
-    return out.view(b, h, w, c).permute(0, 3, 1, 2), m.view(b, 1, h, w)
+        out, s = checkpoint(mix_and_gate, a, *ladder_weights(scales), 2 if rows else 1, use_reentrant=False)
+    out = out.view(b, h, w, c).permute(0, 3, 1, 2) if rows else out.view(b, c, h, w)
+    return out, s.view(b, 1, h, w)
 
 
 @functools.cache
@@ -105,7 +121,7 @@ class _Fused:
         self._lock = threading.Lock()
 
     def applies(self, module: LGAM, x: Tensor) -> bool:
-        if self.setting is False or not is_channels_last(x):
+        if self.setting is False:
             return False
         if torch.compiler.is_compiling():
             return True  # inside a compiled model: plain ops, inlined
@@ -116,7 +132,8 @@ class _Fused:
         return (x.device.type == "cpu" and module.groups <= AUTO_MAX_GROUPS and self.broken is None
                 and compiler_missing() is None)
 
-    def run(self, module: LGAM, x: Tensor) -> tuple[Tensor, Tensor]:
+    def run(self, module: LGAM, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """:func:`lgam_fused`, compiled; None where compiling failed in auto mode (warned once)."""
         if torch.compiler.is_compiling():
             return lgam_fused(module, x)
         try:
@@ -129,7 +146,7 @@ class _Fused:
             self.broken = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
             warnings.warn(f"LGAM: torch.compile cannot build the fused kernels here ({self.broken}); "
                           "using the eager path (set_fused_kernels(False) silences this)", stacklevel=3)
-            return module.forward_eager(x)
+            return None
 
     def compiled(self) -> Callable:
         with self._lock:
@@ -142,8 +159,7 @@ FUSED = _Fused()
 
 
 def set_fused_kernels(enabled: bool | None) -> None:
-    """Run LGAM compiled (:mod:`lgam.attention._lgam_fused`) for channels_last input: ``True``
-    always, ``False`` never, ``None`` (the default; env ``LGAM_FUSED=0/1`` sets the start value)
+    """Run LGAM compiled (:mod:`lgam.attention._lgam_fused`): ``True`` always, ``False`` never, ``None`` (the default; env ``LGAM_FUSED=0/1`` sets the start value)
     on the CPU for ``G <= 8`` where ``torch.compile`` builds its kernels (a C++ compiler), falling
     back to the eager path with one warning where it cannot. Each new input shape, dtype and
     train/eval mode compiles once (seconds; about a minute for ``G = 32``)."""
@@ -151,6 +167,15 @@ def set_fused_kernels(enabled: bool | None) -> None:
         raise ValueError(f"set_fused_kernels takes True, False or None (auto), got {enabled!r}")
     FUSED.setting = enabled
     FUSED.broken = None
+
+
+def fused_kernels_setting() -> str:
+    """The setting in words, for run records: ``"on"``, ``"off"``, ``"auto"`` or ``"auto (eager
+    here: <why>)"``."""
+    if FUSED.setting is not None:
+        return "on" if FUSED.setting else "off"
+    why = FUSED.broken or compiler_missing()
+    return f"auto (eager here: {why})" if why else "auto"
 
 
 def fused_kernels_enabled(module: LGAM, x: Tensor) -> bool:

@@ -67,10 +67,10 @@ class LGAM(GateRecorder):
     positions, so the recurrence runs on pooled ``(B, C')`` vectors and the full-resolution output
     is a per-sample mixing of channels, ``A' = A T``: one batched matrix product where a map has
     at least as many positions as channels (:class:`MixAndGate`), a running sum over the groups
-    where it has fewer (:class:`LadderAndGate`), each with a hand-written backward. Channels_last
-    input takes the fused path instead where ``torch.compile`` can build kernels (the CPU with a
-    C++ compiler): eqs (4)-(7) unrolled per position, one pass over the map (``_lgam_fused``;
-    :func:`~lgam.attention.set_fused_kernels`). The group scales, their products and the pooled
+    where it has fewer (:class:`LadderAndGate`), each with a hand-written backward: the eager
+    path. Where ``torch.compile`` can build kernels (the CPU with a C++ compiler, ``G <= 8``) the
+    module takes the fused path instead: eqs (4)-(7) unrolled per position, one pass over the map
+    (``_lgam_fused``; :func:`~lgam.attention.set_fused_kernels`). The group scales, their products and the pooled
     vectors are float32 for 16-bit input (float64 for float64). :func:`lgam_reference` is the
     direct transcription used as the test oracle: read it first.
     """
@@ -113,8 +113,10 @@ class LGAM(GateRecorder):
             raise ValueError(
                 f"LGAM expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}"
             )
-        if FUSED.applies(self, x):  # channels_last: compiled (see _lgam_fused), where it can be
-            out, m_spat = FUSED.run(self, x)
+        fused = FUSED.run(self, x) if FUSED.applies(self, x) else None  # see _lgam_fused
+        if fused is not None:
+            out, s = fused
+            m_spat = torch.sigmoid(F.relu(s.detach()))  # eq (6), for the record
         else:
             out, m_spat = self.forward_eager(x)
         self._record(spatial=m_spat)
