@@ -62,7 +62,7 @@ def mix_and_gate(a: Tensor, p: Tensor, inv_prev: Tensor, v: Tensor, dim: int) ->
     -> ``A''`` in ``A``'s layout and dtype, and eq (5)'s ``S`` (``(B, HW, 1)`` or ``(B, 1, HW)``);
     computed in ``v``'s dtype. ``M_spat`` is not returned: a gate the output loop recomputes from
     ``S`` lets Inductor fuse that loop with the one summing ``S`` (one read of the map, not two)."""
-    x = a.to(v.dtype)
+    x = a  # 16-bit A meets float32 weights and is promoted inside the loops: no converted copy
     s = (x * _spread(v, dim)).sum((dim, dim + 1), keepdim=True).squeeze(dim)  # eq (5): A v = sum of A'
     m = torch.sigmoid(F.relu(s))  # eq (6)
     p, inv_prev = _spread(p, dim), _spread(inv_prev, dim)
