@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 
 import lgam
-from lgam.attention import set_fused_kernels
+from lgam.attention import fused_kernels
 from lgam.attention.lgam import lgam_reference
 from lgam.device import bf16_native, device_summary, resolve_device
 from lgam.models import FIGURE5_MODELS
@@ -48,11 +48,8 @@ def variant(name: str) -> Iterator[str]:
     if name != EAGER_LGAM:
         yield name
         return
-    set_fused_kernels(False)
-    try:
+    with fused_kernels(False):
         yield "resnet18_lgam"
-    finally:
-        set_fused_kernels(None)
 
 
 def _median_ms(fn, reps: int, sync=lambda: None) -> float:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from lgam.attention import SE, LGAM, set_fused_kernels
+from lgam.attention import LGAM, SE, fused_kernels
 from lgam.attention._lgam_fused import compiler_missing
 
 ROWS = ("SE", "LGAM eager", "LGAM fused")
@@ -52,10 +52,10 @@ def module_steps(row: str, channels: int, side: int, batch: int, fast: bool) -> 
 
 
 def timed(row: str, fn: Callable[[], None]) -> float:
-    set_fused_kernels(row == "LGAM fused")
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
+    with fused_kernels(row == "LGAM fused"):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
 
 
 def main() -> None:
@@ -77,7 +77,6 @@ def main() -> None:
                 ms = timed(key[0], fn)
                 if rep >= 2:
                     times.setdefault((*key, mode), []).append(ms)
-    set_fused_kernels(None)
     heads = [f"{c}ch {s}x{s} {mode}" for c, s in shapes for mode in ("fwd", "train")]
     how = "float32, contiguous" if args.float32 else "bf16 autocast + channels_last"
     print(f"\n## One module, ms (batch {args.batch}, {args.size} px input, {how}, median of {args.reps})\n")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lgam import create_model
-from lgam.attention import LGAM, capture_gates, fused_kernels_enabled, set_fused_kernels
+from lgam.attention import (LGAM, capture_gates, fused_kernels, fused_kernels_enabled, fused_kernels_setting,
+                            set_fused_kernels)
 from lgam.attention import _lgam_fused
 from lgam.attention.lgam import lgam_reference
 from test_lgam_module import _module, _rel, _run
@@ -106,6 +107,10 @@ def test_which_input_takes_the_fused_path(fused):
     assert not fused_kernels_enabled(g32, _cl(x))
     with pytest.raises(ValueError, match="True, False or None"):
         set_fused_kernels("yes")
+    set_fused_kernels(True)
+    with fused_kernels(False):
+        assert not fused_kernels_enabled(m, x) and fused_kernels_setting() == "off"
+    assert fused_kernels_enabled(m, x) and fused_kernels_setting() == "on"
 
 
 def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
@@ -126,3 +131,14 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
     set_fused_kernels(True)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
         m(x)
+
+
+def test_inside_a_compiled_model_the_fused_formulation_is_inlined(fused):
+    """``torch.compile`` of a whole model (``lgam train --compile``) traces the fused formulation
+    in place of the nested compiled call: same result as the loop, and its gradient."""
+    torch.manual_seed(0)
+    m = LGAM(32, groups=4, reduction=2).double().train()
+    x = _cl(torch.randn(4, 32, 5, 5, dtype=torch.float64))
+    loop = copy.deepcopy(m)
+    y = torch.compile(torch.nn.Sequential(m), dynamic=False)(x.clone().requires_grad_(True))
+    assert _rel(y, lgam_reference(loop, x)) <= 1e-12

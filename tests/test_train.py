@@ -123,6 +123,7 @@ def test_cpu_fast_path(tiny_data, tmp_path, monkeypatch, capsys, native):
     assert seen and set(seen) == {(native, native)}
     config = json.loads((out / "resnet18" / "config.json").read_text())
     assert config["bf16_autocast"] is native and config["channels_last"] is native
+    assert config["lgam_fused_kernels"] == "off"  # the tests run LGAM eager (conftest)
     log = _log(out / "resnet18")
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     notes = capsys.readouterr().err.count("training in float32")

@@ -9,13 +9,14 @@ from torch import nn
 from ._gates import GateRecorder, attention_gates, capture_gates, stage_gate, stage_of
 from .bam import BAM
 from .cbam import CBAM
-from ._lgam_fused import fused_kernels_enabled, fused_kernels_setting, set_fused_kernels
+from ._lgam_fused import fused_kernels, fused_kernels_enabled, fused_kernels_setting, set_fused_kernels
 from .lgam import LGAM, lgam_reference
 from .se import SE
 from .sge import SGE
 
 __all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "attention_placement", "create_attention",
-           "lgam_reference", "fused_kernels_enabled", "fused_kernels_setting", "set_fused_kernels",
+           "lgam_reference", "fused_kernels", "fused_kernels_enabled", "fused_kernels_setting",
+           "set_fused_kernels",
            "GateRecorder", "attention_gates", "capture_gates", "stage_gate", "stage_of"]
 
 #: short name -> constructor taking ``channels`` (the names used in model names, e.g. ``resnet18_se``)

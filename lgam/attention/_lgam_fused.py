@@ -14,11 +14,12 @@ input) or ``(B, G, C', HW)`` (contiguous input).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import warnings
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,8 @@ from ._checks import is_channels_last
 if TYPE_CHECKING:
     from .lgam import LGAM
 
-__all__ = ["compiler_missing", "fused_kernels_enabled", "fused_kernels_setting", "lgam_fused",
-           "set_fused_kernels"]
+__all__ = ["compiler_missing", "fused_kernels", "fused_kernels_enabled", "fused_kernels_setting",
+           "lgam_fused", "set_fused_kernels"]
 
 #: recompilations allowed for the compiled path: one graph per (shape, dtype, G, train/eval, grad)
 RECOMPILE_LIMIT = 64
@@ -121,14 +122,12 @@ class _Fused:
         self._lock = threading.Lock()
 
     def applies(self, module: LGAM, x: Tensor) -> bool:
-        if self.setting is False:
-            return False
-        if torch.compiler.is_compiling():
-            return True  # inside a compiled model: plain ops, inlined
-        if torch.jit.is_scripting() or torch.jit.is_tracing():
+        if self.setting is False or torch.jit.is_scripting() or torch.jit.is_tracing():
             return False
         if self.setting is True:
             return True
+        if torch.compiler.is_compiling():  # inside a compiled model: plain ops, inlined
+            return module.groups <= AUTO_MAX_GROUPS
         return (x.device.type == "cpu" and module.groups <= AUTO_MAX_GROUPS and self.broken is None
                 and compiler_missing() is None)
 
@@ -137,8 +136,9 @@ class _Fused:
         if torch.compiler.is_compiling():
             return lgam_fused(module, x)
         try:
+            fn = self.compiled()
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return self.compiled()(module, x)
+                return fn(module, x)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             if self.setting is True:
                 raise
@@ -167,6 +167,17 @@ def set_fused_kernels(enabled: bool | None) -> None:
         raise ValueError(f"set_fused_kernels takes True, False or None (auto), got {enabled!r}")
     FUSED.setting = enabled
     FUSED.broken = None
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool | None) -> Iterator[None]:
+    """:func:`set_fused_kernels` inside a ``with`` block, the previous setting restored after it."""
+    before = FUSED.setting
+    set_fused_kernels(enabled)
+    try:
+        yield
+    finally:
+        FUSED.setting = before
 
 
 def fused_kernels_setting() -> str:

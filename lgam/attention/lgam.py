@@ -114,12 +114,13 @@ class LGAM(GateRecorder):
                 f"LGAM expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}"
             )
         fused = FUSED.run(self, x) if FUSED.applies(self, x) else None  # see _lgam_fused
-        if fused is not None:
-            out, s = fused
-            m_spat = torch.sigmoid(F.relu(s.detach()))  # eq (6), for the record
-        else:
+        if fused is None:
             out, m_spat = self.forward_eager(x)
-        self._record(spatial=m_spat)
+            self._record(spatial=m_spat)
+            return out
+        out, s = fused
+        if self.record_gates:
+            self._record(spatial=torch.sigmoid(F.relu(s.detach())))  # eq (6)
         return out
 
     def forward_eager(self, x: Tensor) -> tuple[Tensor, Tensor]:
