@@ -3,10 +3,10 @@
 The eager path (:class:`~lgam.attention.lgam.MixAndGate`) needs a pass over the map per op: the
 GAP, the mixing product, ``S``, the gate and the output each read or write a full-size tensor. Per
 position, though, eqs (4)-(7) need only that position's ``C`` values: with the ladder unrolled over
-the groups, Inductor compiles them into one loop over the map (one read, one write) after the GAP's
-(one read), and recomputes them in the backward (``torch.utils.checkpoint``) instead of storing
-float32 intermediates. ``C' = C/G``; the map is viewed as rows ``(B, HW, G, C')`` (channels_last
-input) or ``(B, G, C', HW)`` (contiguous input).
+the groups, Inductor compiles them into two loops over the map after the GAP's read (``S``: one
+read; ``A''``: one read, one write), and recomputes them in the backward
+(``torch.utils.checkpoint``) instead of storing float32 intermediates. ``C' = C/G``; the map is
+viewed as rows ``(B, HW, G, C')`` (channels_last input) or ``(B, G, C', HW)`` (contiguous input).
 
 :class:`~lgam.attention.lgam.LGAM` takes this path where Inductor can build kernels
 (:func:`set_fused_kernels`); :func:`lgam_fused` is the uncompiled formulation (an outer
@@ -61,8 +61,7 @@ def mix_and_gate(a: Tensor, p: Tensor, inv_prev: Tensor, v: Tensor, dim: int) ->
     """Eqs (4)-(7) per position on the map ``A`` grouped along ``dim``: rows ``(B, HW, G, C')``
     (``dim=2``) or ``(B, G, C', HW)`` (``dim=1``), with :func:`ladder_weights` ``(B, G, C')``
     -> ``A''`` in ``A``'s layout and dtype, and eq (5)'s ``S`` (``(B, HW, 1)`` or ``(B, 1, HW)``);
-    computed in ``v``'s dtype. ``M_spat`` is not returned: a gate the output loop recomputes from
-    ``S`` lets Inductor fuse that loop with the one summing ``S`` (one read of the map, not two)."""
+    computed in ``v``'s dtype. ``M_spat`` is left to the caller, which needs it only to record it."""
     x = a  # 16-bit A meets float32 weights and is promoted inside the loops: no converted copy
     s = (x * _spread(v, dim)).sum((dim, dim + 1), keepdim=True).squeeze(dim)  # eq (5): A v = sum of A'
     m = torch.sigmoid(F.relu(s))  # eq (6)
