@@ -142,3 +142,16 @@ def test_inside_a_compiled_model_the_fused_formulation_is_inlined(fused):
     loop = copy.deepcopy(m)
     y = torch.compile(torch.nn.Sequential(m), dynamic=False)(x.clone().requires_grad_(True))
     assert _rel(y, lgam_reference(loop, x)) <= 1e-12
+
+
+def test_no_python_headers_means_no_fused_path(monkeypatch, tmp_path):
+    """Inductor's CPU kernels are Python extensions: without Python.h auto mode stays eager."""
+    monkeypatch.setattr(_lgam_fused.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    _lgam_fused.compiler_missing.cache_clear()
+    try:
+        assert "Python.h" in _lgam_fused.compiler_missing()
+        set_fused_kernels(None)
+        assert not fused_kernels_enabled(LGAM(16, groups=4, reduction=2), torch.randn(2, 16, 4, 4))
+        assert fused_kernels_setting().startswith("auto (eager here: no Python headers")
+    finally:
+        _lgam_fused.compiler_missing.cache_clear()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sysconfig
 import threading
 import warnings
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -100,7 +101,11 @@ def lgam_fused(module: LGAM, x: Tensor) -> tuple[Tensor, Tensor]:
 
 @functools.cache
 def compiler_missing() -> str | None:
-    """Why ``torch.compile`` cannot build CPU kernels here (no working C++ compiler), or None."""
+    """Why ``torch.compile`` cannot build CPU kernels here (no working C++ compiler, no Python
+    headers for its bindings), or None."""
+    include = sysconfig.get_paths().get("include", "")
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python headers (Python.h) in {include!r}"
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
