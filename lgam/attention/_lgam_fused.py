@@ -63,13 +63,13 @@ def mix_and_gate(a: Tensor, p: Tensor, inv_prev: Tensor, v: Tensor, dim: int) ->
     (``dim=2``) or ``(B, G, C', HW)`` (``dim=1``), with :func:`ladder_weights` ``(B, G, C')``
     -> ``A''`` in ``A``'s layout and dtype, and eq (5)'s ``S`` (``(B, HW, 1)`` or ``(B, 1, HW)``);
     computed in ``v``'s dtype. ``M_spat`` is left to the caller, which needs it only to record it."""
-    x = a  # 16-bit A meets float32 weights and is promoted inside the loops: no converted copy
-    s = (x * _spread(v, dim)).sum((dim, dim + 1), keepdim=True).squeeze(dim)  # eq (5): A v = sum of A'
+    # 16-bit A meets float32 weights and is promoted inside the loops: no converted copy to store
+    s = (a * _spread(v, dim)).sum((dim, dim + 1), keepdim=True).squeeze(dim)  # eq (5): A v = sum of A'
     m = torch.sigmoid(F.relu(s))  # eq (6)
     p, inv_prev = _spread(p, dim), _spread(inv_prev, dim)
     out, u = [], None
     for k in range(a.shape[dim]):
-        x_k = x.select(dim, k)
+        x_k = a.select(dim, k)
         term = x_k * inv_prev.select(dim, k)
         u = term if u is None else u + term  # eq (4) unrolled: y_k = P_k sum_{j<=k} x_j / P_{j-1}
         out.append(torch.addcmul(x_k, u * p.select(dim, k), m).to(a.dtype))  # eq (7)
@@ -81,13 +81,19 @@ def _spread(t: Tensor, dim: int) -> Tensor:
     return t[:, None] if dim == 2 else t[..., None]
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the group scales, their products and the pooled vectors: float32 for 16-bit
+    input, else the input's own (a float64 module computes in float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def lgam_fused(module: LGAM, x: Tensor) -> tuple[Tensor, Tensor]:
     """``module``'s eqs (1)-(7) on ``x (B, C, H, W)`` -> ``(A'' (B, C, H, W), S (B, 1, H, W))``,
     ``A''`` in ``x``'s memory format, ``S`` eq (5)'s channel sum (``M_spat = sigmoid(ReLU(S))``);
     float32 arithmetic for 16-bit ``x`` (float64 for float64)."""
     b, c, h, w = x.shape
     g = module.groups
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = work_dtype(x.dtype)
     rows = is_channels_last(x)
     with torch.autocast(x.device.type, enabled=False):
         a = x.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g) if rows else x.reshape(b, g, c // g, h * w)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ._checks import check_divisible, check_reduction, is_channels_last
 from ._gates import GateRecorder
-from ._lgam_fused import FUSED
+from ._lgam_fused import FUSED, work_dtype
 
 __all__ = ["LGAM", "ChannelAttention", "lgam_reference"]
 
@@ -69,10 +69,11 @@ class LGAM(GateRecorder):
     at least as many positions as channels (:class:`MixAndGate`), a running sum over the groups
     where it has fewer (:class:`LadderAndGate`), each with a hand-written backward: the eager
     path. Where ``torch.compile`` can build kernels (the CPU with a C++ compiler, ``G <= 8``) the
-    module takes the fused path instead: eqs (4)-(7) unrolled per position, one pass over the map
-    (``_lgam_fused``; :func:`~lgam.attention.set_fused_kernels`). The group scales, their products and the pooled
-    vectors are float32 for 16-bit input (float64 for float64). :func:`lgam_reference` is the
-    direct transcription used as the test oracle: read it first.
+    module takes the fused path instead: eqs (4)-(7) unrolled per position, two loops over the map
+    after the GAP's (``_lgam_fused``; :func:`~lgam.attention.set_fused_kernels`). The group
+    scales, their products and the pooled vectors are float32 for 16-bit input (float64 for
+    float64). :func:`lgam_reference` is the direct transcription used as the test oracle: read it
+    first.
     """
 
     gate_description = "M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6)"
@@ -126,7 +127,7 @@ class LGAM(GateRecorder):
     def forward_eager(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Eqs (1)-(7) in eager mode: ``x (B, C, H, W) -> (A'', M_spat (B, 1, H, W))``."""
         b, c = x.shape[:2]
-        work = _work_dtype(x.dtype)
+        work = work_dtype(x.dtype)
         pooled = SpatialMean.apply(x, work).view(b, self.groups, -1)  # eq (1), per group
         with torch.autocast(x.device.type, enabled=False):  # their products reach 1.5**G: no bf16
             weights = self.channel_attention[0].bn.weight.dtype  # float32 unless .bfloat16()/.half()
@@ -310,8 +311,7 @@ def _times(a: Tensor, t: Tensor, dim: int) -> Tensor:
 
 def _ratio_entries(t: Tensor, groups: int) -> Tensor:
     """The view ``(B, G, G, C')`` of ``R``'s places in ``T (B, C, C)``."""
-    b, c = t.shape[:2]
-    blocks = t[:, :, :c].unflatten(1, (groups, -1)).unflatten(3, (groups, -1))  # (B, G, C', G, C')
+    blocks = t.unflatten(1, (groups, -1)).unflatten(3, (groups, -1))  # (B, G, C', G, C')
     return blocks.diagonal(dim1=2, dim2=4)
 
 
@@ -344,8 +344,8 @@ class SpatialMean(torch.autograd.Function):
         ctx.shape, ctx.dtype = x.shape, x.dtype
         b, c, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            if x.dtype not in (torch.float16, torch.bfloat16):
-                return x.sum(dim=(2, 3), dtype=dtype) / (h * w)
+            if dtype == x.dtype:  # float32, float64: summed as they are
+                return x.sum(dim=(2, 3)) / (h * w)
             a, dim = _as_matrix(x)
             ones = x.new_ones(b, 1, h * w) if dim == 2 else x.new_ones(b, h * w, 1)
             pair = (ones, a) if dim == 2 else (a, ones)
@@ -357,12 +357,6 @@ class SpatialMean(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         b, c, h, w = ctx.shape
         return (grad / (h * w)).to(ctx.dtype)[:, :, None, None].expand(b, c, h, w), None
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the group scales and their products: float32 for 16-bit inputs, else the input's
-    own (a float64 module computes in float64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def lgam_reference(
