@@ -17,7 +17,6 @@ from typing import Iterator, Sequence
 
 import gradio as gr
 
-from lgam.attention import set_fused_kernels
 from lgam.cli import HelpFormatter
 from lgam.device import device_summary
 from lgam.engine import PRECISIONS, CamEngine
@@ -115,9 +114,6 @@ def limit_malloc_arenas(n: int = 2) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     limit_malloc_arenas()
-    # LGAM's eager path: its compiled one would build kernels per new input shape inside requests
-    # (seconds each) and from concurrent worker threads; one image at a time gains little from it
-    set_fused_kernels(False)
     args = parse_args(argv)
     try:
         launch(args)

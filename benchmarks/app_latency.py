@@ -46,7 +46,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app/ folder (not installed)
 
 import lgam  # noqa: E402
-from lgam.attention import set_fused_kernels  # noqa: E402
 from lgam.checkpoints import load_manifest, save_checkpoint  # noqa: E402
 from lgam.engine import CamEngine  # noqa: E402
 from lgam.models import FIGURE5_MODELS  # noqa: E402
@@ -161,7 +160,6 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    set_fused_kernels(False)  # LGAM's eager path, as the app runs it (app.server.main)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     image = _image(args.image_size)
     print(f"# App request latency: 1 image ({args.image_size}x{args.image_size}), six models, "

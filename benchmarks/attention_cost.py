@@ -6,8 +6,8 @@ Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 clas
    step (forward + backward + SGD, augmentation included), in float32 and in the fast path (bf16
    autocast + channels_last), at each ``--ratio-sizes`` (batch ``--ratio-batch``). The models are
    timed in interleaved rounds and each cell is the median over rounds, so a noisy neighbour
-   slows every model alike instead of one. In the fast path LGAM takes its fused path (compiled,
-   ``lgam.attention.set_fused_kernels``) where torch.compile builds CPU kernels; the row
+   slows every model alike instead of one. On the CPU LGAM takes its fused path (its C++
+   kernels, ``lgam.attention.set_fused_kernels``) where they build; the row
    "resnet18_lgam (eager)" is the same model with it off;
 2. forward and forward+backward latency at batch 1 and 32, 224 px, float32 (median of ``--reps``;
    forward in eval mode; forward+backward in train mode, except at batch 1 where BN stays in eval
@@ -36,7 +36,7 @@ from lgam.device import bf16_native, device_summary, resolve_device
 from lgam.models import FIGURE5_MODELS
 from train_throughput import captured, step_seconds  # the training step, timed as lgam train runs it
 
-#: the same model as resnet18_lgam with LGAM's fused (compiled) path off: its eager path
+#: the same model as resnet18_lgam with LGAM's fused path (its CPU kernels) off: its eager path
 EAGER_LGAM = "resnet18_lgam (eager)"
 VARIANTS = list(FIGURE5_MODELS) + [EAGER_LGAM]
 

@@ -1,5 +1,5 @@
 """What one LGAM module costs on each path, per resnet18 stage shape: the eager path (batched
-products, hand-written backward) against the fused one (compiled, ``lgam.attention._lgam_fused``),
+products, hand-written backward) against the fused one (C++ kernels, ``lgam.attention._lgam_fused``),
 with SE for scale; bf16 autocast + channels_last (``--float32``: float32, contiguous), eval-mode
 forward and training forward + backward, interleaved in one run; the totals are over resnet18's
 eight modules.
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from lgam.attention import LGAM, SE, fused_kernels
-from lgam.attention._lgam_fused import compiler_missing
+from lgam.attention._lgam_kernel import kernel_missing
 
 ROWS = ("SE", "LGAM eager", "LGAM fused")
 
@@ -65,13 +65,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--float32", action="store_true", help="float32, contiguous (default: bf16 + channels_last)")
     args = p.parse_args()
-    rows = ROWS if compiler_missing() is None else ROWS[:2]
+    rows = ROWS if kernel_missing() is None else ROWS[:2]
     if len(rows) < len(ROWS):
-        print(f"note: no fused path here ({compiler_missing()})")
+        print(f"note: no fused path here ({kernel_missing()})")
     shapes = stage_shapes(args.size)
     steps = {(r, s): module_steps(r, *s, args.batch, not args.float32) for r in rows for s in shapes}
     times: dict[tuple, list[float]] = {}
-    for rep in range(args.reps + 2):  # two warm-up rounds (the fused path compiles in the first)
+    for rep in range(args.reps + 2):  # two warm-up rounds (the kernels build in the first)
         for key, fns in steps.items():
             for mode, fn in fns.items():
                 ms = timed(key[0], fn)

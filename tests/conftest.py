@@ -15,27 +15,46 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _eager_lgam():
-    """LGAM's eager path everywhere (each new shape would compile the fused one: seconds); the
-    tests of the fused path ask for it with the ``fused`` fixture."""
+def _lgam_default_path():
+    """Every test starts from LGAM's default dispatch, as users get it (auto: the fused CPU
+    kernels where they build, built once per machine into the user's cache)."""
     from lgam.attention import set_fused_kernels
 
-    set_fused_kernels(False)
+    set_fused_kernels(None)
     yield
-    set_fused_kernels(False)
+    set_fused_kernels(None)
+
+
+def _require_kernels() -> None:
+    from lgam.attention._lgam_kernel import kernel_missing
+
+    why = kernel_missing()
+    if why:
+        pytest.skip(f"LGAM's CPU kernels cannot be built here: {why}")
+    if torch.get_default_device().type != "cpu":
+        pytest.skip("LGAM's fused kernels are CPU-only")
 
 
 @pytest.fixture
 def fused():
-    """LGAM's fused (compiled) path, as on a CPU with a C++ compiler;
-    skips, saying why, where torch.compile cannot build kernels here."""
+    """LGAM's fused path forced on (the CPU kernels); skips, saying why, where they cannot be
+    built or the test runs on another device."""
     from lgam.attention import set_fused_kernels
-    from lgam.attention._lgam_fused import compiler_missing
 
-    why = compiler_missing()
-    if why:
-        pytest.skip(f"torch.compile cannot build CPU kernels here: {why}")
+    _require_kernels()
     set_fused_kernels(True)
+
+
+@pytest.fixture(params=["eager", "fused"])
+def lgam_path(request) -> str:
+    """The test once per LGAM path: ``eager`` (batched products, hand-written backward) and
+    ``fused`` (as the ``fused`` fixture)."""
+    from lgam.attention import set_fused_kernels
+
+    if request.param == "fused":
+        _require_kernels()
+    set_fused_kernels(request.param == "fused")
+    return request.param
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,65 +1,135 @@
-"""LGAM's fused (compiled) path against the loop transcription of eqs (1)-(7), and when it is
-taken. Each new shape compiles (seconds): the cases are few and small."""
+"""LGAM's fused path (the CPU kernels, and the formulation a compiled model inlines) against the
+loop transcription of eqs (1)-(7), the residual block's tail it fuses, and when it is taken.
+The oracle tests shared with the eager path are in ``test_lgam_module.py`` (``lgam_path``)."""
 import copy
+import pickle
 
 import pytest
 import torch
 
 from lgam import create_model
 from lgam.attention import (LGAM, capture_gates, fused_kernels, fused_kernels_enabled, fused_kernels_setting,
-                            set_fused_kernels)
-from lgam.attention import _lgam_fused
+                            fuses_residual, set_fused_kernels)
+from lgam.attention import _lgam_fused, _lgam_kernel
 from lgam.attention.lgam import lgam_reference
-from test_lgam_module import _module, _rel, _run
+from test_lgam_module import _module, _rel
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _grads(module, fn, x, identity, g):
+    """Output, and gradients of ``sum(out * g)`` for ``x``, ``identity`` and the parameters."""
+    x, identity = x.clone().requires_grad_(True), identity.clone().requires_grad_(True)
+    y = fn(module, x, identity)
+    (y * g).sum().backward()
+    return y, x.grad, identity.grad, torch.cat([p.grad.flatten() for p in module.parameters()])
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("groups, layout", [(1, "cl"), (4, "cl"), (8, "cl"), (4, "nchw")])
-def test_fused_path_matches_loop_oracle_in_float64(fused, groups, layout, train):
-    """Outputs, input and parameter gradients and BN running statistics to float64 accuracy, for
-    channels_last and contiguous input (each keeps its layout)."""
-    fast = _module(groups, train).double()
+@pytest.mark.parametrize("groups, channels, side, layout", [
+    (1, 128, 5, "cl"), (4, 128, 5, "cl"), (4, 128, 5, "nchw"), (32, 128, 6, "cl"),  # vectors, tails
+    (4, 24, 7, "cl"), (2, 24, 4, "nchw"),  # groups narrower than a vector: the scalar code
+])
+def test_the_block_tail_matches_the_oracle_in_float64(fused, groups, channels, side, layout, train):
+    """``LGAM(x, residual=identity)`` is ``ReLU(A'' + identity)`` to float64 accuracy: output and
+    the gradients of ``x``, ``identity`` and every parameter, and the BN running statistics."""
+    torch.manual_seed(groups)
+    fast = LGAM(channels, groups=groups, reduction=2 if groups == 32 else 4).double().train(train)
     loop = copy.deepcopy(fast)
-    x = torch.randn(4, 128, 5, 5, dtype=torch.float64)
-    g = torch.randn(4, 128, 5, 5, dtype=torch.float64)
+    x, identity, g = (torch.randn(3, channels, side, side, dtype=torch.float64) for _ in range(3))
     to_layout = _cl if layout == "cl" else torch.Tensor.contiguous
     assert fused_kernels_enabled(fast, to_layout(x))
-    yf, gxf, gpf = _run(fast, lambda m, t: m(to_layout(t)), x, g)
-    yl, gxl, gpl = _run(loop, lgam_reference, x, g)
-    assert yf.dtype == gxf.dtype == torch.float64
+    yf, gxf, gif, gpf = _grads(fast, lambda m, t, i: m(to_layout(t), residual=to_layout(i)), x, identity, g)
+    yl, gxl, gil, gpl = _grads(loop, lambda m, t, i: torch.relu(lgam_reference(m, t) + i), x, identity, g)
     assert yf.is_contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
-    assert _rel(yf, yl) <= 1e-12
-    assert _rel(gxf, gxl) <= 1e-12
-    assert _rel(gpf, gpl) <= 1e-12
+    assert (yf == 0).any() and (yf > 0).any()  # the ReLU is exercised
+    for got, want in ((yf, yl), (gxf, gxl), (gif, gil), (gpf, gpl)):
+        assert _rel(got, want) <= 1e-12
     for a, b in zip(fast.buffers(), loop.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_gradcheck(fused):
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_fused_gradcheck_with_and_without_the_block_tail(fused, layout):
     torch.manual_seed(0)
     m = LGAM(16, groups=4, reduction=2).double().train()
-    x = _cl(torch.randn(3, 16, 4, 5, dtype=torch.float64)).requires_grad_(True)
+    to_layout = _cl if layout == "cl" else torch.Tensor.contiguous
+    x = to_layout(torch.randn(3, 16, 4, 5, dtype=torch.float64)).requires_grad_(True)
+    identity = to_layout(torch.randn(3, 16, 4, 5, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(m, (x,))
+    assert torch.autograd.gradcheck(lambda a, i: m(a, residual=i), (x, identity))
 
 
-def test_fused_bf16_keeps_every_group_of_g32():
-    """G=32 under bf16 autocast: every group within 1e-2 of float64 (bf16 rounds at ~4e-3); the
-    fused path computes in float32 from the bf16 input and rounds once."""
-    set_fused_kernels(True)
-    torch.manual_seed(0)
-    m = LGAM(256, groups=32, reduction=2).eval()
-    x = torch.randn(2, 256, 8, 8).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_eval_mode_takes_the_scales_from_one_kernel_call(fused, dtype):
+    """Eval mode: eqs (2)-(4) and the ladder weights come from the kernel (BN with its running
+    statistics), the same values with autograd on and off (Grad-CAM runs one of each), and the
+    gradients from the module's own ops."""
+    m = _module(8, train=False).to(dtype)
+    x = torch.randn(3, 128, 5, 5, dtype=dtype)
     with torch.no_grad():
-        exact = lgam_reference(copy.deepcopy(m).double(), x.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(_cl(x))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    for got, want in zip(y.double().chunk(32, dim=1), exact.chunk(32, dim=1)):
-        assert _rel(got, want) <= 1e-2
+        fast = m(x)
+    assert m in _lgam_kernel._WEIGHT_POINTERS  # the kernel's path, cached pointers
+    with_grad = m(x.clone().requires_grad_(True))
+    assert torch.equal(fast, with_grad)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert _rel(fast, lgam_reference(copy.deepcopy(m).double(), x.double())) <= tol
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(m, (x.clone().requires_grad_(True),))
+    y = m(x.clone().requires_grad_(True))
+    m.train()  # a backward after switching modes would run BN on other statistics: refused
+    with pytest.raises(RuntimeError, match="train mode between"):
+        y.sum().backward()
+    pickle.dumps(m), copy.deepcopy(m)  # the pointer cache stays off the module
+
+
+def test_inference_weights_follow_the_module():
+    """New weights (an optimiser step, a loaded state) are picked up; weights in another dtype
+    than the work dtype fall back to the autograd route."""
+    m = _module(4, train=False)
+    p = torch.randn(2, 128)
+    before = _lgam_kernel.scales_eval(m, p)
+    with torch.no_grad():
+        m.channel_attention[0].bn.bias.add_(1.0)
+    after = _lgam_kernel.scales_eval(m, p)
+    assert not torch.equal(before[0], after[0])
+    m.load_state_dict(_module(4, train=False).state_dict())
+    torch.testing.assert_close(_lgam_kernel.scales_eval(m, p)[0], before[0])
+    assert _lgam_kernel.scales_eval(copy.deepcopy(m).bfloat16(), p) is None
+
+
+def test_the_blocks_hand_their_identity_to_lgam():
+    """resnet18_lgam's blocks let LGAM add the identity (and ReLU) itself; other modules don't."""
+    lgam_block = create_model("resnet18_lgam", num_classes=4).layer1[0]
+    se_block = create_model("resnet18_se", num_classes=4).layer1[0]
+    assert fuses_residual(lgam_block.attention) and not fuses_residual(se_block.attention)
+    seen = []
+    lgam_block.attention.register_forward_hook(lambda m, a, kw, out: seen.append(kw), with_kwargs=True)
+    lgam_block(torch.randn(2, 64, 8, 8))
+    assert seen[0]["residual"].shape == (2, 64, 8, 8)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_network_is_as_accurate_on_both_paths(train):
+    """resnet18_lgam in float32, fused and eager, against itself in float64: the logits and
+    every parameter gradient as accurate on either path (the network amplifies float32's
+    rounding to ~1e-5 on both)."""
+    torch.manual_seed(0)
+    model = create_model("resnet18_lgam", num_classes=20).train(train)
+    x = _cl(torch.randn(4, 3, 64, 64))
+    out = {}
+    for path, dtype in ((True, torch.float64), (True, torch.float32), (False, torch.float32)):
+        net = copy.deepcopy(model).to(dtype)
+        with fused_kernels(path):
+            y = net(x.to(dtype))
+            y.square().sum().backward()
+        out[path, dtype] = (y, torch.cat([p.grad.flatten() for p in net.parameters()]))
+    exact = out[True, torch.float64]
+    for i in range(2):
+        fused_err, eager_err = (_rel(out[p, torch.float32][i], exact[i]) for p in (True, False))
+        assert fused_err <= 2 * eager_err + 1e-6, (i, fused_err, eager_err)
 
 
 def test_fused_network_in_bf16_agrees_with_eager_and_records_gates(fused):
@@ -95,63 +165,85 @@ def test_fused_network_in_bf16_agrees_with_eager_and_records_gates(fused):
         assert err_fused <= 1.5 * err_eager + 1e-3, (name, err_fused, err_eager)
 
 
-def test_which_input_takes_the_fused_path(fused):
+def test_odd_strides_and_unsupported_dtypes(fused):
+    """A map that is neither channels_last nor contiguous is copied first; float16 (no kernel)
+    takes the eager path; either way the result is the module's."""
+    m = LGAM(32, groups=4, reduction=2).eval()
+    x = torch.randn(2, 32, 8, 10)[..., ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    assert fused_kernels_enabled(m, x)
+    torch.testing.assert_close(m(x), m.forward_eager(x)[0], rtol=1e-5, atol=1e-5)
+    assert not fused_kernels_enabled(m, x.half())
+    assert m.half()(x.half()).dtype == torch.float16
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_which_input_takes_the_fused_path():
     x = torch.randn(2, 32, 4, 4)
     m, g32 = LGAM(32, groups=4, reduction=2), LGAM(32, groups=32, reduction=1)
-    assert fused_kernels_enabled(m, _cl(x)) and fused_kernels_enabled(m, x)
-    assert fused_kernels_enabled(g32, _cl(x))
+    ready = _lgam_kernel.kernel_missing() is None
+    assert fused_kernels_enabled(m, _cl(x)) == fused_kernels_enabled(g32, x) == ready  # auto: any G
+    assert fused_kernels_enabled(m, x.bfloat16()) == fused_kernels_enabled(m, x.double()) == ready
+    assert not fused_kernels_enabled(m, x.half()) and not fused_kernels_enabled(m, x.to("meta"))
     set_fused_kernels(False)
-    assert not fused_kernels_enabled(m, _cl(x))
-    set_fused_kernels(None)  # auto: the CPU, where a C++ compiler builds the kernels, G <= 8
-    assert fused_kernels_enabled(m, _cl(x)) == (_lgam_fused.compiler_missing() is None)
-    assert not fused_kernels_enabled(g32, _cl(x))
+    assert not fused_kernels_enabled(m, _cl(x)) and fused_kernels_setting() == "off"
     with pytest.raises(ValueError, match="True, False or None"):
         set_fused_kernels("yes")
-    set_fused_kernels(True)
-    with fused_kernels(False):
-        assert not fused_kernels_enabled(m, x) and fused_kernels_setting() == "off"
-    assert fused_kernels_enabled(m, x) and fused_kernels_setting() == "on"
+    with fused_kernels(None):
+        assert fused_kernels_setting() == ("auto" if ready else f"auto (eager here: {_lgam_kernel.kernel_missing()})")
+    assert fused_kernels_setting() == "off"
+    with torch.jit.optimized_execution(False):
+        set_fused_kernels(None)
+        traced = torch.jit.trace(m.eval(), x)  # tracing records the eager path's ops
+    torch.testing.assert_close(traced(x), m(x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch):
-    """Auto mode: a compiler that fails (here: made to) costs one warning, then the eager path
-    for the rest of the process; with the path forced on, the failure is raised."""
-    def broken(module, x):
-        raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no compiler"), None)
-
-    monkeypatch.setattr(_lgam_fused.FUSED, "compiled", lambda: broken)
-    monkeypatch.setattr(_lgam_fused, "compiler_missing", lambda: None)
+def test_kernels_that_cannot_be_built(monkeypatch):
+    """No compiler: auto mode stays eager without a word; a failed build: one warning, then the
+    eager path; forced on: the failure is raised, saying why."""
     m = LGAM(16, groups=4, reduction=2).eval()
     x = _cl(torch.randn(2, 16, 4, 4))
-    set_fused_kernels(None)
-    with pytest.warns(UserWarning, match="eager path"):
+    monkeypatch.setattr(_lgam_kernel, "_library", lambda: "no C++ compiler (g++) on PATH")
+    assert not fused_kernels_enabled(m, x)
+    assert fused_kernels_setting() == "auto (eager here: no C++ compiler (g++) on PATH)"
+    monkeypatch.setattr(_lgam_kernel, "_library", lambda: "RuntimeError: g++ failed: boom")
+    monkeypatch.setattr(_lgam_fused.FUSED, "warned", False)
+    with pytest.warns(UserWarning, match="boom"):
         y = m(x)
     torch.testing.assert_close(y, m.forward_eager(x)[0])
-    assert not fused_kernels_enabled(m, x) and "no compiler" in _lgam_fused.FUSED.broken
     set_fused_kernels(True)
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+    with pytest.raises(RuntimeError, match="cannot be built here: RuntimeError: g\\+\\+ failed: boom"):
         m(x)
 
 
+def test_the_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
+    """A fresh cache: one build (a shared library named by the source, flags, compiler and CPU),
+    then reused; a compiler that is not there is reported by name."""
+    monkeypatch.setenv("LGAM_KERNEL_CACHE", str(tmp_path))
+    if _lgam_kernel.kernel_missing() is not None:
+        pytest.skip(f"LGAM's CPU kernels cannot be built here: {_lgam_kernel.kernel_missing()}")
+    compiler = _lgam_kernel.shutil.which("g++")
+    built = _lgam_kernel._build(compiler)
+    assert built.parent == tmp_path and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert _lgam_kernel._build(compiler) == built and built.stat().st_mtime_ns == stamp
+    assert list(tmp_path.iterdir()) == [built]  # nothing left of the build
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    _lgam_kernel._library.cache_clear()
+    try:
+        assert _lgam_kernel.kernel_missing() == "no C++ compiler (no-such-compiler-here) on PATH"
+    finally:
+        monkeypatch.delenv("CXX")
+        _lgam_kernel._library.cache_clear()
+
+
 def test_inside_a_compiled_model_the_fused_formulation_is_inlined(fused):
-    """``torch.compile`` of a whole model (``lgam train --compile``) traces the fused formulation
-    in place of the nested compiled call: same result as the loop, and its gradient."""
+    """``torch.compile`` of a whole model (``lgam train --compile``) traces the fused
+    formulation, block tail included, in place of the kernels: same result as the loop."""
     torch.manual_seed(0)
     m = LGAM(32, groups=4, reduction=2).double().train()
     x = _cl(torch.randn(4, 32, 5, 5, dtype=torch.float64))
+    identity = _cl(torch.randn(4, 32, 5, 5, dtype=torch.float64))
     loop = copy.deepcopy(m)
-    y = torch.compile(torch.nn.Sequential(m), dynamic=False)(x.clone().requires_grad_(True))
-    assert _rel(y, lgam_reference(loop, x)) <= 1e-12
-
-
-def test_no_python_headers_means_no_fused_path(monkeypatch, tmp_path):
-    """Inductor's CPU kernels are Python extensions: without Python.h auto mode stays eager."""
-    monkeypatch.setattr(_lgam_fused.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
-    _lgam_fused.compiler_missing.cache_clear()
-    try:
-        assert "Python.h" in _lgam_fused.compiler_missing()
-        set_fused_kernels(None)
-        assert not fused_kernels_enabled(LGAM(16, groups=4, reduction=2), torch.randn(2, 16, 4, 4))
-        assert fused_kernels_setting().startswith("auto (eager here: no Python headers")
-    finally:
-        _lgam_fused.compiler_missing.cache_clear()
+    y = torch.compile(lambda a, i: m(a, residual=i), dynamic=False)(x.clone().requires_grad_(True), identity)
+    assert _rel(y, torch.relu(lgam_reference(loop, x) + identity)) <= 1e-12

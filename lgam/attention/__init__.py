@@ -15,6 +15,7 @@ from .se import SE
 from .sge import SGE
 
 __all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "attention_placement", "create_attention",
+           "fuses_residual",
            "lgam_reference", "fused_kernels", "fused_kernels_enabled", "fused_kernels_setting",
            "set_fused_kernels",
            "GateRecorder", "attention_gates", "capture_gates", "stage_gate", "stage_of"]
@@ -41,6 +42,13 @@ def create_attention(name: str | None, channels: int, **kwargs) -> nn.Module:
             f"unknown attention {name!r}; choose one of {sorted(ATTENTION)} or None"
         ) from None
     return factory(channels, **kwargs)
+
+
+def fuses_residual(attention: nn.Module) -> bool:
+    """Whether ``attention(x, residual=identity)`` returns a residual block's output
+    ``ReLU(attention(x) + identity)`` itself (LGAM, which then does it in the same pass over the
+    map where its kernels run); blocks ask this before adding the identity themselves."""
+    return getattr(attention, "fuses_residual", False)
 
 
 def attention_placement(name: str) -> str:

@@ -1,26 +1,26 @@
-"""LGAM's fused path: eqs (1)-(7) as plain tensor ops for ``torch.compile`` to fuse.
+"""LGAM's fused path: eqs (1)-(7) with one pass over the map each way, not one per op.
 
 The eager path (:class:`~lgam.attention.lgam.MixAndGate`) needs a pass over the map per op: the
 GAP, the mixing product, ``S``, the gate and the output each read or write a full-size tensor. Per
-position, though, eqs (4)-(7) need only that position's ``C`` values: with the ladder unrolled over
-the groups, Inductor compiles them into two loops over the map after the GAP's read (``S``: one
-read; ``A''``: one read, one write), and recomputes them in the backward
-(``torch.utils.checkpoint``) instead of storing float32 intermediates. ``C' = C/G``; the map is
-viewed as rows ``(B, HW, G, C')`` (channels_last input) or ``(B, G, C', HW)`` (contiguous input).
+position, though, eqs (4)-(7) need only that position's ``C`` values. The fused path has two forms
+of the same arithmetic:
 
-:class:`~lgam.attention.lgam.LGAM` takes this path where Inductor can build kernels
-(:func:`set_fused_kernels`); :func:`lgam_fused` is the uncompiled formulation (an outer
-``torch.compile`` of a whole model inlines it).
+- on the CPU, :func:`lgam_kernel`: LGAM's C++ kernels (:mod:`._lgam_kernel`, built on first use
+  with the system's C++ compiler): the GAP, then ``S``, the gate and ``A''`` in one read and one
+  write of the map, and the backward in one more; given a residual block's identity the block's
+  tail ``ReLU(A'' + identity)`` is done in the same pass;
+- inside a ``torch.compile`` of a model, :func:`lgam_fused`: the same steps as plain tensor ops
+  (the ladder unrolled over the groups, the map viewed as rows ``(B, HW, G, C')`` for
+  channels_last input or ``(B, G, C', HW)``), which Inductor fuses on any device.
+
+:class:`~lgam.attention.lgam.LGAM` takes it where it applies (:func:`set_fused_kernels`).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import sysconfig
-import threading
 import warnings
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +28,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import is_channels_last
+from ._lgam_kernel import KERNEL_DTYPES, MixAndGateKernel, SpatialMeanKernel, kernel_missing, scales_eval
 
 if TYPE_CHECKING:
     from .lgam import LGAM
 
-__all__ = ["compiler_missing", "fused_kernels", "fused_kernels_enabled", "fused_kernels_setting",
-           "lgam_fused", "set_fused_kernels"]
-
-#: recompilations allowed for the compiled path: one graph per (shape, dtype, G, train/eval, grad)
-RECOMPILE_LIMIT = 64
-#: the most groups auto mode compiles: the unrolled ladder of G=32 takes ~1 min per shape to build
-AUTO_MAX_GROUPS = 8
+__all__ = ["fused_kernels", "fused_kernels_enabled", "fused_kernels_setting", "lgam_fused",
+           "lgam_kernel", "set_fused_kernels"]
 
 
 def ladder_weights(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,9 +83,10 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def lgam_fused(module: LGAM, x: Tensor) -> tuple[Tensor, Tensor]:
+def lgam_fused(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``module``'s eqs (1)-(7) on ``x (B, C, H, W)`` -> ``(A'' (B, C, H, W), S (B, 1, H, W))``,
-    ``A''`` in ``x``'s memory format, ``S`` eq (5)'s channel sum (``M_spat = sigmoid(ReLU(S))``);
+    ``A''`` in ``x``'s memory format (with a residual block's identity ``residual``: the block's
+    output ``ReLU(A'' + residual)``), ``S`` eq (5)'s channel sum (``M_spat = sigmoid(ReLU(S))``);
     float32 arithmetic for 16-bit ``x`` (float64 for float64)."""
     b, c, h, w = x.shape
     g = module.groups
@@ -102,81 +99,79 @@ def lgam_fused(module: LGAM, x: Tensor) -> tuple[Tensor, Tensor]:
         scales = module.group_scales(pooled.to(weights)).to(work)  # eqs (2)-(4) on pooled vectors
         out, s = checkpoint(mix_and_gate, a, *ladder_weights(scales), 2 if rows else 1, use_reentrant=False)
     out = out.view(b, h, w, c).permute(0, 3, 1, 2) if rows else out.view(b, c, h, w)
+    return out if residual is None else torch.relu(out + residual), s.view(b, 1, h, w)
+
+
+def lgam_kernel(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`lgam_fused` with the map-sized work in LGAM's CPU kernels (:mod:`._lgam_kernel`):
+    the GAP, then eqs (4)-(7) and the block's tail in one pass over the map (and one back)."""
+    b, c, h, w = x.shape
+    g = module.groups
+    work = work_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        pooled, x = SpatialMeanKernel.apply(x, work)  # eq (1), per group; x: a view of itself
+        # eval mode: eqs (2)-(4) in one kernel call (the same values with or without autograd)
+        found = None if module.training else scales_eval(module, pooled)
+        if found is not None:
+            scales, *weights = found
+        else:
+            param = module.channel_attention[0].bn.weight.dtype
+            scales = module.group_scales(pooled.view(b, g, c // g).to(param)).to(work)  # eqs (2)-(4)
+            with torch.no_grad():  # the kernel's backward gives the scales' gradient itself
+                weights = [t.reshape(b, c) for t in ladder_weights(scales)]
+        out, s = MixAndGateKernel.apply(x, residual, scales, *weights, g)
     return out, s.view(b, 1, h, w)
 
 
-@functools.cache
-def compiler_missing() -> str | None:
-    """Why ``torch.compile`` cannot build CPU kernels here (no working C++ compiler, no Python
-    headers for its bindings), or None."""
-    include = sysconfig.get_paths().get("include", "")
-    if not os.path.exists(os.path.join(include, "Python.h")):
-        return f"no Python headers (Python.h) in {include!r}"
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        get_cpp_compiler()
-    except Exception as e:  # noqa: BLE001 - any failure means no fused kernels, said why
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    return None
-
-
 class _Fused:
-    """Whether and how :class:`LGAM` runs :func:`lgam_fused` compiled (one per process)."""
+    """Whether :class:`LGAM` takes the fused path (one per process)."""
 
     def __init__(self) -> None:
         env = os.environ.get("LGAM_FUSED", "").strip().lower()
         self.setting: bool | None = {"0": False, "1": True}.get(env)  # None: auto
-        self.broken: str | None = None  # why compiling failed here (auto mode then stays eager)
-        self._compiled: Callable | None = None
-        self._lock = threading.Lock()
+        self.warned = False
 
     def applies(self, module: LGAM, x: Tensor) -> bool:
         if self.setting is False or torch.jit.is_scripting() or torch.jit.is_tracing():
             return False
-        if self.setting is True:
-            return True
         if torch.compiler.is_compiling():  # inside a compiled model: plain ops, inlined
-            return module.groups <= AUTO_MAX_GROUPS
-        return (x.device.type == "cpu" and module.groups <= AUTO_MAX_GROUPS and self.broken is None
-                and compiler_missing() is None)
+            return True
+        return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and self.kernels_ready()
 
-    def run(self, module: LGAM, x: Tensor) -> tuple[Tensor, Tensor] | None:
-        """:func:`lgam_fused`, compiled; None where compiling failed in auto mode (warned once)."""
+    def kernels_ready(self) -> bool:
+        """Whether the CPU kernels are built and loaded (building them on the first call); where
+        they cannot be, an error when the fused path is forced on, else one warning (none where
+        there is simply no compiler)."""
+        why = kernel_missing()
+        if why is None:
+            return True
+        if self.setting is True:
+            raise RuntimeError(f"LGAM's fused kernels are on (set_fused_kernels(True) or LGAM_FUSED=1) "
+                               f"but cannot be built here: {why}")
+        if not self.warned and not why.startswith("no C++ compiler"):
+            self.warned = True
+            warnings.warn(f"LGAM: its CPU kernels cannot be built here ({why}); using the eager path "
+                          "(set_fused_kernels(False) silences this)", stacklevel=4)
+        return False
+
+    def run(self, module: LGAM, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():
-            return lgam_fused(module, x)
-        try:
-            fn = self.compiled()
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return fn(module, x)
-        except torch._dynamo.exc.BackendCompilerFailed as e:
-            if self.setting is True:
-                raise
-            cause = getattr(e, "inner_exception", None) or e
-            self.broken = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
-            warnings.warn(f"LGAM: torch.compile cannot build the fused kernels here ({self.broken}); "
-                          "using the eager path (set_fused_kernels(False) silences this)", stacklevel=3)
-            return None
-
-    def compiled(self) -> Callable:
-        with self._lock:
-            if self._compiled is None:
-                self._compiled = torch.compile(lgam_fused, dynamic=False)
-            return self._compiled
+            return lgam_fused(module, x, residual)
+        return lgam_kernel(module, x, residual)
 
 
 FUSED = _Fused()
 
 
 def set_fused_kernels(enabled: bool | None) -> None:
-    """Run LGAM compiled (:mod:`lgam.attention._lgam_fused`): ``True`` always, ``False`` never, ``None`` (the default; env ``LGAM_FUSED=0/1`` sets the start value)
-    on the CPU for ``G <= 8`` where ``torch.compile`` builds its kernels (a C++ compiler), falling
-    back to the eager path with one warning where it cannot. Each new input shape, dtype and
-    train/eval mode compiles once (seconds; about a minute for ``G = 32``)."""
+    """Where LGAM takes its fused path (:mod:`lgam.attention._lgam_fused`): ``None`` (the default;
+    env ``LGAM_FUSED=0/1`` sets the start value) for CPU input in bfloat16, float32 or float64
+    where the kernels build (a C++ compiler; about a second, once per machine) and inside a
+    ``torch.compile`` of the model, the eager path elsewhere; ``True`` the same, but an error
+    where the kernels cannot be built; ``False`` never."""
     if enabled not in (True, False, None):
         raise ValueError(f"set_fused_kernels takes True, False or None (auto), got {enabled!r}")
     FUSED.setting = enabled
-    FUSED.broken = None
 
 
 @contextlib.contextmanager
@@ -195,7 +190,7 @@ def fused_kernels_setting() -> str:
     here: <why>)"``."""
     if FUSED.setting is not None:
         return "on" if FUSED.setting else "off"
-    why = FUSED.broken or compiler_missing()
+    why = kernel_missing()
     return f"auto (eager here: {why})" if why else "auto"
 
 

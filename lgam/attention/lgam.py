@@ -68,12 +68,12 @@ class LGAM(GateRecorder):
     is a per-sample mixing of channels, ``A' = A T``: one batched matrix product where a map has
     at least as many positions as channels (:class:`MixAndGate`), a running sum over the groups
     where it has fewer (:class:`LadderAndGate`), each with a hand-written backward: the eager
-    path. Where ``torch.compile`` can build kernels (the CPU with a C++ compiler, ``G <= 8``) the
-    module takes the fused path instead: eqs (4)-(7) unrolled per position, two loops over the map
-    after the GAP's (``_lgam_fused``; :func:`~lgam.attention.set_fused_kernels`). The group
-    scales, their products and the pooled vectors are float32 for 16-bit input (float64 for
-    float64). :func:`lgam_reference` is the direct transcription used as the test oracle: read it
-    first.
+    path. On the CPU, where LGAM's C++ kernels build (a C++ compiler), and inside a
+    ``torch.compile`` of the model, it takes the fused path instead: eqs (4)-(7) per position, one
+    pass over the map after the GAP's, one back (``_lgam_fused``;
+    :func:`~lgam.attention.set_fused_kernels`). The group scales, their products and the pooled
+    vectors are float32 for 16-bit input (float64 for float64). :func:`lgam_reference` is the
+    direct transcription used as the test oracle: read it first.
     """
 
     gate_description = "M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6)"
@@ -109,17 +109,25 @@ class LGAM(GateRecorder):
             scales.append(1 + attention(s))  # eq (3): M * x + x = (1 + M) * x
         return torch.stack(scales, dim=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    #: ``forward`` takes a residual block's identity and returns the block's output (see
+    #: :func:`~lgam.attention.fuses_residual`)
+    fuses_residual = True
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``A (B, C, H, W) -> A''``; with ``residual`` (a residual block's identity, ``A``'s
+        shape) the block's output ``ReLU(A'' + residual)``, in the same pass where the module
+        runs fused."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
                 f"LGAM expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}"
             )
-        fused = FUSED.run(self, x) if FUSED.applies(self, x) else None  # see _lgam_fused
-        if fused is None:
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"LGAM: residual {tuple(residual.shape)} must match the input {tuple(x.shape)}")
+        if not FUSED.applies(self, x):  # see _lgam_fused
             out, m_spat = self.forward_eager(x)
             self._record(spatial=m_spat)
-            return out
-        out, s = fused
+            return out if residual is None else torch.relu_(out + residual)
+        out, s = FUSED.run(self, x, residual)
         if self.record_gates:
             self._record(spatial=torch.sigmoid(F.relu(s.detach())))  # eq (6)
         return out

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
-from ..attention import create_attention
+from ..attention import create_attention, fuses_residual
 
 __all__ = ["AttentionBackbone", "BasicBlock", "ResNet", "check_stem", "check_placement"]
 
@@ -165,8 +165,10 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.attention(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
+        out = self.bn2(self.conv2(out))
+        if fuses_residual(self.attention):
+            return self.attention(out, residual=identity)  # ReLU(attention(out) + identity)
+        return self.relu(self.attention(out) + identity)
 
 
 class ResNet(AttentionBackbone):

@@ -1,0 +1,563 @@
+// LGAM's GAP (eq (1)), eqs (4)-(7) on the map and their backward: one pass over the map each way.
+//
+// Built and loaded by _lgam_kernel.py (g++ -O3 -march=native -fopenmp; no Python or torch
+// headers). The caller computes the group scales (eqs (2)-(3)) from the GAP and passes, per
+// sample, the ladder weights of _lgam_fused.ladder_weights, each (B, C) with C = G * C':
+//   p = P_k = (1 + M_1) ... (1 + M_k)      eq (4) unrolled: y_k = P_k u_k, u_k = sum_{j<=k} x_j q_j
+//   q = 1 / P_{k-1}
+//   v = sum_{k >= j} P_k / P_{j-1}          eq (5): S = sum_c A'_c = sum_c A_c v_c
+// Per position everything needs only that position's C values, so the forward computes S, the
+// gate and A'' in one read of the map, and the backward computes A's gradient and the per-sample
+// sums over positions for p, q and v in one read of the map and of A'''s gradient.
+//
+// The map is (B, P, C) "rows" (channels_last) or (B, C, P) "columns" (contiguous). T is its dtype
+// (bf16, float, double), W the arithmetic's (float; double for double). Work goes in blocks of
+// L = one 64-byte register of W (16 floats, 8 doubles) positions: rows take vectors along the
+// channels of a group (C' a multiple of L), columns along the block's positions; whatever does
+// not fit (a narrower group, the last positions of a map) takes the scalar code, position by
+// position, which is also the plainest statement of the arithmetic: read it first.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+struct bf16 {
+  uint16_t bits;
+};
+
+typedef float f32v __attribute__((vector_size(64)));
+typedef double f64v __attribute__((vector_size(64)));
+typedef int32_t i32v __attribute__((vector_size(64)));
+typedef int64_t i64v __attribute__((vector_size(64)));
+typedef uint32_t u32v __attribute__((vector_size(64)));
+typedef uint16_t u16v __attribute__((vector_size(32)));
+
+template <class W>
+struct Vec;
+template <>
+struct Vec<float> {
+  using type = f32v;
+  using ints = i32v;
+};
+template <>
+struct Vec<double> {
+  using type = f64v;
+  using ints = i64v;
+};
+template <class W>
+using vec = typename Vec<W>::type;
+template <class W>
+constexpr int64_t L = 64 / sizeof(W);
+
+// ---- loads and stores: T in memory, W in registers; bf16 rounds to nearest even, as torch ----
+
+inline uint32_t bf16_round(uint32_t u) {
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+template <class W, class T>
+inline W load(const T* x) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    const uint32_t u = uint32_t(x->bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return W(f);
+  } else {
+    return W(*x);
+  }
+}
+
+template <class T, class W>
+inline void store(T* x, W w) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    const float f = float(w);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    x->bits = uint16_t(bf16_round(u));
+  } else {
+    *x = T(w);
+  }
+}
+
+template <class W, class T>
+inline vec<W> loadv(const T* x) {  // L<W> values
+  vec<W> w;
+  if constexpr (std::is_same_v<T, bf16>) {
+    u16v h;
+    std::memcpy(&h, x, sizeof h);
+    const u32v u = __builtin_convertvector(h, u32v) << 16;
+    std::memcpy(&w, &u, sizeof w);
+  } else {
+    static_assert(std::is_same_v<T, W>);
+    std::memcpy(&w, x, sizeof w);
+  }
+  return w;
+}
+
+template <class T, class W>
+inline void storev(T* x, vec<W> w) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    u32v u;
+    std::memcpy(&u, &w, sizeof u);
+    const u32v rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const u32v nan = u32v{} + 0x7fc0u;
+    const u16v h = __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded, u16v);
+    std::memcpy(x, &h, sizeof h);
+  } else {
+    std::memcpy(x, &w, sizeof w);
+  }
+}
+
+template <class W>
+inline W hsum(vec<W> v) {
+  W s = 0;
+  for (int64_t i = 0; i < L<W>; ++i) s += v[i];
+  return s;
+}
+
+// ---- eq (6): M_spat = sigmoid(ReLU(S)) ----
+
+template <class W>
+inline W gate(W s) { return W(1) / (W(1) + std::exp(-std::max(s, W(0)))); }
+
+// The same for a register of positions: exp(-ReLU(S)) as 2^n e^r, |r| <= ln2 / 2, e^r by its
+// Taylor series to float's or double's precision (the vectorised libm is not at hand).
+template <class W>
+inline vec<W> gate(vec<W> s) {
+  constexpr bool f32 = std::is_same_v<W, float>;
+  constexpr W ln2_hi = f32 ? W(0.693359375) : W(6.93147180369123816490e-01);
+  constexpr W ln2_lo = f32 ? W(-2.12194440e-4) : W(1.90821492927058770002e-10);
+  constexpr int terms = f32 ? 8 : 13;  // r^terms / terms! below the precision
+  const vec<W> zero = {};
+  vec<W> x = s > 0 ? -s : zero;
+  x = x < W(f32 ? -80 : -700) ? zero + W(f32 ? -80 : -700) : x;  // e^x is 0 in 1 + e^x below
+  using I = typename Vec<W>::ints;
+  const I n = __builtin_convertvector(x * W(1.4426950408889634) - W(0.5), I);  // round(x / ln2)
+  const vec<W> nf = __builtin_convertvector(n, vec<W>);
+  const vec<W> r = x - nf * ln2_hi - nf * ln2_lo;
+  vec<W> e = zero + W(1);  // Horner: 1 + r (1 + r/2 (1 + r/3 (...)))
+  for (int k = terms - 1; k >= 1; --k) e = e * r * (W(1) / k) + W(1);
+  const I scale_bits = (n + (f32 ? 127 : 1023)) << (f32 ? 23 : 52);  // 2^n
+  vec<W> scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return W(1) / (W(1) + e * scale);
+}
+
+// The map-sized tensors at one place, all in the map's layout: the input A (x), the residual
+// block's identity (id; with it the output is ReLU(A'' + identity), the block's tail in the same
+// pass), the output (out); in the backward dA'' (g), the saved output (y; its sign masks g where
+// the identity was added) and the identity's gradient (did). Null where unused.
+template <class T>
+struct Maps {
+  const T *x = nullptr, *id = nullptr;
+  T* out = nullptr;
+  const T *g = nullptr, *y = nullptr;
+  T* did = nullptr;
+  Maps at(int64_t o) const {  // the same tensors o elements on
+    auto on = [o](auto* t) { return t ? t + o : t; };
+    return {on(x), on(id), on(out), on(g), on(y), on(did)};
+  }
+};
+
+// ---- the forward ----
+
+// eq (7), and the block's tail with an identity: ReLU(A'' + identity)
+template <bool RES, class W>
+inline W tail(W a2, W id) { return RES ? std::max(a2 + id, W(0)) : a2; }
+template <bool RES, class W>
+inline vec<W> tail(vec<W> a2, vec<W> id) {
+  if constexpr (RES) {
+    const vec<W> o = a2 + id;
+    return o > 0 ? o : vec<W>{};
+  }
+  return a2;
+}
+
+// Scalar: one position, channel c at offset c * cs.
+template <bool RES, class T, class W>
+inline W forward_one(Maps<T> m, int64_t cs, const W* p, const W* q, const W* v, int64_t G,
+                     int64_t Cg) {
+  W s = 0;
+  for (int64_t c = 0; c < G * Cg; ++c) s += load<W>(m.x + c * cs) * v[c];  // eq (5): S = A v
+  const W gate_ = gate(s);                                                 // eq (6)
+  for (int64_t i = 0; i < Cg; ++i) {  // the ladder along the groups, channel by channel
+    W u = 0;
+    for (int64_t c = i; c < G * Cg; c += Cg) {
+      const W xv = load<W>(m.x + c * cs);
+      u += xv * q[c];  // eq (4): y_k = P_k u_k; eq (7): A'' = A' M_spat + A
+      store(m.out + c * cs, tail<RES>(xv + u * p[c] * gate_, RES ? load<W>(m.id + c * cs) : W(0)));
+    }
+  }
+  return s;
+}
+
+// Rows: n <= L positions of C channels; vectors along the channels of a group.
+template <bool RES, class T, class W>
+inline void forward_rows(Maps<T> m, const W* p, const W* q, const W* v, W* s, int64_t n,
+                         int64_t G, int64_t Cg) {
+  const int64_t C = G * Cg;
+  W sums[L<W>] = {}, gates[L<W>];
+  for (int64_t t = 0; t < n; ++t) {
+    vec<W> acc = {};
+    for (int64_t c = 0; c < C; c += L<W>) acc += loadv<W>(m.x + t * C + c) * loadv<W>(v + c);
+    sums[t] = s[t] = hsum<W>(acc);  // eq (5)
+  }
+  const vec<W> gv = gate<W>(loadv<W>(sums));  // eq (6)
+  std::memcpy(gates, &gv, sizeof gates);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < Cg; i += L<W>) {
+      vec<W> u = {};
+      for (int64_t c = t * C + i; c < (t + 1) * C; c += Cg) {
+        const vec<W> xv = loadv<W>(m.x + c);
+        u += xv * loadv<W>(q + c - t * C);  // eqs (4), (7)
+        const vec<W> a2 = xv + u * loadv<W>(p + c - t * C) * gates[t];
+        storev<T, W>(m.out + c, tail<RES, W>(a2, RES ? loadv<W>(m.id + c) : vec<W>{}));
+      }
+    }
+  }
+}
+
+// Columns: L positions, channel c at offset c * P; vectors along the positions.
+template <bool RES, class T, class W>
+inline void forward_columns(Maps<T> m, const W* p, const W* q, const W* v, W* s, int64_t G,
+                            int64_t Cg, int64_t P) {
+  vec<W> sv = {};
+  for (int64_t c = 0; c < G * Cg; ++c) sv += loadv<W>(m.x + c * P) * v[c];  // eq (5)
+  std::memcpy(s, &sv, sizeof sv);
+  const vec<W> gates = gate<W>(sv);  // eq (6)
+  for (int64_t i = 0; i < Cg; ++i) {
+    vec<W> u = {};
+    for (int64_t c = i; c < G * Cg; c += Cg) {
+      const vec<W> xv = loadv<W>(m.x + c * P);
+      u += xv * q[c];  // eqs (4), (7)
+      const vec<W> id = RES ? loadv<W>(m.id + c * P) : vec<W>{};
+      storev<T, W>(m.out + c * P, tail<RES, W>(xv + u * p[c] * gates, id));
+    }
+  }
+}
+
+template <bool RES, class T, class W>
+void forward(Maps<T> maps, const W* p, const W* q, const W* v, W* s, int64_t B, int64_t G,
+             int64_t Cg, int64_t P, bool rows) {
+  const int64_t C = G * Cg, blocks = (P + L<W> - 1) / L<W>;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const W *pb = p + b * C, *qb = q + b * C, *vb = v + b * C;
+      const int64_t p0 = blk * L<W>, n = std::min(L<W>, P - p0);
+      W* sb = s + b * P + p0;
+      if (rows && Cg % L<W> == 0) {
+        forward_rows<RES>(maps.at((b * P + p0) * C), pb, qb, vb, sb, n, G, Cg);
+      } else if (!rows && n == L<W>) {
+        forward_columns<RES>(maps.at(b * C * P + p0), pb, qb, vb, sb, G, Cg, P);
+      } else {
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t o = rows ? (b * P + p0 + t) * C : b * C * P + p0 + t;
+          sb[t] = forward_one<RES>(maps.at(o), rows ? 1 : P, pb, qb, vb, G, Cg);
+        }
+      }
+    }
+  }
+}
+
+// ---- the backward: dA'' (or the block output's gradient) -> dA (out), the identity's
+// gradient, and per sample the group scales' gradient times the scales ----
+//
+// With u_k = sum_{j<=k} x_j / P_{j-1} (the ladder, A'_k = P_k u_k), dA'_k = dA''_k M_spat and
+// dS = dM_spat sigmoid'(S) [S > 0]: dA_j = dA''_j + dS v_j + r_j / P_{j-1}, r_j = sum_{k>=j}
+// P_k dA'_k. A scale 1 + M_m enters every ratio P_k / P_{j-1} with j <= m <= k, so its gradient
+// times itself is u_m sum_{k>=m} P_k (dA'_k + dS) = u_m (r_m + dS T_m), T_m = sum_{k>=m} P_k:
+// summed over positions, with no cancellation between terms (ds below, per channel (B, C)).
+
+// dA'' at offset o: the incoming gradient, masked by ReLU's where the block's tail was fused in
+// (and then also the identity's gradient, written once: with `keep`).
+template <bool RES, class T, class W>
+inline W grad_at(const Maps<T>& m, int64_t o, bool keep) {
+  if constexpr (!RES) {
+    return load<W>(m.g + o);
+  } else {
+    const W g = load<W>(m.y + o) > 0 ? load<W>(m.g + o) : W(0);
+    if (keep) store(m.did + o, g);
+    return g;
+  }
+}
+template <bool RES, class T, class W>
+inline vec<W> gradv_at(const Maps<T>& m, int64_t o, bool keep) {
+  if constexpr (!RES) {
+    return loadv<W>(m.g + o);
+  } else {
+    const vec<W> g = loadv<W>(m.y + o) > 0 ? loadv<W>(m.g + o) : vec<W>{};
+    if (keep) storev<T, W>(m.did + o, g);
+    return g;
+  }
+}
+
+// Per-sample weights: P_k, 1 / P_{k-1}, v and T (each C values).
+template <class W>
+struct Weights {
+  const W *p, *q, *v, *t;
+};
+
+// Scalar: one position (channel c at offset c * cs); u: C values of scratch.
+template <bool RES, class T, class W>
+inline void backward_one(Maps<T> m, int64_t cs, Weights<W> w, W s, W* dl, W* u, int64_t G,
+                         int64_t Cg) {
+  const int64_t C = G * Cg;
+  const W gate_ = gate(s);
+  W dm = 0;  // dM_spat = sum_c dA''_c A'_c, with the ladder's u_k again
+  for (int64_t c = 0; c < C; ++c) {
+    u[c] = load<W>(m.x + c * cs) * w.q[c] + (c >= Cg ? u[c - Cg] : W(0));
+    dm += grad_at<RES, T, W>(m, c * cs, false) * u[c] * w.p[c];
+  }
+  const W ds = s > 0 ? dm * gate_ * (1 - gate_) : W(0);  // through eq (6)
+  for (int64_t i = 0; i < Cg; ++i) {
+    W r = 0;  // groups last to first
+    for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
+      const W g = grad_at<RES, T, W>(m, c * cs, true);
+      r += g * gate_ * w.p[c];
+      dl[c] += u[c] * (r + ds * w.t[c]);
+      store(m.out + c * cs, g + ds * w.v[c] + w.q[c] * r);  // through eqs (7), (5), (4)
+    }
+  }
+}
+
+// Rows: n <= L positions; vectors along the channels of a group. u: C values of scratch.
+template <bool RES, class T, class W>
+inline void backward_rows(Maps<T> m, Weights<W> w, const W* s, W* dl, W* u, int64_t n,
+                          int64_t G, int64_t Cg) {
+  const int64_t C = G * Cg;
+  W gates[L<W>], sums[L<W>] = {};
+  std::memcpy(sums, s, n * sizeof(W));
+  const vec<W> gv = gate<W>(loadv<W>(sums));
+  std::memcpy(gates, &gv, sizeof gates);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t o = t * C;
+    vec<W> dmv = {};
+    for (int64_t i = 0; i < Cg; i += L<W>) {
+      vec<W> uv = {};
+      for (int64_t c = i; c < C; c += Cg) {
+        uv += loadv<W>(m.x + o + c) * loadv<W>(w.q + c);
+        std::memcpy(u + c, &uv, sizeof uv);
+        dmv += gradv_at<RES, T, W>(m, o + c, false) * uv * loadv<W>(w.p + c);
+      }
+    }
+    const W ds = s[t] > 0 ? hsum<W>(dmv) * gates[t] * (1 - gates[t]) : W(0);
+    for (int64_t i = 0; i < Cg; i += L<W>) {
+      vec<W> r = {};
+      for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
+        const vec<W> g = gradv_at<RES, T, W>(m, o + c, true);
+        r += g * gates[t] * loadv<W>(w.p + c);
+        const vec<W> d = loadv<W>(dl + c) + loadv<W>(u + c) * (r + ds * loadv<W>(w.t + c));
+        std::memcpy(dl + c, &d, sizeof d);
+        storev<T, W>(m.out + o + c, g + ds * loadv<W>(w.v + c) + loadv<W>(w.q + c) * r);
+      }
+    }
+  }
+}
+
+// Columns: L positions; vectors along them. u: C registers of scratch; dl: C registers of
+// per-position partial sums, added up once per sample.
+template <bool RES, class T, class W>
+inline void backward_columns(Maps<T> m, Weights<W> w, const W* s, vec<W>* dl, vec<W>* u,
+                             int64_t G, int64_t Cg, int64_t P) {
+  const int64_t C = G * Cg;
+  const vec<W> sv = loadv<W>(s), gates = gate<W>(sv), zero = {};
+  vec<W> dm = {};
+  for (int64_t c = 0; c < C; ++c) {
+    u[c] = loadv<W>(m.x + c * P) * w.q[c] + (c >= Cg ? u[c - Cg] : zero);
+    dm += gradv_at<RES, T, W>(m, c * P, false) * u[c] * w.p[c];
+  }
+  const vec<W> ds = sv > 0 ? dm * gates * (1 - gates) : zero;
+  for (int64_t i = 0; i < Cg; ++i) {
+    vec<W> r = {};
+    for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
+      const vec<W> g = gradv_at<RES, T, W>(m, c * P, true);
+      r += g * gates * w.p[c];
+      dl[c] += u[c] * (r + ds * w.t[c]);
+      storev<T, W>(m.out + c * P, g + ds * w.v[c] + w.q[c] * r);
+    }
+  }
+}
+
+template <bool RES, class T, class W>
+void backward(Maps<T> maps, const W* p, const W* q, const W* v, const W* s, W* dl, int64_t B,
+              int64_t G, int64_t Cg, int64_t P, bool rows) {
+  const int64_t C = G * Cg;
+#pragma omp parallel
+  {
+    std::vector<W> u(C), t(C);
+    std::vector<vec<W>> uv(C), dlv(C);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {  // a sample per thread: its sums need no locks
+      const Weights<W> w{p + b * C, q + b * C, v + b * C, t.data()};
+      for (int64_t c = 0; c < C; ++c) t[c] = w.v[c] / w.q[c];  // T_m = v_m P_{m-1}
+      W* dlb = dl + b * C;
+      std::fill(dlb, dlb + C, W(0));
+      std::fill(dlv.begin(), dlv.end(), vec<W>{});
+      for (int64_t p0 = 0; p0 < P; p0 += L<W>) {
+        const int64_t n = std::min(L<W>, P - p0);
+        const W* sb = s + b * P + p0;
+        if (rows && Cg % L<W> == 0) {
+          backward_rows<RES>(maps.at((b * P + p0) * C), w, sb, dlb, u.data(), n, G, Cg);
+        } else if (!rows && n == L<W>) {
+          backward_columns<RES>(maps.at(b * C * P + p0), w, sb, dlv.data(), uv.data(), G, Cg, P);
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t o = rows ? (b * P + p0 + i) * C : b * C * P + p0 + i;
+            backward_one<RES>(maps.at(o), rows ? 1 : P, w, sb[i], dlb, u.data(), G, Cg);
+          }
+        }
+      }
+      if (!rows) {
+        for (int64_t c = 0; c < C; ++c) dlb[c] += hsum<W>(dlv[c]);
+      }
+    }
+  }
+}
+
+// ---- eq (1) for every channel: out[b, c] = mean over positions, summed in W ----
+
+template <class T, class W>
+void mean(const T* a, W* out, int64_t B, int64_t C, int64_t P, bool rows) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    W* o = out + b * C;
+    std::fill(o, o + C, W(0));
+    if (rows) {  // (P, C): add the rows up
+      for (int64_t pos = 0; pos < P; ++pos) {
+        const T* x = a + (b * P + pos) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += load<W>(x + c);
+      }
+    } else {  // (C, P): each row's sum
+      for (int64_t c = 0; c < C; ++c) {
+        const T* x = a + (b * C + c) * P;
+        vec<W> acc = {};
+        int64_t pos = 0;
+        for (; pos + L<W> <= P; pos += L<W>) acc += loadv<W>(x + pos);
+        for (; pos < P; ++pos) o[c] += load<W>(x + pos);
+        o[c] += hsum<W>(acc);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) o[c] /= W(P);
+  }
+}
+
+
+// The GAP's backward, added to the gradient already there: da[b, c, pos] += dmean[b, c] / P.
+template <class T, class W>
+void add_mean_grad(T* da, const W* dmean, int64_t B, int64_t C, int64_t P, bool rows) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<W> d(dmean + b * C, dmean + (b + 1) * C);
+    for (W& x : d) x /= W(P);
+    if (rows) {
+      for (int64_t pos = 0; pos < P; ++pos) {
+        T* x = da + (b * P + pos) * C;
+        for (int64_t c = 0; c < C; ++c) store(x + c, load<W>(x + c) + d[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        T* x = da + (b * C + c) * P;
+        for (int64_t pos = 0; pos < P; ++pos) store(x + pos, load<W>(x + pos) + d[c]);
+      }
+    }
+  }
+}
+
+// ---- eqs (2)-(4) on the pooled vectors, in eval mode, and the ladder weights ----
+// Per group k (weights w[8k..8k+7]: Linear(C', h) weight and bias, Linear(h, C') weight and bias,
+// BatchNorm1d weight, bias, running mean and variance): s_k = GAP(x_k) + (1 + M_{k-1}) s_{k-1},
+// M_k = sigmoid(ReLU(BN(MLP(s_k)))), the scales 1 + M_k, then p, q, v as above; all (B, C).
+template <class W>
+void scales_eval(const W* pooled, const W* const* w, double eps, W* scales, W* p, W* q, W* v,
+                 int64_t B, int64_t G, int64_t Cg, int64_t H) {
+  const int64_t C = G * Cg;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<W> s(Cg), scale(Cg), hidden(H);
+    const W* pooled_b = pooled + b * C;
+    W *pb = p + b * C, *qb = q + b * C, *vb = v + b * C;
+    for (int64_t k = 0; k < G; ++k) {
+      const W *w1 = w[8 * k], *b1 = w[8 * k + 1], *w2 = w[8 * k + 2], *b2 = w[8 * k + 3];
+      const W *gamma = w[8 * k + 4], *beta = w[8 * k + 5], *mean = w[8 * k + 6], *var = w[8 * k + 7];
+      for (int64_t i = 0; i < Cg; ++i) {  // the GAP of the ladder's input x_k + y_{k-1}, eq (4)
+        s[i] = pooled_b[k * Cg + i] + (k ? scale[i] * s[i] : W(0));
+      }
+      for (int64_t j = 0; j < H; ++j) {  // eq (2): Linear -> ReLU
+        W z = b1[j];
+        for (int64_t i = 0; i < Cg; ++i) z += w1[j * Cg + i] * s[i];
+        hidden[j] = std::max(z, W(0));
+      }
+      for (int64_t i = 0; i < Cg; ++i) {  // -> Linear -> BN -> ReLU -> sigmoid; eq (3): 1 + M
+        W z = b2[i];
+        for (int64_t j = 0; j < H; ++j) z += w2[i * H + j] * hidden[j];
+        const W bn = (z - mean[i]) / std::sqrt(var[i] + W(eps)) * gamma[i] + beta[i];
+        scale[i] = 1 + gate(bn);
+        const int64_t c = k * Cg + i;
+        scales[b * C + c] = scale[i];
+        qb[c] = k ? 1 / pb[c - Cg] : W(1);             // 1 / P_{k-1}
+        pb[c] = k ? pb[c - Cg] * scale[i] : scale[i];  // P_k
+      }
+    }
+    for (int64_t i = 0; i < Cg; ++i) {  // v_j = (1 / P_{j-1}) sum_{k >= j} P_k
+      W tail = 0;
+      for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
+        tail += pb[c];
+        vb[c] = tail * qb[c];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define LGAM_KERNELS(NAME, T, W)                                                               \
+  extern "C" void lgam_mean_##NAME(const void* a, void* out, int64_t B, int64_t C, int64_t P,  \
+                                   int64_t rows) {                                            \
+    mean<T, W>((const T*)a, (W*)out, B, C, P, rows);                                          \
+  }                                                                                           \
+  extern "C" void lgam_add_mean_grad_##NAME(void* da, const void* dmean, int64_t B, int64_t C, \
+                                            int64_t P, int64_t rows) {                        \
+    add_mean_grad<T, W>((T*)da, (const W*)dmean, B, C, P, rows);                              \
+  }                                                                                           \
+  extern "C" void lgam_forward_##NAME(const void* a, const void* id, const void* p,          \
+                                      const void* q, const void* v, void* out, void* s,       \
+                                      int64_t B, int64_t G, int64_t Cg, int64_t P,            \
+                                      int64_t rows) {                                         \
+    Maps<T> m;                                                                                \
+    m.x = (const T*)a, m.id = (const T*)id, m.out = (T*)out;                                  \
+    (id ? forward<true, T, W> : forward<false, T, W>)(m, (const W*)p, (const W*)q,            \
+                                                      (const W*)v, (W*)s, B, G, Cg, P, rows); \
+  }                                                                                           \
+  extern "C" void lgam_backward_##NAME(const void* a, const void* g, const void* y,           \
+                                       const void* p, const void* q, const void* v,           \
+                                       const void* s, void* da, void* did, void* dl,          \
+                                       int64_t B, int64_t G, int64_t Cg, int64_t P,           \
+                                       int64_t rows) {                                        \
+    Maps<T> m;                                                                                \
+    m.x = (const T*)a, m.g = (const T*)g, m.y = (const T*)y, m.out = (T*)da, m.did = (T*)did; \
+    (y ? backward<true, T, W> : backward<false, T, W>)(m, (const W*)p, (const W*)q,           \
+                                                       (const W*)v, (const W*)s, (W*)dl, B,   \
+                                                       G, Cg, P, rows);                       \
+  }
+
+extern "C" void lgam_scales_eval_float32(const void* pooled, const void* const* w, double eps,
+                                         void* scales, void* p, void* q, void* v, int64_t B,
+                                         int64_t G, int64_t Cg, int64_t H) {
+  scales_eval<float>((const float*)pooled, (const float* const*)w, eps, (float*)scales,
+                     (float*)p, (float*)q, (float*)v, B, G, Cg, H);
+}
+extern "C" void lgam_scales_eval_float64(const void* pooled, const void* const* w, double eps,
+                                         void* scales, void* p, void* q, void* v, int64_t B,
+                                         int64_t G, int64_t Cg, int64_t H) {
+  scales_eval<double>((const double*)pooled, (const double* const*)w, eps, (double*)scales,
+                      (double*)p, (double*)q, (double*)v, B, G, Cg, H);
+}
+
+LGAM_KERNELS(bfloat16, bf16, float)
+LGAM_KERNELS(float32, float, float)
+LGAM_KERNELS(float64, double, double)

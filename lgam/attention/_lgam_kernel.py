@@ -1,0 +1,256 @@
+"""LGAM's CPU kernels (``_lgam_kernel.cpp``): the GAP, and eqs (4)-(7) with their backward in one
+pass over the map each way.
+
+The source is compiled on first use with the system's C++ compiler (``$CXX`` or ``g++``; about a
+second) into a per-user cache (``$LGAM_KERNEL_CACHE``, else ``~/.cache/lgam/kernels``) and loaded
+with :mod:`ctypes`: no Python or torch headers, nothing downloaded. :func:`kernel_missing` says why
+they cannot be used here, or None.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .lgam import LGAM
+
+__all__ = ["KERNEL_DTYPES", "EvalScales", "MixAndGateKernel", "SpatialMeanKernel", "kernel_missing", "scales_eval"]
+
+SOURCE = Path(__file__).with_name("_lgam_kernel.cpp")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+#: map dtypes the kernels take, with the name of their instantiation in the source
+KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+
+_build_lock = threading.Lock()
+#: per LGAM module: its weights' addresses and the pointer array handed to the kernel (kept off
+#: the module, which must stay copyable and picklable)
+_WEIGHT_POINTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$LGAM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/lgam/kernels``
+    (``~/.cache/lgam/kernels``)."""
+    if os.environ.get("LGAM_KERNEL_CACHE"):
+        return Path(os.environ["LGAM_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lgam" / "kernels"
+
+
+def _cpu_id() -> str:
+    """The CPU's model and features (``-march=native`` code runs only where they match)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """Compile the source into the cache (once per source, compiler and CPU); its path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id(),
+                                    platform.machine()]).encode()).hexdigest()[:20]
+    target = cache_dir() / f"lgam_kernel_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then moved in whole
+        built = Path(tmp) / target.name
+        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"{compiler} failed: {(run.stderr.strip().splitlines() or [''])[-1][:300]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The loaded kernels, or why not (a string)."""
+    compiler = shutil.which(os.environ.get("CXX") or "g++")
+    if compiler is None:
+        return f"no C++ compiler ({os.environ.get('CXX') or 'g++'}) on PATH"
+    try:
+        with _build_lock:
+            lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    p, n = ctypes.c_void_p, ctypes.c_int64
+    for name in KERNEL_DTYPES.values():
+        getattr(lib, f"lgam_mean_{name}").argtypes = [p, p, n, n, n, n]
+        getattr(lib, f"lgam_add_mean_grad_{name}").argtypes = [p, p, n, n, n, n]
+        getattr(lib, f"lgam_forward_{name}").argtypes = [p] * 7 + [n] * 5
+        getattr(lib, f"lgam_backward_{name}").argtypes = [p] * 10 + [n] * 5
+    for name in ("float32", "float64"):
+        getattr(lib, f"lgam_scales_eval_{name}").argtypes = [p, p, ctypes.c_double] + [p] * 4 + [n] * 4
+    return lib
+
+
+def kernel_missing() -> str | None:
+    """Why LGAM's CPU kernels cannot be built or loaded here (no C++ compiler, a failed build), or
+    None (they are built on the first call)."""
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def _call(kind: str, dtype: torch.dtype, *args: Tensor | int) -> None:
+    lib = _library()
+    if isinstance(lib, str):
+        raise RuntimeError(f"LGAM's CPU kernels are not available here: {lib}")
+    getattr(lib, f"lgam_{kind}_{KERNEL_DTYPES[dtype]}")(
+        *(a.data_ptr() if isinstance(a, Tensor) else a for a in args))  # None: a null pointer
+
+
+def _group_tensors(module: LGAM) -> list[Tensor | None]:
+    """Per group: the two Linears' weights and biases, the BN's weight, bias, running mean and
+    variance (the kernel's order)."""
+    return [t for a in module.channel_attention
+            for t in (a.mlp[0].weight, a.mlp[0].bias, a.mlp[2].weight, a.mlp[2].bias,
+                      a.bn.weight, a.bn.bias, a.bn.running_mean, a.bn.running_var)]
+
+
+def scales_eval(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
+    """Eqs (2)-(4) of an eval-mode ``module`` on the pooled groups ``(B, C)``, in one kernel
+    call: the group scales ``1 + M_k`` ``(B, G, C')``, differentiable (:class:`EvalScales`), and
+    the ladder weights ``P_k``, ``1 / P_{k-1}``, ``v`` from them, ``(B, C)`` each, in ``pooled``'s
+    dtype (float32 or float64). None where the kernel does not apply (weights in another dtype or
+    off the CPU, a BatchNorm without running statistics or with an ``eps`` of its own)."""
+    tensors = _group_tensors(module)
+    if (pooled.dtype not in (torch.float32, torch.float64)
+            or len({a.bn.eps for a in module.channel_attention}) > 1
+            or any(t is None or t.dtype != pooled.dtype or t.device.type != "cpu" or not t.is_contiguous()
+                   for t in tensors)):
+        return None
+    params = [t for t in tensors if t.requires_grad]
+    return EvalScales.apply(pooled, module, *params)
+
+
+class EvalScales(torch.autograd.Function):
+    """``forward(pooled (B, C), module, *its parameters) -> (scales (B, G, C'), P, Q, V)``: see
+    :func:`scales_eval`. The backward recomputes the scales with the module's own ops (its
+    ``group_scales``, in eval mode) for the gradients of ``pooled`` and the parameters: the
+    kernel and those ops agree to rounding, and the forward's values are the kernel's whether or
+    not a gradient is taken."""
+
+    @staticmethod
+    def forward(ctx, pooled: Tensor, module: LGAM, *params: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        key = tuple(t.data_ptr() for t in _group_tensors(module))
+        cached = _WEIGHT_POINTERS.get(module)
+        if cached is None or cached[0] != key:
+            cached = _WEIGHT_POINTERS[module] = (key, (ctypes.c_void_p * len(key))(*key))
+        b, c = pooled.shape
+        scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
+        hidden = module.channel_attention[0].mlp[0].out_features
+        _call("scales_eval", pooled.dtype, pooled.contiguous(), cached[1], module.channel_attention[0].bn.eps,
+              scales, p, q, v, b, module.groups, c // module.groups, hidden)
+        ctx.module = module
+        ctx.save_for_backward(pooled, *params)
+        ctx.mark_non_differentiable(p, q, v)
+        return scales.view(b, module.groups, -1), p, q, v
+
+    @staticmethod
+    def backward(ctx, d_scales: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        pooled, *params = ctx.saved_tensors
+        module = ctx.module
+        if module.training:
+            raise RuntimeError("LGAM: the module was put in train mode between its eval-mode forward "
+                               "and this backward; its BatchNorm would use other statistics")
+        b, c = pooled.shape
+        with torch.enable_grad():
+            inputs = [pooled.detach().requires_grad_(True)] + params
+            scales = module.group_scales(inputs[0].view(b, module.groups, -1))
+            grads = torch.autograd.grad(scales, inputs, d_scales, allow_unused=True)
+        return (grads[0], None, *grads[1:])
+
+
+def _format(rows: bool) -> torch.memory_format:
+    return torch.channels_last if rows else torch.contiguous_format
+
+
+def _layout(x: Tensor) -> tuple[Tensor, bool]:
+    """``x (B, C, H, W)`` dense as rows ``(B, HW, C)`` (channels_last; True) or columns
+    ``(B, C, HW)`` (contiguous; False), copied only if it is neither."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+class SpatialMeanKernel(torch.autograd.Function):
+    """Eq (1) for all groups at once: ``A (B, C, H, W) -> (means (B, C), A)``, the means over
+    positions summed in ``work`` (float32 for 16-bit input). ``A`` comes back as a view so that
+    its gradient from the rest of the module (:class:`MixAndGateKernel`) meets the means' here,
+    where the latter is added in place (autograd's own sum of a broadcast tensor into a
+    channels_last one is ~10x slower)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        a, rows = _layout(x)
+        b, c, h, w = a.shape
+        out = torch.empty(b, c, dtype=work)
+        _call("mean", a.dtype, a, out, b, c, h * w, int(rows))
+        ctx.rows, ctx.shape, ctx.dtype = rows, a.shape, a.dtype
+        return out, a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, d_mean: Tensor, d_a: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        fmt = _format(ctx.rows)
+        if d_a is None:
+            d_a = torch.zeros(ctx.shape, dtype=ctx.dtype).contiguous(memory_format=fmt)
+        elif not d_a.is_contiguous(memory_format=fmt) or d_a.dtype != ctx.dtype:
+            d_a = d_a.to(ctx.dtype).contiguous(memory_format=fmt)
+        b, c, h, w = ctx.shape
+        d_mean = d_mean.to(torch.float64 if ctx.dtype == torch.float64 else torch.float32).contiguous()
+        _call("add_mean_grad", ctx.dtype, d_a, d_mean, b, c, h * w, int(ctx.rows))
+        return d_a, None
+
+
+class MixAndGateKernel(torch.autograd.Function):
+    """Eqs (4)-(7) on the map: ``forward(A (B, C, H, W), identity, scales, P, Q, V, G) -> (out,
+    S (B, HW))``. ``scales`` are the group scales ``1 + M_k`` ``(B, G, C')`` (None where no
+    gradient will be asked for) and ``P``, ``Q``, ``V`` the ladder weights ``P_k``,
+    ``1 / P_{k-1}`` and ``v`` computed from them (:func:`~lgam.attention._lgam_fused.ladder_weights`)
+    flattened to ``(B, C)``, in the work dtype; the gradient flows to ``scales`` (the kernel sums
+    it per channel without cancellation: see the source). ``out`` is ``A''`` or, given a residual
+    block's ``identity`` (``A``'s shape), the block's output ``ReLU(A'' + identity)``, in ``A``'s
+    dtype and memory format; ``S`` (eq (5)) is returned for the gate, not differentiable. One pass
+    over the map forward, one backward (which recomputes the ladder)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, identity: Tensor | None, scales: Tensor | None, p: Tensor,  # type: ignore[override]
+                q: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        a, rows = _layout(x)
+        b, c, h, w = a.shape
+        if identity is not None:
+            identity = identity.to(a.dtype).contiguous(memory_format=_format(rows))
+        p, q, v = (t.contiguous() for t in (p, q, v))
+        out = torch.empty_like(a)
+        s = torch.empty(b, h * w, dtype=p.dtype)
+        _call("forward", a.dtype, a, identity, p, q, v, out, s, b, groups, c // groups, h * w, int(rows))
+        ctx.save_for_backward(a, scales, p, q, v, s, out if identity is not None else None)
+        ctx.groups, ctx.rows = groups, rows
+        ctx.mark_non_differentiable(s)
+        return out, s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_s: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        a, scales, p, q, v, s, y = ctx.saved_tensors
+        b, c, h, w = a.shape
+        g = grad.to(a.dtype).contiguous(memory_format=_format(ctx.rows))
+        da = torch.empty_like(a)
+        d_identity = torch.empty_like(a) if y is not None else None
+        d_log_scales = torch.empty_like(p)  # the scales' gradient times the scales, (B, C)
+        _call("backward", a.dtype, a, g, y, p, q, v, s, da, d_identity, d_log_scales, b, ctx.groups,
+              c // ctx.groups, h * w, int(ctx.rows))
+        d_scales = d_log_scales.view_as(scales) / scales if ctx.needs_input_grad[2] else None
+        return da, d_identity, d_scales, None, None, None, None
