@@ -19,8 +19,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> str:
 @pytest.mark.slow
 def test_attention_cost_benchmark():
     out = _run("benchmarks/attention_cost.py", "--reps", "1", "--batches", "1", "2", "--size", "32",
-               "--ratio-sizes", "32", "--ratio-batch", "2", "--rounds", "1", "--steps", "1",
-               env={"LGAM_FUSED": "0"})  # the table's shape; the fused path's own tests compile it
+               "--ratio-sizes", "32", "--ratio-batch", "2", "--rounds", "1", "--steps", "1")
     assert "| resnet18_lgam (eager) |" in out
     assert "| resnet18_lgam |" in out and "fwd+bwd b1" in out
     ratio_rows = [line for line in out.splitlines() if line.startswith("| resnet18") and "train bf16 32" not in line]

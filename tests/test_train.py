@@ -123,7 +123,7 @@ def test_cpu_fast_path(tiny_data, tmp_path, monkeypatch, capsys, native):
     assert seen and set(seen) == {(native, native)}
     config = json.loads((out / "resnet18" / "config.json").read_text())
     assert config["bf16_autocast"] is native and config["channels_last"] is native
-    assert config["lgam_fused_kernels"] == "off"  # the tests run LGAM eager (conftest)
+    assert config["lgam_fused_kernels"].startswith("auto")  # the default (conftest), recorded
     log = _log(out / "resnet18")
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     notes = capsys.readouterr().err.count("training in float32")
@@ -353,8 +353,7 @@ def test_ddp_two_gloo_processes_match_single_process(tiny_data, tmp_path):
 def test_throughput_benchmark_runs():
     proc = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--models", "resnet18",
                            "resnet18_lgam", "--batch", "2", "--size", "32", "--steps", "1", "--threads", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "LGAM_FUSED": "0"})  # the table; compiling is tested elsewhere
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| resnet18")]
     assert len(rows) == 2 and rows[1].startswith("| resnet18_lgam |")
