@@ -36,7 +36,9 @@ def test_the_block_tail_matches_the_oracle_in_float64(fused, groups, channels, s
     """``LGAM(x, residual=identity)`` is ``ReLU(A'' + identity)`` to float64 accuracy: output and
     the gradients of ``x``, ``identity`` and every parameter, and the BN running statistics."""
     torch.manual_seed(groups)
-    fast = LGAM(channels, groups=groups, reduction=2 if groups == 32 else 4).double().train(train)
+    # reduction 2: a hidden layer of one unit dies for a whole batch of 3 often enough that BN
+    # then normalises a constant, sitting on ReLU's kink (either side is a valid gradient)
+    fast = LGAM(channels, groups=groups, reduction=1 if groups == 32 else 2).double().train(train)
     loop = copy.deepcopy(fast)
     x, identity, g = (torch.randn(3, channels, side, side, dtype=torch.float64) for _ in range(3))
     to_layout = _cl if layout == "cl" else torch.Tensor.contiguous
@@ -90,14 +92,14 @@ def test_inference_weights_follow_the_module():
     than the work dtype fall back to the autograd route."""
     m = _module(4, train=False)
     p = torch.randn(2, 128)
-    before = _lgam_kernel.scales_eval(m, p)
+    before = _lgam_kernel.scales_kernel(m, p)
     with torch.no_grad():
         m.channel_attention[0].bn.bias.add_(1.0)
-    after = _lgam_kernel.scales_eval(m, p)
+    after = _lgam_kernel.scales_kernel(m, p)
     assert not torch.equal(before[0], after[0])
     m.load_state_dict(_module(4, train=False).state_dict())
-    torch.testing.assert_close(_lgam_kernel.scales_eval(m, p)[0], before[0])
-    assert _lgam_kernel.scales_eval(copy.deepcopy(m).bfloat16(), p) is None
+    torch.testing.assert_close(_lgam_kernel.scales_kernel(m, p)[0], before[0])
+    assert _lgam_kernel.scales_kernel(copy.deepcopy(m).bfloat16(), p) is None
 
 
 def test_the_blocks_hand_their_identity_to_lgam():

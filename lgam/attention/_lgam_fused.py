@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import is_channels_last
-from ._lgam_kernel import KERNEL_DTYPES, MixAndGateKernel, SpatialMeanKernel, kernel_missing, scales_eval
+from ._lgam_kernel import KERNEL_DTYPES, MixAndGateKernel, SpatialMeanKernel, kernel_missing, scales_kernel
 
 if TYPE_CHECKING:
     from .lgam import LGAM
@@ -110,8 +110,8 @@ def lgam_kernel(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tupl
     work = work_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         pooled, x = SpatialMeanKernel.apply(x, work)  # eq (1), per group; x: a view of itself
-        # eval mode: eqs (2)-(4) in one kernel call (the same values with or without autograd)
-        found = None if module.training else scales_eval(module, pooled)
+        found = scales_kernel(module, pooled)  # eqs (2)-(4) in one kernel call
+
         if found is not None:
             scales, *weights = found
         else:

@@ -513,6 +513,154 @@ void scales_eval(const W* pooled, const W* const* w, double eps, W* scales, W* p
   }
 }
 
+// ---- eqs (2)-(4) in train mode: BatchNorm1d on the batch's statistics, and its backward ----
+// The same steps as scales_eval, over the whole batch at once (BN couples the samples), the
+// running statistics moved by `momentum` (the unbiased variance, as torch does). `saved` keeps,
+// per group, what the backward needs: the MLP input s_k (B, C'), the first Linear's output
+// (B, h), the normalised BN input (B, C'), 1/sqrt(var + eps) (C') and the BN output (B, C').
+template <class W>
+int64_t train_saved_size(int64_t B, int64_t Cg, int64_t H) { return B * (3 * Cg + H) + Cg; }
+
+template <class W>
+struct Saved {
+  W *s, *z1, *zhat, *invstd, *bn;
+  Saved(W* base, int64_t k, int64_t B, int64_t Cg, int64_t H) {
+    W* g = base + k * train_saved_size<W>(B, Cg, H);
+    s = g, z1 = s + B * Cg, zhat = z1 + B * H, invstd = zhat + B * Cg, bn = invstd + Cg;
+  }
+};
+
+template <class W>
+void scales_train(const W* pooled, W* const* w, double eps, double momentum, W* scales, W* p,
+                  W* q, W* v, W* saved, int64_t B, int64_t G, int64_t Cg, int64_t H) {
+  const int64_t C = G * Cg;
+  std::vector<W> z2(B * Cg);
+  for (int64_t k = 0; k < G; ++k) {
+    const W *w1 = w[8 * k], *b1 = w[8 * k + 1], *w2 = w[8 * k + 2], *b2 = w[8 * k + 3];
+    const W *gamma = w[8 * k + 4], *beta = w[8 * k + 5];
+    W *mean = w[8 * k + 6], *var = w[8 * k + 7];
+    const Saved<W> sv(saved, k, B, Cg, H);
+    const W* s_prev = k ? Saved<W>(saved, k - 1, B, Cg, H).s : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < Cg; ++i) {  // the GAP of the ladder's input, eq (4)
+        const int64_t c = b * C + k * Cg + i;
+        sv.s[b * Cg + i] = pooled[c] + (k ? scales[c - Cg] * s_prev[b * Cg + i] : W(0));
+      }
+      for (int64_t j = 0; j < H; ++j) {  // eq (2): Linear -> ReLU -> Linear
+        W z = b1[j];
+        for (int64_t i = 0; i < Cg; ++i) z += w1[j * Cg + i] * sv.s[b * Cg + i];
+        sv.z1[b * H + j] = z;
+      }
+      for (int64_t i = 0; i < Cg; ++i) {
+        W z = b2[i];
+        for (int64_t j = 0; j < H; ++j) z += w2[i * H + j] * std::max(sv.z1[b * H + j], W(0));
+        z2[b * Cg + i] = z;
+      }
+    }
+    for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d on the batch's statistics
+      W mu = 0, sq = 0;
+      for (int64_t b = 0; b < B; ++b) mu += z2[b * Cg + i];
+      mu /= B;
+      for (int64_t b = 0; b < B; ++b) sq += (z2[b * Cg + i] - mu) * (z2[b * Cg + i] - mu);
+      sv.invstd[i] = 1 / std::sqrt(sq / B + W(eps));
+      mean[i] = (1 - W(momentum)) * mean[i] + W(momentum) * mu;
+      var[i] = (1 - W(momentum)) * var[i] + W(momentum) * sq / (B - 1);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t c = b * C + k * Cg + i;
+        const W zhat = (z2[b * Cg + i] - mu) * sv.invstd[i], bn = zhat * gamma[i] + beta[i];
+        sv.zhat[b * Cg + i] = zhat;
+        sv.bn[b * Cg + i] = bn;
+        scales[c] = 1 + gate(bn);  // -> ReLU -> sigmoid; eq (3): 1 + M
+        q[c] = k ? 1 / p[c - Cg] : W(1);
+        p[c] = k ? p[c - Cg] * scales[c] : scales[c];
+      }
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < Cg; ++i) {  // v_j = (1 / P_{j-1}) sum_{k >= j} P_k
+      W tail = 0;
+      for (int64_t c = b * C + C - Cg + i; c >= b * C; c -= Cg) {
+        tail += p[c];
+        v[c] = tail * q[c];
+      }
+    }
+  }
+}
+
+// d_scales (B, C) -> d_pooled (B, C) and, per group, the gradients of the two Linears' weights
+// and biases and the BN's weight and bias (dw[6k..6k+5], written, not added to).
+template <class W>
+void scales_train_backward(const W* d_scales, const W* scales, W* const* w, const W* saved,
+                           W* d_pooled, W* const* dw, int64_t B, int64_t G, int64_t Cg,
+                           int64_t H) {
+  const int64_t C = G * Cg;
+  std::vector<W> ds(B * Cg, W(0)), dbn(B * Cg), dz1(B * H), dsc(B * Cg);
+  for (int64_t k = G - 1; k >= 0; --k) {
+    const W *w1 = w[8 * k], *w2 = w[8 * k + 2], *gamma = w[8 * k + 4];
+    W *dw1 = dw[6 * k], *db1 = dw[6 * k + 1], *dw2 = dw[6 * k + 2], *db2 = dw[6 * k + 3];
+    W *dgamma = dw[6 * k + 4], *dbeta = dw[6 * k + 5];
+    const Saved<W> sv(const_cast<W*>(saved), k, B, Cg, H);
+    for (int64_t b = 0; b < B; ++b) {  // the scale's gradient: its own, and through s_{k+1}
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t c = b * C + k * Cg + i;
+        W d = d_scales[c];
+        if (k + 1 < G) d += ds[b * Cg + i] * sv.s[b * Cg + i];  // s_{k+1} = x + scale_k s_k
+        const W m = scales[c] - 1;  // M = sigmoid(ReLU(bn))
+        dbn[b * Cg + i] = sv.bn[b * Cg + i] > 0 ? d * m * (1 - m) : W(0);
+      }
+    }
+    for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d (batch statistics) backward
+      W sum_d = 0, sum_dz = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        sum_d += dbn[b * Cg + i];
+        sum_dz += dbn[b * Cg + i] * sv.zhat[b * Cg + i];
+      }
+      dgamma[i] = sum_dz, dbeta[i] = sum_d;
+      for (int64_t b = 0; b < B; ++b) {  // dz2 (kept in dbn)
+        dbn[b * Cg + i] = gamma[i] * sv.invstd[i] / B *
+                          (B * dbn[b * Cg + i] - sum_d - sv.zhat[b * Cg + i] * sum_dz);
+      }
+    }
+    for (int64_t i = 0; i < Cg; ++i) {  // the second Linear
+      W d = 0;
+      for (int64_t b = 0; b < B; ++b) d += dbn[b * Cg + i];
+      db2[i] = d;
+      for (int64_t j = 0; j < H; ++j) {
+        W dwij = 0;
+        for (int64_t b = 0; b < B; ++b) dwij += dbn[b * Cg + i] * std::max(sv.z1[b * H + j], W(0));
+        dw2[i * H + j] = dwij;
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {  // ReLU, the first Linear's output
+      for (int64_t j = 0; j < H; ++j) {
+        W d = 0;
+        for (int64_t i = 0; i < Cg; ++i) d += dbn[b * Cg + i] * w2[i * H + j];
+        dz1[b * H + j] = sv.z1[b * H + j] > 0 ? d : W(0);
+      }
+    }
+    for (int64_t j = 0; j < H; ++j) {  // the first Linear
+      W d = 0;
+      for (int64_t b = 0; b < B; ++b) d += dz1[b * H + j];
+      db1[j] = d;
+      for (int64_t i = 0; i < Cg; ++i) {
+        W dwji = 0;
+        for (int64_t b = 0; b < B; ++b) dwji += dz1[b * H + j] * sv.s[b * Cg + i];
+        dw1[j * Cg + i] = dwji;
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {  // s_k: the MLP's input, and the ladder's carry
+      for (int64_t i = 0; i < Cg; ++i) {
+        const int64_t c = b * C + k * Cg + i;
+        W d = 0;
+        for (int64_t j = 0; j < H; ++j) d += dz1[b * H + j] * w1[j * Cg + i];
+        if (k + 1 < G) d += ds[b * Cg + i] * scales[c];  // s_{k+1} = x + scale_k s_k
+        ds[b * Cg + i] = d;
+        d_pooled[c] = d;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 #define LGAM_KERNELS(NAME, T, W)                                                               \
@@ -557,6 +705,28 @@ extern "C" void lgam_scales_eval_float64(const void* pooled, const void* const* 
   scales_eval<double>((const double*)pooled, (const double* const*)w, eps, (double*)scales,
                       (double*)p, (double*)q, (double*)v, B, G, Cg, H);
 }
+
+#define LGAM_SCALES_TRAIN(NAME, W)                                                             \
+  extern "C" int64_t lgam_scales_train_saved_##NAME(int64_t B, int64_t G, int64_t Cg, int64_t H) { \
+    return G * train_saved_size<W>(B, Cg, H);                                                  \
+  }                                                                                            \
+  extern "C" void lgam_scales_train_##NAME(const void* pooled, void* const* w, double eps,      \
+                                           double momentum, void* scales, void* p, void* q,    \
+                                           void* v, void* saved, int64_t B, int64_t G,         \
+                                           int64_t Cg, int64_t H) {                            \
+    scales_train<W>((const W*)pooled, (W* const*)w, eps, momentum, (W*)scales, (W*)p, (W*)q,    \
+                    (W*)v, (W*)saved, B, G, Cg, H);                                            \
+  }                                                                                            \
+  extern "C" void lgam_scales_train_backward_##NAME(const void* d_scales, const void* scales,  \
+                                                    void* const* w, const void* saved,          \
+                                                    void* d_pooled, void* const* dw, int64_t B, \
+                                                    int64_t G, int64_t Cg, int64_t H) {         \
+    scales_train_backward<W>((const W*)d_scales, (const W*)scales, (W* const*)w,               \
+                             (const W*)saved, (W*)d_pooled, (W* const*)dw, B, G, Cg, H);       \
+  }
+
+LGAM_SCALES_TRAIN(float32, float)
+LGAM_SCALES_TRAIN(float64, double)
 
 LGAM_KERNELS(bfloat16, bf16, float)
 LGAM_KERNELS(float32, float, float)

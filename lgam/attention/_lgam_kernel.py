@@ -27,7 +27,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .lgam import LGAM
 
-__all__ = ["KERNEL_DTYPES", "EvalScales", "MixAndGateKernel", "SpatialMeanKernel", "kernel_missing", "scales_eval"]
+__all__ = ["KERNEL_DTYPES", "EvalScales", "MixAndGateKernel", "SpatialMeanKernel", "TrainScales", "kernel_missing",
+           "scales_kernel"]
 
 SOURCE = Path(__file__).with_name("_lgam_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
@@ -94,6 +95,10 @@ def _library() -> ctypes.CDLL | str:
         getattr(lib, f"lgam_backward_{name}").argtypes = [p] * 10 + [n] * 5
     for name in ("float32", "float64"):
         getattr(lib, f"lgam_scales_eval_{name}").argtypes = [p, p, ctypes.c_double] + [p] * 4 + [n] * 4
+        getattr(lib, f"lgam_scales_train_{name}").argtypes = [p, p, ctypes.c_double, ctypes.c_double] + [p] * 5 + [n] * 4
+        getattr(lib, f"lgam_scales_train_backward_{name}").argtypes = [p] * 6 + [n] * 4
+        getattr(lib, f"lgam_scales_train_saved_{name}").argtypes = [n] * 4
+        getattr(lib, f"lgam_scales_train_saved_{name}").restype = n
     return lib
 
 
@@ -120,40 +125,56 @@ def _group_tensors(module: LGAM) -> list[Tensor | None]:
                       a.bn.weight, a.bn.bias, a.bn.running_mean, a.bn.running_var)]
 
 
-def scales_eval(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
-    """Eqs (2)-(4) of an eval-mode ``module`` on the pooled groups ``(B, C)``, in one kernel
-    call: the group scales ``1 + M_k`` ``(B, G, C')``, differentiable (:class:`EvalScales`), and
-    the ladder weights ``P_k``, ``1 / P_{k-1}``, ``v`` from them, ``(B, C)`` each, in ``pooled``'s
-    dtype (float32 or float64). None where the kernel does not apply (weights in another dtype or
-    off the CPU, a BatchNorm without running statistics or with an ``eps`` of its own)."""
+def _learned(module: LGAM) -> list[Tensor]:
+    """:func:`_group_tensors` without the running statistics: the parameters, in that order."""
+    tensors = _group_tensors(module)
+    return [t for k in range(module.groups) for t in tensors[8 * k: 8 * k + 6]]
+
+
+def scales_kernel(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
+    """Eqs (2)-(4) of ``module`` on the pooled groups ``(B, C)`` in one kernel call: the group
+    scales ``1 + M_k`` ``(B, G, C')``, differentiable, and the ladder weights ``P_k``,
+    ``1 / P_{k-1}``, ``v`` from them, ``(B, C)`` each, in ``pooled``'s dtype (float32 or float64).
+    Eval mode: :class:`EvalScales`; train mode: :class:`TrainScales` (the BatchNorms on the
+    batch's statistics, their running statistics moved as torch's would). None where the kernel
+    does not apply (weights in another dtype or off the CPU, BatchNorms without running
+    statistics or with an ``eps`` of their own, a batch of one in train mode: the module's own ops
+    then run, or raise, as usual)."""
     tensors = _group_tensors(module)
     if (pooled.dtype not in (torch.float32, torch.float64)
-            or len({a.bn.eps for a in module.channel_attention}) > 1
+            or len({(a.bn.eps, a.bn.momentum) for a in module.channel_attention}) > 1
             or any(t is None or t.dtype != pooled.dtype or t.device.type != "cpu" or not t.is_contiguous()
-                   for t in tensors)):
+                   for t in tensors)
+            or module.training and pooled.shape[0] < 2):
         return None
-    params = [t for t in tensors if t.requires_grad]
-    return EvalScales.apply(pooled, module, *params)
+    params = [t for t in _learned(module) if t.requires_grad]
+    fn = TrainScales if module.training else EvalScales
+    return fn.apply(pooled, module, *params)
+
+
+def _pointers(module: LGAM) -> ctypes.Array:
+    """The kernel's pointer array to ``module``'s group tensors, rebuilt when one has moved."""
+    key = tuple(t.data_ptr() for t in _group_tensors(module))
+    cached = _WEIGHT_POINTERS.get(module)
+    if cached is None or cached[0] != key:
+        cached = _WEIGHT_POINTERS[module] = (key, (ctypes.c_void_p * len(key))(*key))
+    return cached[1]
 
 
 class EvalScales(torch.autograd.Function):
     """``forward(pooled (B, C), module, *its parameters) -> (scales (B, G, C'), P, Q, V)``: see
-    :func:`scales_eval`. The backward recomputes the scales with the module's own ops (its
+    :func:`scales_kernel`. The backward recomputes the scales with the module's own ops (its
     ``group_scales``, in eval mode) for the gradients of ``pooled`` and the parameters: the
     kernel and those ops agree to rounding, and the forward's values are the kernel's whether or
     not a gradient is taken."""
 
     @staticmethod
     def forward(ctx, pooled: Tensor, module: LGAM, *params: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        key = tuple(t.data_ptr() for t in _group_tensors(module))
-        cached = _WEIGHT_POINTERS.get(module)
-        if cached is None or cached[0] != key:
-            cached = _WEIGHT_POINTERS[module] = (key, (ctypes.c_void_p * len(key))(*key))
         b, c = pooled.shape
         scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
         hidden = module.channel_attention[0].mlp[0].out_features
-        _call("scales_eval", pooled.dtype, pooled.contiguous(), cached[1], module.channel_attention[0].bn.eps,
-              scales, p, q, v, b, module.groups, c // module.groups, hidden)
+        _call("scales_eval", pooled.dtype, pooled.contiguous(), _pointers(module),
+              module.channel_attention[0].bn.eps, scales, p, q, v, b, module.groups, c // module.groups, hidden)
         ctx.module = module
         ctx.save_for_backward(pooled, *params)
         ctx.mark_non_differentiable(p, q, v)
@@ -172,6 +193,45 @@ class EvalScales(torch.autograd.Function):
             scales = module.group_scales(inputs[0].view(b, module.groups, -1))
             grads = torch.autograd.grad(scales, inputs, d_scales, allow_unused=True)
         return (grads[0], None, *grads[1:])
+
+
+class TrainScales(torch.autograd.Function):
+    """``forward(pooled (B, C), module, *its parameters) -> (scales (B, G, C'), P, Q, V)`` in train
+    mode (:func:`scales_kernel`): the BatchNorms normalise with the batch's statistics and move
+    their running ones (``momentum``, or the cumulative average where it is None); the backward is
+    the kernel's too, for ``pooled`` and every parameter."""
+
+    @staticmethod
+    def forward(ctx, pooled: Tensor, module: LGAM, *params: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        b, c = pooled.shape
+        g, hidden = module.groups, module.channel_attention[0].mlp[0].out_features
+        bns = [a.bn for a in module.channel_attention]
+        for bn in bns:
+            bn.num_batches_tracked.add_(1)
+        momentum = bns[0].momentum if bns[0].momentum is not None else 1 / float(bns[0].num_batches_tracked)
+        scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
+        name = KERNEL_DTYPES[pooled.dtype]
+        saved = torch.empty(getattr(_library(), f"lgam_scales_train_saved_{name}")(b, g, c // g, hidden),
+                            dtype=pooled.dtype)
+        _call("scales_train", pooled.dtype, pooled.contiguous(), _pointers(module), bns[0].eps, momentum,
+              scales, p, q, v, saved, b, g, c // g, hidden)
+        ctx.module, ctx.needs = module, [t.requires_grad for t in _learned(module)]
+        ctx.save_for_backward(scales, saved)
+        ctx.mark_non_differentiable(p, q, v)
+        return scales.view(b, g, -1), p, q, v
+
+    @staticmethod
+    def backward(ctx, d_scales: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        scales, saved = ctx.saved_tensors
+        module = ctx.module
+        b, c = scales.shape
+        g, hidden = module.groups, module.channel_attention[0].mlp[0].out_features
+        grads = [torch.empty_like(t) for t in _learned(module)]
+        d_pooled = torch.empty_like(scales)
+        dw = (ctypes.c_void_p * len(grads))(*(t.data_ptr() for t in grads))
+        _call("scales_train_backward", scales.dtype, d_scales.contiguous(), scales, _pointers(module), saved,
+              d_pooled, dw, b, g, c // g, hidden)
+        return (d_pooled, None, *(d for d, needs in zip(grads, ctx.needs) if needs))
 
 
 def _format(rows: bool) -> torch.memory_format:
