@@ -249,3 +249,16 @@ def test_inside_a_compiled_model_the_fused_formulation_is_inlined(fused):
     loop = copy.deepcopy(m)
     y = torch.compile(lambda a, i: m(a, residual=i), dynamic=False)(x.clone().requires_grad_(True), identity)
     assert _rel(y, torch.relu(lgam_reference(loop, x) + identity)) <= 1e-12
+
+
+def test_batchnorms_frozen_on_their_own_keep_their_statistics(fused):
+    """A train-mode module whose BatchNorms were put in eval mode (frozen statistics) normalises
+    with the running statistics and leaves them alone, as its own ops would."""
+    m = _module(4, train=True)
+    for a in m.channel_attention:
+        a.bn.eval()
+    before = [a.bn.running_mean.clone() for a in m.channel_attention]
+    x = torch.randn(3, 128, 5, 5)
+    y = m(x)
+    assert all(torch.equal(a.bn.running_mean, b) for a, b in zip(m.channel_attention, before))
+    torch.testing.assert_close(y, lgam_reference(m, x), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-// LGAM's GAP (eq (1)), eqs (4)-(7) on the map and their backward: one pass over the map each way.
+// LGAM's GAP (eq (1)), eqs (4)-(7) on the map and their backward, one pass over the map each way,
+// and eqs (2)-(3) on the pooled vectors (eval and train mode) with theirs.
 //
 // Built and loaded by _lgam_kernel.py (g++ -O3 -march=native -fopenmp; no Python or torch
 // headers). The caller computes the group scales (eqs (2)-(3)) from the GAP and passes, per
@@ -162,6 +163,26 @@ struct Maps {
     return {on(x), on(id), on(out), on(g), on(y), on(did)};
   }
 };
+
+// The gate of n values in place, a register at a time.
+template <class W>
+inline void gate_all(W* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + L<W> <= n; i += L<W>) {
+    const vec<W> g = gate<W>(loadv<W>(x + i));
+    std::memcpy(x + i, &g, sizeof g);
+  }
+  for (; i < n; ++i) x[i] = gate(x[i]);
+}
+
+// w[j * n ...] . x, n values (a row of a Linear's weight times its input).
+template <class W>
+inline W dot(const W* w, const W* x, int64_t n) {
+  W acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += w[i] * x[i];
+  return acc;
+}
 
 // ---- the forward ----
 
@@ -487,16 +508,14 @@ void scales_eval(const W* pooled, const W* const* w, double eps, W* scales, W* p
       for (int64_t i = 0; i < Cg; ++i) {  // the GAP of the ladder's input x_k + y_{k-1}, eq (4)
         s[i] = pooled_b[k * Cg + i] + (k ? scale[i] * s[i] : W(0));
       }
-      for (int64_t j = 0; j < H; ++j) {  // eq (2): Linear -> ReLU
-        W z = b1[j];
-        for (int64_t i = 0; i < Cg; ++i) z += w1[j * Cg + i] * s[i];
-        hidden[j] = std::max(z, W(0));
+      for (int64_t j = 0; j < H; ++j) hidden[j] = std::max(b1[j] + dot(w1 + j * Cg, s.data(), Cg), W(0));
+      for (int64_t i = 0; i < Cg; ++i) {  // eq (2): Linear -> ReLU -> Linear -> BN
+        const W z = b2[i] + dot(w2 + i * H, hidden.data(), H);
+        scale[i] = (z - mean[i]) / std::sqrt(var[i] + W(eps)) * gamma[i] + beta[i];
       }
-      for (int64_t i = 0; i < Cg; ++i) {  // -> Linear -> BN -> ReLU -> sigmoid; eq (3): 1 + M
-        W z = b2[i];
-        for (int64_t j = 0; j < H; ++j) z += w2[i * H + j] * hidden[j];
-        const W bn = (z - mean[i]) / std::sqrt(var[i] + W(eps)) * gamma[i] + beta[i];
-        scale[i] = 1 + gate(bn);
+      gate_all(scale.data(), Cg);  // -> ReLU -> sigmoid
+      for (int64_t i = 0; i < Cg; ++i) {  // eq (3): 1 + M
+        scale[i] += 1;
         const int64_t c = k * Cg + i;
         scales[b * C + c] = scale[i];
         qb[c] = k ? 1 / pb[c - Cg] : W(1);             // 1 / P_{k-1}
@@ -534,7 +553,7 @@ template <class W>
 void scales_train(const W* pooled, W* const* w, double eps, double momentum, W* scales, W* p,
                   W* q, W* v, W* saved, int64_t B, int64_t G, int64_t Cg, int64_t H) {
   const int64_t C = G * Cg;
-  std::vector<W> z2(B * Cg);
+  std::vector<W> z2(B * Cg), h(H);
   for (int64_t k = 0; k < G; ++k) {
     const W *w1 = w[8 * k], *b1 = w[8 * k + 1], *w2 = w[8 * k + 2], *b2 = w[8 * k + 3];
     const W *gamma = w[8 * k + 4], *beta = w[8 * k + 5];
@@ -546,16 +565,12 @@ void scales_train(const W* pooled, W* const* w, double eps, double momentum, W* 
         const int64_t c = b * C + k * Cg + i;
         sv.s[b * Cg + i] = pooled[c] + (k ? scales[c - Cg] * s_prev[b * Cg + i] : W(0));
       }
+      W* hidden = h.data();
       for (int64_t j = 0; j < H; ++j) {  // eq (2): Linear -> ReLU -> Linear
-        W z = b1[j];
-        for (int64_t i = 0; i < Cg; ++i) z += w1[j * Cg + i] * sv.s[b * Cg + i];
-        sv.z1[b * H + j] = z;
+        sv.z1[b * H + j] = b1[j] + dot(w1 + j * Cg, sv.s + b * Cg, Cg);
+        hidden[j] = std::max(sv.z1[b * H + j], W(0));
       }
-      for (int64_t i = 0; i < Cg; ++i) {
-        W z = b2[i];
-        for (int64_t j = 0; j < H; ++j) z += w2[i * H + j] * std::max(sv.z1[b * H + j], W(0));
-        z2[b * Cg + i] = z;
-      }
+      for (int64_t i = 0; i < Cg; ++i) z2[b * Cg + i] = b2[i] + dot(w2 + i * H, hidden, H);
     }
     for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d on the batch's statistics
       W mu = 0, sq = 0;
@@ -566,11 +581,16 @@ void scales_train(const W* pooled, W* const* w, double eps, double momentum, W* 
       mean[i] = (1 - W(momentum)) * mean[i] + W(momentum) * mu;
       var[i] = (1 - W(momentum)) * var[i] + W(momentum) * sq / (B - 1);
       for (int64_t b = 0; b < B; ++b) {
-        const int64_t c = b * C + k * Cg + i;
-        const W zhat = (z2[b * Cg + i] - mu) * sv.invstd[i], bn = zhat * gamma[i] + beta[i];
+        const W zhat = (z2[b * Cg + i] - mu) * sv.invstd[i];
         sv.zhat[b * Cg + i] = zhat;
-        sv.bn[b * Cg + i] = bn;
-        scales[c] = 1 + gate(bn);  // -> ReLU -> sigmoid; eq (3): 1 + M
+        sv.bn[b * Cg + i] = z2[b * Cg + i] = zhat * gamma[i] + beta[i];
+      }
+    }
+    gate_all(z2.data(), B * Cg);  // -> ReLU -> sigmoid
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < Cg; ++i) {  // eq (3): 1 + M
+        const int64_t c = b * C + k * Cg + i;
+        scales[c] = 1 + z2[b * Cg + i];
         q[c] = k ? 1 / p[c - Cg] : W(1);
         p[c] = k ? p[c - Cg] * scales[c] : scales[c];
       }
@@ -693,20 +713,13 @@ void scales_train_backward(const W* d_scales, const W* scales, W* const* w, cons
                                                        G, Cg, P, rows);                       \
   }
 
-extern "C" void lgam_scales_eval_float32(const void* pooled, const void* const* w, double eps,
-                                         void* scales, void* p, void* q, void* v, int64_t B,
-                                         int64_t G, int64_t Cg, int64_t H) {
-  scales_eval<float>((const float*)pooled, (const float* const*)w, eps, (float*)scales,
-                     (float*)p, (float*)q, (float*)v, B, G, Cg, H);
-}
-extern "C" void lgam_scales_eval_float64(const void* pooled, const void* const* w, double eps,
-                                         void* scales, void* p, void* q, void* v, int64_t B,
-                                         int64_t G, int64_t Cg, int64_t H) {
-  scales_eval<double>((const double*)pooled, (const double* const*)w, eps, (double*)scales,
-                      (double*)p, (double*)q, (double*)v, B, G, Cg, H);
-}
-
-#define LGAM_SCALES_TRAIN(NAME, W)                                                             \
+#define LGAM_SCALES(NAME, W)                                                                   \
+  extern "C" void lgam_scales_eval_##NAME(const void* pooled, const void* const* w, double eps, \
+                                          void* scales, void* p, void* q, void* v, int64_t B,   \
+                                          int64_t G, int64_t Cg, int64_t H) {                   \
+    scales_eval<W>((const W*)pooled, (const W* const*)w, eps, (W*)scales, (W*)p, (W*)q, (W*)v,  \
+                   B, G, Cg, H);                                                               \
+  }                                                                                            \
   extern "C" int64_t lgam_scales_train_saved_##NAME(int64_t B, int64_t G, int64_t Cg, int64_t H) { \
     return G * train_saved_size<W>(B, Cg, H);                                                  \
   }                                                                                            \
@@ -725,8 +738,8 @@ extern "C" void lgam_scales_eval_float64(const void* pooled, const void* const* 
                              (const W*)saved, (W*)d_pooled, (W* const*)dw, B, G, Cg, H);       \
   }
 
-LGAM_SCALES_TRAIN(float32, float)
-LGAM_SCALES_TRAIN(float64, double)
+LGAM_SCALES(float32, float)
+LGAM_SCALES(float64, double)
 
 LGAM_KERNELS(bfloat16, bf16, float)
 LGAM_KERNELS(float32, float, float)

@@ -1,5 +1,6 @@
-"""LGAM's CPU kernels (``_lgam_kernel.cpp``): the GAP, and eqs (4)-(7) with their backward in one
-pass over the map each way.
+"""LGAM's CPU kernels (``_lgam_kernel.cpp``): the GAP; eqs (4)-(7) and a residual block's tail
+with their backward, one pass over the map each way; eqs (2)-(3) on the pooled vectors in one
+call (eval and train mode) with theirs.
 
 The source is compiled on first use with the system's C++ compiler (``$CXX`` or ``g++``; about a
 second) into a per-user cache (``$LGAM_KERNEL_CACHE``, else ``~/.cache/lgam/kernels``) and loaded
@@ -119,16 +120,29 @@ def _call(kind: str, dtype: torch.dtype, *args: Tensor | int) -> None:
 
 def _group_tensors(module: LGAM) -> list[Tensor | None]:
     """Per group: the two Linears' weights and biases, the BN's weight, bias, running mean and
-    variance (the kernel's order)."""
-    return [t for a in module.channel_attention
-            for t in (a.mlp[0].weight, a.mlp[0].bias, a.mlp[2].weight, a.mlp[2].bias,
-                      a.bn.weight, a.bn.bias, a.bn.running_mean, a.bn.running_var)]
+    variance (the kernel's order). Read from the submodules' own dicts: a call costs ~5 us where
+    attribute access through ``nn.Module`` costs ~45."""
+    out = []
+    for a in module.channel_attention._modules.values():
+        mlp, bn = a._modules["mlp"]._modules, a._modules["bn"]
+        first, second = mlp["0"]._parameters, mlp["2"]._parameters
+        out += [first["weight"], first["bias"], second["weight"], second["bias"], bn._parameters["weight"],
+                bn._parameters["bias"], bn._buffers["running_mean"], bn._buffers["running_var"]]
+    return out
 
 
-def _learned(module: LGAM) -> list[Tensor]:
-    """:func:`_group_tensors` without the running statistics: the parameters, in that order."""
+def _kernel_weights(module: LGAM, dtype: torch.dtype) -> tuple[list[Tensor], ctypes.Array] | None:
+    """``module``'s group tensors and the kernel's pointer array to them, or None where the kernel
+    cannot take them (one missing, in another dtype than ``dtype``, off the CPU, not contiguous).
+    Checked again only when a tensor has moved or another dtype is asked for."""
     tensors = _group_tensors(module)
-    return [t for k in range(module.groups) for t in tensors[8 * k: 8 * k + 6]]
+    key = (dtype, *(t.data_ptr() if t is not None else None for t in tensors))
+    cached = _WEIGHT_POINTERS.get(module)
+    if cached is None or cached[0] != key:
+        ok = all(t is not None and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+                 for t in tensors)
+        cached = _WEIGHT_POINTERS[module] = (key, (ctypes.c_void_p * len(tensors))(*key[1:]) if ok else None)
+    return (tensors, cached[1]) if cached[1] is not None else None
 
 
 def scales_kernel(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
@@ -138,47 +152,55 @@ def scales_kernel(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
     Eval mode: :class:`EvalScales`; train mode: :class:`TrainScales` (the BatchNorms on the
     batch's statistics, their running statistics moved as torch's would). None where the kernel
     does not apply (weights in another dtype or off the CPU, BatchNorms without running
-    statistics or with an ``eps`` of their own, a batch of one in train mode: the module's own ops
-    then run, or raise, as usual)."""
-    tensors = _group_tensors(module)
+    statistics, with an ``eps`` or momentum of their own or in another mode than the module, a
+    batch of one in train mode: the module's own ops then run, or raise, as usual)."""
+    bns = [a._modules["bn"] for a in module.channel_attention._modules.values()]
     if (pooled.dtype not in (torch.float32, torch.float64)
-            or len({(a.bn.eps, a.bn.momentum) for a in module.channel_attention}) > 1
-            or any(t is None or t.dtype != pooled.dtype or t.device.type != "cpu" or not t.is_contiguous()
-                   for t in tensors)
+            or any((bn.eps, bn.momentum, bn.training) != (bns[0].eps, bns[0].momentum, module.training)
+                   for bn in bns)
             or module.training and pooled.shape[0] < 2):
         return None
-    params = [t for t in _learned(module) if t.requires_grad]
+    found = _kernel_weights(module, pooled.dtype)
+    if found is None:
+        return None
+    tensors, pointers = found
     fn = TrainScales if module.training else EvalScales
-    return fn.apply(pooled, module, *params)
+    learned = [t for k in range(module.groups) for t in tensors[8 * k: 8 * k + 6]]  # not the running stats
+    params = [t for t in learned if t.requires_grad] if torch.is_grad_enabled() else []
+    if not params and not pooled.requires_grad or not torch.is_grad_enabled():
+        return fn.forward(_NoGrad(), pooled, module, pointers, tensors)  # no graph to record
+    return fn.apply(pooled, module, pointers, tensors, *params)
 
 
-def _pointers(module: LGAM) -> ctypes.Array:
-    """The kernel's pointer array to ``module``'s group tensors, rebuilt when one has moved."""
-    key = tuple(t.data_ptr() for t in _group_tensors(module))
-    cached = _WEIGHT_POINTERS.get(module)
-    if cached is None or cached[0] != key:
-        cached = _WEIGHT_POINTERS[module] = (key, (ctypes.c_void_p * len(key))(*key))
-    return cached[1]
+class _NoGrad:
+    """Stands in for autograd's ``ctx`` where no backward will run."""
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Tensor) -> None:
+        pass
 
 
 class EvalScales(torch.autograd.Function):
-    """``forward(pooled (B, C), module, *its parameters) -> (scales (B, G, C'), P, Q, V)``: see
-    :func:`scales_kernel`. The backward recomputes the scales with the module's own ops (its
-    ``group_scales``, in eval mode) for the gradients of ``pooled`` and the parameters: the
-    kernel and those ops agree to rounding, and the forward's values are the kernel's whether or
-    not a gradient is taken."""
+    """``forward(pooled (B, C), module, pointers, tensors, *its parameters) -> (scales (B, G, C'),
+    P, Q, V)`` in eval mode: see :func:`scales_kernel`. The backward recomputes the scales with
+    the module's own ops (its ``group_scales``) for the gradients of ``pooled`` and the
+    parameters: the kernel and those ops agree to rounding, and the forward's values are the
+    kernel's whether or not a gradient is taken (Grad-CAM's two passes see the same network)."""
 
     @staticmethod
-    def forward(ctx, pooled: Tensor, module: LGAM, *params: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, pooled: Tensor, module: LGAM, pointers: ctypes.Array, tensors: list[Tensor],  # type: ignore[override]
+                *params: Tensor) -> tuple[Tensor, ...]:
         b, c = pooled.shape
+        g, hidden = module.groups, tensors[0].shape[0]
         scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
-        hidden = module.channel_attention[0].mlp[0].out_features
-        _call("scales_eval", pooled.dtype, pooled.contiguous(), _pointers(module),
-              module.channel_attention[0].bn.eps, scales, p, q, v, b, module.groups, c // module.groups, hidden)
+        eps = module.channel_attention[0].bn.eps
+        _call("scales_eval", pooled.dtype, pooled.contiguous(), pointers, eps, scales, p, q, v, b, g, c // g, hidden)
         ctx.module = module
         ctx.save_for_backward(pooled, *params)
         ctx.mark_non_differentiable(p, q, v)
-        return scales.view(b, module.groups, -1), p, q, v
+        return scales.view(b, g, -1), p, q, v
 
     @staticmethod
     def backward(ctx, d_scales: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -192,30 +214,31 @@ class EvalScales(torch.autograd.Function):
             inputs = [pooled.detach().requires_grad_(True)] + params
             scales = module.group_scales(inputs[0].view(b, module.groups, -1))
             grads = torch.autograd.grad(scales, inputs, d_scales, allow_unused=True)
-        return (grads[0], None, *grads[1:])
+        return (grads[0], None, None, None, *grads[1:])
 
 
 class TrainScales(torch.autograd.Function):
-    """``forward(pooled (B, C), module, *its parameters) -> (scales (B, G, C'), P, Q, V)`` in train
-    mode (:func:`scales_kernel`): the BatchNorms normalise with the batch's statistics and move
-    their running ones (``momentum``, or the cumulative average where it is None); the backward is
-    the kernel's too, for ``pooled`` and every parameter."""
+    """``forward(pooled (B, C), module, pointers, tensors, *its parameters) -> (scales (B, G, C'),
+    P, Q, V)`` in train mode (:func:`scales_kernel`): the BatchNorms normalise with the batch's
+    statistics and move their running ones (``momentum``, or the cumulative average where it is
+    None); the backward is the kernel's too, for ``pooled`` and every parameter."""
 
     @staticmethod
-    def forward(ctx, pooled: Tensor, module: LGAM, *params: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, pooled: Tensor, module: LGAM, pointers: ctypes.Array, tensors: list[Tensor],  # type: ignore[override]
+                *params: Tensor) -> tuple[Tensor, ...]:
         b, c = pooled.shape
-        g, hidden = module.groups, module.channel_attention[0].mlp[0].out_features
+        g, hidden = module.groups, tensors[0].shape[0]
         bns = [a.bn for a in module.channel_attention]
         for bn in bns:
             bn.num_batches_tracked.add_(1)
         momentum = bns[0].momentum if bns[0].momentum is not None else 1 / float(bns[0].num_batches_tracked)
         scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
-        name = KERNEL_DTYPES[pooled.dtype]
-        saved = torch.empty(getattr(_library(), f"lgam_scales_train_saved_{name}")(b, g, c // g, hidden),
-                            dtype=pooled.dtype)
-        _call("scales_train", pooled.dtype, pooled.contiguous(), _pointers(module), bns[0].eps, momentum,
+        size = _library().lgam_scales_train_saved_float32(b, g, c // g, hidden)  # elements, either dtype
+        saved = torch.empty(size, dtype=pooled.dtype)
+        _call("scales_train", pooled.dtype, pooled.contiguous(), pointers, bns[0].eps, momentum,
               scales, p, q, v, saved, b, g, c // g, hidden)
-        ctx.module, ctx.needs = module, [t.requires_grad for t in _learned(module)]
+        ctx.module, ctx.pointers, ctx.tensors = module, pointers, tensors
+        ctx.needs = [t.requires_grad for k in range(g) for t in tensors[8 * k: 8 * k + 6]]
         ctx.save_for_backward(scales, saved)
         ctx.mark_non_differentiable(p, q, v)
         return scales.view(b, g, -1), p, q, v
@@ -223,15 +246,15 @@ class TrainScales(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_scales: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         scales, saved = ctx.saved_tensors
-        module = ctx.module
         b, c = scales.shape
-        g, hidden = module.groups, module.channel_attention[0].mlp[0].out_features
-        grads = [torch.empty_like(t) for t in _learned(module)]
+        g = ctx.module.groups
+        learned = [t for k in range(g) for t in ctx.tensors[8 * k: 8 * k + 6]]  # not the running stats
+        grads = [torch.empty_like(t) for t in learned]
         d_pooled = torch.empty_like(scales)
         dw = (ctypes.c_void_p * len(grads))(*(t.data_ptr() for t in grads))
-        _call("scales_train_backward", scales.dtype, d_scales.contiguous(), scales, _pointers(module), saved,
-              d_pooled, dw, b, g, c // g, hidden)
-        return (d_pooled, None, *(d for d, needs in zip(grads, ctx.needs) if needs))
+        _call("scales_train_backward", scales.dtype, d_scales.contiguous(), scales, ctx.pointers, saved,
+              d_pooled, dw, b, g, c // g, learned[0].shape[0])
+        return (d_pooled, None, None, None, *(d for d, needs in zip(grads, ctx.needs) if needs))
 
 
 def _format(rows: bool) -> torch.memory_format:
