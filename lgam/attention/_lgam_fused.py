@@ -6,9 +6,10 @@ position, though, eqs (4)-(7) need only that position's ``C`` values. The fused 
 of the same arithmetic:
 
 - on the CPU, :func:`lgam_kernel`: LGAM's C++ kernels (:mod:`._lgam_kernel`, built on first use
-  with the system's C++ compiler): the GAP, then ``S``, the gate and ``A''`` in one read and one
-  write of the map, and the backward in one more; given a residual block's identity the block's
-  tail ``ReLU(A'' + identity)`` is done in the same pass;
+  with the system's C++ compiler): the GAP, eqs (2)-(3) on the pooled vectors in one call, then
+  ``S``, the gate and ``A''`` in one read and one write of the map, and the backward in one more;
+  given a residual block's identity the block's tail ``ReLU(A'' + identity)`` is done in the same
+  pass;
 - inside a ``torch.compile`` of a model, :func:`lgam_fused`: the same steps as plain tensor ops
   (the ladder unrolled over the groups, the map viewed as rows ``(B, HW, G, C')`` for
   channels_last input or ``(B, G, C', HW)``), which Inductor fuses on any device.
@@ -103,8 +104,9 @@ def lgam_fused(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tuple
 
 
 def lgam_kernel(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`lgam_fused` with the map-sized work in LGAM's CPU kernels (:mod:`._lgam_kernel`):
-    the GAP, then eqs (4)-(7) and the block's tail in one pass over the map (and one back)."""
+    """:func:`lgam_fused` in LGAM's CPU kernels (:mod:`._lgam_kernel`): the GAP, eqs (2)-(3) on the
+    pooled vectors (the module's own ops where the kernel does not take its weights), then eqs
+    (4)-(7) and the block's tail in one pass over the map (and one back)."""
     b, c, h, w = x.shape
     g = module.groups
     work = work_dtype(x.dtype)
