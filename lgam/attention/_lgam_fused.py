@@ -168,7 +168,7 @@ FUSED = _Fused()
 def set_fused_kernels(enabled: bool | None) -> None:
     """Where LGAM takes its fused path (:mod:`lgam.attention._lgam_fused`): ``None`` (the default;
     env ``LGAM_FUSED=0/1`` sets the start value) for CPU input in bfloat16, float32 or float64
-    where the kernels build (a C++ compiler; about a second, once per machine) and inside a
+    where the kernels build (a C++ compiler; about two seconds, once per machine) and inside a
     ``torch.compile`` of the model, the eager path elsewhere; ``True`` the same, but an error
     where the kernels cannot be built; ``False`` never."""
     if enabled not in (True, False, None):

@@ -2,9 +2,9 @@
 with their backward, one pass over the map each way; eqs (2)-(3) on the pooled vectors in one
 call (eval and train mode) with theirs.
 
-The source is compiled on first use with the system's C++ compiler (``$CXX`` or ``g++``; about a
-second) into a per-user cache (``$LGAM_KERNEL_CACHE``, else ``~/.cache/lgam/kernels``) and loaded
-with :mod:`ctypes`: no Python or torch headers, nothing downloaded. :func:`kernel_missing` says why
+The source is compiled on first use with the system's C++ compiler (``$CXX`` or ``g++``; about
+two seconds) into a per-user cache (``$LGAM_KERNEL_CACHE``, else ``~/.cache/lgam/kernels``) and
+loaded with :mod:`ctypes`: no Python or torch headers, nothing downloaded. :func:`kernel_missing` says why
 they cannot be used here, or None.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .lgam import LGAM
 
-__all__ = ["KERNEL_DTYPES", "EvalScales", "MixAndGateKernel", "SpatialMeanKernel", "TrainScales", "kernel_missing",
-           "scales_kernel"]
+__all__ = ["KERNEL_DTYPES", "EvalScales", "MixAndGateKernel", "SpatialMeanKernel", "TrainScales",
+           "kernel_missing", "scales_kernel"]
 
 SOURCE = Path(__file__).with_name("_lgam_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
@@ -96,7 +96,8 @@ def _library() -> ctypes.CDLL | str:
         getattr(lib, f"lgam_backward_{name}").argtypes = [p] * 10 + [n] * 5
     for name in ("float32", "float64"):
         getattr(lib, f"lgam_scales_eval_{name}").argtypes = [p, p, ctypes.c_double] + [p] * 4 + [n] * 4
-        getattr(lib, f"lgam_scales_train_{name}").argtypes = [p, p, ctypes.c_double, ctypes.c_double] + [p] * 5 + [n] * 4
+        d = ctypes.c_double
+        getattr(lib, f"lgam_scales_train_{name}").argtypes = [p, p, d, d] + [p] * 5 + [n] * 4
         getattr(lib, f"lgam_scales_train_backward_{name}").argtypes = [p] * 6 + [n] * 4
         getattr(lib, f"lgam_scales_train_saved_{name}").argtypes = [n] * 4
         getattr(lib, f"lgam_scales_train_saved_{name}").restype = n
@@ -196,7 +197,8 @@ class EvalScales(torch.autograd.Function):
         g, hidden = module.groups, tensors[0].shape[0]
         scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
         eps = module.channel_attention[0].bn.eps
-        _call("scales_eval", pooled.dtype, pooled.contiguous(), pointers, eps, scales, p, q, v, b, g, c // g, hidden)
+        _call("scales_eval", pooled.dtype, pooled.contiguous(), pointers, eps, scales, p, q, v, b, g, c // g,
+              hidden)
         ctx.module = module
         ctx.save_for_backward(pooled, *params)
         ctx.mark_non_differentiable(p, q, v)
