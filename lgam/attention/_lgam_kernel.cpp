@@ -2,14 +2,16 @@
 // and eqs (2)-(3) on the pooled vectors (eval and train mode) with theirs.
 //
 // Built and loaded by _lgam_kernel.py (g++ -O3 -march=native -fopenmp; no Python or torch
-// headers). The caller computes the group scales (eqs (2)-(3)) from the GAP and passes, per
-// sample, the ladder weights of _lgam_fused.ladder_weights, each (B, C) with C = G * C':
+// headers). From the group scales 1 + M_k (scales_eval / scales_train below, or the module's own
+// ops) come, per sample, the ladder weights of _lgam_fused.ladder_weights, each (B, C) with
+// C = G * C':
 //   p = P_k = (1 + M_1) ... (1 + M_k)      eq (4) unrolled: y_k = P_k u_k, u_k = sum_{j<=k} x_j q_j
 //   q = 1 / P_{k-1}
 //   v = sum_{k >= j} P_k / P_{j-1}          eq (5): S = sum_c A'_c = sum_c A_c v_c
 // Per position everything needs only that position's C values, so the forward computes S, the
-// gate and A'' in one read of the map, and the backward computes A's gradient and the per-sample
-// sums over positions for p, q and v in one read of the map and of A'''s gradient.
+// gate and A'' (and a residual block's ReLU(A'' + identity)) in one read of the map, and the
+// backward A's gradient and the per-sample sums over positions for the scales in one read of
+// the map and of the output's gradient.
 //
 // The map is (B, P, C) "rows" (channels_last) or (B, C, P) "columns" (contiguous). T is its dtype
 // (bf16, float, double), W the arithmetic's (float; double for double). Work goes in blocks of
