@@ -87,7 +87,7 @@ def test_eval_mode_takes_the_scales_from_one_kernel_call(fused, dtype):
     pickle.dumps(m), copy.deepcopy(m)  # the pointer cache stays off the module
 
 
-def test_inference_weights_follow_the_module():
+def test_inference_weights_follow_the_module(fused):
     """New weights (an optimiser step, a loaded state) are picked up; weights in another dtype
     than the work dtype fall back to the autograd route."""
     m = _module(4, train=False)
@@ -114,7 +114,7 @@ def test_the_blocks_hand_their_identity_to_lgam():
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_a_network_is_as_accurate_on_both_paths(train):
+def test_a_network_is_as_accurate_on_both_paths(fused, train):
     """resnet18_lgam in float32, fused and eager, against itself in float64: the logits and
     every parameter gradient as accurate on either path (the network amplifies float32's
     rounding to ~1e-5 on both)."""
