@@ -4,7 +4,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ._gates import GateRecorder, attention_gates, capture_gates, stage_gate, stage_of
 from .bam import BAM
@@ -15,7 +16,7 @@ from .se import SE
 from .sge import SGE
 
 __all__ = ["BAM", "CBAM", "LGAM", "SE", "SGE", "ATTENTION", "attention_placement", "create_attention",
-           "fuses_residual",
+           "fuses_residual", "residual_tail",
            "lgam_reference", "fused_kernels", "fused_kernels_enabled", "fused_kernels_setting",
            "set_fused_kernels",
            "GateRecorder", "attention_gates", "capture_gates", "stage_gate", "stage_of"]
@@ -47,8 +48,16 @@ def create_attention(name: str | None, channels: int, **kwargs) -> nn.Module:
 def fuses_residual(attention: nn.Module) -> bool:
     """Whether ``attention(x, residual=identity)`` returns a residual block's output
     ``ReLU(attention(x) + identity)`` itself (LGAM, which then does it in the same pass over the
-    map where its kernels run); blocks ask this before adding the identity themselves."""
+    map where its kernels run)."""
     return getattr(attention, "fuses_residual", False)
+
+
+def residual_tail(attention: nn.Module, x: Tensor, identity: Tensor) -> Tensor:
+    """A residual block's output from its branch ``x`` and ``identity``, both ``(B, C, H, W)``:
+    ``ReLU(attention(x) + identity)``, by the module itself where it :func:`fuses_residual`."""
+    if fuses_residual(attention):
+        return attention(x, residual=identity)
+    return torch.relu_(attention(x) + identity)
 
 
 def attention_placement(name: str) -> str:

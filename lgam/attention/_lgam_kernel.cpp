@@ -609,6 +609,22 @@ void scales_train(const W* pooled, W* const* w, double eps, double momentum, W* 
   }
 }
 
+// A Linear's weight and bias gradients, dw (n_out, n_in) and db (n_out), from its output's
+// gradient dy (B, n_out) and its input x(b, i) (B, n_in).
+template <class W, class Input>
+void linear_grads(const W* dy, Input x, W* dw, W* db, int64_t B, int64_t n_out, int64_t n_in) {
+  for (int64_t o = 0; o < n_out; ++o) {
+    W d = 0;
+    for (int64_t b = 0; b < B; ++b) d += dy[b * n_out + o];
+    db[o] = d;
+    for (int64_t i = 0; i < n_in; ++i) {
+      W dw_oi = 0;
+      for (int64_t b = 0; b < B; ++b) dw_oi += dy[b * n_out + o] * x(b, i);
+      dw[o * n_in + i] = dw_oi;
+    }
+  }
+}
+
 // d_scales (B, C) -> d_pooled (B, C) and, per group, the gradients of the two Linears' weights
 // and biases and the BN's weight and bias (dw[6k..6k+5], written, not added to).
 template <class W>
@@ -643,16 +659,9 @@ void scales_train_backward(const W* d_scales, const W* scales, W* const* w, cons
                           (B * dbn[b * Cg + i] - sum_d - sv.zhat[b * Cg + i] * sum_dz);
       }
     }
-    for (int64_t i = 0; i < Cg; ++i) {  // the second Linear
-      W d = 0;
-      for (int64_t b = 0; b < B; ++b) d += dbn[b * Cg + i];
-      db2[i] = d;
-      for (int64_t j = 0; j < H; ++j) {
-        W dwij = 0;
-        for (int64_t b = 0; b < B; ++b) dwij += dbn[b * Cg + i] * std::max(sv.z1[b * H + j], W(0));
-        dw2[i * H + j] = dwij;
-      }
-    }
+    // the second Linear (its input ReLU(z1)), then back through it and the ReLU
+    linear_grads(dbn.data(), [&](int64_t b, int64_t j) { return std::max(sv.z1[b * H + j], W(0)); },
+                 dw2, db2, B, Cg, H);
     for (int64_t b = 0; b < B; ++b) {  // ReLU, the first Linear's output
       for (int64_t j = 0; j < H; ++j) {
         W d = 0;
@@ -660,16 +669,8 @@ void scales_train_backward(const W* d_scales, const W* scales, W* const* w, cons
         dz1[b * H + j] = sv.z1[b * H + j] > 0 ? d : W(0);
       }
     }
-    for (int64_t j = 0; j < H; ++j) {  // the first Linear
-      W d = 0;
-      for (int64_t b = 0; b < B; ++b) d += dz1[b * H + j];
-      db1[j] = d;
-      for (int64_t i = 0; i < Cg; ++i) {
-        W dwji = 0;
-        for (int64_t b = 0; b < B; ++b) dwji += dz1[b * H + j] * sv.s[b * Cg + i];
-        dw1[j * Cg + i] = dwji;
-      }
-    }
+    linear_grads(dz1.data(), [&](int64_t b, int64_t i) { return sv.s[b * Cg + i]; }, dw1, db1, B, H,
+                 Cg);  // the first Linear (its input s_k)
     for (int64_t b = 0; b < B; ++b) {  // s_k: the MLP's input, and the ladder's carry
       for (int64_t i = 0; i < Cg; ++i) {
         const int64_t c = b * C + k * Cg + i;

@@ -132,6 +132,11 @@ def _group_tensors(module: LGAM) -> list[Tensor | None]:
     return out
 
 
+def _learned(tensors: list[Tensor]) -> list[Tensor]:
+    """The parameters among :func:`_group_tensors` (all but each group's running statistics)."""
+    return [t for k in range(0, len(tensors), 8) for t in tensors[k: k + 6]]
+
+
 def _kernel_weights(module: LGAM, dtype: torch.dtype) -> tuple[list[Tensor], ctypes.Array] | None:
     """``module``'s group tensors and the kernel's pointer array to them, or None where the kernel
     cannot take them (one missing, in another dtype than ``dtype``, off the CPU, not contiguous).
@@ -166,9 +171,8 @@ def scales_kernel(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
         return None
     tensors, pointers = found
     fn = TrainScales if module.training else EvalScales
-    learned = [t for k in range(module.groups) for t in tensors[8 * k: 8 * k + 6]]  # not the running stats
-    params = [t for t in learned if t.requires_grad] if torch.is_grad_enabled() else []
-    if not params and not pooled.requires_grad or not torch.is_grad_enabled():
+    params = [t for t in _learned(tensors) if t.requires_grad]
+    if not torch.is_grad_enabled() or not (params or pooled.requires_grad):
         return fn.forward(_NoGrad(), pooled, module, pointers, tensors)  # no graph to record
     return fn.apply(pooled, module, pointers, tensors, *params)
 
@@ -240,7 +244,7 @@ class TrainScales(torch.autograd.Function):
         _call("scales_train", pooled.dtype, pooled.contiguous(), pointers, bns[0].eps, momentum,
               scales, p, q, v, saved, b, g, c // g, hidden)
         ctx.module, ctx.pointers, ctx.tensors = module, pointers, tensors
-        ctx.needs = [t.requires_grad for k in range(g) for t in tensors[8 * k: 8 * k + 6]]
+        ctx.needs = [t.requires_grad for t in _learned(tensors)]
         ctx.save_for_backward(scales, saved)
         ctx.mark_non_differentiable(p, q, v)
         return scales.view(b, g, -1), p, q, v
@@ -250,7 +254,7 @@ class TrainScales(torch.autograd.Function):
         scales, saved = ctx.saved_tensors
         b, c = scales.shape
         g = ctx.module.groups
-        learned = [t for k in range(g) for t in ctx.tensors[8 * k: 8 * k + 6]]  # not the running stats
+        learned = _learned(ctx.tensors)
         grads = [torch.empty_like(t) for t in learned]
         d_pooled = torch.empty_like(scales)
         dw = (ctypes.c_void_p * len(grads))(*(t.data_ptr() for t in grads))
@@ -295,7 +299,7 @@ class SpatialMeanKernel(torch.autograd.Function):
         elif not d_a.is_contiguous(memory_format=fmt) or d_a.dtype != ctx.dtype:
             d_a = d_a.to(ctx.dtype).contiguous(memory_format=fmt)
         b, c, h, w = ctx.shape
-        d_mean = d_mean.to(torch.float64 if ctx.dtype == torch.float64 else torch.float32).contiguous()
+        d_mean = d_mean.contiguous()  # the means' gradient, in their (the work) dtype
         _call("add_mean_grad", ctx.dtype, d_a, d_mean, b, c, h * w, int(ctx.rows))
         return d_a, None
 
@@ -331,7 +335,7 @@ class MixAndGateKernel(torch.autograd.Function):
     def backward(ctx, grad: Tensor, _grad_s: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, scales, p, q, v, s, y = ctx.saved_tensors
         b, c, h, w = a.shape
-        g = grad.to(a.dtype).contiguous(memory_format=_format(ctx.rows))
+        g = grad.contiguous(memory_format=_format(ctx.rows))  # in the output's dtype, A's
         da = torch.empty_like(a)
         d_identity = torch.empty_like(a) if y is not None else None
         d_log_scales = torch.empty_like(p)  # the scales' gradient times the scales, (B, C)

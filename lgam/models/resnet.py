@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
-from ..attention import create_attention, fuses_residual
+from ..attention import create_attention, residual_tail
 
 __all__ = ["AttentionBackbone", "BasicBlock", "ResNet", "check_stem", "check_placement"]
 
@@ -165,10 +165,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if fuses_residual(self.attention):
-            return self.attention(out, residual=identity)  # ReLU(attention(out) + identity)
-        return self.relu(self.attention(out) + identity)
+        return residual_tail(self.attention, self.bn2(self.conv2(out)), identity)
 
 
 class ResNet(AttentionBackbone):

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..attention import create_attention, fuses_residual
+from ..attention import create_attention, residual_tail
 from .resnet import (
     AttentionBackbone, check_num_classes, check_placement, conv1x1, init_weights, make_stages,
     make_stem,
@@ -53,10 +53,7 @@ class ResNeXtBottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if fuses_residual(self.attention):
-            return self.attention(out, residual=identity)  # ReLU(attention(out) + identity)
-        return self.relu(self.attention(out) + identity)
+        return residual_tail(self.attention, self.bn3(self.conv3(out)), identity)
 
 
 class ResNeXt(AttentionBackbone):
