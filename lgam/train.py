@@ -7,9 +7,9 @@ schedule, log and resume state. The recipe's bf16 autocast and channels_last app
 CPUs with native bfloat16 (:func:`lgam.device.cpu_has_native_bf16`); elsewhere training runs in
 float32 and says so once. A recipe with ``train_size_start`` grows the crop size from epoch to epoch
 (progressive resizing, as FFCV does);
-``--compile`` wraps each model in ``torch.compile``; without it LGAM modules still compile their own
-fused kernels where they can (:func:`lgam.attention.set_fused_kernels`; ``LGAM_FUSED=0`` keeps
-them eager; ``config.json`` records which). Under ``torchrun --nproc_per_node N`` the same
+``--compile`` wraps each model in ``torch.compile``; without it LGAM modules still take their own
+fused kernels where they can (C++ on the CPU, Triton on CUDA: :func:`lgam.attention.set_fused_kernels`;
+``LGAM_FUSED=0`` keeps them eager; ``config.json`` records which). Under ``torchrun --nproc_per_node N`` the same
 command trains with DistributedDataParallel (NCCL on CUDA, gloo on CPU): every rank draws the same
 global batch and augmentation and trains on its slice. BatchNorm normalises over each process's
 slice (no SyncBatchNorm), so N processes train like one process with ``--set accum_steps=N``.
@@ -310,7 +310,7 @@ def _config(run: _Run, tr: _Trainee, models: Sequence[str], stem: str | None,
         "seed": run.seed, "stem": stem, "val_size": run.val_size, "argv": list(sys.orig_argv),
         "torch": torch.__version__, "device": str(run.device), "hardware": device_summary(run.device),
         "bf16_autocast": run.autocast, "channels_last": run.channels_last, "world_size": run.world,
-        "lgam_fused_kernels": fused_kernels_setting(),
+        "lgam_fused_kernels": fused_kernels_setting(run.device),
         "num_classes": len(run.classes), "train_images": int(run.images.shape[0]),
         "resumed_from_epoch": tr.epoch, **(extra or {}),
     }

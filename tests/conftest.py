@@ -1,10 +1,15 @@
 """Fixtures shared by the test files (helpers they are built from: ``_helpers.py``)."""
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+
+if not torch.cuda.is_available():  # before anything imports Triton: it reads this once
+    # LGAM's Triton kernels then run interpreted, on CPU tensors (``triton_kernels`` below)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _helpers import SHARED_DATA, entry_files, save_models, synthetic_image
 
@@ -45,12 +50,37 @@ def fused():
     set_fused_kernels(True)
 
 
-@pytest.fixture(params=["eager", "fused"])
+def _require_triton() -> None:
+    from lgam.attention._lgam_triton import triton_missing
+
+    why = triton_missing()
+    if why:
+        pytest.skip(f"LGAM's Triton kernels cannot run here: {why}")
+    if torch.get_default_device().type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU tensors only interpreted (TRITON_INTERPRET=1)")
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """LGAM's fused path forced on with its GPU (Triton) kernels taking CPU tensors, interpreted:
+    how a machine without a GPU checks them."""
+    from lgam.attention import _lgam_kernel, set_fused_kernels
+    from lgam.attention._lgam_triton import triton_kernels
+
+    _require_triton()
+    monkeypatch.setitem(_lgam_kernel.BACKENDS, "cpu", triton_kernels())
+    set_fused_kernels(True)
+
+
+@pytest.fixture(params=["eager", "fused", "triton"])
 def lgam_path(request) -> str:
-    """The test once per LGAM path: ``eager`` (batched products, hand-written backward) and
-    ``fused`` (as the ``fused`` fixture)."""
+    """The test once per LGAM path: ``eager`` (batched products, hand-written backward),
+    ``fused`` (as the ``fused`` fixture) and ``triton`` (as ``triton_kernels``)."""
     from lgam.attention import set_fused_kernels
 
+    if request.param == "triton":
+        request.getfixturevalue("triton_kernels")
+        return request.param
     if request.param == "fused":
         _require_kernels()
     set_fused_kernels(request.param == "fused")

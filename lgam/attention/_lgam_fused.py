@@ -5,11 +5,13 @@ GAP, the mixing product, ``S``, the gate and the output each read or write a ful
 position, though, eqs (4)-(7) need only that position's ``C`` values. The fused path has two forms
 of the same arithmetic:
 
-- on the CPU, :func:`lgam_kernel`: LGAM's C++ kernels (:mod:`._lgam_kernel`, built on first use
-  with the system's C++ compiler): the GAP, eqs (2)-(3) on the pooled vectors in one call, then
-  ``S``, the gate and ``A''`` in one read and one write of the map, and the backward in one more;
-  given a residual block's identity the block's tail ``ReLU(A'' + identity)`` is done in the same
-  pass;
+- :func:`lgam_kernel`: LGAM's kernels, C++ on the CPU (:mod:`._lgam_kernel`, built on first use
+  with the system's C++ compiler) and Triton on CUDA (:mod:`._lgam_triton`, compiled by Triton
+  on first use): the GAP, eqs (2)-(3) on the pooled vectors in one call, then ``S``, the gate
+  and ``A''`` in one read and one write of the map, and the backward in one more; given a
+  residual block's identity the block's tail ``ReLU(A'' + identity)`` is done in the same pass.
+  In auto mode each device and dtype is first checked against the equations
+  (:func:`check_kernels`);
 - inside a ``torch.compile`` of a model, :func:`lgam_fused`: the same steps as plain tensor ops
   (the ladder unrolled over the groups, the map viewed as rows ``(B, HW, G, C')`` for
   channels_last input or ``(B, G, C', HW)``), which Inductor fuses on any device.
@@ -19,7 +21,9 @@ of the same arithmetic:
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import threading
 import warnings
 from typing import TYPE_CHECKING, Iterator
 
@@ -29,7 +33,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import is_channels_last
-from ._lgam_kernel import KERNEL_DTYPES, MixAndGateKernel, SpatialMeanKernel, kernel_missing, scales_kernel
+from ._lgam_kernel import MixAndGateKernel, SpatialMeanKernel, kernels_for, scales_kernel
 
 if TYPE_CHECKING:
     from .lgam import LGAM
@@ -104,9 +108,9 @@ def lgam_fused(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tuple
 
 
 def lgam_kernel(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`lgam_fused` in LGAM's CPU kernels (:mod:`._lgam_kernel`): the GAP, eqs (2)-(3) on the
-    pooled vectors (the module's own ops where the kernel does not take its weights), then eqs
-    (4)-(7) and the block's tail in one pass over the map (and one back)."""
+    """:func:`lgam_fused` in LGAM's kernels for ``x``'s device (:mod:`._lgam_kernel`): the GAP, eqs
+    (2)-(3) on the pooled vectors (the module's own ops where the kernel does not take its
+    weights), then eqs (4)-(7) and the block's tail in one pass over the map (and one back)."""
     b, c, h, w = x.shape
     g = module.groups
     work = work_dtype(x.dtype)
@@ -125,6 +129,10 @@ def lgam_kernel(module: LGAM, x: Tensor, residual: Tensor | None = None) -> tupl
     return out, s.view(b, 1, h, w)
 
 
+#: why-nots that are a machine's plain state, not a fault: no warning for them
+SILENT = ("no C++ compiler", "Triton is not installed")
+
+
 class _Fused:
     """Whether :class:`LGAM` takes the fused path (one per process)."""
 
@@ -132,29 +140,45 @@ class _Fused:
         env = os.environ.get("LGAM_FUSED", "").strip().lower()
         self.setting: bool | None = {"0": False, "1": True}.get(env)  # None: auto
         self.warned = False
+        self.checked: dict[tuple[torch.device, torch.dtype], str | None] = {}  # check_kernels's verdicts
+        self.lock = threading.Lock()
 
     def applies(self, module: LGAM, x: Tensor) -> bool:
         if self.setting is False or torch.jit.is_scripting() or torch.jit.is_tracing():
             return False
         if torch.compiler.is_compiling():  # inside a compiled model: plain ops, inlined
             return True
-        return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and self.kernels_ready()
+        kernels = kernels_for(x.device)
+        return kernels is not None and x.dtype in kernels.dtypes and self.kernels_ready(kernels, x)
 
-    def kernels_ready(self) -> bool:
-        """Whether the CPU kernels are built and loaded (building them on the first call); where
-        they cannot be, an error when the fused path is forced on, else one warning (none where
-        there is simply no compiler)."""
-        why = kernel_missing()
+    def kernels_ready(self, kernels, x: Tensor) -> bool:
+        """Whether ``kernels`` can run on ``x`` (the CPU ones built and loaded on the first call;
+        in auto mode, once per device and dtype, :func:`check_kernels` passed); where they
+        cannot, an error when the fused path is forced on, else one warning (none where there is
+        simply no C++ compiler, or no Triton)."""
+        why = kernels.missing()
+        if why is None and self.setting is None:
+            why = self.check(x.device, x.dtype)
         if why is None:
             return True
         if self.setting is True:
             raise RuntimeError(f"LGAM's fused kernels are on (set_fused_kernels(True) or LGAM_FUSED=1) "
-                               f"but cannot be built here: {why}")
-        if not self.warned and not why.startswith("no C++ compiler"):
+                               f"but cannot run here: {why}")
+        if not self.warned and not why.startswith(SILENT):
             self.warned = True
-            warnings.warn(f"LGAM: its CPU kernels cannot be built here ({why}); using the eager path "
+            warnings.warn(f"LGAM: its kernels cannot run here ({why}); using the eager path "
                           "(set_fused_kernels(False) silences this)", stacklevel=4)
         return False
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """:func:`check_kernels`'s verdict for ``device`` and ``dtype``, run on first asking."""
+        key = (device, dtype)
+        if key not in self.checked:
+            with self.lock:
+                if key not in self.checked:
+                    why = check_kernels(device, dtype)
+                    self.checked[key] = None if why is None else f"they failed their check on {device} for {dtype}: {why}"
+        return self.checked[key]
 
     def run(self, module: LGAM, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():
@@ -165,12 +189,77 @@ class _Fused:
 FUSED = _Fused()
 
 
+def check_kernels(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run LGAM's kernels on ``device`` for ``dtype`` maps (compiling them there if they are
+    Triton's) on a small LGAM (16 channels, G=4, r=1: no hidden unit dead for a whole batch;
+    float32 weights) in train mode with and without a block tail and in eval mode, both layouts,
+    against eqs (1)-(7) in float64 on the CPU on the same (rounded) input: outputs, input,
+    identity and parameter gradients, BN statistics, each within ``tol`` or twice the eager
+    path's error on the same device (16-bit rounding flips a few of the block tail's ReLUs).
+    None if all agree, else why not (a compiler's error, a result off). Leaves the random state
+    and any autocast or inference mode around it alone."""
+    from .lgam import LGAM, lgam_reference
+
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    cases = [(True, True, torch.channels_last), (True, False, torch.contiguous_format),
+             (False, True, torch.contiguous_format), (False, False, torch.channels_last)]
+    cpu = torch.device("cpu")
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device.type, enabled=False):
+            torch.manual_seed(0)
+            for train, tail, layout in cases:
+                module = LGAM(16, groups=4, reduction=1).train(train)
+                eager, exact = copy.deepcopy(module), copy.deepcopy(module).double()
+                x, identity, g = (torch.randn(6, 16, 4, 5).to(dtype).double() for _ in range(3))
+                identity = identity if tail else None
+                got = _run(lambda a, i: lgam_kernel(module, a, i)[0], module, x, identity, g, device, dtype, layout)
+                ref = _run(lambda a, i: _tail(eager.forward_eager(a)[0], i), eager, x, identity, g, device, dtype, layout)
+                want = _run(lambda a, i: _tail(lgam_reference(exact, a), i), exact, x, identity, g, cpu,
+                            torch.float64, torch.contiguous_format)
+                for name, b in want.items():
+                    err, eager_err = (((t[name].double().cpu() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                                      for t in (got, ref))
+                    if not err <= max(tol, 2 * eager_err):
+                        return (f"its {name} is {err:.1e} off eqs (1)-(7), the eager path's {eager_err:.1e} "
+                                f"(train={train}, tail={tail}, "
+                                f"{'channels_last' if layout == torch.channels_last else 'contiguous'})")
+    except Exception as e:  # a compiler's or driver's error: reported, and the eager path taken
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    return None
+
+
+def _tail(out: Tensor, identity: Tensor | None) -> Tensor:
+    return out if identity is None else torch.relu(out + identity)
+
+
+def _run(fn, module: torch.nn.Module, x: Tensor, identity: Tensor | None, g: Tensor, device: torch.device,
+         dtype: torch.dtype, layout: torch.memory_format) -> dict[str, Tensor]:
+    """``fn(x, identity)`` on ``device`` in ``dtype`` and ``layout`` (the module's weights there
+    too), then a backward of ``sum(out * g)``: the output, the gradients of x, the identity (if
+    any) and the parameters, and the BN statistics."""
+    module.to(device)
+    a = x.to(device, dtype).contiguous(memory_format=layout).requires_grad_(True)
+    i = identity.to(device, dtype).contiguous(memory_format=layout).requires_grad_(True) if identity is not None else None
+    y = fn(a, i)
+    (y.double() * g.to(device)).sum().backward()
+    out = {"output": y, "input gradient": a.grad}
+    if i is not None:
+        out["identity gradient"] = i.grad
+    out["parameter gradients"] = torch.cat([p.grad.flatten() for p in module.parameters()])
+    out["BN statistics"] = torch.cat([t.flatten() for t in module.buffers() if t.is_floating_point()])
+    return out
+
+
 def set_fused_kernels(enabled: bool | None) -> None:
     """Where LGAM takes its fused path (:mod:`lgam.attention._lgam_fused`): ``None`` (the default;
     env ``LGAM_FUSED=0/1`` sets the start value) for CPU input in bfloat16, float32 or float64
-    where the kernels build (a C++ compiler; about two seconds, once per machine) and inside a
-    ``torch.compile`` of the model, the eager path elsewhere; ``True`` the same, but an error
-    where the kernels cannot be built; ``False`` never."""
+    where the C++ kernels build (a C++ compiler; about two seconds, once per machine), for CUDA
+    input in those or float16 where Triton is installed (it comes with torch's CUDA wheels;
+    compiled on first use), each device and dtype once checked against the equations first
+    (:func:`check_kernels`; a failure warns once and stays eager), and inside a
+    ``torch.compile`` of the model; the eager path elsewhere. ``True``: the same without the
+    check, and an error where the kernels cannot run; ``False``: never."""
     if enabled not in (True, False, None):
         raise ValueError(f"set_fused_kernels takes True, False or None (auto), got {enabled!r}")
     FUSED.setting = enabled
@@ -187,12 +276,13 @@ def fused_kernels(enabled: bool | None) -> Iterator[None]:
         FUSED.setting = before
 
 
-def fused_kernels_setting() -> str:
-    """The setting in words, for run records: ``"on"``, ``"off"``, ``"auto"`` or ``"auto (eager
-    here: <why>)"``."""
+def fused_kernels_setting(device: torch.device | str = "cpu") -> str:
+    """The setting on ``device`` in words, for run records: ``"on"``, ``"off"``, ``"auto"`` or
+    ``"auto (eager here: <why>)"``."""
     if FUSED.setting is not None:
         return "on" if FUSED.setting else "off"
-    why = kernel_missing()
+    kernels = kernels_for(torch.device(device))
+    why = kernels.missing() if kernels is not None else f"no LGAM kernels for {torch.device(device).type}"
     return f"auto (eager here: {why})" if why else "auto"
 
 

@@ -1,8 +1,10 @@
-"""LGAM's CPU kernels (``_lgam_kernel.cpp``): the GAP; eqs (4)-(7) and a residual block's tail
-with their backward, one pass over the map each way; eqs (2)-(3) on the pooled vectors in one
-call (eval and train mode) with theirs.
+"""LGAM's kernels and their autograd Functions: the GAP; eqs (4)-(7) and a residual block's
+tail with their backward, one pass over the map each way; eqs (2)-(3) on the pooled vectors in
+one call (eval and train mode) with theirs.
 
-The source is compiled on first use with the system's C++ compiler (``$CXX`` or ``g++``; about
+The Functions call a device's kernels through one interface (:func:`kernels_for`): on the CPU
+:class:`CppKernels` (``_lgam_kernel.cpp``), on CUDA the Triton ones (:mod:`._lgam_triton`). The
+C++ source is compiled on first use with the system's C++ compiler (``$CXX`` or ``g++``; about
 two seconds) into a per-user cache (``$LGAM_KERNEL_CACHE``, else ``~/.cache/lgam/kernels``) and
 loaded with :mod:`ctypes`: no Python or torch headers, nothing downloaded. :func:`kernel_missing` says why
 they cannot be used here, or None.
@@ -28,8 +30,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .lgam import LGAM
 
-__all__ = ["KERNEL_DTYPES", "EvalScales", "MixAndGateKernel", "SpatialMeanKernel", "TrainScales",
-           "kernel_missing", "scales_kernel"]
+__all__ = ["KERNEL_DTYPES", "CppKernels", "EvalScales", "MixAndGateKernel", "SpatialMeanKernel",
+           "TrainScales", "kernel_missing", "kernels_for", "scales_kernel"]
 
 SOURCE = Path(__file__).with_name("_lgam_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
@@ -119,6 +121,94 @@ def _call(kind: str, dtype: torch.dtype, *args: Tensor | int) -> None:
         *(a.data_ptr() if isinstance(a, Tensor) else a for a in args))  # None: a null pointer
 
 
+class CppKernels:
+    """The C++ kernels as the autograd Functions below call them (tensors in, tensors out), as
+    :class:`~lgam.attention._lgam_triton.TritonKernels` on the GPU."""
+
+    dtypes = tuple(KERNEL_DTYPES)
+
+    def missing(self) -> str | None:
+        return kernel_missing()
+
+    def mean(self, a: Tensor, rows: bool, work: torch.dtype) -> Tensor:
+        b, c, h, w = a.shape
+        out = torch.empty(b, c, dtype=work)
+        _call("mean", a.dtype, a, out, b, c, h * w, int(rows))
+        return out
+
+    def add_mean_grad(self, d_a: Tensor, d_mean: Tensor, rows: bool) -> None:
+        b, c, h, w = d_a.shape
+        _call("add_mean_grad", d_a.dtype, d_a, d_mean, b, c, h * w, int(rows))
+
+    def weights(self, tensors: list[Tensor], dtype: torch.dtype) -> ctypes.Array:
+        """The array of the group tensors' addresses the kernels take."""
+        return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+    def fits(self, batch: int, cg: int, training: bool) -> bool:
+        return True
+
+    def scales_eval(self, pooled: Tensor, pointers: ctypes.Array, eps: float, groups: int,
+                    hidden: int) -> tuple[Tensor, ...]:
+        b, c = pooled.shape
+        out = [torch.empty(b, c, dtype=pooled.dtype) for _ in range(4)]
+        _call("scales_eval", pooled.dtype, pooled, pointers, eps, *out, b, groups, c // groups, hidden)
+        return tuple(out)
+
+    def scales_train(self, pooled: Tensor, pointers: ctypes.Array, eps: float, momentum: float,
+                     groups: int, hidden: int) -> tuple[Tensor, ...]:
+        b, c = pooled.shape
+        out = [torch.empty(b, c, dtype=pooled.dtype) for _ in range(4)]
+        size = _library().lgam_scales_train_saved_float32(b, groups, c // groups, hidden)  # either dtype
+        saved = torch.empty(size, dtype=pooled.dtype)
+        _call("scales_train", pooled.dtype, pooled, pointers, eps, momentum, *out, saved, b, groups,
+              c // groups, hidden)
+        return (*out, saved)
+
+    def scales_train_backward(self, d_scales: Tensor, scales: Tensor, pointers: ctypes.Array,
+                              saved: Tensor, learned: list[Tensor], groups: int,
+                              hidden: int) -> tuple[Tensor, list[Tensor]]:
+        b, c = scales.shape
+        grads = [torch.empty_like(t) for t in learned]
+        d_pooled = torch.empty_like(scales)
+        dw = (ctypes.c_void_p * len(grads))(*(t.data_ptr() for t in grads))
+        _call("scales_train_backward", scales.dtype, d_scales, scales, pointers, saved, d_pooled, dw, b,
+              groups, c // groups, hidden)
+        return d_pooled, grads
+
+    def forward(self, a: Tensor, identity: Tensor | None, p: Tensor, q: Tensor, v: Tensor, groups: int,
+                rows: bool) -> tuple[Tensor, Tensor]:
+        b, c, h, w = a.shape
+        out = torch.empty_like(a)
+        s = torch.empty(b, h * w, dtype=p.dtype)
+        _call("forward", a.dtype, a, identity, p, q, v, out, s, b, groups, c // groups, h * w, int(rows))
+        return out, s
+
+    def backward(self, a: Tensor, g: Tensor, y: Tensor | None, p: Tensor, q: Tensor, v: Tensor, s: Tensor,
+                 groups: int, rows: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        b, c, h, w = a.shape
+        da = torch.empty_like(a)
+        d_identity = torch.empty_like(a) if y is not None else None
+        dl = torch.empty_like(p)
+        _call("backward", a.dtype, a, g, y, p, q, v, s, da, d_identity, dl, b, groups, c // groups, h * w,
+              int(rows))
+        return da, d_identity, dl
+
+
+#: LGAM's kernels per device type: the C++ ones on the CPU, the Triton ones on CUDA (the tests
+#: put the Triton ones, interpreted, on the CPU)
+BACKENDS: dict[str, object] = {"cpu": CppKernels()}
+
+
+def kernels_for(device: torch.device):
+    """The kernels for tensors on ``device`` (:class:`CppKernels`, or the Triton ones on CUDA),
+    or None where LGAM has none."""
+    if device.type == "cuda" and "cuda" not in BACKENDS:
+        from ._lgam_triton import triton_kernels
+
+        BACKENDS["cuda"] = triton_kernels()
+    return BACKENDS.get(device.type)
+
+
 def _group_tensors(module: LGAM) -> list[Tensor | None]:
     """Per group: the two Linears' weights and biases, the BN's weight, bias, running mean and
     variance (the kernel's order). Read from the submodules' own dicts: a call costs ~5 us where
@@ -137,17 +227,18 @@ def _learned(tensors: list[Tensor]) -> list[Tensor]:
     return [t for k in range(0, len(tensors), 8) for t in tensors[k: k + 6]]
 
 
-def _kernel_weights(module: LGAM, dtype: torch.dtype) -> tuple[list[Tensor], ctypes.Array] | None:
-    """``module``'s group tensors and the kernel's pointer array to them, or None where the kernel
-    cannot take them (one missing, in another dtype than ``dtype``, off the CPU, not contiguous).
-    Checked again only when a tensor has moved or another dtype is asked for."""
+def _kernel_weights(module: LGAM, kernels, dtype: torch.dtype, device: torch.device) -> tuple[list[Tensor], object] | None:
+    """``module``'s group tensors and ``kernels``' handle on them (their addresses), or None where
+    the kernels cannot take them (one missing, in another dtype than ``dtype``, on another device
+    than ``device``, not contiguous). Checked again only when a tensor has moved or another dtype
+    or backend is asked for."""
     tensors = _group_tensors(module)
-    key = (dtype, *(t.data_ptr() if t is not None else None for t in tensors))
+    key = (id(kernels), dtype, device, *(t.data_ptr() if t is not None else None for t in tensors))
     cached = _WEIGHT_POINTERS.get(module)
     if cached is None or cached[0] != key:
-        ok = all(t is not None and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+        ok = all(t is not None and t.dtype == dtype and t.device == device and t.is_contiguous()
                  for t in tensors)
-        cached = _WEIGHT_POINTERS[module] = (key, (ctypes.c_void_p * len(tensors))(*key[1:]) if ok else None)
+        cached = _WEIGHT_POINTERS[module] = (key, kernels.weights(tensors, dtype) if ok else None)
     return (tensors, cached[1]) if cached[1] is not None else None
 
 
@@ -157,24 +248,28 @@ def scales_kernel(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
     ``1 / P_{k-1}``, ``v`` from them, ``(B, C)`` each, in ``pooled``'s dtype (float32 or float64).
     Eval mode: :class:`EvalScales`; train mode: :class:`TrainScales` (the BatchNorms on the
     batch's statistics, their running statistics moved as torch's would). None where the kernel
-    does not apply (weights in another dtype or off the CPU, BatchNorms without running
+    does not apply (weights in another dtype or on another device, BatchNorms without running
     statistics, with an ``eps`` or momentum of their own or in another mode than the module, a
-    batch of one in train mode: the module's own ops then run, or raise, as usual)."""
+    batch of one in train mode, a train-mode batch too large for the GPU kernel's one program:
+    the module's own ops then run, or raise, as usual)."""
     bns = [a._modules["bn"] for a in module.channel_attention._modules.values()]
-    if (pooled.dtype not in (torch.float32, torch.float64)
+    kernels = kernels_for(pooled.device)
+    b, c = pooled.shape
+    if (kernels is None or pooled.dtype not in (torch.float32, torch.float64)
             or any((bn.eps, bn.momentum, bn.training) != (bns[0].eps, bns[0].momentum, module.training)
                    for bn in bns)
-            or module.training and pooled.shape[0] < 2):
+            or module.training and b < 2
+            or not kernels.fits(b, c // module.groups, module.training)):
         return None
-    found = _kernel_weights(module, pooled.dtype)
+    found = _kernel_weights(module, kernels, pooled.dtype, pooled.device)
     if found is None:
         return None
-    tensors, pointers = found
+    tensors, handle = found
     fn = TrainScales if module.training else EvalScales
     params = [t for t in _learned(tensors) if t.requires_grad]
     if not torch.is_grad_enabled() or not (params or pooled.requires_grad):
-        return fn.forward(_NoGrad(), pooled, module, pointers, tensors)  # no graph to record
-    return fn.apply(pooled, module, pointers, tensors, *params)
+        return fn.forward(_NoGrad(), pooled, module, kernels, handle, tensors)  # no graph to record
+    return fn.apply(pooled, module, kernels, handle, tensors, *params)
 
 
 class _NoGrad:
@@ -188,21 +283,19 @@ class _NoGrad:
 
 
 class EvalScales(torch.autograd.Function):
-    """``forward(pooled (B, C), module, pointers, tensors, *its parameters) -> (scales (B, G, C'),
-    P, Q, V)`` in eval mode: see :func:`scales_kernel`. The backward recomputes the scales with
-    the module's own ops (its ``group_scales``) for the gradients of ``pooled`` and the
-    parameters: the kernel and those ops agree to rounding, and the forward's values are the
+    """``forward(pooled (B, C), module, kernels, handle, tensors, *its parameters) -> (scales
+    (B, G, C'), P, Q, V)`` in eval mode: see :func:`scales_kernel`. The backward recomputes the
+    scales with the module's own ops (its ``group_scales``) for the gradients of ``pooled`` and
+    the parameters: the kernel and those ops agree to rounding, and the forward's values are the
     kernel's whether or not a gradient is taken (Grad-CAM's two passes see the same network)."""
 
     @staticmethod
-    def forward(ctx, pooled: Tensor, module: LGAM, pointers: ctypes.Array, tensors: list[Tensor],  # type: ignore[override]
+    def forward(ctx, pooled: Tensor, module: LGAM, kernels, handle, tensors: list[Tensor],  # type: ignore[override]
                 *params: Tensor) -> tuple[Tensor, ...]:
         b, c = pooled.shape
-        g, hidden = module.groups, tensors[0].shape[0]
-        scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
+        g = module.groups
         eps = module.channel_attention[0].bn.eps
-        _call("scales_eval", pooled.dtype, pooled.contiguous(), pointers, eps, scales, p, q, v, b, g, c // g,
-              hidden)
+        scales, p, q, v = kernels.scales_eval(pooled.contiguous(), handle, eps, g, tensors[0].shape[0])
         ctx.module = module
         ctx.save_for_backward(pooled, *params)
         ctx.mark_non_differentiable(p, q, v)
@@ -220,30 +313,26 @@ class EvalScales(torch.autograd.Function):
             inputs = [pooled.detach().requires_grad_(True)] + params
             scales = module.group_scales(inputs[0].view(b, module.groups, -1))
             grads = torch.autograd.grad(scales, inputs, d_scales, allow_unused=True)
-        return (grads[0], None, None, None, *grads[1:])
+        return (grads[0], None, None, None, None, *grads[1:])
 
 
 class TrainScales(torch.autograd.Function):
-    """``forward(pooled (B, C), module, pointers, tensors, *its parameters) -> (scales (B, G, C'),
-    P, Q, V)`` in train mode (:func:`scales_kernel`): the BatchNorms normalise with the batch's
-    statistics and move their running ones (``momentum``, or the cumulative average where it is
-    None); the backward is the kernel's too, for ``pooled`` and every parameter."""
+    """``forward(pooled (B, C), module, kernels, handle, tensors, *its parameters) -> (scales
+    (B, G, C'), P, Q, V)`` in train mode (:func:`scales_kernel`): the BatchNorms normalise with
+    the batch's statistics and move their running ones (``momentum``, or the cumulative average
+    where it is None); the backward is the kernel's too, for ``pooled`` and every parameter."""
 
     @staticmethod
-    def forward(ctx, pooled: Tensor, module: LGAM, pointers: ctypes.Array, tensors: list[Tensor],  # type: ignore[override]
+    def forward(ctx, pooled: Tensor, module: LGAM, kernels, handle, tensors: list[Tensor],  # type: ignore[override]
                 *params: Tensor) -> tuple[Tensor, ...]:
         b, c = pooled.shape
-        g, hidden = module.groups, tensors[0].shape[0]
+        g = module.groups
         bns = [a.bn for a in module.channel_attention]
-        for bn in bns:
-            bn.num_batches_tracked.add_(1)
+        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)  # one launch on a GPU
         momentum = bns[0].momentum if bns[0].momentum is not None else 1 / float(bns[0].num_batches_tracked)
-        scales, p, q, v = (torch.empty(b, c, dtype=pooled.dtype) for _ in range(4))
-        size = _library().lgam_scales_train_saved_float32(b, g, c // g, hidden)  # elements, either dtype
-        saved = torch.empty(size, dtype=pooled.dtype)
-        _call("scales_train", pooled.dtype, pooled.contiguous(), pointers, bns[0].eps, momentum,
-              scales, p, q, v, saved, b, g, c // g, hidden)
-        ctx.module, ctx.pointers, ctx.tensors = module, pointers, tensors
+        scales, p, q, v, saved = kernels.scales_train(pooled.contiguous(), handle, bns[0].eps, momentum, g,
+                                                      tensors[0].shape[0])
+        ctx.module, ctx.kernels, ctx.handle, ctx.tensors = module, kernels, handle, tensors
         ctx.needs = [t.requires_grad for t in _learned(tensors)]
         ctx.save_for_backward(scales, saved)
         ctx.mark_non_differentiable(p, q, v)
@@ -252,15 +341,10 @@ class TrainScales(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_scales: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         scales, saved = ctx.saved_tensors
-        b, c = scales.shape
-        g = ctx.module.groups
         learned = _learned(ctx.tensors)
-        grads = [torch.empty_like(t) for t in learned]
-        d_pooled = torch.empty_like(scales)
-        dw = (ctypes.c_void_p * len(grads))(*(t.data_ptr() for t in grads))
-        _call("scales_train_backward", scales.dtype, d_scales.contiguous(), scales, ctx.pointers, saved,
-              d_pooled, dw, b, g, c // g, learned[0].shape[0])
-        return (d_pooled, None, None, None, *(d for d, needs in zip(grads, ctx.needs) if needs))
+        d_pooled, grads = ctx.kernels.scales_train_backward(
+            d_scales.contiguous(), scales, ctx.handle, saved, learned, ctx.module.groups, learned[0].shape[0])
+        return (d_pooled, None, None, None, None, *(d for d, needs in zip(grads, ctx.needs) if needs))
 
 
 def _format(rows: bool) -> torch.memory_format:
@@ -280,27 +364,23 @@ class SpatialMeanKernel(torch.autograd.Function):
     positions summed in ``work`` (float32 for 16-bit input). ``A`` comes back as a view so that
     its gradient from the rest of the module (:class:`MixAndGateKernel`) meets the means' here,
     where the latter is added in place (autograd's own sum of a broadcast tensor into a
-    channels_last one is ~10x slower)."""
+    channels_last one is ~10x slower on the CPU)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         a, rows = _layout(x)
-        b, c, h, w = a.shape
-        out = torch.empty(b, c, dtype=work)
-        _call("mean", a.dtype, a, out, b, c, h * w, int(rows))
-        ctx.rows, ctx.shape, ctx.dtype = rows, a.shape, a.dtype
-        return out, a.view_as(a)
+        ctx.kernels = kernels_for(a.device)
+        ctx.rows, ctx.shape, ctx.dtype, ctx.device = rows, a.shape, a.dtype, a.device
+        return ctx.kernels.mean(a, rows, work), a.view_as(a)
 
     @staticmethod
     def backward(ctx, d_mean: Tensor, d_a: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
         fmt = _format(ctx.rows)
         if d_a is None:
-            d_a = torch.zeros(ctx.shape, dtype=ctx.dtype).contiguous(memory_format=fmt)
+            d_a = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device).contiguous(memory_format=fmt)
         elif not d_a.is_contiguous(memory_format=fmt) or d_a.dtype != ctx.dtype:
             d_a = d_a.to(ctx.dtype).contiguous(memory_format=fmt)
-        b, c, h, w = ctx.shape
-        d_mean = d_mean.contiguous()  # the means' gradient, in their (the work) dtype
-        _call("add_mean_grad", ctx.dtype, d_a, d_mean, b, c, h * w, int(ctx.rows))
+        ctx.kernels.add_mean_grad(d_a, d_mean.contiguous(), ctx.rows)  # the means' gradient, in the work dtype
         return d_a, None
 
 
@@ -309,23 +389,21 @@ class MixAndGateKernel(torch.autograd.Function):
     S (B, HW))``. ``scales`` are the group scales ``1 + M_k`` ``(B, G, C')`` (None where no
     gradient will be asked for) and ``P``, ``Q``, ``V`` the ladder weights ``P_k``,
     ``1 / P_{k-1}`` and ``v`` computed from them (:func:`~lgam.attention._lgam_fused.ladder_weights`)
-    flattened to ``(B, C)``, in the work dtype; the gradient flows to ``scales`` (the kernel sums
-    it per channel without cancellation: see the source). ``out`` is ``A''`` or, given a residual
-    block's ``identity`` (``A``'s shape), the block's output ``ReLU(A'' + identity)``, in ``A``'s
-    dtype and memory format; ``S`` (eq (5)) is returned for the gate, not differentiable. One pass
-    over the map forward, one backward (which recomputes the ladder)."""
+    flattened to ``(B, C)``, in the work dtype; the gradient flows to ``scales`` (the kernels sum
+    it per channel without cancellation: see the C++ source). ``out`` is ``A''`` or, given a
+    residual block's ``identity`` (``A``'s shape), the block's output ``ReLU(A'' + identity)``, in
+    ``A``'s dtype and memory format; ``S`` (eq (5)) is returned for the gate, not differentiable.
+    One pass over the map forward, one backward (which recomputes the ladder)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, identity: Tensor | None, scales: Tensor | None, p: Tensor,  # type: ignore[override]
                 q: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
         a, rows = _layout(x)
-        b, c, h, w = a.shape
         if identity is not None:
             identity = identity.to(a.dtype).contiguous(memory_format=_format(rows))
         p, q, v = (t.contiguous() for t in (p, q, v))
-        out = torch.empty_like(a)
-        s = torch.empty(b, h * w, dtype=p.dtype)
-        _call("forward", a.dtype, a, identity, p, q, v, out, s, b, groups, c // groups, h * w, int(rows))
+        ctx.kernels = kernels_for(a.device)
+        out, s = ctx.kernels.forward(a, identity, p, q, v, groups, rows)
         ctx.save_for_backward(a, scales, p, q, v, s, out if identity is not None else None)
         ctx.groups, ctx.rows = groups, rows
         ctx.mark_non_differentiable(s)
@@ -334,12 +412,8 @@ class MixAndGateKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_s: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, scales, p, q, v, s, y = ctx.saved_tensors
-        b, c, h, w = a.shape
         g = grad.contiguous(memory_format=_format(ctx.rows))  # in the output's dtype, A's
-        da = torch.empty_like(a)
-        d_identity = torch.empty_like(a) if y is not None else None
-        d_log_scales = torch.empty_like(p)  # the scales' gradient times the scales, (B, C)
-        _call("backward", a.dtype, a, g, y, p, q, v, s, da, d_identity, d_log_scales, b, ctx.groups,
-              c // ctx.groups, h * w, int(ctx.rows))
+        da, d_identity, d_log_scales = ctx.kernels.backward(a, g, y, p, q, v, s, ctx.groups, ctx.rows)
+        # d_log_scales: the scales' gradient times the scales, (B, C)
         d_scales = d_log_scales.view_as(scales) / scales if ctx.needs_input_grad[2] else None
         return da, d_identity, d_scales, None, None, None, None

@@ -68,9 +68,9 @@ class LGAM(GateRecorder):
     is a per-sample mixing of channels, ``A' = A T``: one batched matrix product where a map has
     at least as many positions as channels (:class:`MixAndGate`), a running sum over the groups
     where it has fewer (:class:`LadderAndGate`), each with a hand-written backward: the eager
-    path. On the CPU, where LGAM's C++ kernels build (a C++ compiler), and inside a
-    ``torch.compile`` of the model, it takes the fused path instead: eqs (4)-(7) per position, one
-    pass over the map after the GAP's, one back (``_lgam_fused``;
+    path. On the CPU where LGAM's C++ kernels build (a C++ compiler), on CUDA where Triton is
+    installed, and inside a ``torch.compile`` of the model, it takes the fused path instead: eqs
+    (4)-(7) per position, one pass over the map after the GAP's, one back (``_lgam_fused``;
     :func:`~lgam.attention.set_fused_kernels`). The group scales, their products and the pooled
     vectors are float32 for 16-bit input (float64 for float64). :func:`lgam_reference` is the
     direct transcription used as the test oracle: read it first.
