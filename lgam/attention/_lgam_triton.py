@@ -19,6 +19,7 @@ they run interpreted, on CPU tensors: how the tests check them on a machine with
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import torch
 from torch import Tensor
@@ -264,6 +265,11 @@ def _warps(elements: int) -> int:
     return 4 if elements <= 4096 else 8 if elements <= 16384 else 16
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _map_blocks(cg: int, positions: int) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_W)``: a group's channels, and as many positions as make ~4096 elements."""
     width = _pow2(cg)
@@ -279,7 +285,6 @@ class TritonKernels:
     def missing(self) -> str | None:
         return triton_missing()
 
-
     def mean(self, a: Tensor, rows: bool, work: torch.dtype) -> Tensor:
         return a.mean(dim=(2, 3), dtype=work)  # eq (1): one reduction, summed in ``work``
 
@@ -292,7 +297,9 @@ class TritonKernels:
         return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=tensors[0].device)
 
     def _consts(self, like: Tensor, eps: float, momentum: float) -> Tensor:
-        return torch.tensor([eps, momentum], dtype=like.dtype, device=like.device)
+        """``[eps, momentum]`` on ``like``'s device in its dtype (a float argument would be float32),
+        made once per value: no copy to the device per call (nor in a CUDA graph's capture)."""
+        return _consts(like.device, like.dtype, eps, momentum)
 
     def fits(self, batch: int, cg: int, training: bool) -> bool:
         """Whether a train-mode batch's tile fits one program."""
@@ -303,9 +310,10 @@ class TritonKernels:
         out = [torch.empty_like(pooled) for _ in range(4)]
         width = _pow2(c // groups)
         block = min(_pow2(b), max(1, 1024 // width))
-        _scales_kernel[(triton.cdiv(b, block),)](
-            pooled, table, self._consts(pooled, eps, 0.0), *out, pooled, b, groups, c // groups, hidden,
-            TRAIN=False, BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
+        with _on(pooled.device):
+            _scales_kernel[(triton.cdiv(b, block),)](
+                pooled, table, self._consts(pooled, eps, 0.0), *out, pooled, b, groups, c // groups, hidden,
+                TRAIN=False, BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
         return tuple(out)
 
     def saved_size(self, b: int, groups: int, cg: int, hidden: int) -> int:
@@ -317,9 +325,10 @@ class TritonKernels:
         out = [torch.empty_like(pooled) for _ in range(4)]
         saved = pooled.new_empty(self.saved_size(b, groups, c // groups, hidden))
         block, width = _pow2(b), _pow2(c // groups)
-        _scales_kernel[(1,)](pooled, table, self._consts(pooled, eps, momentum), *out, saved, b, groups,
-                             c // groups, hidden, TRAIN=True, BLOCK_B=block, BLOCK_W=width,
-                             num_warps=_warps(block * width))
+        with _on(pooled.device):
+            _scales_kernel[(1,)](pooled, table, self._consts(pooled, eps, momentum), *out, saved, b, groups,
+                                 c // groups, hidden, TRAIN=True, BLOCK_B=block, BLOCK_W=width,
+                                 num_warps=_warps(block * width))
         return (*out, saved)
 
     def scales_train_backward(self, d_scales: Tensor, scales: Tensor, table: Tensor, saved: Tensor,
@@ -331,8 +340,9 @@ class TritonKernels:
         flat = scales.new_empty(groups * (2 * hidden * cg + hidden + 3 * cg))
         d_pooled = torch.empty_like(scales)
         block, width = _pow2(b), _pow2(cg)
-        _scales_backward_kernel[(1,)](d_scales, scales, table, saved, d_pooled, flat, b, groups, cg, hidden,
-                                      BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
+        with _on(scales.device):
+            _scales_backward_kernel[(1,)](d_scales, scales, table, saved, d_pooled, flat, b, groups, cg, hidden,
+                                          BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
         grads = [g.view_as(t) for g, t in zip(flat.split([t.numel() for t in learned]), learned)]
         return d_pooled, grads
 
@@ -344,9 +354,10 @@ class TritonKernels:
         s = torch.empty(b, positions, dtype=p.dtype, device=a.device)
         block_p, width = _map_blocks(cg, positions)
         sp, sc = (c, 1) if rows else (1, positions)
-        _forward_kernel[(b, triton.cdiv(positions, block_p))](
-            a, identity if identity is not None else a, p, q, v, out, s, c, cg, groups, positions, sp, sc,
-            RES=identity is not None, BLOCK_P=block_p, BLOCK_W=width, num_warps=_warps(block_p * width))
+        with _on(a.device):
+            _forward_kernel[(b, triton.cdiv(positions, block_p))](
+                a, identity if identity is not None else a, p, q, v, out, s, c, cg, groups, positions, sp, sc,
+                RES=identity is not None, BLOCK_P=block_p, BLOCK_W=width, num_warps=_warps(block_p * width))
         return out, s
 
     def backward(self, a: Tensor, g: Tensor, y: Tensor | None, p: Tensor, q: Tensor, v: Tensor, s: Tensor,
@@ -359,11 +370,17 @@ class TritonKernels:
         d_identity = torch.empty_like(a) if y is not None else None
         dl = torch.empty(b, blocks, c, dtype=p.dtype, device=a.device)
         sp, sc = (c, 1) if rows else (1, positions)
-        _backward_kernel[(b, blocks)](
-            a, g, y if y is not None else a, p, q, v, s, da, d_identity if y is not None else da, dl, c, cg,
-            groups, positions, sp, sc, blocks, RES=y is not None, BLOCK_P=block_p, BLOCK_W=width,
-            num_warps=_warps(block_p * width))
+        with _on(a.device):
+            _backward_kernel[(b, blocks)](
+                a, g, y if y is not None else a, p, q, v, s, da, d_identity if y is not None else da, dl, c, cg,
+                groups, positions, sp, sc, blocks, RES=y is not None, BLOCK_P=block_p, BLOCK_W=width,
+                num_warps=_warps(block_p * width))
         return da, d_identity, dl.sum(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _consts(device: torch.device, dtype: torch.dtype, eps: float, momentum: float) -> Tensor:
+    return torch.tensor([eps, momentum], dtype=dtype, device=device)
 
 
 @functools.cache
