@@ -281,6 +281,9 @@ class _NoGrad:
     def mark_non_differentiable(self, *tensors: Tensor) -> None:
         pass
 
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
 
 class EvalScales(torch.autograd.Function):
     """``forward(pooled (B, C), module, kernels, handle, tensors, *its parameters) -> (scales
@@ -296,6 +299,7 @@ class EvalScales(torch.autograd.Function):
         g = module.groups
         eps = module.channel_attention[0].bn.eps
         scales, p, q, v = kernels.scales_eval(pooled.contiguous(), handle, eps, g, tensors[0].shape[0])
+        ctx.set_materialize_grads(False)  # P, Q, V get none: no zeros made for them (a launch each on a GPU)
         ctx.module = module
         ctx.save_for_backward(pooled, *params)
         ctx.mark_non_differentiable(p, q, v)
@@ -305,6 +309,8 @@ class EvalScales(torch.autograd.Function):
     def backward(ctx, d_scales: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         pooled, *params = ctx.saved_tensors
         module = ctx.module
+        if d_scales is None:
+            return (None,) * (5 + len(params))
         if module.training:
             raise RuntimeError("LGAM: the module was put in train mode between its eval-mode forward "
                                "and this backward; its BatchNorm would use other statistics")
@@ -332,6 +338,7 @@ class TrainScales(torch.autograd.Function):
         momentum = bns[0].momentum if bns[0].momentum is not None else 1 / float(bns[0].num_batches_tracked)
         scales, p, q, v, saved = kernels.scales_train(pooled.contiguous(), handle, bns[0].eps, momentum, g,
                                                       tensors[0].shape[0])
+        ctx.set_materialize_grads(False)  # P, Q, V get none: no zeros made for them
         ctx.module, ctx.kernels, ctx.handle, ctx.tensors = module, kernels, handle, tensors
         ctx.needs = [t.requires_grad for t in _learned(tensors)]
         ctx.save_for_backward(scales, saved)
@@ -342,6 +349,8 @@ class TrainScales(torch.autograd.Function):
     def backward(ctx, d_scales: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         scales, saved = ctx.saved_tensors
         learned = _learned(ctx.tensors)
+        if d_scales is None:
+            return (None,) * (5 + sum(ctx.needs))
         d_pooled, grads = ctx.kernels.scales_train_backward(
             d_scales.contiguous(), scales, ctx.handle, saved, learned, ctx.module.groups, learned[0].shape[0])
         return (d_pooled, None, None, None, None, *(d for d, needs in zip(grads, ctx.needs) if needs))
@@ -371,6 +380,7 @@ class SpatialMeanKernel(torch.autograd.Function):
         a, rows = _layout(x)
         ctx.kernels = kernels_for(a.device)
         ctx.rows, ctx.shape, ctx.dtype, ctx.device = rows, a.shape, a.dtype, a.device
+        ctx.set_materialize_grads(False)
         return ctx.kernels.mean(a, rows, work), a.view_as(a)
 
     @staticmethod
@@ -380,7 +390,8 @@ class SpatialMeanKernel(torch.autograd.Function):
             d_a = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device).contiguous(memory_format=fmt)
         elif not d_a.is_contiguous(memory_format=fmt) or d_a.dtype != ctx.dtype:
             d_a = d_a.to(ctx.dtype).contiguous(memory_format=fmt)
-        ctx.kernels.add_mean_grad(d_a, d_mean.contiguous(), ctx.rows)  # the means' gradient, in the work dtype
+        if d_mean is not None:
+            ctx.kernels.add_mean_grad(d_a, d_mean.contiguous(), ctx.rows)  # the means' gradient, in the work dtype
         return d_a, None
 
 
@@ -407,11 +418,14 @@ class MixAndGateKernel(torch.autograd.Function):
         ctx.save_for_backward(a, scales, p, q, v, s, out if identity is not None else None)
         ctx.groups, ctx.rows = groups, rows
         ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)  # S gets none: no zeros made for it
         return out, s
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_s: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, scales, p, q, v, s, y = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 7
         g = grad.contiguous(memory_format=_format(ctx.rows))  # in the output's dtype, A's
         da, d_identity, d_log_scales = ctx.kernels.backward(a, g, y, p, q, v, s, ctx.groups, ctx.rows)
         # d_log_scales: the scales' gradient times the scales, (B, C)
