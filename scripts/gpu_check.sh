@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks a session with a lent GPU runs, in one call (see the README's "GPU" section):
 #   bash scripts/gpu_check.sh OUT_DIR
-# 1. the modules' tests and the engine's CUDA-vs-CPU test on the GPU (tests named [cuda...]);
+# 1. the modules' tests and the engine's CUDA-vs-CPU test on the GPU (tests named [cuda...]; LGAM's
+#    Triton kernels compiled there for the first time: tests named [cuda-triton...]);
 # 2. the app's engine latency on the GPU (benchmarks/app_latency.py --engine-only);
 # 3. the throughput-ratio table on the GPU, eager (fp32, bf16 + channels_last), then under
 #    torch.compile (forward, then training step), then replayed as CUDA graphs, each step under its
@@ -18,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND...: its output in OUT_DIR/NAME, its time a
     echo "# exit $? after $((SECONDS - t0)) s (limit $limit s): $*" >> "$out/$name"
 }
 { nvidia-smi -L; $py -c "import torch; print('torch', torch.__version__)"; nproc; } > "$out/machine.txt" 2>&1
-step tests.txt 120 $py -m pytest -q -p no:cacheprovider -k cuda \
+step tests.txt ${TESTS_S:-300} $py -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_lgam_module.py tests/test_attention.py tests/test_cam.py tests/test_benchmarks.py
 step app_latency.md 80 $py benchmarks/app_latency.py --devices cuda --engine-only --reps 30 --naive-reps 10
 ratio="benchmarks/attention_cost.py --device cuda --ratio-batch 128 --skip-latency --skip-growth --steps 10"

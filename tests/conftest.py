@@ -56,19 +56,22 @@ def _require_triton() -> None:
     why = triton_missing()
     if why:
         pytest.skip(f"LGAM's Triton kernels cannot run here: {why}")
-    if torch.get_default_device().type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels run on CPU tensors only interpreted (TRITON_INTERPRET=1)")
+    if torch.get_default_device().type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels run on CPU tensors only interpreted (TRITON_INTERPRET=1, "
+                    "which the tests set where there is no GPU)")
 
 
 @pytest.fixture
 def triton_kernels(monkeypatch):
-    """LGAM's fused path forced on with its GPU (Triton) kernels taking CPU tensors, interpreted:
-    how a machine without a GPU checks them."""
+    """LGAM's fused path forced on with its GPU (Triton) kernels: compiled, on CUDA tensors where
+    the test runs on the GPU; else taking CPU tensors, interpreted (how a machine without a GPU
+    checks them)."""
     from lgam.attention import _lgam_kernel, set_fused_kernels
     from lgam.attention._lgam_triton import triton_kernels
 
     _require_triton()
-    monkeypatch.setitem(_lgam_kernel.BACKENDS, "cpu", triton_kernels())
+    if torch.get_default_device().type == "cpu":
+        monkeypatch.setitem(_lgam_kernel.BACKENDS, "cpu", triton_kernels())
     set_fused_kernels(True)
 
 

@@ -4,11 +4,13 @@ kernels, interpreted on CPU tensors)."""
 import contextlib
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 
 from lgam import LGAM, create_model, set_fused_kernels
+from lgam.attention import fused_kernels_enabled
 from lgam.attention.lgam import GroupProducts, lgam_reference
 
 pytestmark = pytest.mark.usefixtures("on_every_device")  # CPU, and CUDA where there is a GPU
@@ -173,6 +175,24 @@ def test_channels_last_input_gives_the_same_result(lgam_path, size):
     # at a few elements where the gate is steep)
     tol = {} if lgam_path == "eager" else {"rtol": 3e-5, "atol": 1e-4}
     torch.testing.assert_close(y, m(x), **tol)
+
+
+def test_auto_mode_takes_the_fused_kernels_after_their_check():
+    """Where this device has LGAM's kernels (the C++ ones with a compiler, on a GPU the Triton
+    ones, compiled here on first use), auto mode takes them: their first-use check against eqs
+    (1)-(7) passes for each dtype, without a warning."""
+    from lgam.attention import _lgam_fused, _lgam_kernel
+
+    device = torch.get_default_device()
+    kernels = _lgam_kernel.kernels_for(device)
+    if kernels is None or kernels.missing():
+        pytest.skip(f"no LGAM kernels on {device} here: {kernels and kernels.missing()}")
+    m = LGAM(32, groups=4, reduction=2)
+    for dtype in kernels.dtypes:
+        assert _lgam_fused.check_kernels(device, dtype) is None, dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused_kernels_enabled(m, torch.randn(2, 32, 4, 4))
 
 
 def test_parameters_are_one_mlp_and_one_bn_per_group():
