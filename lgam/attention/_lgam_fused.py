@@ -191,7 +191,8 @@ FUSED = _Fused()
 
 def check_kernels(device: torch.device, dtype: torch.dtype) -> str | None:
     """Run LGAM's kernels on ``device`` for ``dtype`` maps (compiling them there if they are
-    Triton's) on a small LGAM (16 channels, G=4, r=1: no hidden unit dead for a whole batch;
+    Triton's) on a small LGAM (24 channels, G=4, r=1: groups of 6 channels and batches of 6 leave
+    part of every kernel tile masked; no hidden unit dead for a whole batch;
     float32 weights) in train mode with and without a block tail and in eval mode, both layouts,
     against eqs (1)-(7) in float64 on the CPU on the same (rounded) input: outputs, input,
     identity and parameter gradients, BN statistics, each within ``tol`` or twice the eager
@@ -209,9 +210,9 @@ def check_kernels(device: torch.device, dtype: torch.dtype) -> str | None:
                 torch.autocast(device.type, enabled=False):
             torch.manual_seed(0)
             for train, tail, layout in cases:
-                module = LGAM(16, groups=4, reduction=1).train(train)
+                module = LGAM(24, groups=4, reduction=1).train(train)
                 eager, exact = copy.deepcopy(module), copy.deepcopy(module).double()
-                x, identity, g = (torch.randn(6, 16, 4, 5).to(dtype).double() for _ in range(3))
+                x, identity, g = (torch.randn(6, 24, 4, 5).to(dtype).double() for _ in range(3))
                 identity = identity if tail else None
                 got = _run(lambda a, i: lgam_kernel(module, a, i)[0], module, x, identity, g, device, dtype, layout)
                 ref = _run(lambda a, i: _tail(eager.forward_eager(a)[0], i), eager, x, identity, g, device, dtype, layout)

@@ -80,8 +80,8 @@ if triton is not None:
             b1 = tl.load(w + 1).to(tl.pointer_type(wt))
             w2 = tl.load(w + 2).to(tl.pointer_type(wt))
             b2 = tl.load(w + 3).to(tl.pointer_type(wt))
-            gamma = tl.load(tl.load(w + 4).to(tl.pointer_type(wt)) + cols, mask=cmask)
-            beta = tl.load(tl.load(w + 5).to(tl.pointer_type(wt)) + cols, mask=cmask)
+            gamma = tl.load(tl.load(w + 4).to(tl.pointer_type(wt)) + cols, mask=cmask, other=0.0)
+            beta = tl.load(tl.load(w + 5).to(tl.pointer_type(wt)) + cols, mask=cmask, other=0.0)
             mean_at = tl.load(w + 6).to(tl.pointer_type(wt)) + cols
             var_at = tl.load(w + 7).to(tl.pointer_type(wt)) + cols
             sv = saved + k * per
