@@ -301,16 +301,23 @@ def test_the_triton_kernels_take_16_bit_maps(triton_kernels, dtype, layout):
     assert _rel(a.grad.double(), b.grad) <= max(1e-2, 1.5 * _rel(c.grad.double(), b.grad))
 
 
-def test_a_train_batch_too_large_for_one_triton_program_takes_the_module_ops(triton_kernels, monkeypatch):
-    """Train mode's scales kernel holds the whole batch in one program: beyond its tile limit
-    eqs (2)-(3) run as the module's ops (the map kernels still fused), with the same result."""
+@pytest.mark.parametrize("batch", [2, 37])
+def test_the_triton_train_kernels_take_the_batch_in_chunks(triton_kernels, batch, monkeypatch):
+    """Train mode's scales kernels hold the batch in chunks of a few samples (BatchNorm's sums
+    over all of them): a batch of several chunks, the last one partial, is as exact as one."""
     from lgam.attention import _lgam_triton
 
-    monkeypatch.setattr(_lgam_triton, "TRAIN_TILE_LIMIT", 8)
-    m = _module(4, train=True).double()
-    x = torch.randn(3, 128, 5, 5, dtype=torch.float64)
-    assert _lgam_kernel.scales_kernel(m, torch.randn(3, 128, dtype=torch.float64)) is None
-    assert _rel(m(x), lgam_reference(copy.deepcopy(m), x)) <= 1e-12
+    monkeypatch.setattr(_lgam_triton, "_chunk", lambda b, cg: (8, _lgam_triton._pow2(cg)))
+    torch.manual_seed(batch)
+    m = LGAM(24, groups=4, reduction=1).double().train()
+    loop = copy.deepcopy(m)
+    x, g = (torch.randn(batch, 24, 3, 3, dtype=torch.float64) for _ in range(2))
+    yf, gxf, _, gpf = _grads(m, lambda mod, t, i: mod(t), x, x, g)
+    yl, gxl, _, gpl = _grads(loop, lambda mod, t, i: lgam_reference(mod, t), x, x, g)
+    for got, want in ((yf, yl), (gxf, gxl), (gpf, gpl)):
+        assert _rel(got, want) <= 1e-12
+    for a, b in zip(m.buffers(), loop.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_each_device_has_its_kernels():

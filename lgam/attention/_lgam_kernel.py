@@ -144,9 +144,6 @@ class CppKernels:
         """The array of the group tensors' addresses the kernels take."""
         return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
-    def fits(self, batch: int, cg: int, training: bool) -> bool:
-        return True
-
     def scales_eval(self, pooled: Tensor, pointers: ctypes.Array, eps: float, groups: int,
                     hidden: int) -> tuple[Tensor, ...]:
         b, c = pooled.shape
@@ -250,16 +247,14 @@ def scales_kernel(module: LGAM, pooled: Tensor) -> tuple[Tensor, ...] | None:
     batch's statistics, their running statistics moved as torch's would). None where the kernel
     does not apply (weights in another dtype or on another device, BatchNorms without running
     statistics, with an ``eps`` or momentum of their own or in another mode than the module, a
-    batch of one in train mode, a train-mode batch too large for the GPU kernel's one program:
-    the module's own ops then run, or raise, as usual)."""
+    batch of one in train mode: the module's own ops then run, or raise, as usual)."""
     bns = [a._modules["bn"] for a in module.channel_attention._modules.values()]
     kernels = kernels_for(pooled.device)
     b, c = pooled.shape
     if (kernels is None or pooled.dtype not in (torch.float32, torch.float64)
             or any((bn.eps, bn.momentum, bn.training) != (bns[0].eps, bns[0].momentum, module.training)
                    for bn in bns)
-            or module.training and b < 2
-            or not kernels.fits(b, c // module.groups, module.training)):
+            or module.training and b < 2):
         return None
     found = _kernel_weights(module, kernels, pooled.dtype, pooled.device)
     if found is None:

@@ -2,11 +2,12 @@
 header first) as four kernels, compiled by Triton on first use (it comes with torch's CUDA
 wheels; nothing else to install).
 
-- :func:`_scales_kernel`: eqs (2)-(4) on the pooled vectors, all groups in one launch, and the
-  ladder weights ``P_k``, ``1 / P_{k-1}``, ``v`` from the scales. Eval mode: a program per block
-  of samples (BatchNorm on running statistics); train mode: one program holding the whole batch
-  (BatchNorm on the batch's statistics, its running ones moved in place), and
-  :func:`_scales_backward_kernel` its backward.
+- :func:`_scales_kernel` (eval mode) and :func:`_scales_train_kernel`: eqs (2)-(4) on the pooled
+  vectors, all groups in one launch, and the ladder weights ``P_k``, ``1 / P_{k-1}``, ``v`` from
+  the scales. Eval mode: a program per block of samples (BatchNorm on running statistics); train
+  mode: one program for the whole batch, taken in chunks of a few samples (BatchNorm on the
+  batch's statistics, its running ones moved in place), and :func:`_scales_backward_kernel` its
+  backward, the same way.
 - :func:`_forward_kernel`: eqs (4)-(7) and a residual block's tail on a block of positions of one
   sample: ``S = A v`` over the groups, the gate, then the ladder ``u_k`` and ``A''``.
 - :func:`_backward_kernel`: ``dA``, the identity's gradient and, per block of positions, the sums
@@ -34,9 +35,6 @@ __all__ = ["TRITON_DTYPES", "triton_missing"]
 
 #: map dtypes the kernels take (the scales and weights: float32, or float64 for float64)
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-#: the most elements a train-mode scales tile (batch x channels per group, both rounded up to a
-#: power of two) may hold: one program keeps it in registers
-TRAIN_TILE_LIMIT = 1 << 16
 
 
 def triton_missing() -> str | None:
@@ -58,123 +56,203 @@ if triton is not None:
             return x.to(dtype)
 
     @triton.jit
-    def _scales_kernel(pooled, table, consts, scales, p_out, q_out, v_out, saved, B, G, Cg, H,
-                       TRAIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
-        """Eqs (2)-(4) for ``BLOCK_B`` samples: ``pooled (B, C)`` -> ``scales``, ``p``, ``q``,
-        ``v`` ``(B, C)``; ``table``: per group the addresses of the two Linears' weights and
-        biases and the BN's weight, bias, running mean and variance; ``consts``: eps, momentum."""
-        wt = pooled.dtype.element_ty
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        cols = tl.arange(0, BLOCK_W)
-        rmask, cmask = rows < B, cols < Cg
-        mask = rmask[:, None] & cmask[None, :]
-        at = rows[:, None] * (G * Cg) + cols[None, :]  # group 0's places in (B, C)
-        per = B * (3 * Cg + H) + Cg  # saved values per group (train mode)
-        eps, momentum = tl.load(consts), tl.load(consts + 1)
-        s = tl.zeros((BLOCK_B, BLOCK_W), wt)
-        scale = tl.zeros((BLOCK_B, BLOCK_W), wt)
-        p = tl.full((BLOCK_B, BLOCK_W), 1.0, wt)
-        for k in range(G):
-            w = table + 8 * k
-            w1 = tl.load(w).to(tl.pointer_type(wt))
-            b1 = tl.load(w + 1).to(tl.pointer_type(wt))
-            w2 = tl.load(w + 2).to(tl.pointer_type(wt))
-            b2 = tl.load(w + 3).to(tl.pointer_type(wt))
-            gamma = tl.load(tl.load(w + 4).to(tl.pointer_type(wt)) + cols, mask=cmask, other=0.0)
-            beta = tl.load(tl.load(w + 5).to(tl.pointer_type(wt)) + cols, mask=cmask, other=0.0)
-            mean_at = tl.load(w + 6).to(tl.pointer_type(wt)) + cols
-            var_at = tl.load(w + 7).to(tl.pointer_type(wt)) + cols
-            sv = saved + k * per
-            # the GAP of the ladder's input x_k + y_{k-1}, eq (4)
-            s = tl.load(pooled + at + k * Cg, mask=mask, other=0.0) + scale * s
-            z2 = tl.zeros((BLOCK_B, BLOCK_W), wt) + tl.load(b2 + cols, mask=cmask, other=0.0)[None, :]
-            for j in range(H):  # eq (2): Linear -> ReLU -> Linear, a hidden unit at a time
-                z1 = tl.sum(s * tl.load(w1 + j * Cg + cols, mask=cmask, other=0.0)[None, :], axis=1)
-                z1 += tl.load(b1 + j)
-                if TRAIN:
-                    tl.store(sv + B * Cg + rows * H + j, z1, mask=rmask)
-                z2 += tl.maximum(z1, 0.0)[:, None] * tl.load(w2 + cols * H + j, mask=cmask, other=0.0)[None, :]
-            if TRAIN:  # -> BatchNorm1d on the batch's statistics; the running ones moved
-                mu = tl.sum(tl.where(mask, z2, 0.0), axis=0) / B
-                dev = tl.where(mask, z2 - mu[None, :], 0.0)
-                var = tl.sum(dev * dev, axis=0) / B
-                invstd = 1.0 / tl.sqrt(var + eps)
-                zhat = dev * invstd[None, :]
-                old_mean = tl.load(mean_at, mask=cmask)
-                old_var = tl.load(var_at, mask=cmask)
-                tl.store(mean_at, (1 - momentum) * old_mean + momentum * mu, mask=cmask)
-                tl.store(var_at, (1 - momentum) * old_var + momentum * (var * B / (B - 1)), mask=cmask)
-                tl.store(sv + rows[:, None] * Cg + cols[None, :], s, mask=mask)
-                tl.store(sv + B * (Cg + H) + rows[:, None] * Cg + cols[None, :], zhat, mask=mask)
-                tl.store(sv + B * (2 * Cg + H) + cols, invstd, mask=cmask)
-            else:  # -> BatchNorm1d on the running statistics
-                invstd = 1.0 / tl.sqrt(tl.load(var_at, mask=cmask, other=1.0) + eps)
-                zhat = (z2 - tl.load(mean_at, mask=cmask, other=0.0)[None, :]) * invstd[None, :]
-            bn = zhat * gamma[None, :] + beta[None, :]
-            if TRAIN:
-                tl.store(sv + B * (2 * Cg + H) + Cg + rows[:, None] * Cg + cols[None, :], bn, mask=mask)
-            scale = 1.0 + tl.sigmoid(tl.maximum(bn, 0.0))  # -> ReLU -> sigmoid; eq (3): 1 + M
-            tl.store(scales + at + k * Cg, scale, mask=mask)
-            tl.store(q_out + at + k * Cg, 1.0 / p, mask=mask)  # 1 / P_{k-1}
-            p = p * scale
-            tl.store(p_out + at + k * Cg, p, mask=mask)  # P_k
-        tl.debug_barrier()  # the P_k just stored are read back below, by any of the threads
-        tail = tl.zeros((BLOCK_B, BLOCK_W), wt)
-        for i in range(G):  # v_j = (1 / P_{j-1}) sum_{k >= j} P_k
+    def _ptr(table, i, wt: tl.constexpr):
+        """The ``i``-th address in ``table``, as a pointer to ``wt``."""
+        return tl.load(table + i).to(tl.pointer_type(wt))
+
+    @triton.jit
+    def _ladder_v(p_out, q_out, v_out, at, mask, G, Cg, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
+        """``v_j = (1 / P_{j-1}) sum_{k >= j} P_k`` at ``at`` (group 0's places of some rows),
+        from the ``P_k`` and ``1 / P_{k-1}`` stored there."""
+        tail = tl.zeros((BLOCK_B, BLOCK_W), p_out.dtype.element_ty)
+        for i in range(G):
             k = G - 1 - i
             tail += tl.load(p_out + at + k * Cg, mask=mask, other=0.0)
             tl.store(v_out + at + k * Cg, tail * tl.load(q_out + at + k * Cg, mask=mask, other=0.0), mask=mask)
 
     @triton.jit
-    def _scales_backward_kernel(d_scales, scales, table, saved, d_pooled, grads, B, G, Cg, H,
-                                BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
-        """Train mode's backward, one program: ``d_scales (B, C)`` -> ``d_pooled (B, C)`` and,
-        per group at ``grads + k * (2 H Cg + H + 3 Cg)``, the gradients of the first Linear's
-        weight and bias, the second's, the BN's weight and bias (in that order, each dense)."""
-        wt = scales.dtype.element_ty
-        rows = tl.arange(0, BLOCK_B)
+    def _scales_kernel(pooled, table, consts, scales, p_out, q_out, v_out, B, G, Cg, H,
+                       BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Eval mode, eqs (2)-(4) for ``BLOCK_B`` samples: ``pooled (B, C)`` -> ``scales``, ``p``,
+        ``q``, ``v`` ``(B, C)``. ``table``: per group the addresses of the two Linears' weights
+        and biases and the BN's weight, bias, running mean and variance; ``consts``: eps."""
+        wt = pooled.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_W)
-        rmask, cmask = rows < B, cols < Cg
-        mask = rmask[:, None] & cmask[None, :]
-        at = rows[:, None] * (G * Cg) + cols[None, :]
-        tile = rows[:, None] * Cg + cols[None, :]
+        cmask = cols < Cg
+        mask = (rows < B)[:, None] & cmask[None, :]
+        at = rows[:, None] * (G * Cg) + cols[None, :]  # group 0's places in (B, C)
+        eps = tl.load(consts)
+        s = tl.zeros((BLOCK_B, BLOCK_W), wt)
+        scale = tl.zeros((BLOCK_B, BLOCK_W), wt)
+        p = tl.full((BLOCK_B, BLOCK_W), 1.0, wt)
+        for k in range(G):
+            w1, b1, w2 = _ptr(table, 8 * k, wt), _ptr(table, 8 * k + 1, wt), _ptr(table, 8 * k + 2, wt)
+            s = tl.load(pooled + at + k * Cg, mask=mask, other=0.0) + scale * s  # GAP(x_k + y_{k-1}), eq (4)
+            z2 = tl.zeros((BLOCK_B, BLOCK_W), wt) + tl.load(_ptr(table, 8 * k + 3, wt) + cols, mask=cmask, other=0.0)[None, :]
+            for j in range(H):  # eq (2): Linear -> ReLU -> Linear, a hidden unit at a time
+                z1 = tl.sum(s * tl.load(w1 + j * Cg + cols, mask=cmask, other=0.0)[None, :], axis=1) + tl.load(b1 + j)
+                z2 += tl.maximum(z1, 0.0)[:, None] * tl.load(w2 + cols * H + j, mask=cmask, other=0.0)[None, :]
+            invstd = 1.0 / tl.sqrt(tl.load(_ptr(table, 8 * k + 7, wt) + cols, mask=cmask, other=1.0) + eps)
+            zhat = (z2 - tl.load(_ptr(table, 8 * k + 6, wt) + cols, mask=cmask, other=0.0)[None, :]) * invstd[None, :]
+            bn = (zhat * tl.load(_ptr(table, 8 * k + 4, wt) + cols, mask=cmask, other=0.0)[None, :]
+                  + tl.load(_ptr(table, 8 * k + 5, wt) + cols, mask=cmask, other=0.0)[None, :])  # -> BatchNorm1d
+            scale = 1.0 + tl.sigmoid(tl.maximum(bn, 0.0))  # -> ReLU -> sigmoid; eq (3): 1 + M
+            tl.store(scales + at + k * Cg, scale, mask=mask)
+            tl.store(q_out + at + k * Cg, 1.0 / p, mask=mask)  # 1 / P_{k-1}
+            p = p * scale
+            tl.store(p_out + at + k * Cg, p, mask=mask)  # P_k
+        tl.debug_barrier()  # the P_k just stored are read back, by any of the threads
+        _ladder_v(p_out, q_out, v_out, at, mask, G, Cg, BLOCK_B, BLOCK_W)
+
+    @triton.jit
+    def _scales_train_kernel(pooled, table, consts, scales, p_out, q_out, v_out, saved, B, G, Cg, H,
+                             CHUNK: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Train mode, one program for the whole batch (BatchNorm couples the samples), in chunks
+        of ``CHUNK`` samples (a tile in registers, the rest in ``saved`` and the outputs): per
+        group, the MLP and the batch's sums, then the variance, then BN, the scales and ``P``;
+        the running statistics moved (``consts``: eps, momentum). ``saved`` per group:
+        ``s_k (B, C')``, the first Linear's output ``(B, h)``, the normalised BN input ``(B, C')``
+        (the second Linear's output until then), ``1/sqrt(var + eps) (C')``, the BN output."""
+        wt = pooled.dtype.element_ty
+        cols = tl.arange(0, BLOCK_W)
+        cmask = cols < Cg
         per = B * (3 * Cg + H) + Cg
-        ds = tl.zeros((BLOCK_B, BLOCK_W), wt)  # d s_{k+1}: the next group's MLP input
+        eps, momentum = tl.load(consts), tl.load(consts + 1)
+        for k in range(G):
+            w1, b1, w2 = _ptr(table, 8 * k, wt), _ptr(table, 8 * k + 1, wt), _ptr(table, 8 * k + 2, wt)
+            b2 = tl.load(_ptr(table, 8 * k + 3, wt) + cols, mask=cmask, other=0.0)
+            sv = saved + k * per
+            total = tl.zeros((BLOCK_W,), wt)
+            for r0 in range(0, B, CHUNK):  # the MLP, eq (2), and the batch's sums
+                rows = r0 + tl.arange(0, CHUNK)
+                mask = (rows < B)[:, None] & cmask[None, :]
+                at = rows[:, None] * (G * Cg) + cols[None, :] + k * Cg
+                tile = rows[:, None] * Cg + cols[None, :]
+                s = tl.load(pooled + at, mask=mask, other=0.0)
+                if k > 0:  # GAP(x_k + y_{k-1}) = GAP(x_k) + (1 + M_{k-1}) GAP(x_{k-1} + y_{k-2}), eq (4)
+                    s += (tl.load(scales + at - Cg, mask=mask, other=0.0)
+                          * tl.load(sv - per + tile, mask=mask, other=0.0))
+                tl.store(sv + tile, s, mask=mask)
+                z2 = tl.zeros((CHUNK, BLOCK_W), wt) + b2[None, :]
+                for j in range(H):
+                    z1 = tl.sum(s * tl.load(w1 + j * Cg + cols, mask=cmask, other=0.0)[None, :], axis=1) + tl.load(b1 + j)
+                    tl.store(sv + B * Cg + rows * H + j, z1, mask=rows < B)
+                    z2 += tl.maximum(z1, 0.0)[:, None] * tl.load(w2 + cols * H + j, mask=cmask, other=0.0)[None, :]
+                tl.store(sv + B * (Cg + H) + tile, z2, mask=mask)
+                total += tl.sum(tl.where(mask, z2, 0.0), axis=0)
+            mu = total / B
+            tl.debug_barrier()  # z2, stored above by any thread, read back below
+            sq = tl.zeros((BLOCK_W,), wt)
+            for r0 in range(0, B, CHUNK):  # the batch's variance, about its mean
+                rows = r0 + tl.arange(0, CHUNK)
+                mask = (rows < B)[:, None] & cmask[None, :]
+                dev = tl.where(mask, tl.load(sv + B * (Cg + H) + rows[:, None] * Cg + cols[None, :], mask=mask, other=0.0) - mu[None, :], 0.0)
+                sq += tl.sum(dev * dev, axis=0)
+            var = sq / B
+            invstd = 1.0 / tl.sqrt(var + eps)
+            mean_at = _ptr(table, 8 * k + 6, wt) + cols
+            var_at = _ptr(table, 8 * k + 7, wt) + cols
+            tl.store(mean_at, (1 - momentum) * tl.load(mean_at, mask=cmask) + momentum * mu, mask=cmask)
+            tl.store(var_at, (1 - momentum) * tl.load(var_at, mask=cmask) + momentum * (var * B / (B - 1)), mask=cmask)
+            tl.store(sv + B * (2 * Cg + H) + cols, invstd, mask=cmask)
+            gamma = tl.load(_ptr(table, 8 * k + 4, wt) + cols, mask=cmask, other=0.0)
+            beta = tl.load(_ptr(table, 8 * k + 5, wt) + cols, mask=cmask, other=0.0)
+            for r0 in range(0, B, CHUNK):  # BN, ReLU, sigmoid; eq (3): 1 + M; P_k
+                rows = r0 + tl.arange(0, CHUNK)
+                mask = (rows < B)[:, None] & cmask[None, :]
+                at = rows[:, None] * (G * Cg) + cols[None, :] + k * Cg
+                tile = rows[:, None] * Cg + cols[None, :]
+                zhat = (tl.load(sv + B * (Cg + H) + tile, mask=mask, other=0.0) - mu[None, :]) * invstd[None, :]
+                tl.debug_barrier()  # every thread has read its z2 before any overwrites one
+                tl.store(sv + B * (Cg + H) + tile, zhat, mask=mask)
+                bn = zhat * gamma[None, :] + beta[None, :]
+                tl.store(sv + B * (2 * Cg + H) + Cg + tile, bn, mask=mask)
+                scale = 1.0 + tl.sigmoid(tl.maximum(bn, 0.0))
+                tl.store(scales + at, scale, mask=mask)
+                p_prev = tl.full((CHUNK, BLOCK_W), 1.0, wt)
+                if k > 0:
+                    p_prev = tl.load(p_out + at - Cg, mask=mask, other=1.0)
+                tl.store(q_out + at, 1.0 / p_prev, mask=mask)
+                tl.store(p_out + at, p_prev * scale, mask=mask)
+            tl.debug_barrier()  # this group's scales, s_k and P_k are read by the next
+        for r0 in range(0, B, CHUNK):
+            rows = r0 + tl.arange(0, CHUNK)
+            mask = (rows < B)[:, None] & cmask[None, :]
+            _ladder_v(p_out, q_out, v_out, rows[:, None] * (G * Cg) + cols[None, :], mask, G, Cg, CHUNK, BLOCK_W)
+
+    @triton.jit
+    def _scales_backward_kernel(d_scales, scales, table, saved, d_pooled, grads, B, G, Cg, H,
+                                CHUNK: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Train mode's backward, one program, groups last to first, the batch in chunks:
+        ``d_scales (B, C)`` -> ``d_pooled (B, C)`` (``d s_k``, which the group before reads) and,
+        per group at ``grads + k * (2 H C' + H + 3 C')``, the gradients of the first Linear's
+        weight and bias, the second's, the BN's weight and bias (in that order, each dense).
+        ``d_pooled``'s group ``k`` holds BN's input gradient until ``d s_k`` replaces it."""
+        wt = scales.dtype.element_ty
+        cols = tl.arange(0, BLOCK_W)
+        hs = tl.arange(0, BLOCK_H)
+        cmask, hmask = cols < Cg, tl.arange(0, BLOCK_H) < H
+        per = B * (3 * Cg + H) + Cg
         for i in range(G):
             k = G - 1 - i
             sv = saved + k * per
             gw = grads + k * (2 * H * Cg + H + 3 * Cg)
-            w = table + 8 * k
-            w1 = tl.load(w).to(tl.pointer_type(wt))
-            w2 = tl.load(w + 2).to(tl.pointer_type(wt))
-            gamma = tl.load(tl.load(w + 4).to(tl.pointer_type(wt)) + cols, mask=cmask, other=0.0)
-            s = tl.load(sv + tile, mask=mask, other=0.0)
-            scale = tl.load(scales + at + k * Cg, mask=mask, other=1.0)
-            # the scale's gradient: its own, and through s_{k+1} = x_{k+1} + scale_k s_k
-            d = tl.load(d_scales + at + k * Cg, mask=mask, other=0.0) + ds * s
-            m = scale - 1.0  # M = sigmoid(ReLU(bn))
-            bn = tl.load(sv + B * (2 * Cg + H) + Cg + tile, mask=mask, other=0.0)
-            dbn = tl.where(mask & (bn > 0), d * m * (1.0 - m), 0.0)
-            zhat = tl.load(sv + B * (Cg + H) + tile, mask=mask, other=0.0)
-            invstd = tl.load(sv + B * (2 * Cg + H) + cols, mask=cmask, other=0.0)
-            sum_d = tl.sum(dbn, axis=0)  # BatchNorm1d (batch statistics) backward
-            sum_dz = tl.sum(dbn * zhat, axis=0)
+            w1, w2 = _ptr(table, 8 * k, wt), _ptr(table, 8 * k + 2, wt)
+            sum_d = tl.zeros((BLOCK_W,), wt)
+            sum_dz = tl.zeros((BLOCK_W,), wt)
+            for r0 in range(0, B, CHUNK):  # through sigmoid(ReLU(bn)); BN's sums
+                rows = r0 + tl.arange(0, CHUNK)
+                mask = (rows < B)[:, None] & cmask[None, :]
+                at = rows[:, None] * (G * Cg) + cols[None, :] + k * Cg
+                tile = rows[:, None] * Cg + cols[None, :]
+                d = tl.load(d_scales + at, mask=mask, other=0.0)
+                if k + 1 < G:  # and through s_{k+1} = x_{k+1} + scale_k s_k
+                    d += tl.load(d_pooled + at + Cg, mask=mask, other=0.0) * tl.load(sv + tile, mask=mask, other=0.0)
+                m = tl.load(scales + at, mask=mask, other=1.0) - 1.0  # M = sigmoid(ReLU(bn))
+                bn = tl.load(sv + B * (2 * Cg + H) + Cg + tile, mask=mask, other=0.0)
+                dbn = tl.where(mask & (bn > 0), d * m * (1.0 - m), 0.0)
+                tl.store(d_pooled + at, dbn, mask=mask)
+                sum_d += tl.sum(dbn, axis=0)
+                sum_dz += tl.sum(dbn * tl.load(sv + B * (Cg + H) + tile, mask=mask, other=0.0), axis=0)
             tl.store(gw + 2 * H * Cg + H + Cg + cols, sum_dz, mask=cmask)  # BN weight
             tl.store(gw + 2 * H * Cg + H + 2 * Cg + cols, sum_d, mask=cmask)  # BN bias
-            dz2 = tl.where(mask, (gamma * invstd / B)[None, :] * (B * dbn - sum_d[None, :] - zhat * sum_dz[None, :]), 0.0)
-            tl.store(gw + 2 * H * Cg + H + cols, tl.sum(dz2, axis=0), mask=cmask)  # second bias
-            ds_k = tl.zeros((BLOCK_B, BLOCK_W), wt)
-            for j in range(H):
-                z1 = tl.load(sv + B * Cg + rows * H + j, mask=rmask, other=0.0)
-                # the second Linear's weight (its input ReLU(z1)), then back through it and the ReLU
-                tl.store(gw + H * Cg + H + cols * H + j, tl.sum(dz2 * tl.maximum(z1, 0.0)[:, None], axis=0), mask=cmask)
-                w2_j = tl.load(w2 + cols * H + j, mask=cmask, other=0.0)
-                dz1 = tl.where(z1 > 0, tl.sum(dz2 * w2_j[None, :], axis=1), 0.0)
-                tl.store(gw + H * Cg + j, tl.sum(dz1, axis=0))  # first bias
-                tl.store(gw + j * Cg + cols, tl.sum(dz1[:, None] * s, axis=0), mask=cmask)  # first weight
-                ds_k += dz1[:, None] * tl.load(w1 + j * Cg + cols, mask=cmask, other=0.0)[None, :]
-            ds = ds_k + ds * scale  # s_k: the MLP's input, and the ladder's carry
-            tl.store(d_pooled + at + k * Cg, ds, mask=mask)
+            gain = tl.load(_ptr(table, 8 * k + 4, wt) + cols, mask=cmask, other=0.0) * tl.load(
+                sv + B * (2 * Cg + H) + cols, mask=cmask, other=0.0) / B  # gamma / sqrt(var + eps) / B
+            db2 = tl.zeros((BLOCK_W,), wt)
+            dw2 = tl.zeros((BLOCK_H, BLOCK_W), wt)  # transposed: [j, i] = dL/dW2[i, j]
+            dw1 = tl.zeros((BLOCK_H, BLOCK_W), wt)
+            db1 = tl.zeros((BLOCK_H,), wt)
+            tl.debug_barrier()  # BN's input gradient, stored above by any thread, read back below
+            for r0 in range(0, B, CHUNK):  # BN's backward, the two Linears', s_k's gradient
+                rows = r0 + tl.arange(0, CHUNK)
+                mask = (rows < B)[:, None] & cmask[None, :]
+                at = rows[:, None] * (G * Cg) + cols[None, :] + k * Cg
+                tile = rows[:, None] * Cg + cols[None, :]
+                zhat = tl.load(sv + B * (Cg + H) + tile, mask=mask, other=0.0)
+                dbn = tl.load(d_pooled + at, mask=mask, other=0.0)
+                dz2 = tl.where(mask, gain[None, :] * (B * dbn - sum_d[None, :] - zhat * sum_dz[None, :]), 0.0)
+                db2 += tl.sum(dz2, axis=0)
+                s = tl.load(sv + tile, mask=mask, other=0.0)
+                ds = tl.zeros((CHUNK, BLOCK_W), wt)
+                for j in range(H):
+                    z1 = tl.load(sv + B * Cg + rows * H + j, mask=rows < B, other=0.0)
+                    pick = (hs == j)[:, None]
+                    dw2 += tl.where(pick, tl.sum(dz2 * tl.maximum(z1, 0.0)[:, None], axis=0)[None, :], 0.0)
+                    dz1 = tl.where(z1 > 0, tl.sum(dz2 * tl.load(w2 + cols * H + j, mask=cmask, other=0.0)[None, :], axis=1), 0.0)
+                    db1 += tl.where(hs == j, tl.sum(dz1, axis=0), 0.0)
+                    dw1 += tl.where(pick, tl.sum(dz1[:, None] * s, axis=0)[None, :], 0.0)
+                    ds += dz1[:, None] * tl.load(w1 + j * Cg + cols, mask=cmask, other=0.0)[None, :]
+                if k + 1 < G:  # s_k: the MLP's input, and the ladder's carry
+                    ds += tl.load(d_pooled + at + Cg, mask=mask, other=0.0) * tl.load(scales + at, mask=mask, other=0.0)
+                tl.debug_barrier()  # every thread has read its dbn before any overwrites one
+                tl.store(d_pooled + at, ds, mask=mask)
+            both = hmask[:, None] & cmask[None, :]
+            tl.store(gw + hs[:, None] * Cg + cols[None, :], dw1, mask=both)  # first weight (h, C')
+            tl.store(gw + H * Cg + hs, db1, mask=hmask)  # first bias
+            tl.store(gw + H * Cg + H + cols[None, :] * H + hs[:, None], dw2, mask=both)  # second weight (C', h)
+            tl.store(gw + 2 * H * Cg + H + cols, db2, mask=cmask)  # second bias
+            tl.debug_barrier()  # d s_k, stored above, is read by the group before
 
     @triton.jit
     def _forward_kernel(x, identity, p, q, v, out, s_out, C, Cg, G, P, sp, sc,
@@ -270,6 +348,13 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _chunk(batch: int, cg: int) -> tuple[int, int]:
+    """``(CHUNK, BLOCK_W)`` of the train-mode scales kernels: a group's channels, and as many
+    samples as make ~1024 elements (a tile that stays in registers)."""
+    width = _pow2(cg)
+    return min(_pow2(batch), max(1, 1024 // width)), width
+
+
 def _map_blocks(cg: int, positions: int) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_W)``: a group's channels, and as many positions as make ~4096 elements."""
     width = _pow2(cg)
@@ -301,10 +386,6 @@ class TritonKernels:
         made once per value: no copy to the device per call (nor in a CUDA graph's capture)."""
         return _consts(like.device, like.dtype, eps, momentum)
 
-    def fits(self, batch: int, cg: int, training: bool) -> bool:
-        """Whether a train-mode batch's tile fits one program."""
-        return not training or _pow2(batch) * _pow2(cg) <= TRAIN_TILE_LIMIT
-
     def scales_eval(self, pooled: Tensor, table: Tensor, eps: float, groups: int, hidden: int) -> tuple[Tensor, ...]:
         b, c = pooled.shape
         out = [torch.empty_like(pooled) for _ in range(4)]
@@ -312,8 +393,8 @@ class TritonKernels:
         block = min(_pow2(b), max(1, 1024 // width))
         with _on(pooled.device):
             _scales_kernel[(triton.cdiv(b, block),)](
-                pooled, table, self._consts(pooled, eps, 0.0), *out, pooled, b, groups, c // groups, hidden,
-                TRAIN=False, BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
+                pooled, table, self._consts(pooled, eps, 0.0), *out, b, groups, c // groups, hidden,
+                BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
         return tuple(out)
 
     def saved_size(self, b: int, groups: int, cg: int, hidden: int) -> int:
@@ -324,11 +405,11 @@ class TritonKernels:
         b, c = pooled.shape
         out = [torch.empty_like(pooled) for _ in range(4)]
         saved = pooled.new_empty(self.saved_size(b, groups, c // groups, hidden))
-        block, width = _pow2(b), _pow2(c // groups)
+        chunk, width = _chunk(b, c // groups)
         with _on(pooled.device):
-            _scales_kernel[(1,)](pooled, table, self._consts(pooled, eps, momentum), *out, saved, b, groups,
-                                 c // groups, hidden, TRAIN=True, BLOCK_B=block, BLOCK_W=width,
-                                 num_warps=_warps(block * width))
+            _scales_train_kernel[(1,)](pooled, table, self._consts(pooled, eps, momentum), *out, saved, b, groups,
+                                       c // groups, hidden, CHUNK=chunk, BLOCK_W=width,
+                                       num_warps=_warps(chunk * width))
         return (*out, saved)
 
     def scales_train_backward(self, d_scales: Tensor, scales: Tensor, table: Tensor, saved: Tensor,
@@ -339,10 +420,11 @@ class TritonKernels:
         cg = c // groups
         flat = scales.new_empty(groups * (2 * hidden * cg + hidden + 3 * cg))
         d_pooled = torch.empty_like(scales)
-        block, width = _pow2(b), _pow2(cg)
+        chunk, width = _chunk(b, cg)
         with _on(scales.device):
             _scales_backward_kernel[(1,)](d_scales, scales, table, saved, d_pooled, flat, b, groups, cg, hidden,
-                                          BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
+                                          CHUNK=chunk, BLOCK_W=width, BLOCK_H=_pow2(hidden),
+                                          num_warps=_warps(chunk * width))
         grads = [g.view_as(t) for g, t in zip(flat.split([t.numel() for t in learned]), learned)]
         return d_pooled, grads
 
