@@ -340,12 +340,22 @@ def _pow2(n: int) -> int:
 
 
 def _warps(elements: int) -> int:
-    return 4 if elements <= 4096 else 8 if elements <= 16384 else 16
+    """Warps for a tile of ``elements``: 8 or fewer per thread (more spill registers:
+    ``scripts/triton_compile_check.py``)."""
+    return 4 if elements <= 1024 else 8 if elements <= 2048 else 16
 
 
 def _on(device: torch.device) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _eval_blocks(batch: int, cg: int) -> tuple[int, int, int]:
+    """``(BLOCK_B, BLOCK_W, num_warps)`` of the eval-mode scales kernel: a group's channels, and
+    as many samples as make ~1024 elements."""
+    width = _pow2(cg)
+    block = min(_pow2(batch), max(1, 1024 // width))
+    return block, width, _warps(block * width)
 
 
 def _chunk(batch: int, cg: int) -> tuple[int, int]:
@@ -355,10 +365,15 @@ def _chunk(batch: int, cg: int) -> tuple[int, int]:
     return min(_pow2(batch), max(1, 1024 // width)), width
 
 
+def _backward_warps(chunk: int, width: int, hidden: int) -> int:
+    """The train-mode backward also holds two ``(h, C')`` weight gradients in registers."""
+    return _warps(max(chunk, _pow2(hidden)) * width)
+
+
 def _map_blocks(cg: int, positions: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_W)``: a group's channels, and as many positions as make ~4096 elements."""
+    """``(BLOCK_P, BLOCK_W)``: a group's channels, and as many positions as make ~2048 elements."""
     width = _pow2(cg)
-    return min(_pow2(positions), max(1, 4096 // width)), width
+    return min(_pow2(positions), max(1, 2048 // width)), width
 
 
 class TritonKernels:
@@ -389,12 +404,11 @@ class TritonKernels:
     def scales_eval(self, pooled: Tensor, table: Tensor, eps: float, groups: int, hidden: int) -> tuple[Tensor, ...]:
         b, c = pooled.shape
         out = [torch.empty_like(pooled) for _ in range(4)]
-        width = _pow2(c // groups)
-        block = min(_pow2(b), max(1, 1024 // width))
+        block, width, warps = _eval_blocks(b, c // groups)
         with _on(pooled.device):
             _scales_kernel[(triton.cdiv(b, block),)](
                 pooled, table, self._consts(pooled, eps, 0.0), *out, b, groups, c // groups, hidden,
-                BLOCK_B=block, BLOCK_W=width, num_warps=_warps(block * width))
+                BLOCK_B=block, BLOCK_W=width, num_warps=warps)
         return tuple(out)
 
     def saved_size(self, b: int, groups: int, cg: int, hidden: int) -> int:
@@ -424,7 +438,7 @@ class TritonKernels:
         with _on(scales.device):
             _scales_backward_kernel[(1,)](d_scales, scales, table, saved, d_pooled, flat, b, groups, cg, hidden,
                                           CHUNK=chunk, BLOCK_W=width, BLOCK_H=_pow2(hidden),
-                                          num_warps=_warps(chunk * width))
+                                          num_warps=_backward_warps(chunk, width, hidden))
         grads = [g.view_as(t) for g, t in zip(flat.split([t.numel() for t in learned]), learned)]
         return d_pooled, grads
 
