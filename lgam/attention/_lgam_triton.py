@@ -1,6 +1,7 @@
 """LGAM's GPU kernels, in Triton: the steps of its CPU kernels (``_lgam_kernel.cpp``: read its
-header first) as four kernels, compiled by Triton on first use (it comes with torch's CUDA
-wheels; nothing else to install).
+header first) as five kernels, compiled by Triton on first use (it comes with torch's CUDA
+wheels; nothing else to install; ``scripts/triton_compile_check.py`` compiles them without a
+GPU).
 
 - :func:`_scales_kernel` (eval mode) and :func:`_scales_train_kernel`: eqs (2)-(4) on the pooled
   vectors, all groups in one launch, and the ladder weights ``P_k``, ``1 / P_{k-1}``, ``v`` from
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+
 import torch
 from torch import Tensor
 
@@ -31,7 +33,7 @@ try:
 except ImportError:  # torch's CUDA wheels bring Triton; without it LGAM runs eager on the GPU
     triton = None
 
-__all__ = ["TRITON_DTYPES", "triton_missing"]
+__all__ = ["TRITON_DTYPES", "TritonKernels", "triton_kernels", "triton_missing"]
 
 #: map dtypes the kernels take (the scales and weights: float32, or float64 for float64)
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
