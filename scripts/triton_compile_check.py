@@ -42,7 +42,7 @@ def map_variants(quick: bool) -> list[tuple[str, dict, dict, int]]:
     out = []
     seen = set()
     for c, g, _, side in MODULES[:4] + MODULES[5:6] if quick else MODULES:
-        block_p, width = T._map_blocks(c // g, side * side)
+        block_p, width, warps = T._map_blocks(c // g, side * side)
         combos = ([("bf16", True, True), ("fp32", False, False)] if quick else
                   [(d, rows, res) for d in WORK for rows in (True, False) for res in (True, False)])
         for dtype, rows, res in combos:
@@ -55,7 +55,6 @@ def map_variants(quick: bool) -> list[tuple[str, dict, dict, int]]:
             ints.update({"sp": "constexpr", "sc": "i32"} if not rows else {"sp": "i32", "sc": "constexpr"})
             one = {"sp": 1} if not rows else {"sc": 1}  # Triton specialises an int argument equal to 1
             consts = {"RES": res, "BLOCK_P": block_p, "BLOCK_W": width, **one}
-            warps = T._warps(block_p * width)
             fwd = {"x": m, "identity": m, "p": w, "q": w, "v": w, "out": m, "s_out": w, **ints,
                    "RES": "constexpr", "BLOCK_P": "constexpr", "BLOCK_W": "constexpr"}
             bwd = {"x": m, "g_in": m, "y": m, "p": w, "q": w, "v": w, "s": w, "dx": m, "d_identity": m, "dl": w,

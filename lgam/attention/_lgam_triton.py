@@ -372,10 +372,14 @@ def _backward_warps(chunk: int, width: int, hidden: int) -> int:
     return _warps(max(chunk, _pow2(hidden)) * width)
 
 
-def _map_blocks(cg: int, positions: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_W)``: a group's channels, and as many positions as make ~2048 elements."""
+def _map_blocks(cg: int, positions: int) -> tuple[int, int, int]:
+    """``(BLOCK_P, BLOCK_W, num_warps)`` of the map kernels: a group's channels, as many positions
+    as make ~1024 elements, 4 a thread. Memory-bound kernels want many warps in flight: compiled
+    for sm_90, 8 elements a thread took 79-148 registers (the backward 8-16 warps an SM), 4 take
+    40-75 (24-48 warps); ``scripts/triton_compile_check.py`` lists them all."""
     width = _pow2(cg)
-    return min(_pow2(positions), max(1, 2048 // width)), width
+    block = min(_pow2(positions), max(1, 1024 // width))
+    return block, width, max(1, min(8, block * width // 128))
 
 
 class TritonKernels:
@@ -450,19 +454,19 @@ class TritonKernels:
         positions, cg = h * w, c // groups
         out = torch.empty_like(a)
         s = torch.empty(b, positions, dtype=p.dtype, device=a.device)
-        block_p, width = _map_blocks(cg, positions)
+        block_p, width, warps = _map_blocks(cg, positions)
         sp, sc = (c, 1) if rows else (1, positions)
         with _on(a.device):
             _forward_kernel[(b, triton.cdiv(positions, block_p))](
                 a, identity if identity is not None else a, p, q, v, out, s, c, cg, groups, positions, sp, sc,
-                RES=identity is not None, BLOCK_P=block_p, BLOCK_W=width, num_warps=_warps(block_p * width))
+                RES=identity is not None, BLOCK_P=block_p, BLOCK_W=width, num_warps=warps)
         return out, s
 
     def backward(self, a: Tensor, g: Tensor, y: Tensor | None, p: Tensor, q: Tensor, v: Tensor, s: Tensor,
                  groups: int, rows: bool) -> tuple[Tensor, Tensor | None, Tensor]:
         b, c, h, w = a.shape
         positions, cg = h * w, c // groups
-        block_p, width = _map_blocks(cg, positions)
+        block_p, width, warps = _map_blocks(cg, positions)
         blocks = triton.cdiv(positions, block_p)
         da = torch.empty_like(a)
         d_identity = torch.empty_like(a) if y is not None else None
@@ -472,7 +476,7 @@ class TritonKernels:
             _backward_kernel[(b, blocks)](
                 a, g, y if y is not None else a, p, q, v, s, da, d_identity if y is not None else da, dl, c, cg,
                 groups, positions, sp, sc, blocks, RES=y is not None, BLOCK_P=block_p, BLOCK_W=width,
-                num_warps=_warps(block_p * width))
+                num_warps=warps)
         return da, d_identity, dl.sum(1)
 
 
