@@ -352,19 +352,18 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _eval_blocks(batch: int, cg: int) -> tuple[int, int, int]:
-    """``(BLOCK_B, BLOCK_W, num_warps)`` of the eval-mode scales kernel: a group's channels, and
-    as many samples as make ~1024 elements."""
-    width = _pow2(cg)
-    block = min(_pow2(batch), max(1, 1024 // width))
-    return block, width, _warps(block * width)
-
-
 def _chunk(batch: int, cg: int) -> tuple[int, int]:
-    """``(CHUNK, BLOCK_W)`` of the train-mode scales kernels: a group's channels, and as many
-    samples as make ~1024 elements (a tile that stays in registers)."""
+    """``(rows, BLOCK_W)`` of the scales kernels' tile: a group's channels, and as many samples
+    as make ~1024 elements (a tile that stays in registers): the eval kernel's ``BLOCK_B``, the
+    train kernels' ``CHUNK``."""
     width = _pow2(cg)
     return min(_pow2(batch), max(1, 1024 // width)), width
+
+
+def _eval_blocks(batch: int, cg: int) -> tuple[int, int, int]:
+    """``(BLOCK_B, BLOCK_W, num_warps)`` of the eval-mode scales kernel."""
+    block, width = _chunk(batch, cg)
+    return block, width, _warps(block * width)
 
 
 def _backward_warps(chunk: int, width: int, hidden: int) -> int:
@@ -402,19 +401,14 @@ class TritonKernels:
         """The table of the group tensors' addresses, on their device."""
         return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=tensors[0].device)
 
-    def _consts(self, like: Tensor, eps: float, momentum: float) -> Tensor:
-        """``[eps, momentum]`` on ``like``'s device in its dtype (a float argument would be float32),
-        made once per value: no copy to the device per call (nor in a CUDA graph's capture)."""
-        return _consts(like.device, like.dtype, eps, momentum)
-
     def scales_eval(self, pooled: Tensor, table: Tensor, eps: float, groups: int, hidden: int) -> tuple[Tensor, ...]:
         b, c = pooled.shape
         out = [torch.empty_like(pooled) for _ in range(4)]
         block, width, warps = _eval_blocks(b, c // groups)
         with _on(pooled.device):
             _scales_kernel[(triton.cdiv(b, block),)](
-                pooled, table, self._consts(pooled, eps, 0.0), *out, b, groups, c // groups, hidden,
-                BLOCK_B=block, BLOCK_W=width, num_warps=warps)
+                pooled, table, _consts(pooled.device, pooled.dtype, eps, 0.0), *out, b, groups, c // groups,
+                hidden, BLOCK_B=block, BLOCK_W=width, num_warps=warps)
         return tuple(out)
 
     def saved_size(self, b: int, groups: int, cg: int, hidden: int) -> int:
@@ -427,8 +421,8 @@ class TritonKernels:
         saved = pooled.new_empty(self.saved_size(b, groups, c // groups, hidden))
         chunk, width = _chunk(b, c // groups)
         with _on(pooled.device):
-            _scales_train_kernel[(1,)](pooled, table, self._consts(pooled, eps, momentum), *out, saved, b, groups,
-                                       c // groups, hidden, CHUNK=chunk, BLOCK_W=width,
+            _scales_train_kernel[(1,)](pooled, table, _consts(pooled.device, pooled.dtype, eps, momentum), *out,
+                                       saved, b, groups, c // groups, hidden, CHUNK=chunk, BLOCK_W=width,
                                        num_warps=_warps(chunk * width))
         return (*out, saved)
 
@@ -482,6 +476,8 @@ class TritonKernels:
 
 @functools.lru_cache(maxsize=64)
 def _consts(device: torch.device, dtype: torch.dtype, eps: float, momentum: float) -> Tensor:
+    """``[eps, momentum]`` on ``device`` in ``dtype`` (a float argument would be float32), made
+    once per value: no copy to the device per call (nor in a CUDA graph's capture)."""
     return torch.tensor([eps, momentum], dtype=dtype, device=device)
 
 
