@@ -59,15 +59,22 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """``git ARGS`` run in the library's folder: its stdout, or None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", *args], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_revision() -> dict[str, Any]:
+    """``{"git_commit": HEAD's hash, "git_dirty": whether the library's files differ from it}``
+    (both None outside a git checkout, e.g. an installed wheel): what code made a number."""
+    commit = _git("rev-parse", "HEAD") or None
+    status = None if commit is None else _git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def _storage_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -161,7 +168,7 @@ def save_checkpoint(
         "recipe": recipe,
         "seed": seed,
         "epochs": epochs,
-        "git_commit": _git_commit(),
+        "git_commit": git_revision()["git_commit"],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "metrics": dict(metrics or {}),
     }

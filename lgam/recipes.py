@@ -40,7 +40,10 @@ class Recipe:
     starts the crops at that size and grows them linearly to ``train_size``, reached
     ``size_hold_epochs`` before the end (:func:`train_size_at`). ``bn_bias_decay=False`` exempts
     BatchNorm weights and all biases from weight decay. ``zero_init_residual`` starts every residual
-    block as the identity (:func:`lgam.models.zero_init_residual`).
+    block as the identity by zeroing its branch's last BN scale (:func:`lgam.models.zero_init_residual`:
+    an in-branch attention module then starts from a zero input); ``skip_init`` does it with a
+    zero-initialised scalar gain after the attention module instead (SkipInit: the models are built
+    with ``skip_init=True``, :func:`lgam.models.resnet.skip_gain`). At most one of the two.
     """
 
     epochs: int
@@ -63,6 +66,7 @@ class Recipe:
     size_hold_epochs: int = 0
     bn_bias_decay: bool = True
     zero_init_residual: bool = False
+    skip_init: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
@@ -74,6 +78,9 @@ class Recipe:
             raise TrainError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if self.train_size_start < 0 or self.size_hold_epochs < 0:
             raise TrainError("train_size_start and size_hold_epochs must be >= 0")
+        if self.zero_init_residual and self.skip_init:
+            raise TrainError("zero_init_residual and skip_init both start the blocks as the identity: "
+                             "choose one")
         if self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
             raise TrainError("warmup_epochs must be >= 0 and label_smoothing in [0, 1)")
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from ._fileio import atomic_write_json
 from .attention import fused_kernels_setting
+from .checkpoints import git_revision
 from .device import bf16_native, device_summary, resolve_device
 from .models import create_model, list_models, model_config, zero_init_residual
 from .recipes import RECIPES, Recipe, TrainError, lr_at, make_recipe, param_groups, train_size_at
@@ -255,7 +256,7 @@ class _Trainee:
 def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Trainee:
     """Model ``name`` drawn from the seed's random stream (the same for every model), its optimiser."""
     torch.manual_seed(run.seed)
-    model = create_model(name, num_classes=len(run.classes), stem=stem).to(run.device)
+    model = create_model(name, num_classes=len(run.classes), stem=stem, **model_kwargs(run.recipe)).to(run.device)
     if run.recipe.zero_init_residual:
         zero_init_residual(model)
     if run.channels_last:
@@ -264,6 +265,11 @@ def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Tr
     optimizer = torch.optim.SGD(param_groups(model, r), lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
                                 weight_decay=r.weight_decay)
     return _Trainee(name, model, optimizer, directory, _settings(run, name, stem), _Stopwatch(run.device))
+
+
+def model_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """What ``recipe`` adds to :func:`lgam.create_model`'s arguments (SkipInit's gains)."""
+    return {"skip_init": True} if recipe.skip_init else {}
 
 
 def _settings(run: _Run, name: str, stem: str | None) -> dict[str, Any]:
@@ -312,7 +318,7 @@ def _config(run: _Run, tr: _Trainee, models: Sequence[str], stem: str | None,
         "bf16_autocast": run.autocast, "channels_last": run.channels_last, "world_size": run.world,
         "lgam_fused_kernels": fused_kernels_setting(run.device),
         "num_classes": len(run.classes), "train_images": int(run.images.shape[0]),
-        "resumed_from_epoch": tr.epoch, **(extra or {}),
+        "resumed_from_epoch": tr.epoch, **git_revision(), **(extra or {}),
     }
 
 
@@ -545,7 +551,7 @@ def _save_checkpoints(args: argparse.Namespace, recipe: Recipe, split: Any,
         if not recs or recs[-1]["epoch"] != recipe.epochs:
             continue  # not finished (--stop-after)
         run = Path(args.out) / name
-        model = create_model(name, num_classes=len(split.classes), stem=args.stem)
+        model = create_model(name, num_classes=len(split.classes), stem=args.stem, **model_kwargs(recipe))
         model.load_state_dict(load_weights(run))
         config = json.loads((run / CONFIG).read_text())
         saved_run = Path(args.checkpoints_dir) / RUNS / name  # the numbers' seed, config, command

@@ -205,3 +205,52 @@ def test_zero_init_residual_tames_lgams_gradient_at_init():
     plain = grad_norm("resnet18", False)
     assert grad_norm("resnet18_lgam", False) > 50 * plain
     assert grad_norm("resnet18_lgam", True) < 3 * plain
+
+
+@pytest.mark.parametrize("name", ["resnet18_se", "resnet18_lgam", "resnet18_cbam", "resnext29_32x4d_sge",
+                                  "wrn16_10_se"])
+def test_skip_init_starts_blocks_as_the_identity_with_attention_fed_its_real_input(name):
+    """SkipInit (the cpu recipe's ``skip_init``): every block starts as the identity, yet its
+    attention module sees the branch's normal, non-zero output; zero_init_residual feeds it zeros."""
+    from lgam.models import zero_init_residual
+
+    seen = {}
+
+    def attention_inputs(model):
+        seen.clear()
+        for block_name, m in model.named_modules():
+            if block_name.split(".")[-1] == "attention":
+                m.register_forward_hook(lambda mod, args, out, k=block_name: seen.__setitem__(k, args[0]))
+
+    torch.manual_seed(0)
+    model = lgam.create_model(name, num_classes=5, skip_init=True).train()
+    gains = [m.skip_gain for m in model.modules() if getattr(m, "skip_gain", None) is not None]
+    assert gains and all(float(g.detach()) == 0.0 for g in gains)
+    block = model.layer1[-1]
+    x = torch.rand(4, block.conv1.in_channels, 8, 8)
+    attention_inputs(block)
+    out = block(x)
+    expected = x if name.startswith("wrn") else torch.relu(x)  # pre-activation WRN: no ReLU after the add
+    torch.testing.assert_close(out, expected)
+    assert seen and all(v.abs().amax() > 0.1 for v in seen.values())
+    out.square().sum().backward()
+    assert block.skip_gain.grad is not None and float(block.skip_gain.grad.abs()) > 0
+
+    if not name.startswith("wrn"):  # the contrast: a zeroed BN scale hands attention all zeros
+        plain = lgam.create_model(name, num_classes=5).train()
+        zero_init_residual(plain)
+        attention_inputs(plain.layer1[-1])
+        plain.layer1[-1](x)
+        assert all(float(v.detach().abs().amax()) == 0.0 for v in seen.values())
+
+
+def test_skip_init_is_part_of_the_architecture():
+    model = lgam.create_model("resnet18_lgam", num_classes=5, skip_init=True)
+    assert model.model_kwargs["skip_init"] is True  # so a checkpoint rebuilds it
+    names = [n for n, _ in model.named_parameters() if n.endswith("skip_gain")]
+    assert len(names) == 8 and "layer4.1.skip_gain" in names
+    assert not any(n.endswith("skip_gain") for n, _ in lgam.create_model("resnet18", 5).named_parameters())
+    from lgam.recipes import RECIPES, TrainError, make_recipe
+
+    with pytest.raises(TrainError, match="choose one"):
+        make_recipe("cpu", ["skip_init=true"])  # the cpu preset zeroes the BN scale already

@@ -124,6 +124,11 @@ def test_cpu_fast_path(tiny_data, tmp_path, monkeypatch, capsys, native):
     config = json.loads((out / "resnet18" / "config.json").read_text())
     assert config["bf16_autocast"] is native and config["channels_last"] is native
     assert config["lgam_fused_kernels"].startswith("auto")  # the default (conftest), recorded
+    from lgam.checkpoints import git_revision
+
+    assert {k: config[k] for k in ("git_commit", "git_dirty")} == git_revision()  # the code that ran
+    if (Path(lgam.__file__).resolve().parents[1] / ".git").exists():
+        assert len(config["git_commit"]) == 40 and isinstance(config["git_dirty"], bool)
     log = _log(out / "resnet18")
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     notes = capsys.readouterr().err.count("training in float32")

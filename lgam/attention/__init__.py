@@ -52,9 +52,12 @@ def fuses_residual(attention: nn.Module) -> bool:
     return getattr(attention, "fuses_residual", False)
 
 
-def residual_tail(attention: nn.Module, x: Tensor, identity: Tensor) -> Tensor:
+def residual_tail(attention: nn.Module, x: Tensor, identity: Tensor, gain: Tensor | None = None) -> Tensor:
     """A residual block's output from its branch ``x`` and ``identity``, both ``(B, C, H, W)``:
-    ``ReLU(attention(x) + identity)``, by the module itself where it :func:`fuses_residual`."""
+    ``ReLU(attention(x) + identity)``, by the module itself where it :func:`fuses_residual`; with a
+    scalar ``gain`` (SkipInit's alpha, De & Smith 2020) ``ReLU(gain * attention(x) + identity)``."""
+    if gain is not None:
+        return torch.relu_(torch.addcmul(identity, attention(x), gain))
     if fuses_residual(attention):
         return attention(x, residual=identity)
     return torch.relu_(attention(x) + identity)

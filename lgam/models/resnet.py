@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..attention import create_attention, residual_tail
@@ -89,6 +90,14 @@ def zero_init_residual(model: nn.Module) -> int:
     return n
 
 
+def skip_gain(enabled: bool) -> nn.Parameter | None:
+    """SkipInit's scalar ``alpha`` (De & Smith, 2020) for the end of a residual branch, after its
+    attention module, initialised to 0: the block starts as the identity while the branch, its
+    attention module included, sees its normal input (unlike :func:`zero_init_residual`, whose
+    zero BN scale feeds the attention module zeros). ``None`` when not ``enabled``."""
+    return nn.Parameter(torch.zeros(())) if enabled else None
+
+
 class AttentionBackbone(nn.Module):
     """Shared skeleton: stem -> ``layer1..layer4`` -> global average pool -> ``fc``.
 
@@ -139,7 +148,8 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; ``attention`` acts on the residual branch after ``bn2``. ``(B, C, H, W)``."""
+    """Two 3x3 convs; ``attention`` acts on the residual branch after ``bn2``; with ``skip_init``
+    the branch ends in a zero-initialised scalar gain (:func:`skip_gain`). ``(B, C, H, W)``."""
 
     expansion = 1
     residual_bn = "bn2"  # the branch's last BN (see zero_init_residual)
@@ -152,6 +162,7 @@ class BasicBlock(nn.Module):
         downsample: nn.Module | None = None,
         attention: str | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
@@ -161,11 +172,12 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.attention = create_attention(attention, planes, **(attention_kwargs or {}))
         self.downsample = downsample
+        self.skip_gain = skip_gain(skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return residual_tail(self.attention, self.bn2(self.conv2(out)), identity)
+        return residual_tail(self.attention, self.bn2(self.conv2(out)), identity, self.skip_gain)
 
 
 class ResNet(AttentionBackbone):
@@ -183,9 +195,11 @@ class ResNet(AttentionBackbone):
         attention: str | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         placement: str = "block",
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
+        self.skip_init = skip_init
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers!r}")
         self.inplanes = 64
@@ -209,9 +223,9 @@ class ResNet(AttentionBackbone):
         downsample = None
         if stride != 1 or self.inplanes != planes:
             downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample, attention, kw)]
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, attention, kw, self.skip_init)]
         self.inplanes = planes
-        layers += [BasicBlock(planes, planes, 1, None, attention, kw) for _ in range(1, blocks)]
+        layers += [BasicBlock(planes, planes, 1, None, attention, kw, self.skip_init) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward_stem(self, x: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..attention import create_attention, residual_tail
 from .resnet import (
     AttentionBackbone, check_num_classes, check_placement, conv1x1, init_weights, make_stages,
-    make_stem,
+    make_stem, skip_gain,
 )
 
 __all__ = ["ResNeXtBottleneck", "ResNeXt"]
@@ -33,6 +33,7 @@ class ResNeXtBottleneck(nn.Module):
         stride: int = 1,
         attention: str | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = conv1x1(inplanes, width)
@@ -48,12 +49,13 @@ class ResNeXtBottleneck(nn.Module):
             self.downsample = nn.Sequential(
                 conv1x1(inplanes, outplanes, stride), nn.BatchNorm2d(outplanes)
             )
+        self.skip_gain = skip_gain(skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return residual_tail(self.attention, self.bn3(self.conv3(out)), identity)
+        return residual_tail(self.attention, self.bn3(self.conv3(out)), identity, self.skip_gain)
 
 
 class ResNeXt(AttentionBackbone):
@@ -73,6 +75,7 @@ class ResNeXt(AttentionBackbone):
         attention: str | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         placement: str = "block",
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
@@ -87,7 +90,7 @@ class ResNeXt(AttentionBackbone):
         self.layer1, self.layer2, self.layer3 = make_stages(
             outs, n, 64, lambda cin, i, stride: ResNeXtBottleneck(
                 cin, cardinality * base_width * 2**i, outs[i], cardinality, stride, block_att,
-                attention_kwargs))
+                attention_kwargs, skip_init))
         self._init_stage_attention(attention, placement, list(outs[:2]), attention_kwargs)
         self.layer4 = nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)

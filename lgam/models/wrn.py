@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..attention import create_attention
 from .resnet import (
-    AttentionBackbone, check_num_classes, check_placement, init_weights, make_stages, make_stem,
+    AttentionBackbone, check_num_classes, check_placement, init_weights, make_stages, make_stem, skip_gain,
 )
 
 __all__ = ["WideBasicBlock", "WideResNet"]
@@ -27,6 +28,7 @@ class WideBasicBlock(nn.Module):
         dropout: float = 0.0,
         attention: str | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
@@ -41,13 +43,15 @@ class WideBasicBlock(nn.Module):
             if stride != 1 or in_planes != planes
             else None
         )
+        self.skip_gain = skip_gain(skip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         o = self.relu(self.bn1(x))
         identity = x if self.shortcut is None else self.shortcut(o)
         out = self.conv1(o)
         out = self.conv2(self.dropout(self.relu(self.bn2(out))))
-        return self.attention(out) + identity
+        out = self.attention(out)
+        return out + identity if self.skip_gain is None else torch.addcmul(identity, out, self.skip_gain)
 
 
 class WideResNet(AttentionBackbone):
@@ -67,6 +71,7 @@ class WideResNet(AttentionBackbone):
         attention: str | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         placement: str = "block",
+        skip_init: bool = False,
     ) -> None:
         super().__init__()
         check_num_classes(num_classes)
@@ -78,7 +83,7 @@ class WideResNet(AttentionBackbone):
         block_att = attention if check_placement(placement) == "block" else None
         self.layer1, self.layer2, self.layer3 = make_stages(
             widths, n, 16, lambda cin, i, stride: WideBasicBlock(
-                cin, widths[i], stride, dropout, block_att, attention_kwargs))
+                cin, widths[i], stride, dropout, block_att, attention_kwargs, skip_init))
         self._init_stage_attention(attention, placement, widths[:2], attention_kwargs)
         self.layer4 = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
