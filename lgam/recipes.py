@@ -171,11 +171,24 @@ def train_size_at(recipe: Recipe, epoch: int) -> int:
     return max(16, int(round(size / 16)) * 16)
 
 
+def no_decay_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that ``bn_bias_decay=False`` exempts from weight decay: normalisation
+    weights and biases (every parameter with fewer than 2 dimensions: BN's, SkipInit's gains) and
+    those a module names in its ``no_weight_decay`` attribute (SGE's per-group affine of a
+    normalised score, BN's role there, shaped ``(1, G, 1, 1)``)."""
+    ids = {id(p) for p in model.parameters() if p.ndim <= 1}
+    for module in model.modules():
+        for name in getattr(module, "no_weight_decay", ()):
+            ids.add(id(getattr(module, name)))
+    return ids
+
+
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
-    """The optimiser's parameter groups: one, or with ``bn_bias_decay=False`` a second group of
-    BatchNorm weights and biases (every parameter with fewer than 2 dimensions) without decay."""
+    """The optimiser's parameter groups: one, or with ``bn_bias_decay=False`` a second group
+    without decay (:func:`no_decay_parameters`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.bn_bias_decay:
         return [{"params": params, "weight_decay": recipe.weight_decay}]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    free = no_decay_parameters(model)
+    return [{"params": [p for p in params if id(p) not in free], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in params if id(p) in free], "weight_decay": 0.0}]

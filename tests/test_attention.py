@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import lgam
+
 from lgam import BAM, CBAM, LGAM, SE, SGE, create_attention
 from lgam.attention.sge import sge_reference
 
@@ -36,9 +38,12 @@ def test_sge_single_position_is_finite():
     assert torch.isfinite(SGE(64)(torch.randn(2, 64, 1, 1))).all()
 
 
-def test_cbam_hand_computed():
-    cbam = CBAM(2, reduction=1)
+@pytest.mark.parametrize("spatial_bn", [True, False], ids=["official-bn", "paper-text"])
+def test_cbam_hand_computed(spatial_bn):
+    cbam = CBAM(2, reduction=1, spatial_bn=spatial_bn).eval()  # eval BN: (z - 0) / sqrt(1 + eps) * w + b
     with torch.no_grad():
+        if spatial_bn:
+            cbam.spatial_gate.bn.weight.fill_((1 + cbam.spatial_gate.bn.eps) ** 0.5)  # an identity BN
         cbam.channel_gate.mlp[0].weight.copy_(torch.eye(2))
         cbam.channel_gate.mlp[2].weight.copy_(torch.eye(2))
         w = torch.zeros(1, 2, 7, 7)
@@ -53,12 +58,30 @@ def test_cbam_hand_computed():
     torch.testing.assert_close(cbam(x), expected)
 
 
-def test_cbam_has_no_bias_and_no_bn():
+def test_cbam_is_the_official_structure():
+    """As the official code (Jongchan/attention-module, BasicConv(2, 1, 7, relu=False)): a 7x7
+    conv without bias, then BatchNorm2d(1, eps 1e-5, momentum 0.01), scale and shift 0 at init
+    (also inside a backbone, whose own init sets BN scales to 1), so every spatial gate starts at
+    0.5; the shared MLP without biases (our choice: the paper's parameter count)."""
     cbam = CBAM(64)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in cbam.modules())
-    assert all(getattr(m, "bias", None) is None
-               for m in cbam.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-    assert sum(p.numel() for p in cbam.parameters()) == 2 * 64 * 4 + 2 * 49
+    conv, bn = cbam.spatial_gate.conv, cbam.spatial_gate.bn
+    assert conv.weight.shape == (1, 2, 7, 7) and conv.bias is None and conv.padding == (3, 3)
+    assert isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == 1
+    assert bn.eps == 1e-5 and bn.momentum == 0.01 and bn.affine
+    assert [isinstance(m, torch.nn.BatchNorm2d) for m in cbam.modules()].count(True) == 1
+    assert all(getattr(m, "bias", None) is None for m in cbam.channel_gate.modules()
+               if isinstance(m, torch.nn.Linear))
+    model = lgam.create_model("resnet18_cbam", num_classes=5)
+    for block in (model.layer1[0], model.layer4[1]):
+        gate = block.attention.spatial_gate
+        assert float(gate.bn.weight.detach()) == 0.0 and float(gate.bn.bias.detach()) == 0.0
+        assert gate.conv.weight.detach().abs().sum() > 0  # the conv keeps the backbone's Kaiming init
+    x = torch.randn(3, 64, 9, 9)
+    for mode in (model.train, model.eval):
+        mode()
+        torch.testing.assert_close(model.layer1[0].attention.spatial_gate(x), torch.full((3, 1, 9, 9), 0.5))
+    assert not hasattr(CBAM(64, spatial_bn=False).spatial_gate.bn, "weight")  # the paper-text gate
+    assert sum(p.numel() for p in cbam.parameters()) == 2 * 64 * 4 + 2 * 49 + 2  # MLP, conv, BN
 
 
 def test_se_matches_its_definition():

@@ -32,7 +32,7 @@ def test_cbam_spatial_and_channel_gates():
     channel = torch.sigmoid(mlp(x.mean(dim=(2, 3))) + mlp(x.amax(dim=(2, 3))))
     gated = x * channel[:, :, None, None]
     pooled = torch.cat([gated.amax(1, keepdim=True), gated.mean(1, keepdim=True)], 1)
-    spatial = torch.sigmoid(F.conv2d(pooled, cbam.spatial_gate.conv.weight, padding=3))
+    spatial = torch.sigmoid(cbam.spatial_gate.bn(F.conv2d(pooled, cbam.spatial_gate.conv.weight, padding=3)))
     gates = _captured(cbam, x)
     torch.testing.assert_close(gates["channel"], channel)
     torch.testing.assert_close(gates["spatial"], spatial)

@@ -101,6 +101,19 @@ def test_no_weight_decay_on_batchnorm_and_biases():
     assert len(one["params"]) == len(list(model.parameters()))
 
 
+def test_no_weight_decay_on_sge_affine_and_skip_gains():
+    """SGE's gamma/beta follow BN (its official code treats them alike); SkipInit's gains are
+    0-dimensional: neither decays where BN does not."""
+    model = lgam.create_model("resnet18_sge", num_classes=3, skip_init=True)
+    decayed, free = param_groups(model, make_recipe("cpu", ["zero_init_residual=false", "skip_init=true"]))
+    free_ids = {id(p) for p in free["params"]}
+    sge = model.layer3[0].attention
+    assert id(sge.weight) in free_ids and id(sge.bias) in free_ids and sge.weight.ndim == 4
+    assert id(model.layer3[0].skip_gain) in free_ids
+    assert all(p.ndim > 1 for p in decayed["params"]) and id(model.layer3[0].conv1.weight) not in free_ids
+    assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
 def test_cpu_fast_path(tiny_data, tmp_path, monkeypatch, capsys, native):
     """With native bf16 the CPU trains under bf16 autocast + channels_last (the loss falls);

@@ -1,4 +1,8 @@
-"""CBAM: Convolutional Block Attention Module (Woo, Park, Lee, Kweon, ECCV 2018)."""
+"""CBAM: Convolutional Block Attention Module (Woo, Park, Lee, Kweon, ECCV 2018), as its official
+code builds it (github.com/Jongchan/attention-module): the spatial gate's 7x7 conv is followed by a
+BatchNorm (momentum 0.01) whose scale starts at 0, so every spatial gate starts at a uniform 0.5.
+The shared MLP has no biases (the official one has; without them ResNet18's count is the LGAM
+paper's Table 4 figure, 11.27M on ImageNet-20, where the biases would make it 11.28M)."""
 from __future__ import annotations
 
 import torch
@@ -29,18 +33,33 @@ class CBAMChannelGate(nn.Module):
 
 
 class CBAMSpatialGate(nn.Module):
-    """``sigmoid(conv7x7([max_c(x), mean_c(x)]))``, a ``(B, 1, H, W)`` map (no BN, no bias)."""
+    """``sigmoid(BN(conv7x7([max_c(x), mean_c(x)])))``, a ``(B, 1, H, W)`` map (conv without bias).
 
-    def __init__(self, kernel_size: int = 7) -> None:
+    ``bn=True`` is the official code's gate: BatchNorm2d(1, momentum=0.01) with scale and shift 0
+    at initialisation (:meth:`reset_parameters`, which a backbone's init must not undo).
+    ``bn=False`` is the gate as the paper's text describes it (how this library built CBAM before).
+    """
+
+    init_after_backbone = True  # a backbone's init (BN weight 1) would undo reset_parameters
+
+    def __init__(self, kernel_size: int = 7, bn: bool = True) -> None:
         super().__init__()
         check_positive_int("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"CBAM: kernel_size must be odd to keep H x W, got {kernel_size}")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01) if bn else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.bn is not None:
+            nn.init.zeros_(self.bn.weight)  # the official init: every gate starts at sigmoid(0)
+            nn.init.zeros_(self.bn.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
-        return torch.sigmoid(self.conv(pooled))
+        logits = self.conv(pooled)
+        return torch.sigmoid(logits if self.bn is None else self.bn(logits))
 
 
 class CBAM(GateRecorder):
@@ -48,11 +67,11 @@ class CBAM(GateRecorder):
 
     gate_description = "sigmoid(conv7x7([max_c, mean_c])) of the channel-gated input"
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, spatial_bn: bool = True) -> None:
         super().__init__()
         check_positive_int("channels", channels)
         self.channel_gate = CBAMChannelGate(channels, reduction)
-        self.spatial_gate = CBAMSpatialGate(kernel_size)
+        self.spatial_gate = CBAMSpatialGate(kernel_size, bn=spatial_bn)
 
     def forward(self, x: Tensor) -> Tensor:
         channel = self.channel_gate(x)

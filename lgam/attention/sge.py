@@ -21,6 +21,10 @@ class SGE(GateRecorder):
     """
 
     gate_description = "sigmoid(normalised x . GAP(x)) averaged over the groups"
+    #: gamma and beta are a per-group affine of a normalised score, BatchNorm's role: the official
+    #: code (implus/PytorchInsight) decays them exactly as it decays BN's scale and shift, so a
+    #: recipe that exempts BN (``bn_bias_decay=False``) exempts them too (lgam.recipes.param_groups)
+    no_weight_decay = ("weight", "bias")
 
     def __init__(self, channels: int, groups: int = 64, eps: float = 1e-5) -> None:
         super().__init__()

@@ -38,13 +38,18 @@ def check_num_classes(num_classes: int) -> int:
 
 
 def init_weights(model: nn.Module) -> None:
-    """torchvision's initialisation: Kaiming-normal (fan_out) convs, BN weight 1 / bias 0."""
+    """torchvision's initialisation: Kaiming-normal (fan_out) convs, BN weight 1 / bias 0; then
+    each module's own ``reset_parameters`` where it declares ``init_after_backbone`` (CBAM's spatial
+    gate, whose BN starts at 0 in its official code)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.constant_(m.weight, 1)
             nn.init.constant_(m.bias, 0)
+    for m in model.modules():
+        if getattr(m, "init_after_backbone", False):
+            m.reset_parameters()
 
 
 def make_stem(stem: str, out_channels: int) -> tuple[nn.Conv2d, nn.Module]:
