@@ -39,7 +39,7 @@ from .errors import LgamError
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
-    "preprocess", "resize_normalize", "read_classes_tsv", "fetch", "DATASETS",
+    "preprocess", "resize_normalize", "read_classes_tsv", "fetch", "DATASETS", "split_holdout",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -295,6 +295,27 @@ def load_split(
     images = torch.from_numpy(np.stack([decoded[i] for i in keep]))
     labels = torch.tensor([index[samples[i].wnid] for i in keep], dtype=torch.int64)
     return DecodedSplit(images, labels, names, wnids, skipped)
+
+
+def split_holdout(split: DecodedSplit, per_class: int) -> tuple[DecodedSplit, DecodedSplit]:
+    """``(rest, held_out)``: ``per_class`` images of every class set aside from ``split``, spread
+    evenly over each class's images in their (file-name) order, so the slice depends on the data
+    alone, never on a seed: every run that holds out the same number holds out the same images.
+    A slice to choose settings on (the app's input size) without looking at val."""
+    if per_class < 0:
+        raise DataError(f"holdout must be >= 0 images per class, got {per_class}")
+    held = torch.zeros(len(split), dtype=torch.bool)
+    for c in range(len(split.classes)):
+        idx = (split.labels == c).nonzero().flatten()
+        if per_class and len(idx) <= per_class:
+            raise DataError(f"class {split.classes[c]!r} has {len(idx)} images: cannot hold out "
+                            f"{per_class} and train on the rest")
+        held[idx[_spread(len(idx), per_class)]] = per_class > 0
+
+    def part(mask: Tensor) -> DecodedSplit:
+        return DecodedSplit(split.images[mask], split.labels[mask], split.classes, split.wnids, split.skipped)
+
+    return part(~held), part(held)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -492,6 +492,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-size", type=int, metavar="PX",
                    help="decode training images at PX x PX (default: as stored)")
     p.add_argument("--limit", type=int, metavar="N", help="use only N images of each split (smoke tests)")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="set N training images per class aside, untrained on (lgam.data.split_holdout: "
+                        "the same images for every seed), to choose settings on without val")
     p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable images instead of failing")
     p.add_argument("--checkpoints-dir", metavar="DIR",
                    help="save the final models there (lgam.checkpoints, with metrics)")
@@ -502,7 +505,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .data import DataError, load_split
+    from .data import DataError, load_split, split_holdout
 
     try:
         recipe = make_recipe(args.recipe, args.overrides, args.epochs)
@@ -522,6 +525,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             train_split = load_split(args.data, "train", size=args.decode_size,
                                      skip_corrupt=args.skip_corrupt, limit=args.limit)
+            train_split = split_holdout(train_split, args.holdout)[0]
             val_split = None if args.val_every == 0 else load_split(
                 args.data, "val", size=args.val_size, skip_corrupt=args.skip_corrupt, limit=args.limit)
             records = train(
@@ -561,7 +565,8 @@ def _save_checkpoints(args: argparse.Namespace, recipe: Recipe, split: Any,
         save_checkpoint(model, args.checkpoints_dir, classes=split.classes, input_size=args.val_size,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD, recipe=asdict(recipe), seed=args.seed,
                         epochs=recipe.epochs, metrics=summary_metrics(recs),
-                        extra={"wnids": list(split.wnids), "machine": config.get("hardware"),
+                        extra={"wnids": list(split.wnids), "holdout_per_class": args.holdout,
+                               "train_images": len(split), "machine": config.get("hardware"),
                                "command": config.get("argv"), "run_log": f"{RUNS}/{name}/{LOG}"})
         print(f"saved {name} to {args.checkpoints_dir}")
 

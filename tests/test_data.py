@@ -208,3 +208,21 @@ def test_sample_writes_images_spread_over_classes(shards, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert D.main(["sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "data error" in capsys.readouterr().err
+
+
+def test_split_holdout_sets_aside_the_same_images_per_class(folder):
+    full = D.load_split(folder, "train")
+    rest, held = D.split_holdout(full, 1)
+    assert held.labels.bincount().tolist() == [1, 1, 1] and rest.labels.bincount().tolist() == [3, 3, 3]
+    assert rest.classes == held.classes == full.classes and rest.wnids == full.wnids
+    # disjoint and complete: every image lands in exactly one part
+    keys = lambda s: {t.numpy().tobytes() for t in s.images}
+    assert keys(rest).isdisjoint(keys(held)) and keys(rest) | keys(held) == keys(full)
+    again = D.split_holdout(D.load_split(folder, "train"), 1)[1]  # data alone decides, not a seed
+    assert torch.equal(again.images, held.images)
+    rest0, held0 = D.split_holdout(full, 0)
+    assert len(held0) == 0 and torch.equal(rest0.images, full.images)
+    with pytest.raises(D.DataError, match="cannot hold out 4"):
+        D.split_holdout(full, 4)
+    with pytest.raises(D.DataError, match=">= 0"):
+        D.split_holdout(full, -1)

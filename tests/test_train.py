@@ -376,3 +376,23 @@ def test_throughput_benchmark_runs():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| resnet18")]
     assert len(rows) == 2 and rows[1].startswith("| resnet18_lgam |")
     assert all(float(row.split("|")[3]) > 0 for row in rows)
+
+
+def test_holdout_and_skip_init_reach_config_and_checkpoint(tiny_data, tmp_path):
+    """--holdout N trains on the rest (same images set aside for every seed) and says so in the
+    run's files and the manifest; a skip_init recipe's gains are in the saved architecture."""
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    assert _train(tiny_data, out, "--model", "resnet18_se", "--epochs", "1", "--holdout", "2",
+                  "--set", "skip_init=true", "--checkpoints-dir", str(ckpt)) == 0
+    config = json.loads((out / "resnet18_se" / "config.json").read_text())
+    assert config["train_images"] == 3 * 6 and config["args"]["holdout"] == 2
+    assert config["recipe"]["skip_init"] is True
+    entry = json.loads((ckpt / "manifest.json").read_text())["models"]["resnet18_se"]
+    assert entry["extra"]["holdout_per_class"] == 2 and entry["extra"]["train_images"] == 18
+    assert entry["arch_kwargs"]["skip_init"] is True
+    from lgam.checkpoints import load_checkpoint
+
+    model = load_checkpoint(ckpt, "resnet18_se")[0]
+    trained = _weights(out / "resnet18_se")["model.layer1.0.skip_gain"]
+    assert float(model.layer1[0].skip_gain.detach()) == pytest.approx(float(trained), rel=1e-3)  # float16
+    assert float(trained) != 0.0  # one epoch moved it
