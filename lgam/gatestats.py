@@ -1,10 +1,18 @@
-"""``lgam gates``: how the attention modules' own spatial gates behave on real images, per stage.
+"""``lgam gates``: how the attention modules' own gates behave on real images, per stage.
 
-For every model and stage, over the val images (the whole image resized to the model's input size,
-as in evaluation): the mean gate, the fraction of positions at exactly 0.5 (LGAM's
-``M_spat = sigmoid(ReLU(S))`` is 0.5 wherever the channel sum ``S <= 0``, eq (6)), the fraction
-above 0.99 and below 0.01 (a near-binary mask), from one forward pass per batch
-(:func:`lgam.attention.capture_gates`). Every module of a stage counts.
+For every model, stage and kind of gate (``channel``: SE's and CBAM's per-channel gates;
+``spatial``: CBAM's, SGE's, BAM's and LGAM's maps), over the val images (the whole image resized
+to the model's input size, as in evaluation), from one forward pass per batch
+(:func:`lgam.attention.capture_gates`); every module of a stage counts:
+
+- ``mean``: the mean gate;
+- ``img_std``: how much a gate varies *across images* (the std over images of each gate unit, a
+  channel or a position, averaged over the units): a gate that does not depend on the image is a
+  constant scale, which the convolutions could have learnt without it;
+- ``dead``: the share of units whose across-image std is below 0.01 (:data:`DEAD_STD`);
+- ``at_half``: the share of values at exactly 0.5 (LGAM's ``M_spat = sigmoid(ReLU(S))`` is 0.5
+  wherever the channel sum ``S <= 0``, eq (6)); ``open`` / ``closed``: at or above 0.99 / at or
+  below 0.01 (saturated, :data:`SATURATED`).
 
     lgam gates --checkpoints checkpoints --data ../shared/data/imagenet20 --limit 500
 """
@@ -23,53 +31,89 @@ from .checkpoints import load_checkpoint, load_manifest
 from .data import DecodedSplit, load_split, resize_normalize
 from .models import FIGURE5_MODELS
 
-__all__ = ["gate_statistics", "format_gate_table", "configure_parser", "main"]
+__all__ = ["GATE_KINDS", "DEAD_STD", "SATURATED", "gate_statistics", "format_gate_table", "configure_parser",
+           "main"]
 
+#: the gates reported, in the table's order
+GATE_KINDS = ("channel", "spatial")
 #: a gate at or above this is "open", at or below 1 - this "closed"
 SATURATED = 0.99
+#: a gate unit whose std across images is below this is "dead" (a constant)
+DEAD_STD = 0.01
+
+
+class _Moments:
+    """Running per-unit sums over images of one module's gate, plus the value counters."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: Tensor | float = 0.0
+        self.sq: Tensor | float = 0.0
+        self.counts = torch.zeros(3, dtype=torch.float64)  # at 0.5, open, closed
+
+    def add(self, g: Tensor) -> None:
+        g = g.double().flatten(1)  # (B, units)
+        self.n += g.shape[0]
+        self.sum = self.sum + g.sum(0)
+        self.sq = self.sq + g.square().sum(0)
+        self.counts += torch.stack([(g == 0.5).sum(), (g >= SATURATED).sum(), (g <= 1 - SATURATED).sum()])
+
+    def unit_std(self) -> Tensor:
+        """(units,) std over the images (population)."""
+        mean = self.sum / self.n
+        return (self.sq / self.n - mean.square()).clamp_min(0).sqrt()
 
 
 @torch.no_grad()
 def gate_statistics(model: nn.Module, split: DecodedSplit, size: int, mean: Sequence[float],
-                    std: Sequence[float], batch_size: int = 64) -> dict[int, dict[str, float]]:
-    """``{stage: {"mean", "at_half", "open", "closed", "modules"}}`` over ``split``'s images
-    (fractions of all gate positions of the stage's modules); ``{}`` for a model without spatial
-    gates."""
+                    std: Sequence[float], batch_size: int = 64) -> dict[int, dict[str, dict[str, float]]]:
+    """``{stage: {kind: {"mean", "img_std", "dead", "at_half", "open", "closed", "modules"}}}``
+    over ``split``'s images (``kind`` in :data:`GATE_KINDS`; fractions of all values, ``dead`` of
+    all units); ``{}`` for a model without gates."""
     model.eval()
-    sums: dict[int, Tensor] = {}  # stage -> [count, sum, at 0.5, > 0.99, < 0.01]
-    modules: dict[int, set[str]] = {}
+    moments: dict[tuple[str, str], _Moments] = {}  # (module, kind)
     for i in range(0, len(split), batch_size):
         x = resize_normalize(split.images[i:i + batch_size], size, mean, std)
         with capture_gates(model) as captured:
             model(x)
         for name, gates in captured.items():
-            if "spatial" not in gates:
-                continue
-            g = gates["spatial"].double()
-            stage = stage_of(name) or 0
-            row = torch.stack([torch.tensor(float(g.numel()), dtype=torch.float64), g.sum(),
-                               (g == 0.5).sum(), (g >= SATURATED).sum(), (g <= 1 - SATURATED).sum()])
-            sums[stage] = sums.get(stage, 0) + row
-            modules.setdefault(stage, set()).add(name)
-    return {stage: {"mean": float(s[1] / s[0]), "at_half": float(s[2] / s[0]),
-                    "open": float(s[3] / s[0]), "closed": float(s[4] / s[0]),
-                    "modules": len(modules[stage])}
-            for stage, s in sorted(sums.items())}
+            for kind in GATE_KINDS:
+                if kind in gates:
+                    moments.setdefault((name, kind), _Moments()).add(gates[kind])
+    grouped: dict[int, dict[str, list[_Moments]]] = {}
+    for (name, kind), m in moments.items():
+        grouped.setdefault(stage_of(name) or 0, {}).setdefault(kind, []).append(m)
+    return {stage: {kind: _summary(kinds[kind]) for kind in GATE_KINDS if kind in kinds}
+            for stage, kinds in sorted(grouped.items())}
 
 
-def format_gate_table(stats: dict[str, dict[int, dict[str, float]]], images: int) -> str:
-    """Markdown: one row per model and stage, fractions in %."""
-    lines = ["| model | stage | modules | mean gate | at 0.5 (%) | > 0.99 (%) | < 0.01 (%) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+def _summary(modules: list[_Moments]) -> dict[str, float]:
+    """One stage's statistics of one kind of gate, pooled over its modules."""
+    unit_std = torch.cat([m.unit_std() for m in modules])
+    values = sum(m.n * m.unit_std().numel() for m in modules)
+    total = sum(float(m.sum.sum()) for m in modules)
+    counts = sum(m.counts for m in modules)
+    return {"mean": total / values, "img_std": float(unit_std.mean()),
+            "dead": float((unit_std < DEAD_STD).double().mean()),
+            "at_half": float(counts[0] / values), "open": float(counts[1] / values),
+            "closed": float(counts[2] / values), "modules": len(modules)}
+
+
+def format_gate_table(stats: dict[str, dict[int, dict[str, dict[str, float]]]], images: int) -> str:
+    """Markdown: one row per model, stage and kind of gate, shares in %."""
+    lines = ["| model | stage | gate | modules | mean | std across images | dead (%) | at 0.5 (%) "
+             "| > 0.99 (%) | < 0.01 (%) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, stages in stats.items():
         if not stages:
-            lines.append(f"| {name} | — | 0 | — | — | — | — |")
-        for stage, s in stages.items():
-            lines.append(
-                f"| {name} | {stage} | {s['modules']} | {s['mean']:.3f} | "
-                f"{100 * s['at_half']:.1f} | {100 * s['open']:.1f} | "
-                f"{100 * s['closed']:.1f} |")
-    lines.append(f"\nVal images: {images}, each resized whole to the model's input size.")
+            lines.append(f"| {name} | — | — | 0 | — | — | — | — | — | — |")
+        for stage, kinds in stages.items():
+            for kind, s in kinds.items():
+                lines.append(
+                    f"| {name} | {stage} | {kind} | {s['modules']} | {s['mean']:.3f} | {s['img_std']:.3f} | "
+                    f"{100 * s['dead']:.1f} | {100 * s['at_half']:.1f} | {100 * s['open']:.1f} | "
+                    f"{100 * s['closed']:.1f} |")
+    lines.append(f"\nVal images: {images}, each resized whole to the model's input size. Dead: a gate "
+                 f"unit (channel or position) whose std across the images is below {DEAD_STD}.")
     return "\n".join(lines)
 
 

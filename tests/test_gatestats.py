@@ -1,4 +1,4 @@
-"""lgam gates: per-stage statistics of the attention modules' own spatial gates."""
+"""lgam gates: per-stage statistics of the attention modules' own gates."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,22 +29,43 @@ def _model(name: str) -> torch.nn.Module:
 def test_statistics_count_every_position_of_every_module():
     model, split = _model("resnet18_lgam"), _split()
     stats = gate_statistics(model, split, 64, IMAGENET_MEAN, IMAGENET_STD, batch_size=4)
-    assert sorted(stats) == [1, 2, 3, 4] and all(s["modules"] == 2 for s in stats.values())
+    assert sorted(stats) == [1, 2, 3, 4] and all(list(s) == ["spatial"] for s in stats.values())
+    assert all(s["spatial"]["modules"] == 2 for s in stats.values())
     x = resize_normalize(split.images, 64, IMAGENET_MEAN, IMAGENET_STD)
     gates = attention_gates(model, x)
     for stage in (1, 4):
         g = torch.cat([m["spatial"].flatten() for m in gates[stage].values()]).double()
-        assert stats[stage]["at_half"] == pytest.approx(float((g == 0.5).double().mean()))
-        assert stats[stage]["open"] == pytest.approx(float((g >= 0.99).double().mean()))
-        assert stats[stage]["mean"] == pytest.approx(float(g.mean()), rel=1e-6)
-    assert all(0 <= s["at_half"] <= 1 for s in stats.values())
+        s = stats[stage]["spatial"]
+        assert s["at_half"] == pytest.approx(float((g == 0.5).double().mean()))
+        assert s["open"] == pytest.approx(float((g >= 0.99).double().mean()))
+        assert s["mean"] == pytest.approx(float(g.mean()), rel=1e-6)
+    assert all(0 <= s["spatial"]["at_half"] <= 1 for s in stats.values())
 
 
-def test_models_without_spatial_gates_have_none():
+def test_across_image_std_and_dead_units_of_channel_gates():
+    """SE's channel gates: the std over images of each channel's gate, averaged; a channel whose
+    gate is the same for every image is dead (here: forced by a zero excitation row)."""
+    model, split = _model("resnet18_se"), _split(7)
+    with torch.no_grad():
+        model.layer2[0].attention.fc[2].weight[:5] = 0  # 5 of 128 channels: sigmoid(0), whatever the image
+    stats = gate_statistics(model, split, 48, IMAGENET_MEAN, IMAGENET_STD, batch_size=3)
+    assert sorted(stats) == [1, 2, 3, 4] and all(list(s) == ["channel"] for s in stats.values())
+    x = resize_normalize(split.images, 48, IMAGENET_MEAN, IMAGENET_STD)
+    gates = attention_gates(model, x)
+    per_unit = torch.cat([m["channel"].double().std(0, correction=0) for m in gates[2].values()])
+    s = stats[2]["channel"]
+    assert s["img_std"] == pytest.approx(float(per_unit.mean()), rel=1e-6)
+    assert s["dead"] == pytest.approx(float((per_unit < 0.01).double().mean()))
+    assert s["dead"] >= 5 / 256 and s["modules"] == 2
+
+
+def test_models_without_gates_have_none_and_bam_sits_between_stages():
     split = _split(2)
-    assert gate_statistics(_model("resnet18_se"), split, 32, IMAGENET_MEAN, IMAGENET_STD) == {}
+    assert gate_statistics(_model("resnet18"), split, 32, IMAGENET_MEAN, IMAGENET_STD) == {}
     bam = gate_statistics(_model("resnet18_bam"), split, 32, IMAGENET_MEAN, IMAGENET_STD)
     assert sorted(bam) == [1, 2, 3]  # between the stages
+    cbam = gate_statistics(_model("resnet18_cbam"), split, 32, IMAGENET_MEAN, IMAGENET_STD)
+    assert list(cbam[4]) == ["channel", "spatial"]
 
 
 def test_cli_table(app_checkpoints, tmp_path, capsys):
@@ -58,5 +79,5 @@ def test_cli_table(app_checkpoints, tmp_path, capsys):
                       "--limit", "4", "--out", str(out), "--models", "resnet18_lgam",
                       "resnet18_se"]) == 0
     table = out.read_text()
-    assert "| resnet18_lgam | 4 | 2 |" in table and "| resnet18_se | — | 0 |" in table
+    assert "| resnet18_lgam | 4 | spatial | 2 |" in table and "| resnet18_se | 4 | channel | 2 |" in table
     assert "Val images: 4" in capsys.readouterr().out
