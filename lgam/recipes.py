@@ -44,6 +44,8 @@ class Recipe:
     an in-branch attention module then starts from a zero input); ``skip_init`` does it with a
     zero-initialised scalar gain after the attention module instead (SkipInit: the models are built
     with ``skip_init=True``, :func:`lgam.models.resnet.skip_gain`). At most one of the two.
+    ``skip_gain_lr`` scales the learning rate of those gains (LGAM's branch is 6-10x its input,
+    so at the full rate its gain's steps diverge, measured; 0.1 trains every module).
     """
 
     epochs: int
@@ -67,6 +69,7 @@ class Recipe:
     bn_bias_decay: bool = True
     zero_init_residual: bool = False
     skip_init: bool = False
+    skip_gain_lr: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
@@ -81,6 +84,8 @@ class Recipe:
         if self.zero_init_residual and self.skip_init:
             raise TrainError("zero_init_residual and skip_init both start the blocks as the identity: "
                              "choose one")
+        if self.skip_gain_lr <= 0:
+            raise TrainError(f"skip_gain_lr must be > 0, got {self.skip_gain_lr}")
         if self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
             raise TrainError("warmup_epochs must be >= 0 and label_smoothing in [0, 1)")
 
@@ -185,10 +190,18 @@ def no_decay_parameters(model: nn.Module) -> set[int]:
 
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict[str, Any]]:
     """The optimiser's parameter groups: one, or with ``bn_bias_decay=False`` a second group
-    without decay (:func:`no_decay_parameters`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    without decay (:func:`no_decay_parameters`); with ``skip_init`` a last group of SkipInit's
+    gains (no decay, ``lr_scale = skip_gain_lr``: the trainer sets each group's rate to the
+    schedule's times its ``lr_scale``)."""
+    gains = {id(m.skip_gain) for m in model.modules() if getattr(m, "skip_gain", None) is not None}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in gains]
     if recipe.bn_bias_decay:
-        return [{"params": params, "weight_decay": recipe.weight_decay}]
-    free = no_decay_parameters(model)
-    return [{"params": [p for p in params if id(p) not in free], "weight_decay": recipe.weight_decay},
-            {"params": [p for p in params if id(p) in free], "weight_decay": 0.0}]
+        groups = [{"params": params, "weight_decay": recipe.weight_decay}]
+    else:
+        free = no_decay_parameters(model)
+        groups = [{"params": [p for p in params if id(p) not in free], "weight_decay": recipe.weight_decay},
+                  {"params": [p for p in params if id(p) in free], "weight_decay": 0.0}]
+    if gains:
+        groups.append({"params": [p for p in model.parameters() if id(p) in gains], "weight_decay": 0.0,
+                       "lr_scale": recipe.skip_gain_lr})
+    return groups

@@ -372,7 +372,7 @@ def _train_step(run: _Run, tr: _Trainee, x: Tensor, y: Tensor, lr: float) -> Non
     accum = run.recipe.accum_steps
     tr.watch.start()
     for group in tr.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     tr.optimizer.zero_grad(set_to_none=True)
     for j in range(accum):
         part = slice(j * run.micro, (j + 1) * run.micro)

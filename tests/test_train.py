@@ -105,13 +105,15 @@ def test_no_weight_decay_on_sge_affine_and_skip_gains():
     """SGE's gamma/beta follow BN (its official code treats them alike); SkipInit's gains are
     0-dimensional: neither decays where BN does not."""
     model = lgam.create_model("resnet18_sge", num_classes=3, skip_init=True)
-    decayed, free = param_groups(model, make_recipe("cpu", ["zero_init_residual=false", "skip_init=true"]))
+    decayed, free, gains = param_groups(
+        model, make_recipe("cpu", ["zero_init_residual=false", "skip_init=true", "skip_gain_lr=0.1"]))
     free_ids = {id(p) for p in free["params"]}
     sge = model.layer3[0].attention
     assert id(sge.weight) in free_ids and id(sge.bias) in free_ids and sge.weight.ndim == 4
-    assert id(model.layer3[0].skip_gain) in free_ids
+    assert gains["params"] == [b.skip_gain for b in model.modules() if getattr(b, "skip_gain", None) is not None]
+    assert gains["weight_decay"] == 0.0 and gains["lr_scale"] == 0.1 and len(gains["params"]) == 8
     assert all(p.ndim > 1 for p in decayed["params"]) and id(model.layer3[0].conv1.weight) not in free_ids
-    assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
+    assert sum(len(g["params"]) for g in (decayed, free, gains)) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
@@ -383,7 +385,9 @@ def test_holdout_and_skip_init_reach_config_and_checkpoint(tiny_data, tmp_path):
     run's files and the manifest; a skip_init recipe's gains are in the saved architecture."""
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     assert _train(tiny_data, out, "--model", "resnet18_se", "--epochs", "1", "--holdout", "2",
-                  "--set", "skip_init=true", "--checkpoints-dir", str(ckpt)) == 0
+                  "--set", "skip_init=true", "--set", "skip_gain_lr=0.1", "--checkpoints-dir", str(ckpt)) == 0
+    groups = json.loads((out / "resnet18_se" / "state.json").read_text())["param_groups"]
+    assert groups[-1]["lr_scale"] == 0.1 and groups[-1]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
     config = json.loads((out / "resnet18_se" / "config.json").read_text())
     assert config["train_images"] == 3 * 6 and config["args"]["holdout"] == 2
     assert config["recipe"]["skip_init"] is True
