@@ -12,22 +12,26 @@ with the lowest mean error over them (one size for all, so the app preprocesses 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._format import format_or_dash
 from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update_metrics
-from .data import DataError, DecodedSplit, load_split, resize_normalize
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, load_split, resize_normalize, split_holdout
+from .models import create_model
 from .errors import UsageError
 from .params import count_macs, count_params
 
-__all__ = ["PAPER_TOP1_ERR", "SIZES", "top1_error", "cpu_latency_ms", "evaluate_checkpoints",
+__all__ = ["PAPER_TOP1_ERR", "SIZES", "top1_error", "misses", "pack_mask", "unpack_mask", "load_run_model",
+           "evaluate_run", "cpu_latency_ms", "evaluate_checkpoints",
            "best_input_size", "format_table", "configure_parser", "main"]
 
 #: input sizes evaluated by default (the app's ``input_size`` is added to them)
@@ -52,6 +56,59 @@ def top1_error(model: nn.Module, split: DecodedSplit, size: int, mean: Sequence[
         pred = model(x).argmax(1).cpu()
         wrong += int((pred != split.labels[i:i + batch_size]).sum())
     return 100.0 * wrong / len(split)
+
+
+@torch.inference_mode()
+def misses(model: nn.Module, split: DecodedSplit, size: int, mean: Sequence[float] = IMAGENET_MEAN,
+           std: Sequence[float] = IMAGENET_STD, batch_size: int = 64) -> Tensor:
+    """``(N,)`` bool: which of ``split``'s images ``model`` (eval mode, float32) gets wrong at ``size``."""
+    model.eval()
+    device = next(model.parameters()).device
+    wrong = [model(resize_normalize(split.images[i:i + batch_size].to(device), size, mean, std)).argmax(1).cpu()
+             != split.labels[i:i + batch_size] for i in range(0, len(split), batch_size)]
+    return torch.cat(wrong)
+
+
+def pack_mask(mask: Tensor) -> str:
+    """A bool mask as a hex string (8 images a byte, first image in the first byte's high bit)."""
+    return np.packbits(mask.numpy().astype(np.uint8)).tobytes().hex()
+
+
+def unpack_mask(text: str, n: int) -> Tensor:
+    """Inverse of :func:`pack_mask` for ``n`` images."""
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8))[:n].astype(bool))
+
+
+def load_run_model(run: str | Path) -> nn.Module:
+    """The model of an ``lgam train`` run folder (``OUT/MODEL``) with its last saved weights, built
+    as the run built it (its recipe's SkipInit gains included), in eval mode."""
+    from .recipes import Recipe
+    from .runstate import CONFIG, load_weights
+    from .train import model_kwargs
+
+    run = Path(run)
+    config = json.loads((run / CONFIG).read_text())
+    model = create_model(config["model"], num_classes=config["num_classes"], stem=config["stem"],
+                         **model_kwargs(Recipe(**config["recipe"])))
+    model.load_state_dict(load_weights(run))
+    return model.eval()
+
+
+@torch.inference_mode()
+def evaluate_run(run: str | Path, val: DecodedSplit, holdout: DecodedSplit | None,
+                 sizes: Sequence[int] = SIZES) -> dict[str, Any]:
+    """Top-1 errors of run folder ``run``'s model on ``val`` and on the training images held out
+    from it (``holdout``, :func:`lgam.data.split_holdout`) at every size, and which val images
+    it gets wrong at each (``val_misses_<size>``, :func:`pack_mask`: for paired tests between runs)."""
+    model = load_run_model(run)
+    metrics: dict[str, Any] = {"val_images": len(val), "holdout_images": 0 if holdout is None else len(holdout)}
+    for s in sorted(sizes, reverse=True):
+        wrong = misses(model, val, s)
+        metrics[f"val_top1_err_{s}"] = round(100.0 * float(wrong.double().mean()), 2)
+        metrics[f"val_misses_{s}"] = pack_mask(wrong)
+        if holdout is not None and len(holdout):
+            metrics[f"holdout_top1_err_{s}"] = round(100.0 * float(misses(model, holdout, s).double().mean()), 2)
+    return metrics
 
 
 @torch.inference_mode()
@@ -157,9 +214,37 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device for the error computation (latency is CPU)")
     p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
     p.add_argument("--no-update", action="store_true", help="do not write metrics to the manifest")
+    p.add_argument("--runs", nargs="+", type=Path, metavar="RUN",
+                   help="instead of checkpoints: lgam train run folders (OUT/MODEL); writes each one's "
+                        "val and held-out errors at every --sizes entry to RUN/metrics.json")
+
+
+def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """:func:`evaluate_run` for each run folder, on ``data``'s val split and on the training images
+    each run held out (its ``--holdout``); writes ``RUN/metrics.json`` and returns the metrics."""
+    from ._fileio import atomic_write_json
+    from .runstate import CONFIG
+
+    val = load_split(data, "val")
+    held: dict[int, DecodedSplit] = {}
+    rows = []
+    for run in runs:
+        config = json.loads((run / CONFIG).read_text())
+        n = int(config.get("args", {}).get("holdout") or 0)
+        if n and n not in held:
+            held[n] = split_holdout(load_split(data, "train"), n)[1]
+        metrics = {"model": config["model"], "seed": config["seed"], "holdout_per_class": n,
+                   **evaluate_run(run, val, held.get(n), sizes)}
+        atomic_write_json(run / "metrics.json", metrics)
+        rows.append(metrics)
+        print(f"{run}: " + ", ".join(f"{s} px {metrics[f'val_top1_err_{s}']:.2f}%" for s in sorted(sizes)), flush=True)
+    return rows
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.runs:
+        evaluate_runs(args.runs, args.data, args.sizes)
+        return 0
     if args.choose_input_size and (args.limit is not None or args.no_update):
         raise UsageError("--choose-input-size needs the full val split and a manifest update "
                          "(drop --limit / --no-update)")

@@ -88,3 +88,44 @@ def test_class_list_mismatch_is_an_error(setup):
     Image.new("RGB", (20, 20)).save(data / "val" / "d" / "0.png")
     with pytest.raises(DataError, match="labels would not match"):
         evaluate_checkpoints(ckpt, data, sizes=(32,), latency_reps=1)
+
+
+def test_pack_mask_round_trip():
+    from lgam.evaluate import pack_mask, unpack_mask
+
+    mask = torch.tensor([True, False, False, True, True, False, True, False, True, True, False])
+    assert torch.equal(unpack_mask(pack_mask(mask), len(mask)), mask)
+    assert pack_mask(torch.tensor([True] + [False] * 7)) == "80"
+
+
+def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path):
+    """lgam evaluate --runs: a run folder's model (SkipInit gains included) on val and on the images
+    its --holdout kept out of training, at every size, with the misses packed for paired tests."""
+    import json
+
+    from lgam.cli import run_module
+    from lgam.evaluate import unpack_mask
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        for split, n in (("train", 6), ("val", 3)):
+            (data / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 90, (16, 16, 3), dtype=np.uint8)
+                img[..., c] += 150
+                Image.fromarray(img).save(data / split / name / f"{i}.png")
+    out = tmp_path / "run"
+    assert run_module("lgam.train", [
+        "--data", str(data), "--out", str(out), "--model", "resnet18", "--stem", "cifar", "--epochs", "1",
+        "--holdout", "2", "--val-every", "0", "--no-progress", "--device", "cpu", "--recipe", "fast",
+        "--set", "batch_size=4", "--set", "train_size=16", "--set", "bf16=false", "--set", "channels_last=false",
+        "--set", "skip_init=true"]) == 0
+    assert main(["evaluate", "--runs", str(out / "resnet18"), "--data", str(data), "--sizes", "16", "24"]) == 0
+    metrics = json.loads((out / "resnet18" / "metrics.json").read_text())
+    assert metrics["model"] == "resnet18" and metrics["seed"] == 0 and metrics["holdout_per_class"] == 2
+    assert metrics["val_images"] == 9 and metrics["holdout_images"] == 6
+    for s in (16, 24):
+        wrong = unpack_mask(metrics[f"val_misses_{s}"], 9)
+        assert metrics[f"val_top1_err_{s}"] == pytest.approx(100 * wrong.double().mean().item(), abs=0.01)
+        assert 0 <= metrics[f"holdout_top1_err_{s}"] <= 100
