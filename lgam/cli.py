@@ -29,7 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("lgam.evaluate", "top-1 error, params, GMACs and latency of checkpoints"),
     "figure5": ("lgam.figure", "the paper's Figure 5 (Grad-CAM grid) for any images"),
     "curves": ("lgam.curves", "validation-error and loss curves of trained models"),
-    "gates": ("lgam.gatestats", "per-stage statistics of the attention modules' spatial gates"),
+    "gates": ("lgam.gatestats", "per-stage statistics of the attention modules' gates"),
+    "table4": ("lgam.table4", "Table 4 over several seeds: mean ± std, paired differences, McNemar"),
 }
 
 # :role:`text` and :domain:role:`text` -> text; a leading "~" keeps the last dotted part

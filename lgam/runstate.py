@@ -34,7 +34,7 @@ STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 LOG = "log.jsonl"  # one line per finished epoch
 CONFIG = "config.json"  # the run's settings, command line, versions and machine
-RUNS = "runs"  # checkpoints/runs/MODEL/{config.json,log.jsonl}: each shipped model's training record
+RUNS = "runs"  # checkpoints/runs/MODEL/seedK/{config.json,log.jsonl,metrics.json}: every run's record
 
 #: the settings that shape the weights -> how the user sets them; besides these, every field of the
 #: recipe (``recipe.FIELD``: ``--set FIELD``, ``--epochs``). Not here: the device, --compile,

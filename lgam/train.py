@@ -558,7 +558,7 @@ def _save_checkpoints(args: argparse.Namespace, recipe: Recipe, split: Any,
         model = create_model(name, num_classes=len(split.classes), stem=args.stem, **model_kwargs(recipe))
         model.load_state_dict(load_weights(run))
         config = json.loads((run / CONFIG).read_text())
-        saved_run = Path(args.checkpoints_dir) / RUNS / name  # the numbers' seed, config, command
+        saved_run = Path(args.checkpoints_dir) / RUNS / name / f"seed{args.seed}"  # the numbers' seed, config, command
         saved_run.mkdir(parents=True, exist_ok=True)
         for fname in (CONFIG, LOG):
             shutil.copyfile(run / fname, saved_run / fname)
@@ -567,7 +567,7 @@ def _save_checkpoints(args: argparse.Namespace, recipe: Recipe, split: Any,
                         epochs=recipe.epochs, metrics=summary_metrics(recs),
                         extra={"wnids": list(split.wnids), "holdout_per_class": args.holdout,
                                "train_images": len(split), "machine": config.get("hardware"),
-                               "command": config.get("argv"), "run_log": f"{RUNS}/{name}/{LOG}"})
+                               "command": config.get("argv"), "run_log": f"{RUNS}/{name}/seed{args.seed}/{LOG}"})
         print(f"saved {name} to {args.checkpoints_dir}")
 
 

@@ -1,0 +1,211 @@
+"""``lgam table4``: the paper's Table 4 from several seeds per model, with error bars and paired tests.
+
+Reads ``RUNS/MODEL/seedK/metrics.json`` (``lgam evaluate --runs``, copied by
+``scripts/fair_runs.py``) and reports, at one input size:
+
+- each model's val top-1 error as mean ± std over its seeds (sample std), next to the paper's;
+- each model's difference to plain ResNet18, seed by seed (the same seed is the same data order
+  and augmentation), with a 95 % t interval over the seeds: with three seeds the interval is wide
+  (t = 4.30), which is the honest size of what three runs can tell;
+- McNemar's exact test between each model's and plain's shipped runs (``--shipped-seed``) on the
+  val images they disagree on: whether *those two networks* differ, not whether the modules do.
+
+The input size is chosen on the training images every run held out (the lowest mean
+``holdout_top1_err`` over all runs), never on val. ``--figure`` draws the means with std bars.
+
+    lgam table4 checkpoints/runs --out docs/results-table4.md --figure docs/table4.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UsageError
+from .evaluate import PAPER_TOP1_ERR, SIZES, unpack_mask
+from .models import FIGURE5_MODELS
+
+__all__ = ["T975", "read_runs", "choose_size", "SeedSummary", "summarise", "paired_difference",
+           "mcnemar", "format_table4", "table4_figure", "configure_parser", "main"]
+
+#: two-sided 95 % quantiles of Student's t by degrees of freedom (1..10)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+Runs = dict[str, dict[int, dict[str, Any]]]  # model -> seed -> metrics
+
+
+def read_runs(folder: str | Path, models: Sequence[str] | None = None) -> Runs:
+    """``{model: {seed: metrics}}`` from ``FOLDER/MODEL/seedK/metrics.json``."""
+    runs: Runs = {}
+    for path in sorted(Path(folder).glob("*/seed*/metrics.json")):
+        model, seed_dir = path.parent.parent.name, path.parent.name
+        if not seed_dir[4:].isdigit() or (models and model not in models):
+            continue
+        runs.setdefault(model, {})[int(seed_dir[4:])] = json.loads(path.read_text())
+    if not runs:
+        raise UsageError(f"no MODEL/seedK/metrics.json under {folder} (lgam evaluate --runs writes them)")
+    order = list(models or FIGURE5_MODELS)
+    return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def choose_size(runs: Runs, sizes: Sequence[int] = SIZES) -> tuple[int, dict[int, float]]:
+    """The size with the lowest mean held-out error over every run, and each size's mean."""
+    means = {}
+    for s in sizes:
+        values = [m[f"holdout_top1_err_{s}"] for seeds in runs.values() for m in seeds.values()
+                  if f"holdout_top1_err_{s}" in m]
+        if values:
+            means[s] = statistics.fmean(values)
+    if not means:
+        raise UsageError("no held-out errors in these runs (train with --holdout N): pass --size")
+    return min(means, key=lambda s: (means[s], s)), means
+
+
+@dataclass
+class SeedSummary:
+    """One model's val error at one size over its seeds."""
+
+    errors: dict[int, float]
+
+    @property
+    def n(self) -> int:
+        return len(self.errors)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.errors.values())
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.errors.values()) if self.n > 1 else None
+
+
+def summarise(runs: Runs, size: int) -> dict[str, SeedSummary]:
+    return {model: SeedSummary({k: m[f"val_top1_err_{size}"] for k, m in sorted(seeds.items())})
+            for model, seeds in runs.items()}
+
+
+def paired_difference(runs: Runs, model: str, base: str, size: int) -> tuple[list[float], float, float | None]:
+    """Per-seed ``model - base`` errors over the seeds both have, their mean and the 95 % t
+    interval's half-width (None with fewer than two seeds)."""
+    seeds = sorted(set(runs[model]) & set(runs[base]))
+    diffs = [runs[model][k][f"val_top1_err_{size}"] - runs[base][k][f"val_top1_err_{size}"] for k in seeds]
+    if not diffs:
+        raise UsageError(f"{model} and {base} share no seed")
+    half = None
+    if len(diffs) > 1:
+        df = len(diffs) - 1
+        half = T975.get(df, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return diffs, statistics.fmean(diffs), half
+
+
+def mcnemar(wrong_a: Sequence[bool], wrong_b: Sequence[bool]) -> tuple[int, int, float]:
+    """McNemar's exact test on paired predictions: ``(b, c, p)`` with ``b`` the images only ``a``
+    gets wrong, ``c`` those only ``b`` gets wrong, ``p`` the two-sided binomial p-value."""
+    b = sum(1 for x, y in zip(wrong_a, wrong_b) if x and not y)
+    c = sum(1 for x, y in zip(wrong_a, wrong_b) if y and not x)
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return b, c, 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return b, c, min(1.0, 2 * tail)
+
+
+def _shipped_mcnemar(runs: Runs, model: str, base: str, size: int, seed: int) -> str:
+    a, b = runs[model].get(seed), runs[base].get(seed)
+    key = f"val_misses_{size}"
+    if not a or not b or key not in a or key not in b:
+        return "—"
+    n = a["val_images"]
+    only_model, only_base, p = mcnemar(unpack_mask(a[key], n).tolist(), unpack_mask(b[key], n).tolist())
+    return f"{only_model} / {only_base}, p = {p:.2g}"
+
+
+def format_table4(runs: Runs, size: int, base: str = "resnet18", shipped_seed: int = 0) -> str:
+    """Markdown: one row per model (see the module's docstring)."""
+    summary = summarise(runs, size)
+    head = ["model", "paper Table 4 (%)", f"ours, {size} px: mean ± std (%)", "seeds", "per seed (%)",
+            f"Δ vs {base}: mean [95 % CI] (pt)", f"McNemar vs {base}, seed {shipped_seed}: only it wrong / only {base} wrong"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 5 + "---|"]
+    for model, s in summary.items():
+        label = FIGURE5_MODELS.get(model, model)
+        paper = PAPER_TOP1_ERR.get(model)
+        ours = f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
+        per_seed = " / ".join(f"{e:.2f}" for e in s.errors.values())
+        if model == base or base not in runs:
+            delta, test = "—", "—"
+        else:
+            _, mean, half = paired_difference(runs, model, base, size)
+            delta = f"{mean:+.2f}" + ("" if half is None else f" [{mean - half:+.2f}, {mean + half:+.2f}]")
+            test = _shipped_mcnemar(runs, model, base, size, shipped_seed)
+        lines.append(f"| {label} | {'—' if paper is None else f'{paper:.2f}'} | {ours} | {s.n} | {per_seed} "
+                     f"| {delta} | {test} |")
+    n_val = next(iter(next(iter(runs.values())).values())).get("val_images")
+    lines.append(f"\nVal images: {n_val}. Std over seeds is the sample std; the interval is Student's t "
+                 "over the per-seed paired differences.")
+    return "\n".join(lines)
+
+
+def table4_figure(runs: Runs, size: int) -> Any:
+    """Means with std bars per model, the paper's values beside them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarise(runs, size)
+    labels = [FIGURE5_MODELS.get(m, m) for m in summary]
+    x = range(len(summary))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.errorbar([i - 0.1 for i in x], [s.mean for s in summary.values()],
+                yerr=[s.std or 0 for s in summary.values()], fmt="o", capsize=4, label=f"ours ({size} px), mean ± std")
+    for i, s in zip(x, summary.values()):
+        ax.plot([i - 0.1] * s.n, list(s.errors.values()), ".", color="grey", alpha=0.6)
+    paper = [(i, PAPER_TOP1_ERR[m]) for i, m in zip(x, summary) if m in PAPER_TOP1_ERR]
+    ax.plot([i + 0.1 for i, _ in paper], [v for _, v in paper], "s", color="tab:red", label="paper, Table 4")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("val top-1 error (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", type=Path, help="folder of MODEL/seedK/metrics.json (checkpoints/runs)")
+    p.add_argument("--size", type=int, help="input size (default: chosen on the held-out training images)")
+    p.add_argument("--base", default="resnet18", help="the model the differences are taken to")
+    p.add_argument("--shipped-seed", type=int, default=0, help="the seed of the shipped checkpoints")
+    p.add_argument("--out", type=Path, help="also write the Markdown here")
+    p.add_argument("--figure", type=Path, help="write the error-bar plot here (PNG/PDF/SVG)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ._fileio import save_figure
+
+    runs = read_runs(args.runs)
+    lines = []
+    size = args.size
+    if size is None:
+        size, means = choose_size(runs)
+        lines.append(f"Input size {size} px, chosen on the held-out training images (mean error over "
+                     f"{sum(map(len, runs.values()))} runs: "
+                     + ", ".join(f"{s} px {e:.2f}%" for s, e in sorted(means.items())) + ").\n")
+    lines.append(format_table4(runs, size, args.base, args.shipped_seed))
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.figure:
+        save_figure(table4_figure(runs, size), args.figure)
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_module
+
+    sys.exit(run_module("lgam.table4"))

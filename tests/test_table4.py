@@ -1,0 +1,83 @@
+"""lgam table4: seeds summarised, paired differences with t intervals, McNemar, size on held-out."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+from lgam.cli import main
+from lgam.errors import UsageError
+from lgam.evaluate import pack_mask
+from lgam.table4 import choose_size, mcnemar, paired_difference, read_runs, summarise
+
+N_VAL = 40
+
+
+def _write(root, model, seed, errors, holdout, wrong):
+    d = root / model / f"seed{seed}"
+    d.mkdir(parents=True)
+    metrics = {"model": model, "seed": seed, "val_images": N_VAL, "holdout_images": 20}
+    for size, e in errors.items():
+        metrics[f"val_top1_err_{size}"] = e
+        metrics[f"holdout_top1_err_{size}"] = holdout[size]
+        metrics[f"val_misses_{size}"] = pack_mask(torch.tensor(wrong))
+    (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    plain_wrong = [i < 10 for i in range(N_VAL)]
+    se_wrong = [i < 8 or i == 30 for i in range(N_VAL)]  # only SE wrong: 30; only plain wrong: 8, 9
+    for seed, (p, s) in enumerate([(20.0, 19.0), (22.0, 20.5), (21.0, 21.5)]):
+        _write(tmp_path, "resnet18", seed, {128: p + 2, 160: p}, {128: 30.0, 160: 25.0}, plain_wrong)
+        _write(tmp_path, "resnet18_se", seed, {128: s + 2, 160: s}, {128: 31.0, 160: 26.0}, se_wrong)
+    (tmp_path / "resnet18_se" / "notes").mkdir()  # not a seed folder: ignored
+    return tmp_path
+
+
+def test_summary_and_paired_differences(runs):
+    r = read_runs(runs)
+    assert list(r) == ["resnet18", "resnet18_se"] and sorted(r["resnet18"]) == [0, 1, 2]
+    s = summarise(r, 160)
+    assert s["resnet18"].mean == pytest.approx(21.0) and s["resnet18"].std == pytest.approx(1.0)
+    diffs, mean, half = paired_difference(r, "resnet18_se", "resnet18", 160)
+    assert diffs == pytest.approx([-1.0, -1.5, 0.5]) and mean == pytest.approx(-2 / 3)
+    assert half == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3))
+
+
+def test_size_is_chosen_on_held_out_images_not_val(runs):
+    size, means = choose_size(read_runs(runs), (128, 160))
+    assert size == 160 and means[128] == pytest.approx(30.5)  # val would say the same here; held-out decides
+    for d in runs.glob("*/seed*/metrics.json"):  # held-out prefers 128 even though val prefers 160
+        m = json.loads(d.read_text())
+        m["holdout_top1_err_128"] = 10.0
+        d.write_text(json.dumps(m))
+    assert choose_size(read_runs(runs), (128, 160))[0] == 128
+
+
+def test_mcnemar_exact():
+    # 2 discordant one way, 8 the other: p = 2 * P(X <= 2 | n=10, 1/2) = 2 * 56/1024
+    a = [True] * 2 + [False] * 8 + [True] * 5
+    b = [False] * 2 + [True] * 8 + [True] * 5
+    assert mcnemar(a, b) == (2, 8, pytest.approx(112 / 1024))
+    assert mcnemar([True, False], [True, False]) == (0, 0, 1.0)
+    assert mcnemar([True] * 5, [False] * 5)[2] == pytest.approx(2 / 32)
+
+
+def test_cli_table_and_figure(runs, tmp_path, capsys):
+    out, fig = tmp_path / "t4.md", tmp_path / "t4.png"
+    assert main(["table4", str(runs), "--out", str(out), "--figure", str(fig)]) == 0
+    text = out.read_text()
+    assert "chosen on the held-out training images" in text and "160 px" in text
+    assert "| SE | 25.26 | 20.33 ± 1.26 | 3 | 19.00 / 20.50 / 21.50 | -0.67 [-3.25, +1.92] |" in text
+    assert "| ResNet18 | 25.57 | 21.00 ± 1.00 | 3 |" in text
+    assert "only it wrong" in text and "| 1 / 2, p = 1 |" in text  # SE alone: image 30; plain alone: 8, 9
+    assert fig.stat().st_size > 1000
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="metrics.json"):
+        read_runs(tmp_path)
