@@ -4,7 +4,7 @@ models in one figure, from the ``log.jsonl`` that ``lgam train`` writes.
 Reads ``RUNS/MODEL/log.jsonl`` for every model folder under each ``RUNS`` (a training ``--out`` or a
 checkpoints folder's ``runs/``); PNG, PDF or SVG by the output's suffix.
 
-    lgam curves checkpoints/runs --out docs/val_curves.png
+    lgam curves checkpoints/runs --seed 0 --out docs/val_curves.png
 """
 from __future__ import annotations
 
@@ -20,20 +20,22 @@ from .errors import UsageError
 __all__ = ["read_logs", "curves_figure", "configure_parser", "main"]
 
 
-def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
+def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None, seed: int | None = None
               ) -> dict[str, list[dict[str, Any]]]:
-    """``{model: records}`` from ``FOLDER/MODEL/log.jsonl`` (in ``models`` order if given, else
-    sorted). Raises :class:`~lgam.errors.UsageError` naming what is missing or unreadable."""
+    """``{model: records}`` from ``FOLDER/MODEL/log.jsonl``, or with ``seed`` from
+    ``FOLDER/MODEL/seedK/log.jsonl`` (the layout of ``checkpoints/runs``), in ``models`` order if
+    given, else sorted. Raises :class:`~lgam.errors.UsageError` naming what is missing or unreadable."""
     logs: dict[str, list[dict[str, Any]]] = {}
+    pattern = "*/log.jsonl" if seed is None else f"*/seed{seed}/log.jsonl"
     for folder in map(Path, folders):
-        for log in sorted(folder.glob("*/log.jsonl")):
+        for log in sorted(folder.glob(pattern)):
+            model = log.parent.name if seed is None else log.parent.parent.name
             lines = log.read_text().splitlines()
             try:
-                logs[log.parent.name] = [json.loads(line) for line in lines if line.strip()]
+                logs[model] = [json.loads(line) for line in lines if line.strip()]
             except json.JSONDecodeError as e:
                 raise UsageError(f"{log} is not a JSON-lines training log: {e}") from None
-            if not all(isinstance(r, dict) and {"epoch", "loss"} <= r.keys()
-                       for r in logs[log.parent.name]):
+            if not all(isinstance(r, dict) and {"epoch", "loss"} <= r.keys() for r in logs[model]):
                 raise UsageError(f"{log}: every record needs 'epoch' and 'loss' (an lgam train log)")
     if models:
         missing = [m for m in models if m not in logs]
@@ -42,7 +44,9 @@ def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
                                     f"found {sorted(logs)}")
         return {m: logs[m] for m in models}
     if not logs:
-        raise UsageError(f"no MODEL/log.jsonl under {[str(f) for f in folders]}")
+        hint = " (runs kept per seed, MODEL/seedK/: pass --seed K)" if seed is None and any(
+            Path(f).glob("*/seed*/log.jsonl") for f in folders) else ""
+        raise UsageError(f"no {pattern} under {[str(f) for f in folders]}{hint}")
     return logs
 
 
@@ -113,10 +117,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", help="models to plot, in this order (default: all found)")
     p.add_argument("--out", type=Path, required=True, help=f"output file ({', '.join(FIGURE_FORMATS)})")
     p.add_argument("--title", help="figure title")
+    p.add_argument("--seed", type=int, help="read MODEL/seedK/log.jsonl (checkpoints/runs keeps every seed)")
 
 
 def main(args: argparse.Namespace) -> int:
-    logs = read_logs(args.runs, args.models)
+    logs = read_logs(args.runs, args.models, args.seed)
     save_figure(curves_figure(logs, args.title), args.out)
     print(f"wrote {args.out} ({len(logs)} models)")
     return 0

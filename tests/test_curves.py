@@ -8,6 +8,7 @@ from lgam.curves import curves_figure, read_logs
 
 
 def _runs(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name, final in (("resnet18", 30.0), ("resnet18_se", 28.0)):
         (tmp_path / name).mkdir()
         records = [{"epoch": e, "loss": 2.0 / e, "val_top1_err": (final + 40 / e) if e % 2 == 0 else None,
@@ -51,3 +52,21 @@ def test_end_labels_spread_apart_only_where_they_would_overlap():
     assert abs(sum(close) / 3 - (24.1 + 23.6 + 24.0) / 3) < 1e-9  # centred on their mean
     assert ys[2] < ys[3] < ys[0]  # order kept
     assert spread([], 1.0) == []
+
+
+def test_reads_one_seed_of_runs_kept_per_seed(tmp_path):
+    """checkpoints/runs keeps MODEL/seedK/: --seed K picks those logs; without it the error says so."""
+    import pytest
+
+    from lgam.errors import UsageError
+
+    flat = _runs(tmp_path / "flat")
+    for model in ("resnet18", "resnet18_se"):
+        for k in (0, 1):
+            (tmp_path / "runs" / model / f"seed{k}").mkdir(parents=True)
+            text = (flat / model / "log.jsonl").read_text()
+            (tmp_path / "runs" / model / f"seed{k}" / "log.jsonl").write_text(text if k == 0 else text[:60] + "\n")
+    logs = read_logs([tmp_path / "runs"], seed=0)
+    assert list(logs) == ["resnet18", "resnet18_se"] and len(logs["resnet18"]) == 6
+    with pytest.raises(UsageError, match="--seed K"):
+        read_logs([tmp_path / "runs"])
