@@ -100,3 +100,21 @@ def test_one_forward_per_batch_and_nothing_left_behind(name, stages):
 def test_stage_names():
     assert stage_of("layer3.1.attention") == 3 and stage_of("stage_attention.0") == 1
     assert stage_of("backbone.layer4.0.attention") == 4 and stage_of("fc") is None
+
+
+def test_lgam_records_its_group_channel_gates_in_eval_mode():
+    """LGAM's eq-(2) gates M_k of every group, side by side as (B, C), in eval mode; in train mode
+    recording them would move BN's running statistics twice, so only the spatial map is kept."""
+    torch.manual_seed(0)
+    lg = LGAM(32, groups=4, reduction=2)
+    x = torch.randn(3, 32, 5, 5)
+    lg.train()(torch.randn(8, 32, 5, 5))  # BN statistics of real input
+    lg.eval()
+    pooled = x.mean(dim=(2, 3)).view(3, 4, 8)
+    expected = (lg.group_scales(pooled) - 1).flatten(1)
+    gates = _captured(lg, x)
+    torch.testing.assert_close(gates["channel"], expected)
+    assert gates["channel"].shape == (3, 32) and bool(((gates["channel"] >= 0.5) & (gates["channel"] <= 1)).all())
+    stats = copy.deepcopy(lg.channel_attention[0].bn.state_dict())
+    assert "channel" not in _captured(lg.train(), x)
+    assert int(lg.channel_attention[0].bn.num_batches_tracked) == int(stats["num_batches_tracked"]) + 1  # one forward

@@ -29,7 +29,7 @@ def _model(name: str) -> torch.nn.Module:
 def test_statistics_count_every_position_of_every_module():
     model, split = _model("resnet18_lgam"), _split()
     stats = gate_statistics(model, split, 64, IMAGENET_MEAN, IMAGENET_STD, batch_size=4)
-    assert sorted(stats) == [1, 2, 3, 4] and all(list(s) == ["spatial"] for s in stats.values())
+    assert sorted(stats) == [1, 2, 3, 4] and all(list(s) == ["channel", "spatial"] for s in stats.values())
     assert all(s["spatial"]["modules"] == 2 for s in stats.values())
     x = resize_normalize(split.images, 64, IMAGENET_MEAN, IMAGENET_STD)
     gates = attention_gates(model, x)

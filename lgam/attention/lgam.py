@@ -125,12 +125,24 @@ class LGAM(GateRecorder):
             raise ValueError(f"LGAM: residual {tuple(residual.shape)} must match the input {tuple(x.shape)}")
         if not FUSED.applies(self, x):  # see _lgam_fused
             out, m_spat = self.forward_eager(x)
-            self._record(spatial=m_spat)
+            if self.record_gates:
+                self._record(spatial=m_spat, **self._channel_gates(x))
             return out if residual is None else torch.relu_(out + residual)
         out, s = FUSED.run(self, x, residual)
         if self.record_gates:
-            self._record(spatial=torch.sigmoid(F.relu(s.detach())))  # eq (6)
+            self._record(spatial=torch.sigmoid(F.relu(s.detach())), **self._channel_gates(x))  # eq (6)
         return out
+
+    @torch.no_grad()
+    def _channel_gates(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"channel": M (B, C)}``, the groups' eq-(2) gates side by side, for gate recording in
+        eval mode (recomputed from the pooled input: cheap; in train mode it would move BN's
+        running statistics a second time, so nothing is recorded there)."""
+        if self.training:
+            return {}
+        pooled = x.to(work_dtype(x.dtype)).mean(dim=(2, 3)).view(x.shape[0], self.groups, -1)
+        with torch.autocast(x.device.type, enabled=False):
+            return {"channel": (self.group_scales(pooled) - 1).flatten(1)}
 
     def forward_eager(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Eqs (1)-(7) in eager mode: ``x (B, C, H, W) -> (A'', M_spat (B, 1, H, W))``."""
