@@ -75,7 +75,8 @@ def create_app(args: argparse.Namespace, engine: CamEngine | None = None) -> tup
                      max_pixels=int(args.max_megapixels * 1e6),
                      concurrency_limit=args.concurrency)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    allowed = sorted({str(Path(e).parent) for e in examples} | {tempfile.gettempdir()})
+    allowed = sorted({str(Path(e).parent) for paths in examples.values() for e in paths}
+                     | {tempfile.gettempdir()})
     kwargs = dict(server_name=args.host, server_port=args.port, allowed_paths=allowed,
                   # Gradio's own cap is looser, so that lgam.imageio gives the clear message
                   max_file_size=2 * max_bytes + 1024 * 1024, show_error=True,

@@ -7,7 +7,8 @@ figure from :mod:`lgam.figure`; this module holds the page's words and layout. T
 endpoints, ``/compare`` (image files) and ``/export`` (the figure file), each callable with just
 an image: every other input has a default. The page runs the comparison when an image is
 uploaded, taken, pasted or picked from the examples, and when the view changes; the Compare button
-re-runs it with changed settings.
+re-runs it with changed settings. It opens on the first example (an ImageNet val image of one of
+the models' classes, shipped in ``app/examples/``), compared once when the page is built.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 import types
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import gradio as gr
 from PIL import Image
@@ -30,9 +31,10 @@ from lgam.imageio import MAX_BYTES, MAX_PIXELS, ImageLoadError, load_image
 
 from .render import VIEWS, Tile, gate_notes, tiles_data, tiles_for, tiles_html
 
-__all__ = ["OWN_TOP1", "LOW_CONFIDENCE", "MIN_AGREEMENT", "build_app", "run_compare",
-           "run_export", "default_examples", "raw_image", "model_rows", "setup_help",
-           "classes_note", "confidence_warning", "training_status"]
+__all__ = ["OWN_TOP1", "LOW_CONFIDENCE", "MIN_AGREEMENT", "EXAMPLES_DIR", "build_app",
+           "run_compare", "run_export", "default_examples", "package_photos", "first_view",
+           "raw_image", "model_rows", "setup_help", "classes_note", "confidence_warning",
+           "training_status"]
 
 log = logging.getLogger("lgam.app")
 
@@ -54,6 +56,17 @@ TILES_LABEL = "Input + Grad-CAM per model (JPEG data URLs)"
 TOP5_LABEL = "Top-5 per model"
 INFO_LABEL = "Run info"
 FIGURE_LABEL = "Figure 5 file"
+
+#: the example images shipped with the app: six ImageNet val images of the models' classes, the
+#: inputs of docs/figure5.png (224 px; their source and original files in ``SOURCES.md`` there)
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+#: the labels of the example groups, in the order the page shows them
+IN_CLASS_EXAMPLES = "Examples: ImageNet val images of the models' classes (as in Figure 5)"
+OUT_OF_CLASS_EXAMPLES = "Photos of none of the classes (expect low confidence)"
+EXTRA_EXAMPLES = "More examples"
+#: the first view's run info starts with this line
+FIRST_VIEW_NOTE = ("Showing the first example, `{name}`, compared when the page was built: pick "
+                   "another example or drop in a photo of your own.")
 
 #: Warn below this mean top-1 probability over the models. Every model knows only its classes and
 #: must spread 100% over them, so a photo of something else tends to get a flat answer, while a
@@ -110,9 +123,17 @@ def raw_image(**kwargs: Any) -> gr.Image:
     return comp
 
 
-def default_examples(extra_dir: str | Path | None = None) -> list[str]:
-    """Example photos shipped inside installed packages (matplotlib's Grace Hopper, scikit-learn's
-    sample images when installed) plus every image in ``extra_dir``. The repo ships no photos."""
+def _images_in(folder: str | Path | None) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name; none when it is not a folder."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def package_photos() -> list[Path]:
+    """Photos shipped inside installed packages, none of the models' classes: matplotlib's Grace
+    Hopper and, when scikit-learn is installed, its china and flower photos."""
     found: list[Path] = []
     try:
         import matplotlib
@@ -129,11 +150,24 @@ def default_examples(extra_dir: str | Path | None = None) -> list[str]:
             found += [d / "china.jpg", d / "flower.jpg"]
     except Exception:  # noqa: BLE001
         pass
-    if extra_dir is not None:
-        d = Path(extra_dir)
-        if d.is_dir():
-            found += sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return [str(p) for p in found if p.is_file()]
+    return [p for p in found if p.is_file()]
+
+
+def default_examples(extra_dir: str | Path | None = None) -> dict[str, list[str]]:
+    """The page's examples as ``{label: image paths}``, in the order shown: the ImageNet val
+    images of the models' classes shipped in :data:`EXAMPLES_DIR` (the inputs of Figure 5, their
+    source in its ``SOURCES.md``), then the photos of none of the classes that installed packages
+    ship (:func:`package_photos`), then every image in ``extra_dir``. Empty groups are left out."""
+    groups = {IN_CLASS_EXAMPLES: _images_in(EXAMPLES_DIR), OUT_OF_CLASS_EXAMPLES: package_photos(),
+              EXTRA_EXAMPLES: _images_in(extra_dir)}
+    return {label: [str(p) for p in paths] for label, paths in groups.items() if paths}
+
+
+def _example_groups(examples: Mapping[str, Sequence[str]] | Sequence[str]) -> dict[str, list[str]]:
+    """``examples`` as :func:`default_examples` gives them; a plain list is one "Examples" group."""
+    if isinstance(examples, Mapping):
+        return {label: list(paths) for label, paths in examples.items() if paths}
+    return {"Examples": list(examples)} if examples else {}
 
 
 def _load_inputs(image: str | None, files: Sequence[Any] | None, max_images: int,
@@ -290,6 +324,24 @@ def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | 
     return tiles_html(rows, titles), top5, info
 
 
+def first_view(engine: CamEngine, image: str | None, *, max_images: int = 8,
+               max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS
+               ) -> tuple[str, list[list[Any]], str] | None:
+    """What the page shows before anyone uploads: ``image`` (the first example) compared with
+    the default settings, as :func:`run_page` gives it - computed once, when the page is built,
+    so that every visitor sees a finished Figure 5 at once. ``None`` (an empty page) without an
+    image or models, or when that comparison fails (logged: the page still starts)."""
+    if not image or not engine.available:
+        return None
+    try:
+        grid, top5, info = run_page(engine, image, max_images=max_images, max_bytes=max_bytes,
+                                    max_pixels=max_pixels)
+    except gr.Error as e:
+        log.warning("no first view: %s: %s", Path(image).name, e.message)
+        return None
+    return grid, top5, f"{FIRST_VIEW_NOTE.format(name=Path(image).name)}\n\n{info}"
+
+
 def run_export(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None = None,
                target: str | None = OWN_TOP1, method: str = DEFAULT_METHOD,
                opacity: float = DEFAULT_OPACITY, fmt: str = DEFAULT_FORMAT,
@@ -356,7 +408,7 @@ def setup_help(engine: CamEngine) -> str:
     """What to tell a person when no model could be loaded: why, and how to get checkpoints."""
     return (f"No trained checkpoints could be loaded ({engine.setup_message or 'none given'}). "
             "The app needs a folder with manifest.json and the six .safetensors files: train them "
-            "with `lgam train` (see `lgam train --help` and the README), or copy a released "
+            "with `lgam train` (see `lgam train --help` and docs/training.md), or copy a released "
             "checkpoints/ folder, then start the app with `--checkpoints DIR`.")
 
 
@@ -369,15 +421,23 @@ each attention module itself attends (its own spatial gate), or both. Add more i
 
 def build_app(
     engine: CamEngine,
-    examples: Sequence[str] = (),
+    examples: Mapping[str, Sequence[str]] | Sequence[str] = (),
     *,
     max_images: int = 8,
     max_bytes: int = MAX_BYTES,
     max_pixels: int = MAX_PIXELS,
     concurrency_limit: int = 4,
 ) -> gr.Blocks:
-    """The Blocks page around ``engine``. Launch with :func:`app.launch` (theme, size limits)."""
+    """The Blocks page around ``engine``. Launch with :func:`app.launch` (theme, size limits).
+
+    ``examples``: ``{label: image paths}`` as :func:`default_examples` gives them (a plain list
+    is one group), shown in that order. The page opens on the first one, already compared
+    (:func:`first_view`)."""
     limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
+    groups = _example_groups(examples)
+    first = next(iter(groups.values()), [None])[0]
+    shown = first_view(engine, first, **limits)
+    first_grid, first_top5, first_info = shown or ("", None, "")
 
     # the API's parameter names and defaults are these functions' (image is the one required)
     def compare(image, more_images=None, target=OWN_TOP1, method=DEFAULT_METHOD,
@@ -411,16 +471,17 @@ def build_app(
                 f"**{engine.label(n)}** ({why})" for n, why in engine.unavailable.items()))
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                image = raw_image(sources=["upload", "webcam", "clipboard"],
+                image = raw_image(value=first if shown else None,
+                                  sources=["upload", "webcam", "clipboard"],
                                   label="Image", elem_id="input-image")
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 view = _quiet_checks(gr.Radio(
                     list(VIEWS), value=DEFAULT_VIEW, label="Show", elem_id="view",
                     info="Grad-CAM: where each model's evidence is; attention gates: where each "
                          "module itself attends"))
-                if examples:  # a click puts the example in `image`, whose change runs compare
-                    gr.Examples(examples=[[e] for e in examples], inputs=[image],
-                                cache_examples=False, label="Examples")
+                for label, paths in groups.items():  # a click fills `image`: its change runs
+                    gr.Examples(examples=[[p] for p in paths], inputs=[image],
+                                cache_examples=False, label=label)
                 with gr.Accordion("Settings", open=False):
                     target = _quiet_checks(gr.Dropdown(
                         [OWN_TOP1] + list(engine.classes), value=OWN_TOP1, label="Target class",
@@ -436,10 +497,10 @@ def build_app(
                                     label="More images (one row each)", file_types=["image"],
                                     elem_id="more-images")
             with gr.Column(scale=3):
-                grid = gr.HTML(elem_id="results")
-                info = gr.Markdown(label=INFO_LABEL, elem_id="run-info")
+                grid = gr.HTML(first_grid, elem_id="results")
+                info = gr.Markdown(first_info, label=INFO_LABEL, elem_id="run-info")
                 with gr.Accordion("Top-5 per model", open=False):
-                    top5 = gr.Dataframe(headers=TOP5_HEADERS, label=TOP5_LABEL,
+                    top5 = gr.Dataframe(first_top5, headers=TOP5_HEADERS, label=TOP5_LABEL,
                                         interactive=False, wrap=True)
                 with gr.Row():
                     fmt = _quiet_checks(gr.Radio(["png", "pdf"], value=DEFAULT_FORMAT,
@@ -448,7 +509,10 @@ def build_app(
                 figure_file = gr.File(label=FIGURE_LABEL, interactive=False)
                 # the API's /compare answers with the tiles as JSON; the page shows the HTML grid
                 tiles = gr.JSON(label=TILES_LABEL, visible=False)
-                api_run = gr.Button(visible=False)
+                # the API's own image, without the page's first example: a component's initial
+                # value would become the endpoints' default image
+                api_image = raw_image(label="Image", visible=False)
+                api_run, api_export = gr.Button(visible=False), gr.Button(visible=False)
         gr.Markdown(f"**Models** (from the checkpoint manifest: training status, val error) · "
                     f"device `{engine.device}`")
         gr.Dataframe(value=model_rows(engine), headers=MODEL_HEADERS, interactive=False,
@@ -456,13 +520,16 @@ def build_app(
 
         # one concurrency group: the page's runs, the API and the export share the limit
         inputs = [image, files, target, method, opacity, view, stage]
+        api_inputs = [api_image, *inputs[1:]]
         queue = dict(concurrency_limit=concurrency_limit, concurrency_id="cam")
-        api_run.click(compare, inputs, [tiles, top5, info], api_name="compare", **queue,
+        api_run.click(compare, api_inputs, [tiles, top5, info], api_name="compare", **queue,
                       api_description="Input + Grad-CAM (or attention gate) of each model as "
                                       "JPEG data URLs with their captions, the top-5 table and "
                                       "the run info for an image (plus more images for a grid)")
         for trigger in (run.click, image.change, files.change, view.change):
             trigger(page, inputs, [grid, top5, info], api_visibility="private", **queue)
-        export_btn.click(export, inputs + [fmt], [figure_file], api_name="export", **queue,
+        export_btn.click(export, inputs + [fmt], [figure_file], api_name="page_export",
+                         api_visibility="private", **queue)
+        api_export.click(export, api_inputs + [fmt], [figure_file], api_name="export", **queue,
                          api_description="The comparison as a Figure-5 PNG or PDF file")
     return demo

@@ -6,8 +6,9 @@ list, input size and normalisation, the training recipe, seed, epochs, git commi
 (``val_top1_err_<size>`` in percent at each evaluated size, ``params``, ``gmacs_224``,
 ``cpu_latency_ms_224``, ``train_img_per_s``). A checkpoint over :data:`PART_LIMIT` (9 MiB) is
 stored as ``NAME-00001-of-0000N.safetensors`` parts of at most that size plus
-``NAME.safetensors.index.json``: every file stays under the 10 MB that a plain ``git push`` to a
-Hugging Face Space accepts without Git LFS.
+``NAME.safetensors.index.json``, loaded as one. (The parts do not spare a Hugging Face Space Git
+LFS: the Hub refuses binary files pushed without LFS/Xet whatever their size, so
+``scripts/space_upload.py`` uploads them through its API, and ``.gitattributes`` puts them in LFS.)
 Loading verifies every sha256 and the architecture, and raises :class:`CheckpointError` with a
 message that says what is wrong and what to do.
 """
@@ -40,7 +41,7 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-#: largest file written: under the 10 MB (10**7 bytes) a Hugging Face Space takes without LFS
+#: largest file written (larger checkpoints are split into parts of at most this size)
 PART_LIMIT = 9 * 2**20
 _KEEP_FP32 = ("running_mean", "running_var")
 _HEADER_ALLOWANCE = 64 * 1024  # room for each part's safetensors JSON header

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks a session with a lent GPU runs, in one call (see the README's "GPU" section):
+# The checks a session with a lent GPU runs, in one call (see docs/development.md, "GPU checks"):
 #   bash scripts/gpu_check.sh OUT_DIR
 # 1. the modules' tests and the engine's CUDA-vs-CPU test on the GPU (tests named [cuda...]; LGAM's
 #    Triton kernels compiled there for the first time: tests named [cuda-triton...]);

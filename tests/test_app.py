@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _helpers import CLASSES, REPO, run_in_threads, synthetic_image
+from _helpers import CLASSES, REPO, SHARED_DATA, run_in_threads, synthetic_image
 from test_imageio import _dds_with_unknown_fourcc
 
 gr = pytest.importorskip("gradio")
@@ -27,9 +27,12 @@ from torch import nn  # noqa: E402
 import app  # noqa: E402
 from app.server import app_process, free_port  # noqa: E402
 from app.ui import (  # noqa: E402
-    FIGURE_LABEL, INFO_LABEL, LOW_CONFIDENCE, MIN_AGREEMENT, OWN_TOP1, TILES_LABEL, TOP5_LABEL,
-    build_app, classes_note, confidence_warning, model_rows, run_compare, training_status,
+    EXAMPLES_DIR, EXTRA_EXAMPLES, FIGURE_LABEL, IN_CLASS_EXAMPLES, INFO_LABEL, LOW_CONFIDENCE,
+    MIN_AGREEMENT, OUT_OF_CLASS_EXAMPLES, OWN_TOP1, TILES_LABEL, TOP5_LABEL, build_app,
+    classes_note, confidence_warning, default_examples, model_rows, run_compare, training_status,
 )
+from lgam.checkpoints import load_manifest  # noqa: E402
+from lgam.data import read_classes_tsv  # noqa: E402
 from lgam.engine import CamEngine, ImageComparison, ModelResult  # noqa: E402
 from lgam.imageio import load_image  # noqa: E402
 
@@ -406,8 +409,6 @@ def test_unavailable_models_shown_as_tiles(broken_checkpoints, files):
 
 def test_model_table_shows_the_error_at_the_size_each_model_is_fed(engine, app_checkpoints,
                                                                   broken_checkpoints):
-    from lgam.checkpoints import load_manifest
-
     rows = model_rows(engine)
     entry = load_manifest(app_checkpoints)["models"]["resnet18"]
     size = entry["input_size"]
@@ -549,16 +550,98 @@ def test_no_checkpoints_page_says_how(tmp_path, files):
     assert any(isinstance(t, str) and "No models loaded" in t and "lgam train" in t for t in texts)
 
 
-def test_examples_come_from_packages_and_folder(tmp_path):
-    from app.ui import default_examples
+def _source_rows() -> list[list[str]]:
+    """The table of app/examples/SOURCES.md: ``[file, class, wnid, original file]`` per image."""
+    text = (EXAMPLES_DIR / "SOURCES.md").read_text()
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")]
+            for ln in text.splitlines() if ln.startswith("|")]
+    assert rows[0] == ["file", "class", "wnid", "original file (ImageNet-20 val)"]
+    return rows[2:]
 
+
+def test_examples_in_class_first_then_out_of_class_then_a_folder(tmp_path):
     synthetic_image(1).save(tmp_path / "mine.jpg")
     (tmp_path / "notes.txt").write_text("x")
     ex = default_examples(tmp_path)
-    assert ex[-1].endswith("mine.jpg") and not any(e.endswith(".txt") for e in ex)
-    assert any("grace_hopper" in e for e in ex)  # shipped inside matplotlib
-    for e in ex:
+    assert list(ex) == [IN_CLASS_EXAMPLES, OUT_OF_CLASS_EXAMPLES, EXTRA_EXAMPLES]
+    assert [Path(e).name for e in ex[EXTRA_EXAMPLES]] == ["mine.jpg"]  # no .txt
+    assert any("grace_hopper" in e for e in ex[OUT_OF_CLASS_EXAMPLES])  # shipped in matplotlib
+    assert list(default_examples()) == [IN_CLASS_EXAMPLES, OUT_OF_CLASS_EXAMPLES]
+    for e in (e for paths in ex.values() for e in paths):
         assert load_image(e).mode == "RGB"
+
+
+def test_shipped_examples_are_small_val_images_with_their_source_named():
+    """At most six ImageNet val images of the models' classes, at most 224 px, each listed in
+    SOURCES.md with its class, wnid and original file; nothing else in the folder."""
+    shipped = default_examples()[IN_CLASS_EXAMPLES]
+    rows = _source_rows()
+    assert [Path(e).name for e in shipped] == [r[0] for r in rows] and 1 <= len(rows) <= 6
+    assert sorted(p.name for p in EXAMPLES_DIR.iterdir()) == sorted([r[0] for r in rows]
+                                                                    + ["SOURCES.md"])
+    text = (EXAMPLES_DIR / "SOURCES.md").read_text()
+    assert "ImageNet" in text and "Imagenette" in text and "lgam.data sample" in text
+    classes = next(iter(load_manifest(REPO / "checkpoints")["models"].values()))["classes"]
+    tsv = SHARED_DATA / "imagenet20" / "classes.tsv"
+    by_wnid = dict(zip(*read_classes_tsv(tsv))) if tsv.is_file() else {}
+    for path, (name, cls, wnid, original) in zip(shipped, rows):
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and max(im.size) <= 224, (name, im.size)
+        assert Path(path).stat().st_size < 64 * 1024, name
+        assert cls in classes and original == f"val/{wnid}/{Path(original).name}", name
+        assert name.split("_", 1)[1].removesuffix(".jpg") == "".join(
+            ch if ch.isalnum() else "_" for ch in cls)  # as lgam.data.sample names it
+        if by_wnid:
+            assert by_wnid[wnid] == cls, name
+
+
+def test_page_opens_on_the_first_example_compared(engine, files):
+    """The first view is a finished comparison of the first example: its image in the input,
+    its grid, top-5 table and run info as the page's handler gives them; the groups of
+    examples follow in order."""
+    from app.ui import FIRST_VIEW_NOTE, run_page
+
+    demo = build_app(engine, {"in class": [files[0]], "out of class": [files[1], files[2]]})
+    components = demo.get_config_file()["components"]
+    props = {c["props"].get("elem_id"): c["props"] for c in components}
+    assert props["input-image"]["value"]["orig_name"] == Path(files[0]).name
+    grid, top5, info = run_page(engine, files[0])
+    assert props["results"]["value"] == grid and grid.count("<figure>") == 7
+    assert f"<b>Input</b>{Path(files[0]).name}</figcaption>" in grid
+    note, shown_info = props["run-info"]["value"].split("\n\n", 1)
+    assert note == FIRST_VIEW_NOTE.format(name=Path(files[0]).name)
+    assert shown_info.split("total")[0] == info.split("total")[0]  # the same, up to its times
+    table = next(c["props"] for c in components
+                 if c["type"] == "dataframe" and c["props"].get("label") == TOP5_LABEL)
+    assert [r[:7] for r in table["value"]["data"]] == [r[:7] for r in top5] and len(top5) == 6
+    examples = [(c["props"]["label"], len(c["props"]["samples"])) for c in components
+                if c["type"] == "dataset"]
+    assert examples == [("in class", 1), ("out of class", 2)]
+    # the page's Export exports the page's image; the API's endpoints take their own, which has
+    # no initial value (else the first example would become their default image)
+    fns = {f.api_name: f for f in demo.fns.values()}
+    assert fns["page_export"].inputs[0] is fns["page"].inputs[0]
+    assert fns["page"].inputs[0].elem_id == "input-image"
+    for name in ("compare", "export"):
+        image = fns[name].inputs[0]
+        assert not image.visible and image.value is None and image.label == "Image"
+
+
+def test_first_view_is_empty_without_models_or_a_readable_example(engine, tmp_path, files,
+                                                                   caplog):
+    """No models, no example or an unreadable one: the page still starts, on an empty view."""
+    from app.ui import first_view
+
+    no_models = CamEngine.from_checkpoints(tmp_path / "nothing", device="cpu")
+    assert first_view(no_models, files[0]) is None and first_view(engine, None) is None
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    assert first_view(engine, str(bad)) is None
+    assert "no first view: bad.png: Cannot use this file" in caplog.text
+    for eng, examples in ((no_models, [files[0]]), (engine, [str(bad), files[0]])):
+        props = {c.get("props", {}).get("elem_id"): c["props"]
+                 for c in build_app(eng, examples).get_config_file()["components"]}
+        assert props["input-image"].get("value") is None and not props["results"].get("value")
 
 
 def test_flags():

@@ -1,8 +1,8 @@
 """Real-browser tests: headless Chromium (Debian's ``chromium`` + ``chromium-driver``) driven by
-selenium uploads a photo at a desktop and a phone width; the upload alone runs the comparison, and
-every tile must be readable: its caption fully visible (not clipped), the photo's aspect ratio
-kept, at least 200 px wide on the desktop. Screenshots go to ``$LGAM_SCREENSHOTS`` (default: the
-test's temp folder)."""
+selenium at a desktop and a phone width. The page opens on the first example already compared;
+clearing the image clears the results; an upload alone runs the comparison, and every tile must be
+readable: its caption fully visible (not clipped), the photo's aspect ratio kept, at least 200 px
+wide on the desktop. Screenshots go to ``$LGAM_SCREENSHOTS`` (default: the test's temp folder)."""
 from __future__ import annotations
 
 import os
@@ -79,22 +79,43 @@ return Array.from(document.querySelectorAll('#results figure')).map(f => {
 """
 
 
+# the number of tiles and the first one's caption (read at once: the grid may be re-rendered)
+GRID_STATE = """
+const f = document.querySelectorAll('#results figure');
+return [f.length, f.length ? f[0].querySelector('figcaption').innerText : ''];
+"""
+
+
+def _tiles_of(name: str):
+    """A wait condition: seven tiles or more, the first of them the input ``name``."""
+    def shown(d) -> bool:
+        count, caption = d.execute_script(GRID_STATE)
+        return count >= 7 and name in caption
+    return shown
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("browser", [(1280, 800), (420, 900)], indirect=True,
                          ids=["desktop-1280x800", "phone-420x900"])
-def test_upload_alone_shows_seven_readable_tiles(server, browser, tmp_path):
+def test_first_view_then_upload_alone_shows_seven_readable_tiles(server, browser, tmp_path):
+    from app.ui import IN_CLASS_EXAMPLES, default_examples
+
     img = tmp_path / "wide.png"
     synthetic_image(11, (240, 120)).save(img)  # 2:1, to see the aspect ratio kept
     browser.get(server)
+    # the first view: the first example, compared before anyone uploads or clicks
+    first = os.path.basename(default_examples()[IN_CLASS_EXAMPLES][0])
+    WebDriverWait(browser, 60).until(_tiles_of(first))
+    assert len(browser.execute_script(TILE_METRICS)) == 7
+    # clearing the image (its × button, Gradio's "Remove Image") clears the results
+    remove = browser.find_element(By.CSS_SELECTOR, "#input-image button[aria-label='Remove Image']")
+    browser.execute_script("arguments[0].click()", remove)  # shown on hover on some themes
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script(GRID_STATE)[0] == 0)
     wait = WebDriverWait(browser, 60)
     upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]"))
     upload.send_keys(str(img))  # no click: the upload runs the comparison
 
-    def tiles(d):
-        found = d.find_elements(By.CSS_SELECTOR, "#results figure img")
-        return found if len(found) >= 7 else False
-
-    WebDriverWait(browser, 120).until(tiles)
+    WebDriverWait(browser, 120).until(_tiles_of(img.name))
     time.sleep(0.5)  # images decoded and laid out
     width = browser.execute_script("return window.innerWidth")
     shots = os.environ.get("LGAM_SCREENSHOTS") or str(tmp_path)

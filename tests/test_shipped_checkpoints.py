@@ -3,6 +3,7 @@
 Skips (saying so) while no model has been shipped yet.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +41,9 @@ def test_every_shipped_model_has_its_record(shipped):
         assert config["recipe"] == entry["recipe"] and config["seed"] == entry["seed"]
 
 
-def test_files_fit_a_space_without_lfs(shipped):
+def test_files_are_parts_under_10_mb(shipped):
+    """As ``lgam.checkpoints`` writes them (parts of at most 9 MiB). A Space no longer needs this:
+    ``scripts/space_upload.py`` stores them with LFS/Xet, which takes files of any size."""
     for entry in shipped.values():
         for fname in entry["sha256"]:
             assert (CHECKPOINTS / fname).stat().st_size < 10**7, fname
@@ -59,6 +62,23 @@ def test_the_app_loads_the_shipped_models_with_no_flag(shipped):
     engine = CamEngine.from_checkpoints(CHECKPOINTS, device="cpu")  # the app's default folder
     assert set(shipped) <= set(engine.available)
     assert engine.setup_message is None
+
+
+def test_the_app_opens_on_an_example_the_models_get_right(shipped):
+    """The page's first view, as on the Space: the first shipped example (an ImageNet val image,
+    the first row of docs/figure5.png) compared by the shipped models, most of which name its
+    class without the low-confidence warning."""
+    pytest.importorskip("gradio")
+    from app.ui import IN_CLASS_EXAMPLES, default_examples, first_view
+
+    first = Path(default_examples()[IN_CLASS_EXAMPLES][0])
+    engine = CamEngine.from_checkpoints(CHECKPOINTS, device="cpu")
+    grid, top5, info = first_view(engine, str(first))
+    label = first.stem.split("_", 1)[1].replace("_", " ")  # 00_tench.jpg: tench
+    tops = [row[2].rsplit(" (", 1)[0] for row in top5 if not row[2].startswith("unavailable")]
+    assert grid.count("<figure>") == 7 and len(tops) == len(shipped)
+    assert sum(t == label for t in tops) > len(tops) / 2, tops
+    assert "low confidence" not in info
 
 
 @pytest.mark.slow
