@@ -42,6 +42,17 @@ def test_app_latency_benchmark(tmp_path):
     assert "Machine:" in out
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_app_memory_benchmark(tmp_path):
+    """It serves fresh models from ``python -m app``, sends concurrent requests in rounds and
+    prints the server's RSS after each round and the growth (a number, no threshold)."""
+    out = _run("benchmarks/app_memory.py", "--clients", "2", "--rounds", "4", "--size", "64",
+               "--checkpoints", str(tmp_path / "none"))
+    trace = next(line for line in out.splitlines() if line.startswith("server RSS (MiB): "))
+    assert trace.count("→") == 4 and "growth, rounds 1-3 to the last three: " in out
+
+
 def test_lgam_paths_benchmark():
     out = _run("benchmarks/lgam_paths.py", "--batch", "2", "--size", "32", "--reps", "1")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
