@@ -105,7 +105,7 @@ RECIPES: dict[str, Recipe] = {
     # label smoothing, no decay on BN/bias; residual blocks start as the identity through SkipInit's
     # zero gain after the attention module (LGAM stalls at chance at this lr from the standard
     # init; zeroing bn2 instead fed every in-branch module zeros and handicapped SE, SGE, CBAM and
-    # LGAM): docs/results/recipe-screen.md has the screening that chose it
+    # LGAM; provisional: docs/results/recipe-screen.md has the screening, which it does not yet pass)
     "cpu": Recipe(epochs=20, batch_size=128, lr=0.25, momentum=0.9, nesterov=True, weight_decay=5e-5,
                   schedule="cosine", step_epochs=30, gamma=0.1, warmup_epochs=1.0, label_smoothing=0.1,
                   train_size=128, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1,
