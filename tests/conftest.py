@@ -99,7 +99,9 @@ def _masked_loads_read_nan(monkeypatch) -> None:
     monkeypatch.setattr(builder, "create_masked_load", load)
 
 
-@pytest.fixture(params=["eager", "fused", "triton"])
+# Triton runs interpreted on CPU tensors here (seconds a test): the default run has it, the quick
+# lane (-m "not slow") keeps eager and the C++ kernels
+@pytest.fixture(params=["eager", "fused", pytest.param("triton", marks=pytest.mark.slow)])
 def lgam_path(request) -> str:
     """The test once per LGAM path: ``eager`` (batched products, hand-written backward),
     ``fused`` (as the ``fused`` fixture) and ``triton`` (as ``triton_kernels``)."""

@@ -320,6 +320,7 @@ def _tiles(result):
             [np.asarray(Image.open(g["image"]).convert("RGB"), dtype=np.int16) for g in gallery])
 
 
+@pytest.mark.slow
 def test_eight_concurrent_clients_get_their_own_results(server, files):
     jobs = [(files[i], None if i % 2 else CLASSES[i], "gradcam" if i != 5 else "xgradcam")
             for i in range(8)]
@@ -344,6 +345,7 @@ def test_eight_concurrent_clients_get_their_own_results(server, files):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.slow
 def test_malloc_arenas_capped_unless_the_environment_says_otherwise():
     code = "from app.server import limit_malloc_arenas as f; print(f())"
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}

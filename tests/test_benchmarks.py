@@ -60,6 +60,7 @@ def test_lgam_paths_benchmark():
     assert all(len(rows[r].split("|")) == 13 for r in rows if r != "module")
 
 
+@pytest.mark.slow
 def test_lgam_launches_benchmark():
     """Every model's row; LGAM's Triton kernels launch fewer kernels per training step than SE,
     and far fewer than LGAM's eager path (launches are counted, not timed: the same everywhere)."""

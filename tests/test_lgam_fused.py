@@ -24,7 +24,7 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-@pytest.fixture(params=["cpp", "triton"])
+@pytest.fixture(params=["cpp", pytest.param("triton", marks=pytest.mark.slow)])  # interpreted: slow
 def kernels(request) -> str:
     """The test once per set of kernels: the CPU's (``fused``) and the GPU's (``triton_kernels``:
     Triton's, interpreted on CPU tensors)."""
@@ -306,6 +306,7 @@ def test_the_triton_kernels_take_16_bit_maps(triton_kernels, dtype, layout):
 
 
 @pytest.mark.parametrize("batch", [2, 37])
+@pytest.mark.slow
 def test_the_triton_train_kernels_take_the_batch_in_chunks(triton_kernels, batch, monkeypatch):
     """Train mode's scales kernels hold the batch in chunks of a few samples (BatchNorm's sums
     over all of them): a batch of several chunks, the last one partial, is as exact as one."""

@@ -212,6 +212,7 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
         assert [r["val_top1_err"] is not None for r in _log(split / name)] == [False, True, True]
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_with_the_same_settings(tiny_data, tmp_path):
     args = ("--model", "resnet18", "--epochs", "1", "--val-every", "0")
     assert _train(tiny_data, tmp_path, *args) == 0
