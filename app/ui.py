@@ -58,7 +58,7 @@ INFO_LABEL = "Run info"
 FIGURE_LABEL = "Figure 5 file"
 
 #: the example images shipped with the app: six ImageNet val images of the models' classes, the
-#: inputs of docs/figure5.png (224 px; their source and original files in ``SOURCES.md`` there)
+#: inputs of docs/figure5.png (downscaled to 160 px; their source and original files in ``SOURCES.md`` there)
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 #: the labels of the example groups, in the order the page shows them
 IN_CLASS_EXAMPLES = "Examples: ImageNet val images of the models' classes (as in Figure 5)"

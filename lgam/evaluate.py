@@ -48,14 +48,7 @@ PAPER_TOP1_ERR = {
 def top1_error(model: nn.Module, split: DecodedSplit, size: int, mean: Sequence[float],
                std: Sequence[float], batch_size: int = 64) -> float:
     """Top-1 error in percent of ``model`` (eval mode) on ``split`` resized to ``size``."""
-    model.eval()
-    device = next(model.parameters()).device
-    wrong = 0
-    for i in range(0, len(split), batch_size):
-        x = resize_normalize(split.images[i:i + batch_size].to(device), size, mean, std)
-        pred = model(x).argmax(1).cpu()
-        wrong += int((pred != split.labels[i:i + batch_size]).sum())
-    return 100.0 * wrong / len(split)
+    return 100.0 * int(misses(model, split, size, mean, std, batch_size).sum()) / len(split)
 
 
 @torch.inference_mode()

@@ -90,7 +90,7 @@ def gate_statistics(model: nn.Module, split: DecodedSplit, size: int, mean: Sequ
 def _summary(modules: list[_Moments]) -> dict[str, float]:
     """One stage's statistics of one kind of gate, pooled over its modules."""
     unit_std = torch.cat([m.unit_std() for m in modules])
-    values = sum(m.n * m.unit_std().numel() for m in modules)
+    values = sum(m.n * m.sum.numel() for m in modules)
     total = sum(float(m.sum.sum()) for m in modules)
     counts = sum(m.counts for m in modules)
     return {"mean": total / values, "img_std": float(unit_std.mean()),

@@ -15,30 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-import lgam
 from lgam.data import IMAGENET_MEAN, IMAGENET_STD, load_split
+from lgam.evaluate import load_run_model
 from lgam.gatestats import gate_statistics
-from lgam.recipes import Recipe
-from lgam.runstate import CONFIG, LOG, load_weights
-from lgam.train import model_kwargs
+from lgam.runstate import CONFIG, LOG
 
 
 def arm_label(config: dict) -> str:
     r = config["recipe"]
     init = "skip_init" if r.get("skip_init") else "zero_init_residual" if r["zero_init_residual"] else "standard init"
     return f"{init}, seed {config['seed']}"
-
-
-def load_run_model(run: Path) -> torch.nn.Module:
-    """The model of run folder ``run`` (``OUT/MODEL``) with its last saved weights, in eval mode."""
-    config = json.loads((run / CONFIG).read_text())
-    recipe = Recipe(**config["recipe"])
-    model = lgam.create_model(config["model"], num_classes=config["num_classes"], stem=config["stem"],
-                              **model_kwargs(recipe))
-    model.load_state_dict(load_weights(run))
-    return model.eval()
 
 
 def losses(run: Path) -> list[float]:
