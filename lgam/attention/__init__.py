@@ -10,8 +10,7 @@ from torch import Tensor, nn
 from ._gates import GateRecorder, attention_gates, capture_gates, stage_gate, stage_of
 from .bam import BAM
 from .cbam import CBAM
-from ._lgam_fused import fused_kernels, fused_kernels_enabled, fused_kernels_setting, set_fused_kernels
-from .lgam import LGAM, lgam_reference
+from .lgam import LGAM, fused_kernels, fused_kernels_enabled, fused_kernels_setting, lgam_reference, set_fused_kernels
 from .se import SE
 from .sge import SGE
 
@@ -48,7 +47,7 @@ def create_attention(name: str | None, channels: int, **kwargs) -> nn.Module:
 def fuses_residual(attention: nn.Module) -> bool:
     """Whether ``attention(x, residual=identity)`` returns a residual block's output
     ``ReLU(attention(x) + identity)`` itself (LGAM, which then does it in the same pass over the
-    map where its kernels run)."""
+    map where its op runs)."""
     return getattr(attention, "fuses_residual", False)
 
 

@@ -1,10 +1,10 @@
 // LGAM's GAP (eq (1)), eqs (4)-(7) on the map and their backward, one pass over the map each way,
 // and eqs (2)-(3) on the pooled vectors (eval and train mode) with theirs.
 //
-// Built and loaded by _lgam_kernel.py (g++ -O3 -march=native -fopenmp; no Python or torch
-// headers). From the group scales 1 + M_k (scales_eval / scales_train below, or the module's own
-// ops) come, per sample, the ladder weights of _lgam_fused.ladder_weights, each (B, C) with
-// C = G * C':
+// Built and loaded by kernels.py (g++ -O3 -march=native -fopenmp; no Python or torch headers),
+// called only through its checked boundary (kernels.call) by the ops in ops.py. From the group
+// scales 1 + M_k (scales below) come, per sample, the ladder weights of equations.ladder_weights,
+// each (B, C) with C = G * C':
 //   p = P_k = (1 + M_1) ... (1 + M_k)      eq (4) unrolled: y_k = P_k u_k, u_k = sum_{j<=k} x_j q_j
 //   q = 1 / P_{k-1}
 //   v = sum_{k >= j} P_k / P_{j-1}          eq (5): S = sum_c A'_c = sum_c A_c v_c
@@ -491,110 +491,84 @@ void add_mean_grad(T* da, const W* dmean, int64_t B, int64_t C, int64_t P, bool 
   }
 }
 
-// ---- eqs (2)-(4) on the pooled vectors, in eval mode, and the ladder weights ----
-// Per group k (weights w[8k..8k+7]: Linear(C', h) weight and bias, Linear(h, C') weight and bias,
-// BatchNorm1d weight, bias, running mean and variance): s_k = GAP(x_k) + (1 + M_{k-1}) s_{k-1},
-// M_k = sigmoid(ReLU(BN(MLP(s_k)))), the scales 1 + M_k, then p, q, v as above; all (B, C).
+// ---- eqs (2)-(4) on the pooled vectors: the group scales 1 + M_k, the ladder weights, and
+// their backward. Where the group tensors and the saved intermediates sit in the pointer arrays
+// w, stats and saved is compiled in from kernels.py (LGAM_PARAM_*, LGAM_STAT_*, LGAM_SAVED_*:
+// -D flags generated from its PARAMS, STATS and SAVED), as are the saved tensors' shapes, which
+// kernels.py checks at the call. Per group k: s_k = GAP(x_k) + (1 + M_{k-1}) s_{k-1}, then
+// M_k = sigmoid(ReLU(BN(MLP(s_k)))) with MLP = Linear(C', h) -> ReLU -> Linear(h, C'); BN on
+// the batch's statistics in train mode (the running ones moved by `momentum`, the unbiased
+// variance, as torch does), on the running ones in eval mode. All (B, C) unless said.
 template <class W>
-void scales_eval(const W* pooled, const W* const* w, double eps, W* scales, W* p, W* q, W* v,
-                 int64_t B, int64_t G, int64_t Cg, int64_t H) {
-  const int64_t C = G * Cg;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < B; ++b) {
-    std::vector<W> s(Cg), scale(Cg), hidden(H);
-    const W* pooled_b = pooled + b * C;
-    W *pb = p + b * C, *qb = q + b * C, *vb = v + b * C;
-    for (int64_t k = 0; k < G; ++k) {
-      const W *w1 = w[8 * k], *b1 = w[8 * k + 1], *w2 = w[8 * k + 2], *b2 = w[8 * k + 3];
-      const W *gamma = w[8 * k + 4], *beta = w[8 * k + 5], *mean = w[8 * k + 6], *var = w[8 * k + 7];
-      for (int64_t i = 0; i < Cg; ++i) {  // the GAP of the ladder's input x_k + y_{k-1}, eq (4)
-        s[i] = pooled_b[k * Cg + i] + (k ? scale[i] * s[i] : W(0));
-      }
-      for (int64_t j = 0; j < H; ++j) hidden[j] = std::max(b1[j] + dot(w1 + j * Cg, s.data(), Cg), W(0));
-      for (int64_t i = 0; i < Cg; ++i) {  // eq (2): Linear -> ReLU -> Linear -> BN
-        const W z = b2[i] + dot(w2 + i * H, hidden.data(), H);
-        scale[i] = (z - mean[i]) / std::sqrt(var[i] + W(eps)) * gamma[i] + beta[i];
-      }
-      gate_all(scale.data(), Cg);  // -> ReLU -> sigmoid
-      for (int64_t i = 0; i < Cg; ++i) {  // eq (3): 1 + M
-        scale[i] += 1;
-        const int64_t c = k * Cg + i;
-        scales[b * C + c] = scale[i];
-        qb[c] = k ? 1 / pb[c - Cg] : W(1);             // 1 / P_{k-1}
-        pb[c] = k ? pb[c - Cg] * scale[i] : scale[i];  // P_k
-      }
-    }
-    for (int64_t i = 0; i < Cg; ++i) {  // v_j = (1 / P_{j-1}) sum_{k >= j} P_k
-      W tail = 0;
-      for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
-        tail += pb[c];
-        vb[c] = tail * qb[c];
-      }
-    }
-  }
-}
-
-// ---- eqs (2)-(4) in train mode: BatchNorm1d on the batch's statistics, and its backward ----
-// The same steps as scales_eval, over the whole batch at once (BN couples the samples), the
-// running statistics moved by `momentum` (the unbiased variance, as torch does). `saved` keeps,
-// per group, what the backward needs: the MLP input s_k (B, C'), the first Linear's output
-// (B, h), the normalised BN input (B, C'), 1/sqrt(var + eps) (C') and the BN output (B, C').
-template <class W>
-int64_t train_saved_size(int64_t B, int64_t Cg, int64_t H) { return B * (3 * Cg + H) + Cg; }
-
-template <class W>
-struct Saved {
-  W *s, *z1, *zhat, *invstd, *bn;
-  Saved(W* base, int64_t k, int64_t B, int64_t Cg, int64_t H) {
-    W* g = base + k * train_saved_size<W>(B, Cg, H);
-    s = g, z1 = s + B * Cg, zhat = z1 + B * H, invstd = zhat + B * Cg, bn = invstd + Cg;
+struct Group {  // group k's tensors
+  const W *w1, *b1, *w2, *b2, *gamma, *beta;
+  W *mean, *var;
+  Group(W* const* w, W* const* stats, int64_t k) {
+    const int64_t o = LGAM_PARAMS * k, r = LGAM_STATS * k;
+    w1 = w[o + LGAM_PARAM_W1], b1 = w[o + LGAM_PARAM_B1], w2 = w[o + LGAM_PARAM_W2];
+    b2 = w[o + LGAM_PARAM_B2], gamma = w[o + LGAM_PARAM_GAMMA], beta = w[o + LGAM_PARAM_BETA];
+    mean = stats ? stats[r + LGAM_STAT_MEAN] : nullptr;  // the backward takes none
+    var = stats ? stats[r + LGAM_STAT_VAR] : nullptr;
   }
 };
 
 template <class W>
-void scales_train(const W* pooled, W* const* w, double eps, double momentum, W* scales, W* p,
-                  W* q, W* v, W* saved, int64_t B, int64_t G, int64_t Cg, int64_t H) {
+struct Saved {  // group k's intermediates: s (B, C'), z1 (B, h), zhat (B, C'), invstd (C'), bn (B, C')
+  W *s, *z1, *zhat, *invstd, *bn;
+  Saved(W* const* saved, int64_t k, int64_t B, int64_t Cg, int64_t H) {
+    s = saved[LGAM_SAVED_S] + k * B * Cg, z1 = saved[LGAM_SAVED_Z1] + k * B * H;
+    zhat = saved[LGAM_SAVED_ZHAT] + k * B * Cg, invstd = saved[LGAM_SAVED_INVSTD] + k * Cg;
+    bn = saved[LGAM_SAVED_BN] + k * B * Cg;
+  }
+};
+
+template <class W>
+void scales(const W* pooled, W* const* w, W* const* stats, double eps, double momentum,
+            bool training, W* scale, W* p, W* q, W* v, W* const* saved, int64_t B, int64_t G,
+            int64_t Cg, int64_t H) {
   const int64_t C = G * Cg;
   std::vector<W> z2(B * Cg), h(H);
   for (int64_t k = 0; k < G; ++k) {
-    const W *w1 = w[8 * k], *b1 = w[8 * k + 1], *w2 = w[8 * k + 2], *b2 = w[8 * k + 3];
-    const W *gamma = w[8 * k + 4], *beta = w[8 * k + 5];
-    W *mean = w[8 * k + 6], *var = w[8 * k + 7];
+    const Group<W> gr(w, stats, k);
     const Saved<W> sv(saved, k, B, Cg, H);
     const W* s_prev = k ? Saved<W>(saved, k - 1, B, Cg, H).s : nullptr;
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t i = 0; i < Cg; ++i) {  // the GAP of the ladder's input, eq (4)
         const int64_t c = b * C + k * Cg + i;
-        sv.s[b * Cg + i] = pooled[c] + (k ? scales[c - Cg] * s_prev[b * Cg + i] : W(0));
+        sv.s[b * Cg + i] = pooled[c] + (k ? scale[c - Cg] * s_prev[b * Cg + i] : W(0));
       }
-      W* hidden = h.data();
       for (int64_t j = 0; j < H; ++j) {  // eq (2): Linear -> ReLU -> Linear
-        sv.z1[b * H + j] = b1[j] + dot(w1 + j * Cg, sv.s + b * Cg, Cg);
-        hidden[j] = std::max(sv.z1[b * H + j], W(0));
+        sv.z1[b * H + j] = gr.b1[j] + dot(gr.w1 + j * Cg, sv.s + b * Cg, Cg);
+        h[j] = std::max(sv.z1[b * H + j], W(0));
       }
-      for (int64_t i = 0; i < Cg; ++i) z2[b * Cg + i] = b2[i] + dot(w2 + i * H, hidden, H);
+      for (int64_t i = 0; i < Cg; ++i) z2[b * Cg + i] = gr.b2[i] + dot(gr.w2 + i * H, h.data(), H);
     }
-    for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d on the batch's statistics
-      W mu = 0, sq = 0;
-      for (int64_t b = 0; b < B; ++b) mu += z2[b * Cg + i];
-      mu /= B;
-      for (int64_t b = 0; b < B; ++b) sq += (z2[b * Cg + i] - mu) * (z2[b * Cg + i] - mu);
-      sv.invstd[i] = 1 / std::sqrt(sq / B + W(eps));
-      mean[i] = (1 - W(momentum)) * mean[i] + W(momentum) * mu;
-      var[i] = (1 - W(momentum)) * var[i] + W(momentum) * sq / (B - 1);
+    for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d
+      W mu = gr.mean[i], var = gr.var[i];
+      if (training) {  // the batch's statistics; the running ones moved
+        W sq = 0;
+        mu = 0;
+        for (int64_t b = 0; b < B; ++b) mu += z2[b * Cg + i];
+        mu /= B;
+        for (int64_t b = 0; b < B; ++b) sq += (z2[b * Cg + i] - mu) * (z2[b * Cg + i] - mu);
+        var = sq / B;
+        gr.mean[i] = (1 - W(momentum)) * gr.mean[i] + W(momentum) * mu;
+        gr.var[i] = (1 - W(momentum)) * gr.var[i] + W(momentum) * sq / (B - 1);
+      }
+      sv.invstd[i] = 1 / std::sqrt(var + W(eps));
       for (int64_t b = 0; b < B; ++b) {
         const W zhat = (z2[b * Cg + i] - mu) * sv.invstd[i];
         sv.zhat[b * Cg + i] = zhat;
-        sv.bn[b * Cg + i] = z2[b * Cg + i] = zhat * gamma[i] + beta[i];
+        sv.bn[b * Cg + i] = z2[b * Cg + i] = zhat * gr.gamma[i] + gr.beta[i];
       }
     }
     gate_all(z2.data(), B * Cg);  // -> ReLU -> sigmoid
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t i = 0; i < Cg; ++i) {  // eq (3): 1 + M
+      for (int64_t i = 0; i < Cg; ++i) {  // eq (3): 1 + M; P_k and 1 / P_{k-1}
         const int64_t c = b * C + k * Cg + i;
-        scales[c] = 1 + z2[b * Cg + i];
+        scale[c] = 1 + z2[b * Cg + i];
         q[c] = k ? 1 / p[c - Cg] : W(1);
-        p[c] = k ? p[c - Cg] * scales[c] : scales[c];
+        p[c] = k ? p[c - Cg] * scale[c] : scale[c];
       }
     }
   }
@@ -625,38 +599,42 @@ void linear_grads(const W* dy, Input x, W* dw, W* db, int64_t B, int64_t n_out, 
   }
 }
 
-// d_scales (B, C) -> d_pooled (B, C) and, per group, the gradients of the two Linears' weights
-// and biases and the BN's weight and bias (dw[6k..6k+5], written, not added to).
+// d_scales (B, C) -> d_pooled (B, C) and, per group, the gradients of its learned tensors
+// (dw, in w's order; written, not added to). BN's backward on the batch's statistics in train
+// mode; in eval mode it is the affine map it was.
 template <class W>
-void scales_train_backward(const W* d_scales, const W* scales, W* const* w, const W* saved,
-                           W* d_pooled, W* const* dw, int64_t B, int64_t G, int64_t Cg,
-                           int64_t H) {
+void scales_backward(const W* d_scales, const W* scale, W* const* w, W* const* saved,
+                     bool training, W* d_pooled, W* const* dw, int64_t B,
+                     int64_t G, int64_t Cg, int64_t H) {
   const int64_t C = G * Cg;
-  std::vector<W> ds(B * Cg, W(0)), dbn(B * Cg), dz1(B * H), dsc(B * Cg);
+  std::vector<W> ds(B * Cg, W(0)), dbn(B * Cg), dz1(B * H);
   for (int64_t k = G - 1; k >= 0; --k) {
-    const W *w1 = w[8 * k], *w2 = w[8 * k + 2], *gamma = w[8 * k + 4];
-    W *dw1 = dw[6 * k], *db1 = dw[6 * k + 1], *dw2 = dw[6 * k + 2], *db2 = dw[6 * k + 3];
-    W *dgamma = dw[6 * k + 4], *dbeta = dw[6 * k + 5];
-    const Saved<W> sv(const_cast<W*>(saved), k, B, Cg, H);
+    const Group<W> gr(w, nullptr, k);
+    const int64_t o = LGAM_PARAMS * k;
+    W *dw1 = dw[o + LGAM_PARAM_W1], *db1 = dw[o + LGAM_PARAM_B1], *dw2 = dw[o + LGAM_PARAM_W2];
+    W *db2 = dw[o + LGAM_PARAM_B2], *dgamma = dw[o + LGAM_PARAM_GAMMA];
+    W* dbeta = dw[o + LGAM_PARAM_BETA];
+    const Saved<W> sv(saved, k, B, Cg, H);
     for (int64_t b = 0; b < B; ++b) {  // the scale's gradient: its own, and through s_{k+1}
       for (int64_t i = 0; i < Cg; ++i) {
         const int64_t c = b * C + k * Cg + i;
         W d = d_scales[c];
         if (k + 1 < G) d += ds[b * Cg + i] * sv.s[b * Cg + i];  // s_{k+1} = x + scale_k s_k
-        const W m = scales[c] - 1;  // M = sigmoid(ReLU(bn))
+        const W m = scale[c] - 1;  // M = sigmoid(ReLU(bn))
         dbn[b * Cg + i] = sv.bn[b * Cg + i] > 0 ? d * m * (1 - m) : W(0);
       }
     }
-    for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d (batch statistics) backward
+    for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d backward
       W sum_d = 0, sum_dz = 0;
       for (int64_t b = 0; b < B; ++b) {
         sum_d += dbn[b * Cg + i];
         sum_dz += dbn[b * Cg + i] * sv.zhat[b * Cg + i];
       }
       dgamma[i] = sum_dz, dbeta[i] = sum_d;
+      const W a = gr.gamma[i] * sv.invstd[i];
       for (int64_t b = 0; b < B; ++b) {  // dz2 (kept in dbn)
-        dbn[b * Cg + i] = gamma[i] * sv.invstd[i] / B *
-                          (B * dbn[b * Cg + i] - sum_d - sv.zhat[b * Cg + i] * sum_dz);
+        const W d = dbn[b * Cg + i];
+        dbn[b * Cg + i] = training ? a / B * (B * d - sum_d - sv.zhat[b * Cg + i] * sum_dz) : a * d;
       }
     }
     // the second Linear (its input ReLU(z1)), then back through it and the ReLU
@@ -665,7 +643,7 @@ void scales_train_backward(const W* d_scales, const W* scales, W* const* w, cons
     for (int64_t b = 0; b < B; ++b) {  // ReLU, the first Linear's output
       for (int64_t j = 0; j < H; ++j) {
         W d = 0;
-        for (int64_t i = 0; i < Cg; ++i) d += dbn[b * Cg + i] * w2[i * H + j];
+        for (int64_t i = 0; i < Cg; ++i) d += dbn[b * Cg + i] * gr.w2[i * H + j];
         dz1[b * H + j] = sv.z1[b * H + j] > 0 ? d : W(0);
       }
     }
@@ -675,8 +653,8 @@ void scales_train_backward(const W* d_scales, const W* scales, W* const* w, cons
       for (int64_t i = 0; i < Cg; ++i) {
         const int64_t c = b * C + k * Cg + i;
         W d = 0;
-        for (int64_t j = 0; j < H; ++j) d += dz1[b * H + j] * w1[j * Cg + i];
-        if (k + 1 < G) d += ds[b * Cg + i] * scales[c];  // s_{k+1} = x + scale_k s_k
+        for (int64_t j = 0; j < H; ++j) d += dz1[b * H + j] * gr.w1[j * Cg + i];
+        if (k + 1 < G) d += ds[b * Cg + i] * scale[c];  // s_{k+1} = x + scale_k s_k
         ds[b * Cg + i] = d;
         d_pooled[c] = d;
       }
@@ -716,29 +694,23 @@ void scales_train_backward(const W* d_scales, const W* scales, W* const* w, cons
                                                        G, Cg, P, rows);                       \
   }
 
+
 #define LGAM_SCALES(NAME, W)                                                                   \
-  extern "C" void lgam_scales_eval_##NAME(const void* pooled, const void* const* w, double eps, \
-                                          void* scales, void* p, void* q, void* v, int64_t B,   \
-                                          int64_t G, int64_t Cg, int64_t H) {                   \
-    scales_eval<W>((const W*)pooled, (const W* const*)w, eps, (W*)scales, (W*)p, (W*)q, (W*)v,  \
-                   B, G, Cg, H);                                                               \
+  extern "C" void lgam_scales_##NAME(const void* pooled, void* const* w, void* const* stats,    \
+                                     double eps, double momentum, int64_t training,            \
+                                     void* scale, void* p, void* q, void* v,                    \
+                                     void* const* saved, int64_t B, int64_t G, int64_t Cg,      \
+                                     int64_t H) {                                               \
+    scales<W>((const W*)pooled, (W* const*)w, (W* const*)stats, eps, momentum, training,       \
+              (W*)scale, (W*)p, (W*)q, (W*)v, (W* const*)saved, B, G, Cg, H);                  \
   }                                                                                            \
-  extern "C" int64_t lgam_scales_train_saved_##NAME(int64_t B, int64_t G, int64_t Cg, int64_t H) { \
-    return G * train_saved_size<W>(B, Cg, H);                                                  \
-  }                                                                                            \
-  extern "C" void lgam_scales_train_##NAME(const void* pooled, void* const* w, double eps,      \
-                                           double momentum, void* scales, void* p, void* q,    \
-                                           void* v, void* saved, int64_t B, int64_t G,         \
-                                           int64_t Cg, int64_t H) {                            \
-    scales_train<W>((const W*)pooled, (W* const*)w, eps, momentum, (W*)scales, (W*)p, (W*)q,    \
-                    (W*)v, (W*)saved, B, G, Cg, H);                                            \
-  }                                                                                            \
-  extern "C" void lgam_scales_train_backward_##NAME(const void* d_scales, const void* scales,  \
-                                                    void* const* w, const void* saved,          \
-                                                    void* d_pooled, void* const* dw, int64_t B, \
-                                                    int64_t G, int64_t Cg, int64_t H) {         \
-    scales_train_backward<W>((const W*)d_scales, (const W*)scales, (W* const*)w,               \
-                             (const W*)saved, (W*)d_pooled, (W* const*)dw, B, G, Cg, H);       \
+  extern "C" void lgam_scales_backward_##NAME(const void* d_scales, const void* scale,         \
+                                              void* const* w, void* const* saved,               \
+                                              int64_t training,                                 \
+                                              void* d_pooled, void* const* dw, int64_t B,       \
+                                              int64_t G, int64_t Cg, int64_t H) {               \
+    scales_backward<W>((const W*)d_scales, (const W*)scale, (W* const*)w, (W* const*)saved,     \
+                       training, (W*)d_pooled, (W* const*)dw, B, G, Cg, H);  \
   }
 
 LGAM_SCALES(float32, float)
