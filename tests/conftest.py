@@ -7,10 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-if not torch.cuda.is_available():  # before anything imports Triton: it reads this once
-    # LGAM's Triton kernels then run interpreted, on CPU tensors (``triton_kernels`` below)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from _helpers import SHARED_DATA, entry_files, save_models, synthetic_image
 
 
@@ -21,8 +17,8 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _lgam_default_path():
-    """Every test starts from LGAM's default dispatch, as users get it (auto: the fused CPU
-    kernels where they build, built once per machine into the user's cache)."""
+    """Every test starts from LGAM's default dispatch, as users get it (auto: its op, the C++
+    kernels, where they build, built once per machine into the user's cache)."""
     from lgam.attention import set_fused_kernels
 
     set_fused_kernels(None)
@@ -31,85 +27,31 @@ def _lgam_default_path():
 
 
 def _require_kernels() -> None:
-    from lgam.attention._lgam_kernel import kernel_missing
+    from lgam.attention.lgam.kernels import kernel_missing
 
     why = kernel_missing()
     if why:
         pytest.skip(f"LGAM's CPU kernels cannot be built here: {why}")
     if torch.get_default_device().type != "cpu":
-        pytest.skip("LGAM's fused kernels are CPU-only")
+        pytest.skip("LGAM's kernels are CPU-only")
 
 
 @pytest.fixture
 def fused():
-    """LGAM's fused path forced on (the CPU kernels); skips, saying why, where they cannot be
-    built or the test runs on another device."""
+    """LGAM's op (the C++ kernels) forced on; skips, saying why, where they cannot be built or
+    the test runs on another device."""
     from lgam.attention import set_fused_kernels
 
     _require_kernels()
     set_fused_kernels(True)
 
 
-def _require_triton() -> None:
-    from lgam.attention._lgam_triton import triton_missing
-
-    why = triton_missing()
-    if why:
-        pytest.skip(f"LGAM's Triton kernels cannot run here: {why}")
-    if torch.get_default_device().type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton kernels run on CPU tensors only interpreted (TRITON_INTERPRET=1, "
-                    "which the tests set where there is no GPU)")
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    """LGAM's fused path forced on with its GPU (Triton) kernels: compiled, on CUDA tensors where
-    the test runs on the GPU; else taking CPU tensors, interpreted (how a machine without a GPU
-    checks them)."""
-    from lgam.attention import _lgam_kernel, set_fused_kernels
-    from lgam.attention._lgam_triton import triton_kernels
-
-    _require_triton()
-    if torch.get_default_device().type == "cpu":
-        monkeypatch.setitem(_lgam_kernel.BACKENDS, "cpu", triton_kernels())
-        _masked_loads_read_nan(monkeypatch)
-    set_fused_kernels(True)
-
-
-def _masked_loads_read_nan(monkeypatch) -> None:
-    """Triton's interpreter fills the masked lanes of a load without ``other`` with zeros; a GPU
-    leaves whatever was there. NaN instead, so that a kernel whose masked lanes leak into its
-    results fails here too."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    if builder is None or not hasattr(builder, "create_masked_load"):
-        return
-    original = builder.create_masked_load
-
-    def load(self, ptrs, mask, other, *args, **kwargs):
-        ty = ptrs.get_element_ty()
-        if other is None and ty.is_floating():
-            bits = np.uint16(0x7FC0) if ty.is_bf16() else np.nan  # bf16 is stored as uint16
-            data = np.full(ptrs.data.shape, bits, dtype=interpreter._get_np_dtype(ty))
-            other = interpreter.TensorHandle(data, ty)
-        return original(self, ptrs, mask, other, *args, **kwargs)
-
-    monkeypatch.setattr(builder, "create_masked_load", load)
-
-
-# Triton runs interpreted on CPU tensors here (seconds a test): the default run has it, the quick
-# lane (-m "not slow") keeps eager and the C++ kernels
-@pytest.fixture(params=["eager", "fused", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.fixture(params=["eager", "fused"])
 def lgam_path(request) -> str:
-    """The test once per LGAM path: ``eager`` (batched products, hand-written backward),
-    ``fused`` (as the ``fused`` fixture) and ``triton`` (as ``triton_kernels``)."""
+    """The test once per LGAM path: ``eager`` (its equations as plain tensor ops, differentiated
+    by autograd: ``set_fused_kernels(False)``) and ``fused`` (its op, as the ``fused`` fixture)."""
     from lgam.attention import set_fused_kernels
 
-    if request.param == "triton":
-        request.getfixturevalue("triton_kernels")
-        return request.param
     if request.param == "fused":
         _require_kernels()
     set_fused_kernels(request.param == "fused")
