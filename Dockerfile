@@ -32,8 +32,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# a C++ compiler for LGAM's CPU kernels (lgam/attention/_lgam_kernel.cpp: built on first use, ~2 s,
-# into the user's cache, for the machine the container runs on); without it LGAM runs eager
+# a C++ compiler for LGAM's CPU kernels (lgam/attention/lgam/kernels.cpp: built on first use, ~2 s,
+# into the user's cache, for the machine the container runs on); without it LGAM runs its equations
+# as plain tensor ops
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 # runtime requirements only (tests and their tools stay out of the image)

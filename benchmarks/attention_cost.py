@@ -6,9 +6,9 @@ Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 clas
    step (forward + backward + SGD, augmentation included), in float32 and in the fast path (bf16
    autocast + channels_last), at each ``--ratio-sizes`` (batch ``--ratio-batch``). The models are
    timed in interleaved rounds and each cell is the median over rounds, so a noisy neighbour
-   slows every model alike instead of one. LGAM takes its fused path where its kernels run (the
-   C++ ones on the CPU where they build, Triton's on CUDA; ``lgam.attention.set_fused_kernels``);
-   the row "resnet18_lgam (eager)" is the same model with it off;
+   slows every model alike instead of one. LGAM takes its op where its kernels run (the C++
+   ones, on the CPU where they build; ``lgam.attention.set_fused_kernels``); the row
+   "resnet18_lgam (eager)" is the same model with it off (its equations as plain tensor ops);
 2. forward and forward+backward latency at batch 1 and 32, 224 px, float32 (median of ``--reps``;
    forward in eval mode; forward+backward in train mode, except at batch 1 where BN stays in eval
    mode);
@@ -36,15 +36,15 @@ from lgam.device import bf16_native, device_summary, resolve_device
 from lgam.models import FIGURE5_MODELS
 from train_throughput import captured, step_seconds  # the training step, timed as lgam train runs it
 
-#: the same model as resnet18_lgam with LGAM's fused path (its CPU kernels) off: its eager path
+#: the same model as resnet18_lgam with LGAM's op (its CPU kernels) off: its equations
 EAGER_LGAM = "resnet18_lgam (eager)"
 VARIANTS = list(FIGURE5_MODELS) + [EAGER_LGAM]
 
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[str]:
-    """The model name to build for table row ``name``, with LGAM's fused path off for ``EAGER_LGAM``
-    (elsewhere LGAM takes it where its kernels run: the C++ ones on the CPU, Triton's on CUDA)."""
+    """The model name to build for table row ``name``, with LGAM's op off for ``EAGER_LGAM``
+    (elsewhere LGAM takes it where its C++ kernels run, on the CPU)."""
     if name != EAGER_LGAM:
         yield name
         return

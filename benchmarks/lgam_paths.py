@@ -1,5 +1,6 @@
-"""What one LGAM module costs on each path, per resnet18 stage shape: the eager path (batched
-products, hand-written backward) against the fused one (C++ kernels, ``lgam.attention._lgam_fused``),
+"""What one LGAM module costs on each path, per resnet18 stage shape: its equations as plain tensor
+ops ("LGAM eager", ``set_fused_kernels(False)``) against its op ("LGAM fused", the C++ kernels,
+``lgam.attention.lgam.ops``),
 with SE for scale; bf16 autocast + channels_last (``--float32``: float32, contiguous), eval-mode
 forward and training forward + backward, interleaved in one run; the totals are over resnet18's
 eight modules.
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 
 from lgam.attention import LGAM, SE, fused_kernels
-from lgam.attention._lgam_kernel import kernel_missing
+from lgam.attention.lgam.kernels import kernel_missing
 
 ROWS = ("SE", "LGAM eager", "LGAM fused")
 

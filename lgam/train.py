@@ -7,9 +7,9 @@ schedule, log and resume state. The recipe's bf16 autocast and channels_last app
 CPUs with native bfloat16 (:func:`lgam.device.cpu_has_native_bf16`); elsewhere training runs in
 float32 and says so once. A recipe with ``train_size_start`` grows the crop size from epoch to epoch
 (progressive resizing, as FFCV does);
-``--compile`` wraps each model in ``torch.compile``; without it LGAM modules still take their own
-fused kernels where they can (C++ on the CPU, Triton on CUDA: :func:`lgam.attention.set_fused_kernels`;
-``LGAM_FUSED=0`` keeps them eager; ``config.json`` records which). Under ``torchrun --nproc_per_node N`` the same
+``--compile`` wraps each model in ``torch.compile``; compiled or not, LGAM modules run their op,
+the C++ kernels, where they build (on the CPU: :func:`lgam.attention.set_fused_kernels`;
+``LGAM_FUSED=0`` runs their equations as plain tensor ops; ``config.json`` records which). Under ``torchrun --nproc_per_node N`` the same
 command trains with DistributedDataParallel (NCCL on CUDA, gloo on CPU): every rank draws the same
 global batch and augmentation and trains on its slice. BatchNorm normalises over each process's
 slice (no SyncBatchNorm), so N processes train like one process with ``--set accum_steps=N``.

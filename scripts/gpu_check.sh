@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks a session with a lent GPU runs, in one call (see docs/development.md, "GPU checks"):
 #   bash scripts/gpu_check.sh OUT_DIR
-# 1. the modules' tests and the engine's CUDA-vs-CPU test on the GPU (tests named [cuda...]; LGAM's
-#    Triton kernels compiled there for the first time: tests named [cuda-triton...]);
+# 1. the modules' tests and the engine's CUDA-vs-CPU test on the GPU (tests named [cuda...]; LGAM
+#    runs its equations as plain tensor ops there: its C++ kernels are CPU-only);
 # 2. the app's engine latency on the GPU (benchmarks/app_latency.py --engine-only);
 # 3. the throughput-ratio table on the GPU, eager (fp32, bf16 + channels_last), then under
 #    torch.compile (forward, then training step), then replayed as CUDA graphs, each step under its

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.library import opcheck
 
@@ -94,7 +95,7 @@ def _op_args(train: bool, dtype: torch.dtype, layout: str, tail: bool, requires_
     to_layout = _cl if layout == "cl" else torch.Tensor.contiguous
     x = to_layout(torch.randn(3, 24, 4, 5).to(dtype)).requires_grad_(requires_grad)
     identity = to_layout(torch.randn(3, 24, 4, 5).to(dtype)) if tail else None
-    return (x, identity, m._tensors(kernels.PARAMS), m._tensors(kernels.STATS), 4, train, 1e-5, 0.1)
+    return (x, identity, *m._group_tensors(), 4, train, 1e-5, 0.1)
 
 
 @pytest.mark.parametrize("tail", [False, True], ids=["", "tail"])
@@ -172,7 +173,7 @@ def test_a_compiled_resnet18_lgam_runs_the_op_without_graph_breaks(fused, train)
 def _record(graphs):
     def compiler(gm, inputs):
         graphs.append(gm)
-        return gm.forward
+        return make_boxed_func(gm.forward)
     return compiler
 
 
@@ -317,8 +318,9 @@ def test_the_layout_the_languages_share_is_compiled_in():
     assert {"-DLGAM_PARAMS=6", "-DLGAM_PARAM_GAMMA=4", "-DLGAM_STAT_VAR=1", "-DLGAM_SAVED_BN=4"} <= set(kernels.FLAGS)
     m = LGAM(32, groups=4, reduction=2)
     named = dict(m.named_parameters()) | dict(m.named_buffers())
-    want = [named[f"channel_attention.{k}.{path}"] for k in range(4) for path in kernels.PARAMS.values()]
-    assert all(a is b for a, b in zip(m._tensors(kernels.PARAMS), want, strict=True))
+    for got, names in zip(m._group_tensors(), (kernels.PARAMS, kernels.STATS), strict=True):
+        want = [named[f"channel_attention.{k}.{path}"] for k in range(4) for path in names.values()]
+        assert all(a is b for a, b in zip(got, want, strict=True))
 
 
 def test_batchnorms_frozen_on_their_own_keep_their_statistics(fused):

@@ -1,8 +1,6 @@
 """The LGAM module: its weights, and the choice between the op and the equations."""
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,6 +11,26 @@ from . import ops  # noqa: F401  (registers torch.ops.lgam.*)
 from .dispatch import fused_kernels_enabled
 from .equations import group_scales, lgam_equations
 from .kernels import PARAMS, STATS
+
+
+def _getter(paths: list[str]):
+    """A function of a group's module giving the tensors at ``paths`` in order, each submodule
+    on the way looked up once (``nn.Module`` attribute access costs ~0.5 us: this is per call)."""
+    parents = sorted({p.rpartition(".")[0] for p in paths})
+    leaves = [(parents.index(head), leaf) for head, _, leaf in (p.rpartition(".") for p in paths)]
+
+    def get(group: nn.Module) -> list[Tensor]:
+        found = []
+        for path in parents:
+            m = group
+            for name in path.split("."):
+                m = getattr(m, name)
+            found.append(m)
+        return [getattr(found[i], leaf) for i, leaf in leaves]
+    return get
+
+
+_TENSORS = _getter([*PARAMS.values(), *STATS.values()])  # a group's tensors, in order
 
 
 class ChannelAttention(nn.Module):
@@ -75,7 +93,7 @@ class LGAM(GateRecorder):
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"LGAM: residual {tuple(residual.shape)} must match the input {tuple(x.shape)}")
         if fused_kernels_enabled(self, x):
-            out, s, scales = self._forward_op(x, residual)
+            out, s, scales = self._forward_op(x, residual, *self._group_tensors())
         else:
             out, s, scales = lgam_equations(self.channel_attention, x)
             out = out if residual is None else torch.relu(out + residual)
@@ -85,28 +103,30 @@ class LGAM(GateRecorder):
                          **channel)  # eq (6)
         return out
 
-    def _forward_op(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward_op(self, x: Tensor, residual: Tensor | None, params: list[Tensor],
+                    stats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         bn = self.channel_attention[0].bn
         if self.training:
             for a in self.channel_attention:
                 a.bn.num_batches_tracked.add_(1)
-        stats = self._tensors(STATS)
-        out, s, scales, *_, new_stats = torch.ops.lgam.lgam(x, residual, self._tensors(PARAMS), stats, self.groups,
+        out, s, scales, *_, new_stats = torch.ops.lgam.lgam(x, residual, params, stats, self.groups,
                                                             self.training, bn.eps, bn.momentum or 0.0)
         with torch.no_grad():
             for old, new in zip(stats, new_stats):  # BatchNorm's running statistics, moved (train mode)
                 old.copy_(new)
         return out, s, scales
 
-    def _tensors(self, names: dict[str, str]) -> list[Tensor]:
-        """The groups' tensors ``names`` (attribute paths; :data:`.kernels.PARAMS`), group by group."""
-        return [functools.reduce(getattr, path.split("."), a) for a in self.channel_attention
-                for path in names.values()]
+    def _group_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The groups' learned tensors and running statistics, group by group, in the order of
+        :data:`.kernels.PARAMS` and :data:`.kernels.STATS` (the op's ``params``, ``stats``)."""
+        groups = [_TENSORS(a) for a in self.channel_attention]
+        return [t for g in groups for t in g[:len(PARAMS)]], [t for g in groups for t in g[len(PARAMS):]]
 
     def kernels_apply(self, x: Tensor, work: torch.dtype) -> bool:
-        """Whether the op can take this module's weights for ``x``: weights and statistics in the
-        work dtype ``work`` on the CPU, BatchNorms alike and in the module's mode, and in train
-        mode a batch of at least two (else the equations run, or raise, as torch's ops do)."""
+        """Whether the op can take this module's weights for ``x``: weights in the work dtype
+        ``work`` on the CPU (the op checks every tensor, and raises where one differs), BatchNorms
+        alike, tracking statistics and in the module's mode, and in train mode a batch of at
+        least two (else the equations run, or raise, as torch's ops do)."""
         bns = [a.bn for a in self.channel_attention]
         first = bns[0]
         if any(bn.running_mean is None or (bn.eps, bn.momentum, bn.training) != (first.eps, first.momentum, self.training)
@@ -114,5 +134,4 @@ class LGAM(GateRecorder):
             return False
         if self.training and (first.momentum is None or x.shape[0] < 2):
             return False
-        return all(t.dtype == work and t.device.type == "cpu" and t.is_contiguous()
-                   for t in self._tensors(PARAMS) + self._tensors(STATS))
+        return first.weight is not None and first.weight.dtype == work and first.weight.device.type == "cpu"
