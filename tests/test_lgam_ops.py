@@ -170,6 +170,34 @@ def test_a_compiled_resnet18_lgam_runs_the_op_without_graph_breaks(fused, train)
     assert targets.count("lgam.lgam.default") == 8 and targets.count("lgam.lgam_backward.default") == 8
 
 
+def test_torch_export_sees_the_op(fused):
+    """``torch.export`` of an LGAM module records ``lgam::lgam``, and the exported program
+    computes what the module does."""
+    m = LGAM(32, groups=4, reduction=2).eval()
+    x = _cl(torch.randn(2, 32, 6, 6))
+    exported = torch.export.export(m, (x,))
+    assert "lgam.lgam.default" in [str(n.target) for n in exported.graph.nodes]
+    assert torch.equal(exported.module()(x), m(x))
+
+
+@pytest.mark.slow
+def test_inductor_compiles_around_the_op(fused):
+    """The default backend (Inductor generating code for everything around the op) in train
+    mode, forward and backward: the eager module's output, input gradient and statistics."""
+    torch.manual_seed(0)
+    m = LGAM(32, groups=4, reduction=2).train()
+    c = copy.deepcopy(m)
+    x = _cl(torch.randn(3, 32, 6, 6))
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y, yc = m(a), torch.compile(c, fullgraph=True)(b)
+    y.square().sum().backward()
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc, y)
+    torch.testing.assert_close(b.grad, a.grad)
+    for u, v in zip(m.buffers(), c.buffers()):
+        torch.testing.assert_close(u, v)
+
+
 def _record(graphs):
     def compiler(gm, inputs):
         graphs.append(gm)
