@@ -170,6 +170,20 @@ def test_a_compiled_resnet18_lgam_runs_the_op_without_graph_breaks(fused, train)
     assert targets.count("lgam.lgam.default") == 8 and targets.count("lgam.lgam_backward.default") == 8
 
 
+def test_with_the_kernels_off_a_compiled_model_runs_the_equations():
+    """``set_fused_kernels(False)``: the equations, traced whole (``fullgraph=True``), no op in
+    the graph, the eager model's output."""
+    set_fused_kernels(False)
+    torch.manual_seed(0)
+    model = create_model("resnet18_lgam", num_classes=10).eval()
+    graphs = []
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True,
+                             backend=aot_autograd(fw_compiler=_record(graphs), bw_compiler=_record(graphs)))
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert graphs and not any("lgam" in str(n.target) for g in graphs for n in g.graph.nodes)
+
+
 def test_torch_export_sees_the_op(fused):
     """``torch.export`` of an LGAM module records ``lgam::lgam``, and the exported program
     computes what the module does."""
@@ -347,7 +361,7 @@ def test_the_layout_the_languages_share_is_compiled_in():
     m = LGAM(32, groups=4, reduction=2)
     named = dict(m.named_parameters()) | dict(m.named_buffers())
     for got, names in zip(m._group_tensors(), (kernels.PARAMS, kernels.STATS), strict=True):
-        want = [named[f"channel_attention.{k}.{path}"] for k in range(4) for path in names.values()]
+        want = [named[f"channel_attention.{k}.{path}"] for k in range(4) for path, _ in names.values()]
         assert all(a is b for a, b in zip(got, want, strict=True))
 
 

@@ -29,11 +29,13 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("kernels.cpp")
 #: map dtypes the kernels take, with the name of their instantiation in the source
 KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
-#: per group, the learned tensors in the order the kernels take them (``LGAM_PARAM_<key>``)
-PARAMS = {"W1": "mlp.0.weight", "B1": "mlp.0.bias", "W2": "mlp.2.weight", "B2": "mlp.2.bias",
-          "GAMMA": "bn.weight", "BETA": "bn.bias"}
+#: per group, the learned tensors in the order the kernels take them (``LGAM_PARAM_<key>``): the
+#: attribute path in a group's module and the shape from ``(C', h)``
+PARAMS = {"W1": ("mlp.0.weight", lambda cg, h: (h, cg)), "B1": ("mlp.0.bias", lambda cg, h: (h,)),
+          "W2": ("mlp.2.weight", lambda cg, h: (cg, h)), "B2": ("mlp.2.bias", lambda cg, h: (cg,)),
+          "GAMMA": ("bn.weight", lambda cg, h: (cg,)), "BETA": ("bn.bias", lambda cg, h: (cg,))}
 #: per group, BatchNorm's running statistics (``LGAM_STAT_<key>``), moved in train mode
-STATS = {"MEAN": "bn.running_mean", "VAR": "bn.running_var"}
+STATS = {"MEAN": ("bn.running_mean", lambda cg, h: (cg,)), "VAR": ("bn.running_var", lambda cg, h: (cg,))}
 #: what eqs (2)-(3) keep for their backward (``LGAM_SAVED_<key>``), shapes from ``(B, G, C', h)``
 SAVED = {"S": lambda b, g, cg, h: (g, b, cg), "Z1": lambda b, g, cg, h: (g, b, h),
          "ZHAT": lambda b, g, cg, h: (g, b, cg), "INVSTD": lambda b, g, cg, h: (g, cg),

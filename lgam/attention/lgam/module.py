@@ -30,7 +30,7 @@ def _getter(paths: list[str]):
     return get
 
 
-_TENSORS = _getter([*PARAMS.values(), *STATS.values()])  # a group's tensors, in order
+_TENSORS = _getter([path for path, _ in (*PARAMS.values(), *STATS.values())])  # a group's tensors, in order
 
 
 class ChannelAttention(nn.Module):

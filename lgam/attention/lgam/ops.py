@@ -34,10 +34,9 @@ def _saved_shapes(b: int, groups: int, width: int, hidden: int) -> list[tuple[in
     return [shape(b, groups, width, hidden) for shape in K.SAVED.values()]
 
 
-def _param_shapes(groups: int, width: int, hidden: int) -> list[tuple[int, ...]]:
-    one = {"W1": (hidden, width), "B1": (hidden,), "W2": (width, hidden), "B2": (width,),
-           "GAMMA": (width,), "BETA": (width,)}
-    return [one[name] for _ in range(groups) for name in K.PARAMS]
+def _group_shapes(layout: dict, groups: int, width: int, hidden: int) -> list[tuple[int, ...]]:
+    """The shapes of ``groups`` groups' tensors in ``layout`` (:data:`.kernels.PARAMS`, ``STATS``)."""
+    return [shape(width, hidden) for _ in range(groups) for _, shape in layout.values()]
 
 
 @torch.library.custom_op("lgam::lgam", mutates_args=(), device_types="cpu")
@@ -54,8 +53,8 @@ def lgam_op(x: Tensor, identity: Optional[Tensor], params: list[Tensor], stats: 
     map_arg = lambda name, t: K.arg(name, t, x.dtype, (b, c, h, w), rows)  # noqa: E731
     vec_arg = lambda name, t: K.arg(name, t, work, (b, c))  # noqa: E731
     K.call("mean", x.dtype, map_arg("x", a), vec_arg("pooled", vecs[0]), b, c, h * w, rows)  # eq (1)
-    K.call("scales", work, vec_arg("pooled", vecs[0]), K.arg("params", params, work, _param_shapes(groups, width, hidden)),
-           K.arg("stats", stats, work, [(width,)] * len(stats)), eps, momentum, training,  # eqs (2)-(4)
+    K.call("scales", work, vec_arg("pooled", vecs[0]), K.arg("params", params, work, _group_shapes(K.PARAMS, groups, width, hidden)),
+           K.arg("stats", stats, work, _group_shapes(K.STATS, groups, width, hidden)), eps, momentum, training,  # eqs (2)-(4)
            *(vec_arg(n, t) for n, t in zip(("scales", "P", "Q", "V"), vecs[1:])),
            K.arg("saved", saved, work, _saved_shapes(b, groups, width, hidden)), b, groups, width, hidden)
     out, s = torch.empty_like(a), torch.empty(b, h * w, dtype=work)
@@ -99,7 +98,7 @@ def lgam_backward(grad: Tensor, x: Tensor, out: Optional[Tensor], s: Tensor, sca
            *(vec_arg(n, t) for n, t in zip("PQV", (p, q, v))), K.arg("S", s, work, (b, h * w)),
            map_arg("dx", dx), map_arg("d_identity", d_identity if y is not None else None),
            vec_arg("d_log_scales", d_log), b, groups, width, h * w, rows)
-    shapes = _param_shapes(groups, width, hidden)
+    shapes = _group_shapes(K.PARAMS, groups, width, hidden)
     K.call("scales_backward", work, vec_arg("d_scales", d_log / scales), vec_arg("scales", scales),
            K.arg("params", params, work, shapes), K.arg("saved", saved, work, _saved_shapes(b, groups, width, hidden)),
            training, vec_arg("d_pooled", d_pooled), K.arg("d_params", d_params, work, shapes), b, groups, width, hidden)
