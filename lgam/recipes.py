@@ -39,12 +39,18 @@ class Recipe:
     ``channels_last`` apply on CUDA and on CPUs with native bf16. ``train_size_start`` (0: off)
     starts the crops at that size and grows them linearly to ``train_size``, reached
     ``size_hold_epochs`` before the end (:func:`train_size_at`). ``bn_bias_decay=False`` exempts
-    BatchNorm weights and all biases from weight decay. ``zero_init_residual`` starts every residual
+    BatchNorm weights and all biases from weight decay. How the residual branches start:
+    ``zero_init_residual`` starts every residual
     block as the identity by zeroing its branch's last BN scale (:func:`lgam.models.zero_init_residual`:
     an in-branch attention module then starts from a zero input); ``skip_init`` does it with a
     zero-initialised scalar gain after the attention module instead (SkipInit: the models are built
     with ``skip_init=True``, :func:`lgam.models.resnet.skip_gain`). At most one of the two.
-    ``skip_gain_lr`` scales the learning rate of those gains (LGAM's branch is 6-10x its input,
+    ``residual_bn_scale`` sets that BN's initial scale to another value instead (1: the standard
+    init; a small value starts every branch, attention module included, from a small non-zero
+    input; :func:`lgam.models.init_residual_bn`); ``branch_rms`` (0: off) sets it per branch, from
+    a batch of training images, so that every branch's output *after its attention module* starts
+    at that RMS whatever the module does to its input's scale (LSUV-style,
+    :func:`lgam.models.match_branch_rms`). At most one of these four. ``skip_gain_lr`` scales the learning rate of those gains (LGAM's branch is 6-10x its input,
     so at the full rate its gain's steps diverge, measured; 0.1 trains every module).
     """
 
@@ -70,6 +76,8 @@ class Recipe:
     zero_init_residual: bool = False
     skip_init: bool = False
     skip_gain_lr: float = 1.0
+    residual_bn_scale: float = 1.0
+    branch_rms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
@@ -81,9 +89,15 @@ class Recipe:
             raise TrainError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if self.train_size_start < 0 or self.size_hold_epochs < 0:
             raise TrainError("train_size_start and size_hold_epochs must be >= 0")
-        if self.zero_init_residual and self.skip_init:
-            raise TrainError("zero_init_residual and skip_init both start the blocks as the identity: "
-                             "choose one")
+        inits = [name for name, on in (("zero_init_residual", self.zero_init_residual), ("skip_init", self.skip_init),
+                                       ("residual_bn_scale", self.residual_bn_scale != 1.0),
+                                       ("branch_rms", self.branch_rms != 0.0)) if on]
+        if len(inits) > 1:
+            raise TrainError(f"{' and '.join(inits)} each set how the residual branches start: choose one")
+        if self.branch_rms < 0:
+            raise TrainError(f"branch_rms must be >= 0 (0: off), got {self.branch_rms}")
+        if not 0 <= self.residual_bn_scale:
+            raise TrainError(f"residual_bn_scale must be >= 0, got {self.residual_bn_scale}")
         if self.skip_gain_lr <= 0:
             raise TrainError(f"skip_gain_lr must be > 0, got {self.skip_gain_lr}")
         if self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:

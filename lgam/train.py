@@ -49,7 +49,7 @@ from ._fileio import atomic_write_json
 from .attention import fused_kernels_setting
 from .checkpoints import git_revision
 from .device import bf16_native, device_summary, resolve_device
-from .models import create_model, list_models, model_config, zero_init_residual
+from .models import create_model, init_residual_bn, list_models, match_branch_rms, model_config, zero_init_residual
 from .recipes import RECIPES, Recipe, TrainError, lr_at, make_recipe, param_groups, train_size_at
 from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, generator_states, load_state, load_weights, read_log,
                        restore_generators, save_state)
@@ -257,14 +257,43 @@ def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Tr
     """Model ``name`` drawn from the seed's random stream (the same for every model), its optimiser."""
     torch.manual_seed(run.seed)
     model = create_model(name, num_classes=len(run.classes), stem=stem, **model_kwargs(run.recipe)).to(run.device)
-    if run.recipe.zero_init_residual:
-        zero_init_residual(model)
+    init_blocks(model, run.recipe, _init_batch(run))
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     r = run.recipe
     optimizer = torch.optim.SGD(param_groups(model, r), lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
                                 weight_decay=r.weight_decay)
     return _Trainee(name, model, optimizer, directory, _settings(run, name, stem), _Stopwatch(run.device))
+
+
+def init_blocks(model: nn.Module, recipe: Recipe, images: Tensor | None = None) -> list[float] | None:
+    """Apply ``recipe``'s initialisation of the residual branches' last BN (``zero_init_residual``,
+    ``residual_bn_scale``, ``branch_rms``) to a freshly built ``model``; ``branch_rms`` needs
+    ``images`` ``(B, 3, H, W)``, normalised (:func:`init_batch`), and returns the branches'
+    output RMS after it."""
+    if recipe.zero_init_residual:
+        zero_init_residual(model)
+    elif recipe.residual_bn_scale != 1.0:
+        init_residual_bn(model, recipe.residual_bn_scale)
+    elif recipe.branch_rms:
+        if images is None:
+            raise TrainError("branch_rms sets the branches' scale from a batch of training images: none given")
+        return match_branch_rms(model, images, recipe.branch_rms)
+    return None
+
+
+def init_batch(images: Tensor, recipe: Recipe, seed: int) -> Tensor:
+    """The batch :func:`init_blocks` measures on: ``batch_size`` of the uint8 training ``images``
+    ``(N, 3, S, S)`` drawn by ``seed`` (the same on every process), centre-cropped to the first
+    epoch's size and normalised, float32."""
+    from .data import DeviceAugment
+
+    idx = torch.randperm(int(images.shape[0]), generator=torch.Generator().manual_seed(seed))[:recipe.batch_size]
+    return DeviceAugment(recipe.train_size_start or recipe.train_size, train=False)(images[idx.to(images.device)])
+
+
+def _init_batch(run: _Run) -> Tensor | None:
+    return init_batch(run.images, run.recipe, run.seed) if run.recipe.branch_rms else None
 
 
 def model_kwargs(recipe: Recipe) -> dict[str, Any]:

@@ -23,7 +23,9 @@ from lgam.runstate import CONFIG, LOG
 
 def arm_label(config: dict) -> str:
     r = config["recipe"]
-    init = "skip_init" if r.get("skip_init") else "zero_init_residual" if r["zero_init_residual"] else "standard init"
+    scale = r.get("residual_bn_scale", 1.0)
+    init = ("skip_init" if r.get("skip_init") else "zero_init_residual" if r["zero_init_residual"]
+            else f"residual_bn_scale={scale:g}" if scale != 1.0 else "standard init")
     return f"{init}, seed {config['seed']}"
 
 

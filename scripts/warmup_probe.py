@@ -17,9 +17,8 @@ import torch
 
 import lgam
 from lgam.data import DeviceAugment, load_split
-from lgam.models import zero_init_residual
 from lgam.recipes import lr_at, make_recipe, param_groups
-from lgam.train import model_kwargs
+from lgam.train import init_batch, init_blocks, model_kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     split = load_split(args.data, "train", limit=args.images)
     model = lgam.create_model(args.model, num_classes=len(split.classes), **model_kwargs(recipe))
-    if recipe.zero_init_residual:
-        zero_init_residual(model)
+    init_blocks(model, recipe, init_batch(split.images, recipe, args.seed))
     if args.channel_gains:
         for m in model.modules():
             if getattr(m, "skip_gain", None) is not None:

@@ -257,3 +257,95 @@ def test_skip_init_is_part_of_the_architecture():
     with pytest.raises(TrainError, match="choose one"):
         make_recipe("cpu", ["zero_init_residual=true"])  # the cpu preset uses SkipInit already
     assert RECIPES["cpu"].skip_init and RECIPES["cpu"].skip_gain_lr == 0.1
+
+
+@pytest.mark.parametrize("name", ["resnet18_se", "resnet18_lgam", "resnext29_32x4d_sge"])
+def test_residual_bn_scale_feeds_attention_a_scaled_copy_of_its_standard_input(name):
+    """``residual_bn_scale`` (:func:`lgam.models.init_residual_bn`): the branch's last BN starts at
+    that scale, so the attention module sees exactly ``scale`` times its standard-init input —
+    small, and not all-zero as under zero_init_residual."""
+    from lgam.models import init_residual_bn
+    from lgam.recipes import make_recipe
+    from lgam.train import init_blocks
+
+    seen = []
+
+    def run(model):
+        seen.clear()
+        block = model.layer1[-1]
+        block.attention.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+        block(torch.rand(4, block.conv1.in_channels, 8, 8, generator=torch.Generator().manual_seed(1)))
+        return seen[0]
+
+    torch.manual_seed(0)
+    standard = lgam.create_model(name, num_classes=5).train()
+    torch.manual_seed(0)
+    scaled = lgam.create_model(name, num_classes=5).train()
+    init_blocks(scaled, make_recipe("cpu", ["skip_init=false", "skip_gain_lr=1", "residual_bn_scale=0.1"]))
+    full, small = run(standard), run(scaled)
+    assert full.abs().amax() > 0.5
+    torch.testing.assert_close(small, 0.1 * full)
+    n = init_residual_bn(standard, 0.25)
+    assert n == (8 if name.startswith("resnet18") else 9)
+    assert all(float(m.weight.detach().min()) == float(m.weight.detach().max()) == 0.25
+               for blk in standard.modules() if getattr(type(blk), "residual_bn", None)
+               for m in [getattr(blk, type(blk).residual_bn)])
+
+
+def test_residual_bn_scale_is_checked():
+    from lgam.recipes import TrainError, make_recipe
+
+    with pytest.raises(TrainError, match="choose one"):
+        make_recipe("paper", ["zero_init_residual=true", "residual_bn_scale=0.1"])
+    with pytest.raises(TrainError, match="choose one"):
+        make_recipe("paper", ["skip_init=true", "residual_bn_scale=0.1"])
+    with pytest.raises(TrainError, match=">= 0"):
+        make_recipe("paper", ["residual_bn_scale=-1"])
+    assert make_recipe("paper").residual_bn_scale == 1.0  # the standard init
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_se", "resnet18_cbam", "resnet18_lgam", "resnext29_32x4d_sge"])
+def test_match_branch_rms_starts_every_branch_at_the_same_scale(name):
+    """``branch_rms``: whatever its attention module does to the scale (SE halves it, CBAM quarters
+    it, LGAM multiplies it ~4x), every branch's output after the module starts at the target RMS;
+    nothing but the branches' last BN scales changes, and the model's mode is restored."""
+    from lgam.models import match_branch_rms
+    from lgam.models.branch_init import residual_bns
+
+    torch.manual_seed(0)
+    model = lgam.create_model(name, num_classes=5).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    standard = match_branch_rms(model, images, 0.5, steps=0)  # measures only
+    assert {k: v for k, v in model.state_dict().items() if not torch.equal(v, before[k])} == {}
+    got = match_branch_rms(model, images, 0.5)
+    assert len(got) == len(residual_bns(model)) == (8 if name.startswith("resnet18") else 9)
+    assert all(abs(r - 0.5) < 0.01 for r in got), got
+    assert not model.training
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"{n}.{type(b).residual_bn}.weight" for n, b in model.named_modules()
+                       if getattr(type(b), "residual_bn", None)}
+    if name == "resnet18_se":  # SE's gate starts at 0.5: its own standard init is already there
+        assert all(abs(s - 0.5) < 0.01 for s in standard)
+    if name == "resnet18_lgam":  # the ladder amplifies: its BN scales end far below 1
+        assert min(standard) > 2 and all(float(bn.weight.detach().max()) < 0.25 for _, bn in residual_bns(model))
+
+
+def test_branch_rms_recipe_needs_images_and_is_exclusive():
+    from lgam.recipes import TrainError, make_recipe
+    from lgam.train import init_batch, init_blocks
+
+    recipe = make_recipe("cpu", ["skip_init=false", "branch_rms=0.5"])
+    model = lgam.create_model("resnet18_se", num_classes=5)
+    with pytest.raises(TrainError, match="training images"):
+        init_blocks(model, recipe)
+    with pytest.raises(TrainError, match="choose one"):
+        make_recipe("cpu", ["branch_rms=0.5"])  # the cpu preset's own block init is another
+    with pytest.raises(TrainError, match=">= 0"):
+        make_recipe("paper", ["branch_rms=-0.5"])
+    images = torch.randint(0, 256, (300, 3, 40, 40), dtype=torch.uint8)
+    batch = init_batch(images, recipe, seed=3)
+    assert batch.shape == (recipe.batch_size, 3, recipe.train_size_start, recipe.train_size_start)
+    torch.testing.assert_close(batch, init_batch(images, recipe, seed=3))  # the same on every process
+    got = init_blocks(model, recipe, batch)
+    assert got is not None and all(abs(r - 0.5) < 0.01 for r in got)

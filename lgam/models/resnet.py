@@ -75,26 +75,6 @@ def make_stages(
     return stages
 
 
-def zero_init_residual(model: nn.Module) -> int:
-    """Zero the scale (``weight``) of the last BatchNorm of every residual branch whose block names
-    one (``residual_bn``: BasicBlock's ``bn2``, ResNeXtBottleneck's ``bn3``): each block then starts
-    as the identity (Goyal et al., 2017; torchvision's ``zero_init_residual``). The attention
-    module after that BN then starts from a zero input. Returns the number of BNs zeroed.
-
-    Why it matters here: LGAM scales its groups by at least ``1.5**(k-1)`` (eq (4)) and its output
-    by ``M_spat >= 0.5`` (eq (6)); from the standard init the gradient grows through every module
-    on the way back (measured: gradient norm ~1,600 at init for resnet18_lgam vs ~4 for resnet18,
-    and training at the ``cpu`` recipe's lr 0.25 stalls at chance), while from identity blocks it
-    trains like the plain network."""
-    n = 0
-    for m in model.modules():
-        name = getattr(type(m), "residual_bn", None)
-        if name:
-            nn.init.zeros_(getattr(m, name).weight)
-            n += 1
-    return n
-
-
 def skip_gain(enabled: bool) -> nn.Parameter | None:
     """SkipInit's scalar ``alpha`` (De & Smith, 2020) for the end of a residual branch, after its
     attention module, initialised to 0: the block starts as the identity while the branch, its
