@@ -116,15 +116,14 @@ RECIPES: dict[str, Recipe] = {
                    train_size=160, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1),
     # each ResNet18 variant on ImageNet-20 within an hour of a 2-core CPU with native bf16
     # (AVX512-BF16): progressive resizing 96 -> 128 px (FFCV), evaluated at a larger size (FixRes),
-    # label smoothing, no decay on BN/bias; residual blocks start as the identity through SkipInit's
-    # zero gain after the attention module (LGAM stalls at chance at this lr from the standard
-    # init; zeroing bn2 instead fed every in-branch module zeros and handicapped SE, SGE, CBAM and
-    # LGAM; provisional: docs/results/recipe-screen.md has the screening, which it does not yet pass)
+    # label smoothing, no decay on BN/bias; every residual branch starts with its output after the
+    # attention module at RMS 0.5 (branch_rms, LSUV-style): the same start whatever the module does
+    # to its input's scale (chosen by a screen with SE as positive control:
+    # docs/results/recipe-screen.md)
     "cpu": Recipe(epochs=20, batch_size=128, lr=0.25, momentum=0.9, nesterov=True, weight_decay=5e-5,
                   schedule="cosine", step_epochs=30, gamma=0.1, warmup_epochs=1.0, label_smoothing=0.1,
                   train_size=128, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1,
-                  train_size_start=96, size_hold_epochs=4, bn_bias_decay=False,
-                  skip_init=True, skip_gain_lr=0.1),
+                  train_size_start=96, size_hold_epochs=4, bn_bias_decay=False, branch_rms=0.5),
 }
 
 

@@ -255,8 +255,9 @@ def test_skip_init_is_part_of_the_architecture():
     from lgam.recipes import RECIPES, TrainError, make_recipe
 
     with pytest.raises(TrainError, match="choose one"):
-        make_recipe("cpu", ["zero_init_residual=true"])  # the cpu preset uses SkipInit already
-    assert RECIPES["cpu"].skip_init and RECIPES["cpu"].skip_gain_lr == 0.1
+        make_recipe("cpu", ["skip_init=true"])  # the cpu preset sets the branches' scale already
+    assert make_recipe("cpu", ["branch_rms=0", "skip_init=true"]).skip_init
+    assert RECIPES["cpu"].branch_rms == 0.5 and not RECIPES["cpu"].skip_init
 
 
 @pytest.mark.parametrize("name", ["resnet18_se", "resnet18_lgam", "resnext29_32x4d_sge"])
@@ -281,7 +282,7 @@ def test_residual_bn_scale_feeds_attention_a_scaled_copy_of_its_standard_input(n
     standard = lgam.create_model(name, num_classes=5).train()
     torch.manual_seed(0)
     scaled = lgam.create_model(name, num_classes=5).train()
-    init_blocks(scaled, make_recipe("cpu", ["skip_init=false", "skip_gain_lr=1", "residual_bn_scale=0.1"]))
+    init_blocks(scaled, make_recipe("cpu", ["branch_rms=0", "residual_bn_scale=0.1"]))
     full, small = run(standard), run(scaled)
     assert full.abs().amax() > 0.5
     torch.testing.assert_close(small, 0.1 * full)
@@ -335,12 +336,12 @@ def test_branch_rms_recipe_needs_images_and_is_exclusive():
     from lgam.recipes import TrainError, make_recipe
     from lgam.train import init_batch, init_blocks
 
-    recipe = make_recipe("cpu", ["skip_init=false", "branch_rms=0.5"])
+    recipe = make_recipe("cpu")  # branch_rms=0.5
     model = lgam.create_model("resnet18_se", num_classes=5)
     with pytest.raises(TrainError, match="training images"):
         init_blocks(model, recipe)
     with pytest.raises(TrainError, match="choose one"):
-        make_recipe("cpu", ["branch_rms=0.5"])  # the cpu preset's own block init is another
+        make_recipe("cpu", ["zero_init_residual=true"])  # the cpu preset's own block init is another
     with pytest.raises(TrainError, match=">= 0"):
         make_recipe("paper", ["branch_rms=-0.5"])
     images = torch.randint(0, 256, (300, 3, 40, 40), dtype=torch.uint8)

@@ -106,7 +106,7 @@ def test_no_weight_decay_on_sge_affine_and_skip_gains():
     0-dimensional: neither decays where BN does not."""
     model = lgam.create_model("resnet18_sge", num_classes=3, skip_init=True)
     decayed, free, gains = param_groups(
-        model, make_recipe("cpu", ["zero_init_residual=false", "skip_init=true", "skip_gain_lr=0.1"]))
+        model, make_recipe("cpu", ["branch_rms=0", "skip_init=true", "skip_gain_lr=0.1"]))
     free_ids = {id(p) for p in free["params"]}
     sge = model.layer3[0].attention
     assert id(sge.weight) in free_ids and id(sge.bias) in free_ids and sge.weight.ndim == 4
@@ -401,3 +401,18 @@ def test_holdout_and_skip_init_reach_config_and_checkpoint(tiny_data, tmp_path):
     trained = _weights(out / "resnet18_se")["model.layer1.0.skip_gain"]
     assert float(model.layer1[0].skip_gain.detach()) == pytest.approx(float(trained), rel=1e-3)  # float16
     assert float(trained) != 0.0  # one epoch moved it
+
+
+def test_branch_rms_is_applied_when_a_run_starts(tiny_data, tmp_path):
+    """``--set branch_rms=0.5`` (the cpu preset's block init): the trainer rescales every branch's
+    last BN from a batch of training images before the first step — plain ResNet's bn2 scales start
+    at 0.5, not 1 — and the run's config records it."""
+    assert _train(tiny_data, tmp_path / "a", "--model", "resnet18", "--epochs", "1", "--set", "branch_rms=0.5") == 0
+    assert _train(tiny_data, tmp_path / "b", "--model", "resnet18", "--epochs", "1") == 0
+    scaled, standard = (_weights(tmp_path / r / "resnet18") for r in "ab")
+    bn2 = [k for k in scaled if k.endswith("bn2.weight")]
+    assert len(bn2) == 8
+    assert all(abs(scaled[k].float().mean() - 0.5) < 0.1 for k in bn2)  # a few small steps from 0.5
+    assert all(abs(standard[k].float().mean() - 1.0) < 0.1 for k in bn2)
+    config = json.loads((tmp_path / "a" / "resnet18" / "config.json").read_text())
+    assert config["recipe"]["branch_rms"] == 0.5
