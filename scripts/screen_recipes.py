@@ -23,9 +23,10 @@ from lgam.runstate import CONFIG, LOG
 
 def arm_label(config: dict) -> str:
     r = config["recipe"]
-    scale = r.get("residual_bn_scale", 1.0)
+    scale, rms = r.get("residual_bn_scale", 1.0), r.get("branch_rms", 0.0)
     init = ("skip_init" if r.get("skip_init") else "zero_init_residual" if r["zero_init_residual"]
-            else f"residual_bn_scale={scale:g}" if scale != 1.0 else "standard init")
+            else f"residual_bn_scale={scale:g}" if scale != 1.0 else f"branch_rms={rms:g}" if rms
+            else "standard init")
     return f"{init}, seed {config['seed']}"
 
 
