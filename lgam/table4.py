@@ -11,9 +11,10 @@ Reads ``RUNS/MODEL/seedK/metrics.json`` (``lgam evaluate --runs``, copied by
   val images they disagree on: whether *those two networks* differ, not whether the modules do.
 
 The input size is chosen on the training images every run held out (the lowest mean
-``holdout_top1_err`` over all runs), never on val. ``--figure`` draws the means with std bars.
+``holdout_top1_err`` over all runs), never on val. ``--figure`` draws the means with std bars;
+``--checkpoints DIR`` makes that size the shipped checkpoints' ``input_size`` (the app's).
 
-    lgam table4 checkpoints/runs --out docs/results-table4.md --figure docs/table4.png
+    lgam table4 checkpoints/runs --out docs/results-table4.md --figure docs/table4.png --checkpoints checkpoints
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .evaluate import PAPER_TOP1_ERR, SIZES, unpack_mask
 from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "read_runs", "choose_size", "SeedSummary", "summarise", "paired_difference",
-           "mcnemar", "format_table4", "table4_figure", "configure_parser", "main"]
+           "mcnemar", "format_table4", "table4_figure", "ship_input_size", "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..10)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -182,6 +183,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shipped-seed", type=int, default=0, help="the seed of the shipped checkpoints")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     p.add_argument("--figure", type=Path, help="write the error-bar plot here (PNG/PDF/SVG)")
+    p.add_argument("--checkpoints", type=Path, metavar="DIR",
+                   help="also set the input size (the app's) of the checkpoints in DIR to the size chosen, and "
+                        "copy their runs' val and held-out errors into the manifest (each checkpoint whose "
+                        "run, its manifest entry's run_log, has a metrics.json)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -202,7 +207,36 @@ def main(args: argparse.Namespace) -> int:
         args.out.write_text(text + "\n")
     if args.figure:
         save_figure(table4_figure(runs, size), args.figure)
+    if args.checkpoints:
+        for line in ship_input_size(args.checkpoints, size):
+            print(line)
     return 0
+
+
+def ship_input_size(checkpoints: Path, size: int) -> list[str]:
+    """Set ``input_size`` of every checkpoint in ``checkpoints`` that came from a run with a
+    ``metrics.json`` (its manifest entry's ``extra.run_log``, ``lgam evaluate --runs``) to
+    ``size``, and merge that run's val and held-out errors into its metrics; one line per model
+    saying what was done, or why not (an older checkpoint from no evaluated run keeps its size)."""
+    from .checkpoints import load_manifest, update_metrics
+
+    lines = []
+    for name, entry in load_manifest(checkpoints)["models"].items():
+        run_log = (entry.get("extra") or {}).get("run_log")
+        found = (checkpoints / run_log).parent / "metrics.json" if run_log else None
+        if found is None or not found.exists():
+            lines.append(f"{name}: unchanged (input size {entry['input_size']}): no evaluated run "
+                         f"({run_log or 'no run_log'})")
+            continue
+        metrics = json.loads(found.read_text())
+        if metrics.get("seed") != entry.get("seed"):
+            lines.append(f"{name}: unchanged: {found} is seed {metrics.get('seed')}, the checkpoint seed "
+                         f"{entry.get('seed')}")
+            continue
+        update_metrics(checkpoints, name, {k: v for k, v in metrics.items()
+                                           if k.startswith(("val_top1_err_", "holdout_top1_err_"))}, size)
+        lines.append(f"{name}: input size {size} px; errors from {found.parent.relative_to(checkpoints)}")
+    return lines
 
 
 if __name__ == "__main__":

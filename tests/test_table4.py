@@ -81,3 +81,26 @@ def test_cli_table_and_figure(runs, tmp_path, capsys):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="metrics.json"):
         read_runs(tmp_path)
+
+
+def test_the_size_chosen_on_held_out_becomes_the_shipped_input_size(runs, tmp_path, capsys):
+    """``--checkpoints``: checkpoints from an evaluated run (their manifest's run_log) get the size
+    chosen on held-out images and their run's errors; an older checkpoint from no such run, or a
+    checkpoint of another seed, keeps its own."""
+    import lgam
+    from lgam.checkpoints import load_manifest, save_checkpoint
+
+    ckpt = runs / "ckpt"
+    classes = [f"c{i}" for i in range(3)]
+    for name, run_log, seed in [("resnet18", "../resnet18/seed0/log.jsonl", 0),
+                                ("resnet18_se", "../resnet18_se/seed0/log.jsonl", 1),
+                                ("resnet18_bam", "runs/resnet18_bam/log.jsonl", 0)]:
+        save_checkpoint(lgam.create_model(name, num_classes=3), ckpt, classes=classes, input_size=224, seed=seed,
+                        extra={"run_log": run_log})
+    assert main(["table4", str(runs), "--checkpoints", str(ckpt)]) == 0
+    models = load_manifest(ckpt)["models"]
+    assert models["resnet18"]["input_size"] == 160  # held-out: 25 % at 160 px, 30 % at 128 px
+    assert models["resnet18"]["metrics"]["val_top1_err_160"] == 20.0
+    assert models["resnet18"]["metrics"]["holdout_top1_err_128"] == 30.0
+    assert models["resnet18_se"]["input_size"] == 224 and "seed 0" in capsys.readouterr().out  # seed 1's checkpoint
+    assert models["resnet18_bam"]["input_size"] == 224 and not models["resnet18_bam"]["metrics"]
