@@ -25,7 +25,7 @@ import contextlib
 import os
 import statistics
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -88,10 +88,11 @@ def forward_seconds(name: str, batch: int, size: int, steps: int, fast: bool,
 
 def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int,
                  device: torch.device = torch.device("cpu"), compile: bool = False,
-                 modes: tuple[str, ...] = ("fwd", "train"), cuda_graph: bool = False) -> None:
-    """Throughput of each variant / throughput of resnet18, per size, precision and mode
-    (``compile``, ``cuda_graph``: the fast path alone, each model under ``torch.compile``,
-    replayed as a CUDA graph)."""
+                 modes: tuple[str, ...] = ("fwd", "train"), cuda_graph: bool = False,
+                 rows: Sequence[str] = tuple(VARIANTS)) -> None:
+    """Throughput of each of ``rows`` (variants, resnet18 first) / throughput of resnet18, per
+    size, precision and mode (``compile``, ``cuda_graph``: the fast path alone, each model under
+    ``torch.compile``, replayed as a CUDA graph)."""
     fast_note = "" if bf16_native(device) else " (no native bf16 here: emulated, slower than float32)"
     how = (", torch.compile" if compile else "") + (", CUDA graphs" if cuda_graph else "")
     print(f"\n## Throughput relative to resnet18 ({device.type}{how}, batch {batch}, median over "
@@ -101,7 +102,7 @@ def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int,
     seconds: dict[tuple, list[float]] = {}
     for _ in range(rounds):
         for size, fast, mode in columns:
-            for name in VARIANTS:
+            for name in rows:
                 with variant(name) as model_name:
                     s = (forward_seconds(model_name, batch, size, steps, fast, device, compile, cuda_graph)
                          if mode == "fwd" else step_seconds(model_name, device, batch, size, steps, 1, compile,
@@ -114,7 +115,7 @@ def speed_ratios(sizes: list[int], batch: int, rounds: int, steps: int,
     median = {k: statistics.median(v) for k, v in seconds.items()}
     print("| resnet18 img/s | " + " | ".join(
         f"{batch / median[('resnet18', *c)]:.0f}" for c in columns) + " |")
-    for name in VARIANTS:
+    for name in rows:
         print(f"| {name} | " + " | ".join(
             f"{median[('resnet18', *c)] / median[(name, *c)]:.2f}" for c in columns) + " |", flush=True)
 
@@ -185,6 +186,8 @@ def main() -> None:
     p.add_argument("--ratio-batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ratio table")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
+    p.add_argument("--models", nargs="+", choices=VARIANTS, metavar="MODEL",
+                   help=f"rows of the ratio table (default: all of {', '.join(VARIANTS)}; resnet18 is always in it)")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-growth", action="store_true")
     p.add_argument("--device", default="cpu", help="device of the ratio table (cpu, cuda)")
@@ -203,8 +206,9 @@ def main() -> None:
     print(f"# machine: {device_summary(device)}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__}")
     if args.ratio_sizes:
+        rows = VARIANTS if not args.models else ["resnet18"] + [m for m in args.models if m != "resnet18"]
         speed_ratios(args.ratio_sizes, args.ratio_batch, args.rounds, args.steps, device, args.compile,
-                     tuple(args.modes), args.cuda_graphs)
+                     tuple(args.modes), args.cuda_graphs, rows)
     if args.skip_growth:
         return
     if not args.skip_latency:

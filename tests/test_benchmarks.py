@@ -28,6 +28,13 @@ def test_attention_cost_benchmark():
     assert "LGAM G=32, r=2" in out and "| resnet18_lgam_g32 |" in out
 
 
+def test_attention_cost_ratio_table_of_chosen_models():
+    out = _run("benchmarks/attention_cost.py", "--models", "resnet18_lgam", "--ratio-sizes", "32",
+               "--ratio-batch", "2", "--rounds", "1", "--steps", "1", "--modes", "fwd", "--skip-growth")
+    rows = [line.split(" |")[0] for line in out.splitlines() if line.startswith("| resnet18")]
+    assert rows == ["| resnet18 img/s", "| resnet18", "| resnet18_lgam"]  # plain always, the rest as asked
+
+
 @pytest.mark.slow
 def test_app_latency_benchmark(tmp_path):
     """Without six checkpoints it writes freshly initialised ones, serves them from ``python -m
