@@ -39,19 +39,19 @@ class Recipe:
     ``channels_last`` apply on CUDA and on CPUs with native bf16. ``train_size_start`` (0: off)
     starts the crops at that size and grows them linearly to ``train_size``, reached
     ``size_hold_epochs`` before the end (:func:`train_size_at`). ``bn_bias_decay=False`` exempts
-    BatchNorm weights and all biases from weight decay. How the residual branches start:
-    ``zero_init_residual`` starts every residual
-    block as the identity by zeroing its branch's last BN scale (:func:`lgam.models.zero_init_residual`:
-    an in-branch attention module then starts from a zero input); ``skip_init`` does it with a
+    BatchNorm weights and all biases from weight decay. How the residual branches start (at most
+    one of four): ``zero_init_residual`` starts every residual block as the identity by zeroing
+    its branch's last BN scale (:func:`lgam.models.zero_init_residual`: an in-branch attention module then starts from a zero input); ``skip_init`` does it with a
     zero-initialised scalar gain after the attention module instead (SkipInit: the models are built
-    with ``skip_init=True``, :func:`lgam.models.resnet.skip_gain`). At most one of the two.
+    with ``skip_init=True``, :func:`lgam.models.resnet.skip_gain`).
     ``residual_bn_scale`` sets that BN's initial scale to another value instead (1: the standard
     init; a small value starts every branch, attention module included, from a small non-zero
     input; :func:`lgam.models.init_residual_bn`); ``branch_rms`` (0: off) sets it per branch, from
     a batch of training images, so that every branch's output *after its attention module* starts
     at that RMS whatever the module does to its input's scale (LSUV-style,
-    :func:`lgam.models.match_branch_rms`). At most one of these four. ``skip_gain_lr`` scales the learning rate of those gains (LGAM's branch is 6-10x its input,
-    so at the full rate its gain's steps diverge, measured; 0.1 trains every module).
+    :func:`lgam.models.match_branch_rms`). ``skip_gain_lr`` scales the learning rate of SkipInit's
+    gains (LGAM's branch is 6-10x its input, so at the full rate its gain's steps diverge,
+    measured; 0.1 trains every module).
     """
 
     epochs: int
@@ -96,7 +96,7 @@ class Recipe:
             raise TrainError(f"{' and '.join(inits)} each set how the residual branches start: choose one")
         if self.branch_rms < 0:
             raise TrainError(f"branch_rms must be >= 0 (0: off), got {self.branch_rms}")
-        if not 0 <= self.residual_bn_scale:
+        if self.residual_bn_scale < 0:
             raise TrainError(f"residual_bn_scale must be >= 0, got {self.residual_bn_scale}")
         if self.skip_gain_lr <= 0:
             raise TrainError(f"skip_gain_lr must be > 0, got {self.skip_gain_lr}")

@@ -4,7 +4,7 @@
 - :func:`init_residual_bn`: one value for every branch (0: :func:`zero_init_residual`);
 - :func:`match_branch_rms`: per branch, from a batch of images, so that every branch's output
   *after its attention module* starts at the same RMS whatever the module does to its input's scale
-  (SE's and SGE's gates halve it at init, CBAM's quarter it, LGAM's ladder multiplies it ~3-6x):
+  (SE's and SGE's gates halve it at init, CBAM's quarter it, LGAM's ladder multiplies it ~4x):
   the data-dependent initialisation of LSUV (Mishkin & Matas, 2016) applied to the branch's last
   BN. SkipInit's gains are :func:`lgam.models.resnet.skip_gain`.
 """
@@ -53,9 +53,9 @@ def match_branch_rms(model: nn.Module, images: Tensor, rms: float, steps: int = 
     BN statistics as in the first training step. Returns each branch's output RMS measured after
     the last of ``steps`` rescalings, in forward order.
 
-    A block's attention module is measured on its own (``attention(bn_out)``, without the
-    identity; its forward, bypassing hooks); LGAM's output is not linear in its input's scale (its spatial gate, eqs (5)-(6)),
-    so each step rescales by the ratio still missing. The model's mode and every buffer (the BN
+    A block's attention module is measured on its own (its ``forward(bn_out)``, without the
+    identity, bypassing hooks); LGAM's output is not linear in its input's scale (its spatial
+    gate, eqs (5)-(6)), so each step rescales by the ratio still missing. The model's mode and every buffer (the BN
     running statistics, the attention modules' BNs included) are restored: only the scales of
     the branches' last BNs change."""
     blocks = residual_bns(model)
