@@ -213,11 +213,15 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_COUNTS = ("val_images", "holdout_images")  # in metrics.json: how many images its errors are on
+
+
 def ship_input_size(checkpoints: Path, size: int) -> list[str]:
     """Set ``input_size`` of every checkpoint in ``checkpoints`` that came from a run with a
     ``metrics.json`` (its manifest entry's ``extra.run_log``, ``lgam evaluate --runs``) to
-    ``size``, and merge that run's val and held-out errors into its metrics; one line per model
-    saying what was done, or why not (an older checkpoint from no evaluated run keeps its size)."""
+    ``size``, and merge that run's val and held-out errors (with how many images each is on) into
+    its metrics; one line per model saying what was done, or why not (an older checkpoint from no
+    evaluated run keeps its size)."""
     from .checkpoints import load_manifest, update_metrics
 
     lines = []
@@ -233,8 +237,8 @@ def ship_input_size(checkpoints: Path, size: int) -> list[str]:
             lines.append(f"{name}: unchanged: {found} is seed {metrics.get('seed')}, the checkpoint seed "
                          f"{entry.get('seed')}")
             continue
-        update_metrics(checkpoints, name, {k: v for k, v in metrics.items()
-                                           if k.startswith(("val_top1_err_", "holdout_top1_err_"))}, size)
+        update_metrics(checkpoints, name, {k: v for k, v in metrics.items() if k in RUN_COUNTS
+                                           or k.startswith(("val_top1_err_", "holdout_top1_err_"))}, size)
         lines.append(f"{name}: input size {size} px; errors from {found.parent.relative_to(checkpoints)}")
     return lines
 

@@ -102,5 +102,7 @@ def test_the_size_chosen_on_held_out_becomes_the_shipped_input_size(runs, tmp_pa
     assert models["resnet18"]["input_size"] == 160  # held-out: 25 % at 160 px, 30 % at 128 px
     assert models["resnet18"]["metrics"]["val_top1_err_160"] == 20.0
     assert models["resnet18"]["metrics"]["holdout_top1_err_128"] == 30.0
+    assert models["resnet18"]["metrics"]["val_images"] == N_VAL  # what the errors are on
+    assert models["resnet18"]["metrics"]["holdout_images"] == 20
     assert models["resnet18_se"]["input_size"] == 224 and "seed 0" in capsys.readouterr().out  # seed 1's checkpoint
     assert models["resnet18_bam"]["input_size"] == 224 and not models["resnet18_bam"]["metrics"]
