@@ -31,7 +31,8 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, image_size: int = 224, channels: int = 3) -> int:
     """Multiply-accumulates of one forward pass on a ``(1, channels, S, S)`` input, in eval mode.
 
-    Counted by ``FlopCounterMode`` (matmul/conv-like ops only; elementwise ops are not counted).
+    Counted by ``FlopCounterMode`` (matmul/conv-like ops only; elementwise ops are not counted;
+    LGAM's op counts its group MLPs through the formula registered in its ``ops`` module).
     """
     was_training = model.training
     model.eval()

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import kernels as K
 from .equations import work_dtype
@@ -130,3 +131,21 @@ def _backward(ctx, d_out: Tensor, *_unused):
 
 
 lgam_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _mlp_flops(x_shape: tuple[int, ...], params: list[tuple[int, ...]], groups: int) -> int:
+    """FLOPs (2 per multiply-accumulate) of the groups' eq (2) MLPs, ``C' -> h -> C'``, on a batch
+    of ``B``: the matrix multiplies the op runs, as ``FlopCounterMode`` counts them on the
+    equations' path (its elementwise work, as there, is not counted)."""
+    width, hidden = x_shape[1] // groups, params[0][0]
+    return 2 * x_shape[0] * groups * 2 * width * hidden
+
+
+@register_flop_formula(torch.ops.lgam.lgam)
+def _lgam_flops(x, identity, params, stats, groups, training, eps, momentum, out_shape=None) -> int:
+    return _mlp_flops(x, params, groups)
+
+
+@register_flop_formula(torch.ops.lgam.lgam_backward)
+def _lgam_backward_flops(grad, x, out, s, scales, p, q, v, params, saved, groups, training, out_shape=None) -> int:
+    return 2 * _mlp_flops(x, params, groups)  # each Linear's backward: its input's and its weight's gradient
