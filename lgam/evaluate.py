@@ -28,7 +28,7 @@ from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, load_split, resize_normalize, split_holdout
 from .models import create_model
 from .errors import UsageError
-from .params import count_macs, count_params
+from .params import cost_metrics
 
 __all__ = ["PAPER_TOP1_ERR", "SIZES", "top1_error", "misses", "pack_mask", "unpack_mask", "load_run_model",
            "evaluate_run", "cpu_latency_ms", "evaluate_checkpoints",
@@ -151,8 +151,7 @@ def evaluate_checkpoints(
                                                   batch_size), 2)
             for s in sorted({*sizes, int(entry["input_size"])}, reverse=True)
         }
-        metrics["params"] = count_params(model)
-        metrics["gmacs_224"] = round(count_macs(model, 224) / 1e9, 4)
+        metrics.update(cost_metrics(model))
         metrics["cpu_latency_ms_224"] = round(cpu_latency_ms(model, 224, latency_reps), 2)
         metrics["val_images"] = len(split)
         if update and limit is None:

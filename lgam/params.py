@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._format import format_or_dash
 from .models import create_model
 
-__all__ = ["count_params", "count_macs", "PAPER_PARAMS_M", "param_table", "configure_parser", "main"]
+__all__ = ["count_params", "count_macs", "cost_metrics", "PAPER_PARAMS_M", "param_table", "configure_parser", "main"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -45,6 +45,12 @@ def count_macs(model: nn.Module, image_size: int = 224, channels: int = 3) -> in
         return counter.get_total_flops() // 2
     finally:
         model.train(was_training)
+
+
+def cost_metrics(model: nn.Module) -> dict[str, float]:
+    """A checkpoint's cost entries in its manifest metrics: ``params`` and ``gmacs_224`` (GMACs of
+    one 224 px image, 4 decimals)."""
+    return {"params": count_params(model), "gmacs_224": round(count_macs(model, 224) / 1e9, 4)}
 
 
 #: The paper's parameter counts in millions: (CIFAR-10, CIFAR-100, ImageNet-20); ``None`` where the

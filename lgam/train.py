@@ -579,6 +579,7 @@ def _save_checkpoints(args: argparse.Namespace, recipe: Recipe, split: Any,
                       records: dict[str, list[dict[str, Any]]]) -> None:
     from .checkpoints import save_checkpoint
     from .data import IMAGENET_MEAN, IMAGENET_STD
+    from .params import cost_metrics
 
     for name, recs in records.items():
         if not recs or recs[-1]["epoch"] != recipe.epochs:
@@ -593,7 +594,7 @@ def _save_checkpoints(args: argparse.Namespace, recipe: Recipe, split: Any,
             shutil.copyfile(run / fname, saved_run / fname)
         save_checkpoint(model, args.checkpoints_dir, classes=split.classes, input_size=args.val_size,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD, recipe=asdict(recipe), seed=args.seed,
-                        epochs=recipe.epochs, metrics=summary_metrics(recs),
+                        epochs=recipe.epochs, metrics={**summary_metrics(recs), **cost_metrics(model)},
                         extra={"wnids": list(split.wnids), "holdout_per_class": args.holdout,
                                "train_images": len(split), "machine": config.get("hardware"),
                                "command": config.get("argv"), "run_log": f"{RUNS}/{name}/seed{args.seed}/{LOG}"})

@@ -14,7 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from _helpers import REPO
+from lgam.checkpoints import load_checkpoint
 from lgam.cli import run_module
+from lgam.params import count_params
 import lgam.errors
 import lgam.train
 from lgam.recipes import RECIPES, TrainError, lr_at, make_recipe, param_groups, train_size_at
@@ -180,6 +182,8 @@ def test_overfit_two_models_and_checkpoint(tiny_data, tmp_path):
     assert entry["classes"] == sorted(CLASSES) and entry["epochs"] == 8 and entry["seed"] == 0
     assert entry["metrics"]["val_top1_err_16"] == 0.0 and entry["metrics"]["train_img_per_s"] > 0
     assert entry["metrics"]["train_wall_min"] > 0 and entry["extra"]["machine"].startswith("cpu: ")
+    assert entry["metrics"]["params"] == count_params(load_checkpoint(ckpt, "resnet18_se")[0])
+    assert entry["metrics"]["gmacs_224"] > 0  # the app shows them beside every model
     assert entry["extra"]["command"] == sys.orig_argv  # this process's exact command line
     record = ckpt / entry["extra"]["run_log"]  # the training record travels with the weights
     assert record.read_text() == (out / "resnet18_se" / "log.jsonl").read_text()
