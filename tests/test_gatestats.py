@@ -59,6 +59,25 @@ def test_across_image_std_and_dead_units_of_channel_gates():
     assert s["dead"] >= 5 / 256 and s["modules"] == 2
 
 
+def test_sge_groups_are_measured_as_applied_not_only_as_their_mean():
+    """Two SGE groups with opposite gamma: each group's gate varies with the image, their mean
+    does not (as far as the two cancel); the ``groups`` kind sees what the module multiplies by."""
+    model, split = _model("resnet18_sge"), _split(6)
+    sge = model.layer4[1].attention
+    with torch.no_grad():
+        sge.weight.zero_()
+        sge.weight[0, 0], sge.weight[0, 1] = 3.0, -3.0
+    stats = gate_statistics(model, split, 48, IMAGENET_MEAN, IMAGENET_STD, batch_size=4)
+    assert all(list(s) == ["spatial", "groups"] for s in stats.values())
+    x = resize_normalize(split.images, 48, IMAGENET_MEAN, IMAGENET_STD)
+    groups = {name: g["groups"] for name, g in attention_gates(model, x)[4].items()}
+    per_unit = torch.cat([g.double().flatten(1).std(0, correction=0) for g in groups.values()])
+    s = stats[4]["groups"]
+    assert s["img_std"] == pytest.approx(float(per_unit.mean()), rel=1e-6)
+    assert s["modules"] == 2 and s["dead"] < 1
+    assert stats[4]["groups"]["img_std"] > stats[4]["spatial"]["img_std"]
+
+
 def test_models_without_gates_have_none_and_bam_sits_between_stages():
     split = _split(2)
     assert gate_statistics(_model("resnet18"), split, 32, IMAGENET_MEAN, IMAGENET_STD) == {}
