@@ -3,8 +3,8 @@
 For every model, stage and kind of gate (``channel``: SE's and CBAM's per-channel gates;
 ``spatial``: CBAM's, SGE's, BAM's and LGAM's maps, SGE's the mean of its groups' maps; ``groups``:
 SGE's per-group maps, the gates it multiplies by: their signs differ from group to group, so
-their mean can be nearly constant where they are not), over the val images (the whole image resized
-to the model's input size, as in evaluation), from one forward pass per batch
+their mean can be nearly constant where they are not), over the val images (the whole image
+resized to the model's input size, as in evaluation), from one forward pass per batch
 (:func:`lgam.attention.capture_gates`); every module of a stage counts:
 
 - ``mean``: the mean gate;
@@ -115,7 +115,8 @@ def format_gate_table(stats: dict[str, dict[int, dict[str, dict[str, float]]]], 
                     f"{100 * s['dead']:.1f} | {100 * s['at_half']:.1f} | {100 * s['open']:.1f} | "
                     f"{100 * s['closed']:.1f} |")
     lines.append(f"\nVal images: {images}, each resized whole to the model's input size. Dead: a gate "
-                 f"unit (channel, position or group position) whose std across the images is below {DEAD_STD}.")
+                 f"unit (channel, position or group position) whose std across the images is below "
+                 f"{DEAD_STD}.")
     return "\n".join(lines)
 
 
