@@ -25,7 +25,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .errors import UsageError
 from .evaluate import PAPER_TOP1_ERR, SIZES, unpack_mask
@@ -152,6 +152,15 @@ def format_table4(runs: Runs, size: int, base: str = "resnet18", shipped_seed: i
     return "\n".join(lines)
 
 
+def seeds_label(counts: Iterable[int]) -> str:
+    """What the figure's points are: one seed has no error bar, and unequal counts are said."""
+    counts = sorted(set(counts))
+    if counts == [1]:
+        return "one seed (no error bar)"
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"mean ± std over {n} seeds"
+
+
 def table4_figure(runs: Runs, size: int) -> Any:
     """Means with std bars per model, the paper's values beside them."""
     import matplotlib
@@ -163,7 +172,8 @@ def table4_figure(runs: Runs, size: int) -> Any:
     x = range(len(summary))
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.errorbar([i - 0.1 for i in x], [s.mean for s in summary.values()],
-                yerr=[s.std or 0 for s in summary.values()], fmt="o", capsize=4, label=f"ours ({size} px), mean ± std")
+                yerr=[s.std or 0 for s in summary.values()], fmt="o", capsize=4,
+                label=f"ours ({size} px), {seeds_label(s.n for s in summary.values())}")
     for i, s in zip(x, summary.values()):
         ax.plot([i - 0.1] * s.n, list(s.errors.values()), ".", color="grey", alpha=0.6)
     paper = [(i, PAPER_TOP1_ERR[m]) for i, m in zip(x, summary) if m in PAPER_TOP1_ERR]

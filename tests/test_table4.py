@@ -11,7 +11,7 @@ import torch
 from lgam.cli import main
 from lgam.errors import UsageError
 from lgam.evaluate import pack_mask
-from lgam.table4 import choose_size, mcnemar, paired_difference, read_runs, summarise
+from lgam.table4 import choose_size, mcnemar, paired_difference, read_runs, seeds_label, summarise
 
 N_VAL = 40
 
@@ -106,3 +106,9 @@ def test_the_size_chosen_on_held_out_becomes_the_shipped_input_size(runs, tmp_pa
     assert models["resnet18"]["metrics"]["holdout_images"] == 20
     assert models["resnet18_se"]["input_size"] == 224 and "seed 0" in capsys.readouterr().out  # seed 1's checkpoint
     assert models["resnet18_bam"]["input_size"] == 224 and not models["resnet18_bam"]["metrics"]
+
+
+def test_figure_label_says_how_many_seeds_its_points_are():
+    assert seeds_label([3, 3]) == "mean ± std over 3 seeds"
+    assert seeds_label([1, 1]) == "one seed (no error bar)"  # a point without a bar is not a mean ± std
+    assert seeds_label([1, 3, 2]) == "mean ± std over 1-3 seeds"
