@@ -351,10 +351,25 @@ def _config(run: _Run, tr: _Trainee, models: Sequence[str], stem: str | None,
     }
 
 
+#: what says which code, command and machine ran a session's epochs (kept over resumes)
+PROVENANCE = ("git_commit", "git_dirty", "argv", "torch", "hardware", "lgam_fused_kernels", "resumed_from_epoch")
+
+
+def _earlier_sessions(config_path: Path) -> list[dict[str, Any]]:
+    """The provenance of every session that trained a resumed run before this one, oldest first:
+    the run's previous ``config.json``'s own list plus that config's :data:`PROVENANCE`."""
+    old = json.loads(config_path.read_text())
+    return [*old.get("earlier_sessions", []), {k: old[k] for k in PROVENANCE if k in old}]
+
+
 def _start_files(tr: _Trainee, config: dict[str, Any]) -> None:
     """Write ``config.json`` and ``log.jsonl`` with the epochs already done (none, or a resumed
-    run's, dropping the line of an epoch whose state was never written)."""
+    run's, dropping the line of an epoch whose state was never written). A resumed run's
+    ``config.json`` keeps, under ``earlier_sessions``, which commit and command ran its earlier
+    epochs."""
     tr.directory.mkdir(parents=True, exist_ok=True)
+    if tr.epoch > 0 and (tr.directory / CONFIG).exists():
+        config = {**config, "earlier_sessions": _earlier_sessions(tr.directory / CONFIG)}
     atomic_write_json(tr.directory / CONFIG, config)
     (tr.directory / LOG).write_text("".join(json.dumps(r) + "\n" for r in tr.records))
 

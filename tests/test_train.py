@@ -313,6 +313,23 @@ def test_resume_names_the_autocast_dtype(tiny_data, tmp_path, capsys, monkeypatc
     assert "the autocast dtype (--set bf16, on a device with native bf16) was 'float32', now 'bfloat16'" in err
 
 
+def test_resume_keeps_which_commit_ran_the_earlier_epochs(one_epoch_run, tiny_data, tmp_path, monkeypatch):
+    """config.json is rewritten on --resume; the commit and command of the epochs before it must
+    survive (a run spread over sessions ran on more than one commit)."""
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    first = json.loads((run / "resnet18" / "config.json").read_text())
+    monkeypatch.setattr(lgam.train, "git_revision", lambda: {"git_commit": "f" * 40, "git_dirty": False})
+    assert _train(tiny_data, run, *ONE_EPOCH, "--resume") == 0
+    assert _train(tiny_data, run, *ONE_EPOCH, "--resume") == 0
+    config = json.loads((run / "resnet18" / "config.json").read_text())
+    assert config["git_commit"] == "f" * 40 and config["resumed_from_epoch"] == 1
+    sessions = config["earlier_sessions"]
+    assert [s["resumed_from_epoch"] for s in sessions] == [0, 1]  # oldest first, none dropped
+    assert sessions[0]["git_commit"] == first["git_commit"] and sessions[0]["argv"] == first["argv"]
+    assert "earlier_sessions" not in sessions[1]  # a flat list, not nested configs
+
+
 def test_resume_lists_every_changed_setting(one_epoch_run, tiny_data, capsys):
     assert _train(tiny_data, one_epoch_run, *ONE_EPOCH, "--resume", "--seed", "3", "--set", "lr=0.1") == 2
     err = capsys.readouterr().err
