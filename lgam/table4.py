@@ -12,9 +12,12 @@ Reads ``RUNS/MODEL/seedK/metrics.json`` (``lgam evaluate --runs``, copied by
 
 The input size is chosen on the training images every run held out (the lowest mean
 ``holdout_top1_err`` over all runs), never on val. ``--figure`` draws the means with std bars;
-``--checkpoints DIR`` makes that size the shipped checkpoints' ``input_size`` (the app's).
+``--checkpoints DIR`` makes that size the shipped checkpoints' ``input_size`` (the app's). Below
+the table, one row per run: its val and held-out errors at every size, its training minutes (the
+epochs' wall time in its ``log.jsonl``) and the commit it ran (its ``config.json``), so no number
+of a run is copied by hand.
 
-    lgam table4 checkpoints/runs --out docs/results-table4.md --figure docs/table4.png --checkpoints checkpoints
+    lgam table4 checkpoints/runs --out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from .evaluate import PAPER_TOP1_ERR, SIZES, unpack_mask
 from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "read_runs", "choose_size", "SeedSummary", "summarise", "paired_difference",
-           "mcnemar", "format_table4", "table4_figure", "ship_input_size", "configure_parser", "main"]
+           "mcnemar", "format_table4", "format_runs", "table4_figure", "ship_input_size", "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..10)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -152,6 +155,43 @@ def format_table4(runs: Runs, size: int, base: str = "resnet18", shipped_seed: i
     return "\n".join(lines)
 
 
+def _errors(metrics: dict[str, Any], split: str, sizes: Sequence[int]) -> str:
+    return " / ".join("—" if f"{split}_top1_err_{z}" not in metrics else f"{metrics[f'{split}_top1_err_{z}']:.2f}"
+                      for z in sizes)
+
+
+def _run_facts(folder: Path, model: str, seed: int) -> tuple[str, str]:
+    """``(train minutes, short commit)`` of one run from its log.jsonl and config.json; "—" where
+    a file is missing."""
+    from .curves import read_logs
+    from .train import summary_metrics
+
+    run = folder / model / f"seed{seed}"
+    minutes, commit = "—", "—"
+    if (run / "log.jsonl").exists():
+        wall = summary_metrics(read_logs([folder], [model], seed)[model]).get("train_wall_min")
+        minutes = "—" if wall is None else f"{wall:.0f}"
+    if (run / "config.json").exists():
+        commit = (json.loads((run / "config.json").read_text()).get("git_commit") or "—")[:7]
+    return minutes, commit
+
+
+def format_runs(runs: Runs, folder: str | Path) -> str:
+    """Markdown: one row per run (model, seed) with its val and held-out errors at every size in
+    its metrics, its training minutes and its commit (:func:`_run_facts`)."""
+    sizes = sorted({int(k.rsplit("_", 1)[1]) for seeds in runs.values() for m in seeds.values()
+                    for k in m if k.startswith("val_top1_err_")})
+    px = " / ".join(map(str, sizes))
+    lines = [f"| model | seed | val {px} px (%) | held-out {px} px (%) | train min (log) | commit |",
+             "|---|---:|---|---|---:|---|"]
+    for model, seeds in runs.items():
+        for seed, m in sorted(seeds.items()):
+            minutes, commit = _run_facts(Path(folder), model, seed)
+            lines.append(f"| {model} | {seed} | {_errors(m, 'val', sizes)} | {_errors(m, 'holdout', sizes)} "
+                         f"| {minutes} | {commit} |")
+    return "\n".join(lines)
+
+
 def seeds_label(counts: Iterable[int]) -> str:
     """What the figure's points are: one seed has no error bar, and unequal counts are said."""
     counts = sorted(set(counts))
@@ -211,6 +251,8 @@ def main(args: argparse.Namespace) -> int:
                      f"{sum(map(len, runs.values()))} runs: "
                      + ", ".join(f"{s} px {e:.2f}%" for s, e in sorted(means.items())) + ").\n")
     lines.append(format_table4(runs, size, args.base, args.shipped_seed))
+    lines.append("\nEvery run (train minutes: wall time on the machine it ran on, pauses included):\n")
+    lines.append(format_runs(runs, args.runs))
     text = "\n".join(lines)
     print(text)
     if args.out:

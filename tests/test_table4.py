@@ -11,7 +11,8 @@ import torch
 from lgam.cli import main
 from lgam.errors import UsageError
 from lgam.evaluate import pack_mask
-from lgam.table4 import choose_size, mcnemar, paired_difference, read_runs, seeds_label, summarise
+from lgam.table4 import (choose_size, format_runs, mcnemar, paired_difference, read_runs, seeds_label,
+                         summarise)
 
 N_VAL = 40
 
@@ -112,3 +113,15 @@ def test_figure_label_says_how_many_seeds_its_points_are():
     assert seeds_label([3, 3]) == "mean ± std over 3 seeds"
     assert seeds_label([1, 1]) == "one seed (no error bar)"  # a point without a bar is not a mean ± std
     assert seeds_label([1, 3, 2]) == "mean ± std over 1-3 seeds"
+
+
+def test_every_run_is_listed_with_its_minutes_and_commit(runs):
+    d = runs / "resnet18" / "seed1"
+    (d / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1.0, "time": 90.0, "train_img_per_s": 9.0})
+                                         + "\n" for e in (1, 2)))
+    (d / "config.json").write_text(json.dumps({"git_commit": "0123456789abcdef"}))
+    lines = format_runs(read_runs(runs), runs).splitlines()
+    assert lines[0] == "| model | seed | val 128 / 160 px (%) | held-out 128 / 160 px (%) | train min (log) | commit |"
+    assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 3 | 0123456 |" in lines  # 2 x 90 s
+    assert "| resnet18_se | 2 | 23.50 / 21.50 | 31.00 / 26.00 | — | — |" in lines  # no log, no config
+    assert len(lines) == 2 + 6
