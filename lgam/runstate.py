@@ -114,13 +114,13 @@ def load_weights(directory: Path, device: str = "cpu") -> dict[str, Tensor]:
     return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-def read_log(directory: Path, epochs: int) -> list[dict[str, Any]]:
-    """The log records of the first ``epochs`` epochs: a line of an epoch whose state was never
-    written (killed in between) is dropped."""
+def read_log(directory: Path, epochs: int | None = None) -> list[dict[str, Any]]:
+    """The log records of the first ``epochs`` epochs (all without it; none without a log): a line
+    of an epoch whose state was never written (killed in between) is dropped."""
     log = directory / LOG
     if not log.exists():
         return []
-    return [r for r in map(json.loads, log.read_text().splitlines()) if r["epoch"] <= epochs]
+    return [r for r in map(json.loads, log.read_text().splitlines()) if epochs is None or r["epoch"] <= epochs]
 
 
 # ------------------------------------------------------------------------------ settings

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ._format import DASH, format_or_dash
 from .errors import UsageError
 from .evaluate import PAPER_TOP1_ERR, SIZES, unpack_mask
 from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "read_runs", "choose_size", "SeedSummary", "summarise", "paired_difference",
-           "mcnemar", "format_table4", "format_runs", "table4_figure", "ship_input_size", "configure_parser", "main"]
+           "mcnemar", "format_table4", "format_runs", "seeds_label", "table4_figure", "ship_input_size",
+           "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..10)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -156,24 +158,18 @@ def format_table4(runs: Runs, size: int, base: str = "resnet18", shipped_seed: i
 
 
 def _errors(metrics: dict[str, Any], split: str, sizes: Sequence[int]) -> str:
-    return " / ".join("—" if f"{split}_top1_err_{z}" not in metrics else f"{metrics[f'{split}_top1_err_{z}']:.2f}"
-                      for z in sizes)
+    return " / ".join(format_or_dash(metrics.get(f"{split}_top1_err_{z}"), ".2f") for z in sizes)
 
 
-def _run_facts(folder: Path, model: str, seed: int) -> tuple[str, str]:
-    """``(train minutes, short commit)`` of one run from its log.jsonl and config.json; "—" where
-    a file is missing."""
-    from .curves import read_logs
+def _run_facts(run: Path) -> tuple[str, str]:
+    """``(train minutes, short commit)`` of the run in folder ``run`` from its log.jsonl and
+    config.json; a dash where a file is missing."""
+    from .runstate import CONFIG, read_log
     from .train import summary_metrics
 
-    run = folder / model / f"seed{seed}"
-    minutes, commit = "—", "—"
-    if (run / "log.jsonl").exists():
-        wall = summary_metrics(read_logs([folder], [model], seed)[model]).get("train_wall_min")
-        minutes = "—" if wall is None else f"{wall:.0f}"
-    if (run / "config.json").exists():
-        commit = (json.loads((run / "config.json").read_text()).get("git_commit") or "—")[:7]
-    return minutes, commit
+    minutes = format_or_dash(summary_metrics(read_log(run)).get("train_wall_min"), ".0f")
+    config = json.loads((run / CONFIG).read_text()) if (run / CONFIG).exists() else {}
+    return minutes, (config.get("git_commit") or DASH)[:7]
 
 
 def format_runs(runs: Runs, folder: str | Path) -> str:
@@ -186,7 +182,7 @@ def format_runs(runs: Runs, folder: str | Path) -> str:
              "|---|---:|---|---|---:|---|"]
     for model, seeds in runs.items():
         for seed, m in sorted(seeds.items()):
-            minutes, commit = _run_facts(Path(folder), model, seed)
+            minutes, commit = _run_facts(Path(folder) / model / f"seed{seed}")
             lines.append(f"| {model} | {seed} | {_errors(m, 'val', sizes)} | {_errors(m, 'holdout', sizes)} "
                          f"| {minutes} | {commit} |")
     return "\n".join(lines)
