@@ -124,36 +124,11 @@ def save_checkpoint(
 ) -> dict[str, Any]:
     """Write ``model`` (built by :func:`lgam.create_model`) to ``directory`` and record it in the
     manifest; returns the manifest entry. ``name`` defaults to ``model.model_name``."""
-    arch = getattr(model, "model_name", None)
-    if arch is None:
-        raise CheckpointError("model has no model_name: build it with lgam.create_model(...)")
+    arch = _checked_arch(model, name, classes)
     name = name or arch
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise CheckpointError(f"checkpoint name {name!r} must be a plain file name")
-    n_classes = model.model_kwargs.get("num_classes")
-    if n_classes is not None and len(classes) != n_classes:
-        raise CheckpointError(f"{len(classes)} class names given for a model with {n_classes} classes")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = _storage_dict(model)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    meta = {"format": "pt", "arch": arch}
-    for old in directory.glob(f"{name}-*-of-*.safetensors"):  # stale parts of an earlier save
-        old.unlink()
-    if total + _HEADER_ALLOWANCE <= max_part_bytes:
-        files = [f"{name}.safetensors"]
-        atomic_write(directory / files[0], lambda tmp: save_file(tensors, tmp, metadata=meta))
-        index = None
-    else:
-        parts = _split(tensors, max_part_bytes - _HEADER_ALLOWANCE)
-        files = [f"{name}-{i:05d}-of-{len(parts):05d}.safetensors" for i in range(1, len(parts) + 1)]
-        for fname, part in zip(files, parts):
-            atomic_write(directory / fname, lambda tmp, part=part: save_file(part, tmp, metadata=meta))
-        index = f"{name}.safetensors.index.json"
-        weight_map = {k: fname for fname, part in zip(files, parts) for k in part}
-        atomic_write_json(directory / index,
-                          {"metadata": {"total_size": total, "arch": arch}, "weight_map": weight_map}, 1)
-        (directory / f"{name}.safetensors").unlink(missing_ok=True)
+    files, index = _write_weights(_storage_dict(model), directory, name, arch, max_part_bytes)
     hashed = files + ([index] if index else [])
     entry: dict[str, Any] = {
         "files": files,
@@ -180,6 +155,45 @@ def save_checkpoint(
     manifest["models"][name] = entry
     atomic_write_json(manifest_path, manifest)
     return entry
+
+
+def _checked_arch(model: nn.Module, name: str | None, classes: Sequence[str]) -> str:
+    """The model's registry name, after checking that ``model``, ``name`` and ``classes`` can be
+    saved together."""
+    arch = getattr(model, "model_name", None)
+    if arch is None:
+        raise CheckpointError("model has no model_name: build it with lgam.create_model(...)")
+    name = name or arch
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise CheckpointError(f"checkpoint name {name!r} must be a plain file name")
+    n_classes = model.model_kwargs.get("num_classes")
+    if n_classes is not None and len(classes) != n_classes:
+        raise CheckpointError(f"{len(classes)} class names given for a model with {n_classes} classes")
+    return arch
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, name: str, arch: str,
+                   max_part_bytes: int) -> tuple[list[str], str | None]:
+    """Write ``tensors`` as ``name.safetensors``, or as numbered parts with an index file when
+    they exceed ``max_part_bytes``; returns the weight files and the index (or ``None``)."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    meta = {"format": "pt", "arch": arch}
+    for old in directory.glob(f"{name}-*-of-*.safetensors"):  # stale parts of an earlier save
+        old.unlink()
+    if total + _HEADER_ALLOWANCE <= max_part_bytes:
+        files = [f"{name}.safetensors"]
+        atomic_write(directory / files[0], lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return files, None
+    parts = _split(tensors, max_part_bytes - _HEADER_ALLOWANCE)
+    files = [f"{name}-{i:05d}-of-{len(parts):05d}.safetensors" for i in range(1, len(parts) + 1)]
+    for fname, part in zip(files, parts):
+        atomic_write(directory / fname, lambda tmp, part=part: save_file(part, tmp, metadata=meta))
+    index = f"{name}.safetensors.index.json"
+    weight_map = {k: fname for fname, part in zip(files, parts) for k in part}
+    atomic_write_json(directory / index,
+                      {"metadata": {"total_size": total, "arch": arch}, "weight_map": weight_map}, 1)
+    (directory / f"{name}.safetensors").unlink(missing_ok=True)
+    return files, index
 
 
 def _permission_message(path: Path) -> str:

@@ -150,6 +150,12 @@ def test_update_metrics_and_bad_save_arguments(saved, tmp_path):
         save_checkpoint(model, tmp_path, classes=["a", "b", "c"])
     with pytest.raises(CheckpointError, match="lgam.create_model"):
         save_checkpoint(torch.nn.Linear(2, 2), tmp_path, classes=CLASSES)
+    before = sorted(tmp_path.iterdir())
+    for bad in ("../escape", "sub/name", "sub\\name", ".hidden"):
+        with pytest.raises(CheckpointError, match="must be a plain file name"):
+            save_checkpoint(model, tmp_path, bad, classes=CLASSES)
+    assert sorted(tmp_path.iterdir()) == before  # refused before anything was written
+    assert not list(tmp_path.parent.glob("escape*"))
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
