@@ -412,6 +412,90 @@ def setup_help(engine: CamEngine) -> str:
             "checkpoints/ folder, then start the app with `--checkpoints DIR`.")
 
 
+def _notices(engine: CamEngine) -> None:
+    """The page's head: what it is, the models' classes, and any model that did not load."""
+    gr.Markdown(INTRO)
+    if engine.classes:
+        gr.Markdown(classes_note(engine.classes), elem_id="classes")
+    if not engine.available:
+        gr.Markdown(f"> ⚠️ **No models loaded.** {setup_help(engine)}", elem_id="setup-message")
+    elif engine.unavailable:
+        gr.Markdown("> ⚠️ Unavailable: " + "; ".join(
+            f"**{engine.label(n)}** ({why})" for n, why in engine.unavailable.items()))
+
+
+def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
+              first: str | None) -> types.SimpleNamespace:
+    """The left column: the image (opening on ``first``), Compare, the view, the examples and
+    the settings."""
+    image = raw_image(value=first, sources=["upload", "webcam", "clipboard"], label="Image",
+                      elem_id="input-image")
+    run = gr.Button("Compare", variant="primary", elem_id="compare-button")
+    view = _quiet_checks(gr.Radio(
+        list(VIEWS), value=DEFAULT_VIEW, label="Show", elem_id="view",
+        info="Grad-CAM: where each model's evidence is; attention gates: where each "
+             "module itself attends"))
+    for label, paths in groups.items():  # a click fills `image`: its change runs
+        gr.Examples(examples=[[p] for p in paths], inputs=[image], cache_examples=False,
+                    label=label)
+    with gr.Accordion("Settings", open=False):
+        target = _quiet_checks(gr.Dropdown(
+            [OWN_TOP1] + list(engine.classes), value=OWN_TOP1, label="Target class",
+            elem_id="target"))
+        method = _quiet_checks(gr.Dropdown(
+            list(METHODS), value=DEFAULT_METHOD, label="CAM method",
+            info="gradcam: one forward pass; scorecam is slow on a CPU"))
+        stage = _quiet_checks(gr.Dropdown(list(STAGES), value=DEFAULT_STAGE, label="Gate stage"))
+        opacity = _quiet_checks(gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05,
+                                          label="Heatmap opacity"))
+        files = gr.File(file_count="multiple", type="filepath", label="More images (one row each)",
+                        file_types=["image"], elem_id="more-images")
+    return types.SimpleNamespace(image=image, run=run, view=view, target=target, method=method,
+                                 stage=stage, opacity=opacity, files=files)
+
+
+def _outputs(grid: str, top5: Any, info: str) -> types.SimpleNamespace:
+    """The right column, opening on the first example's results, and the API's hidden parts."""
+    grid_html = gr.HTML(grid, elem_id="results")
+    info_md = gr.Markdown(info, label=INFO_LABEL, elem_id="run-info")
+    with gr.Accordion("Top-5 per model", open=False):
+        top5_df = gr.Dataframe(top5, headers=TOP5_HEADERS, label=TOP5_LABEL, interactive=False,
+                               wrap=True)
+    with gr.Row():
+        fmt = _quiet_checks(gr.Radio(["png", "pdf"], value=DEFAULT_FORMAT, label="Figure format"))
+        export_btn = gr.Button("Export Figure 5")
+    figure_file = gr.File(label=FIGURE_LABEL, interactive=False)
+    # the API's /compare answers with the tiles as JSON; the page shows the HTML grid
+    tiles = gr.JSON(label=TILES_LABEL, visible=False)
+    # the API's own image, without the page's first example: a component's initial value would
+    # become the endpoints' default image
+    api_image = raw_image(label="Image", visible=False)
+    api_run, api_export = gr.Button(visible=False), gr.Button(visible=False)
+    return types.SimpleNamespace(grid=grid_html, info=info_md, top5=top5_df, fmt=fmt,
+                                 export_btn=export_btn, figure_file=figure_file, tiles=tiles,
+                                 api_image=api_image, api_run=api_run, api_export=api_export)
+
+
+def _wire(c: types.SimpleNamespace, out: types.SimpleNamespace, compare, page, export,
+          concurrency_limit: int) -> None:
+    """The page's events and the two API endpoints, all in one concurrency group: the page's
+    runs, the API and the export share the limit."""
+    inputs = [c.image, c.files, c.target, c.method, c.opacity, c.view, c.stage]
+    api_inputs = [out.api_image, *inputs[1:]]
+    queue = dict(concurrency_limit=concurrency_limit, concurrency_id="cam")
+    out.api_run.click(compare, api_inputs, [out.tiles, out.top5, out.info], api_name="compare",
+                      **queue,
+                      api_description="Input + Grad-CAM (or attention gate) of each model as "
+                                      "JPEG data URLs with their captions, the top-5 table and "
+                                      "the run info for an image (plus more images for a grid)")
+    for trigger in (c.run.click, c.image.change, c.files.change, c.view.change):
+        trigger(page, inputs, [out.grid, out.top5, out.info], api_visibility="private", **queue)
+    out.export_btn.click(export, inputs + [out.fmt], [out.figure_file], api_name="page_export",
+                         api_visibility="private", **queue)
+    out.api_export.click(export, api_inputs + [out.fmt], [out.figure_file], api_name="export",
+                         **queue, api_description="The comparison as a Figure-5 PNG or PDF file")
+
+
 INTRO = """# LGAM · Figure 5, live
 Drop in a photo: the input and the Grad-CAM of six ImageNet-20 ResNet18 variants —
 plain, SE, SGE, CBAM, BAM and LGAM — each captioned with the class it explains and its
@@ -460,76 +544,15 @@ def build_app(
                         **limits)
 
     with gr.Blocks(title="LGAM · Figure 5, live") as demo:
-        gr.Markdown(INTRO)
-        if engine.classes:
-            gr.Markdown(classes_note(engine.classes), elem_id="classes")
-        if not engine.available:
-            gr.Markdown(f"> ⚠️ **No models loaded.** {setup_help(engine)}",
-                        elem_id="setup-message")
-        elif engine.unavailable:
-            gr.Markdown("> ⚠️ Unavailable: " + "; ".join(
-                f"**{engine.label(n)}** ({why})" for n, why in engine.unavailable.items()))
+        _notices(engine)
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                image = raw_image(value=first if shown else None,
-                                  sources=["upload", "webcam", "clipboard"],
-                                  label="Image", elem_id="input-image")
-                run = gr.Button("Compare", variant="primary", elem_id="compare-button")
-                view = _quiet_checks(gr.Radio(
-                    list(VIEWS), value=DEFAULT_VIEW, label="Show", elem_id="view",
-                    info="Grad-CAM: where each model's evidence is; attention gates: where each "
-                         "module itself attends"))
-                for label, paths in groups.items():  # a click fills `image`: its change runs
-                    gr.Examples(examples=[[p] for p in paths], inputs=[image],
-                                cache_examples=False, label=label)
-                with gr.Accordion("Settings", open=False):
-                    target = _quiet_checks(gr.Dropdown(
-                        [OWN_TOP1] + list(engine.classes), value=OWN_TOP1, label="Target class",
-                        elem_id="target"))
-                    method = _quiet_checks(gr.Dropdown(
-                        list(METHODS), value=DEFAULT_METHOD, label="CAM method",
-                        info="gradcam: one forward pass; scorecam is slow on a CPU"))
-                    stage = _quiet_checks(gr.Dropdown(
-                        list(STAGES), value=DEFAULT_STAGE, label="Gate stage"))
-                    opacity = _quiet_checks(gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05,
-                                                      label="Heatmap opacity"))
-                    files = gr.File(file_count="multiple", type="filepath",
-                                    label="More images (one row each)", file_types=["image"],
-                                    elem_id="more-images")
+                c = _controls(engine, groups, first if shown else None)
             with gr.Column(scale=3):
-                grid = gr.HTML(first_grid, elem_id="results")
-                info = gr.Markdown(first_info, label=INFO_LABEL, elem_id="run-info")
-                with gr.Accordion("Top-5 per model", open=False):
-                    top5 = gr.Dataframe(first_top5, headers=TOP5_HEADERS, label=TOP5_LABEL,
-                                        interactive=False, wrap=True)
-                with gr.Row():
-                    fmt = _quiet_checks(gr.Radio(["png", "pdf"], value=DEFAULT_FORMAT,
-                                                 label="Figure format"))
-                    export_btn = gr.Button("Export Figure 5")
-                figure_file = gr.File(label=FIGURE_LABEL, interactive=False)
-                # the API's /compare answers with the tiles as JSON; the page shows the HTML grid
-                tiles = gr.JSON(label=TILES_LABEL, visible=False)
-                # the API's own image, without the page's first example: a component's initial
-                # value would become the endpoints' default image
-                api_image = raw_image(label="Image", visible=False)
-                api_run, api_export = gr.Button(visible=False), gr.Button(visible=False)
+                out = _outputs(first_grid, first_top5, first_info)
         gr.Markdown(f"**Models** (from the checkpoint manifest: training status, val error) · "
                     f"device `{engine.device}`")
         gr.Dataframe(value=model_rows(engine), headers=MODEL_HEADERS, interactive=False,
                      elem_id="model-table")
-
-        # one concurrency group: the page's runs, the API and the export share the limit
-        inputs = [image, files, target, method, opacity, view, stage]
-        api_inputs = [api_image, *inputs[1:]]
-        queue = dict(concurrency_limit=concurrency_limit, concurrency_id="cam")
-        api_run.click(compare, api_inputs, [tiles, top5, info], api_name="compare", **queue,
-                      api_description="Input + Grad-CAM (or attention gate) of each model as "
-                                      "JPEG data URLs with their captions, the top-5 table and "
-                                      "the run info for an image (plus more images for a grid)")
-        for trigger in (run.click, image.change, files.change, view.change):
-            trigger(page, inputs, [grid, top5, info], api_visibility="private", **queue)
-        export_btn.click(export, inputs + [fmt], [figure_file], api_name="page_export",
-                         api_visibility="private", **queue)
-        api_export.click(export, api_inputs + [fmt], [figure_file], api_name="export", **queue,
-                         api_description="The comparison as a Figure-5 PNG or PDF file")
+        _wire(c, out, compare, page, export, concurrency_limit)
     return demo
