@@ -15,7 +15,8 @@ The input size is chosen on the training images every run held out (the lowest m
 ``--checkpoints DIR`` makes that size the shipped checkpoints' ``input_size`` (the app's). Below
 the table, one row per run: its val and held-out errors at every size, its training minutes (the
 epochs' wall time in its ``log.jsonl``) and the commit it ran (its ``config.json``), so no number
-of a run is copied by hand.
+of a run is copied by hand. ``--schedule N`` adds the schedule test: the runs of another length,
+``RUNS/MODEL/seedK-Nep/`` (which the table leaves out), beside the table's runs of the same seeds.
 
     lgam table4 checkpoints/runs --out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints
 """
@@ -36,7 +37,7 @@ from .evaluate import PAPER_TOP1_ERR, SIZES, unpack_mask
 from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "read_runs", "choose_size", "SeedSummary", "summarise", "paired_difference",
-           "mcnemar", "format_table4", "format_runs", "seeds_label", "table4_figure", "ship_input_size",
+           "mcnemar", "format_table4", "format_runs", "format_schedule", "seed_dir_name", "seeds_label", "table4_figure", "ship_input_size",
            "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..10)
@@ -45,16 +46,34 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 Runs = dict[str, dict[int, dict[str, Any]]]  # model -> seed -> metrics
 
 
-def read_runs(folder: str | Path, models: Sequence[str] | None = None) -> Runs:
-    """``{model: {seed: metrics}}`` from ``FOLDER/MODEL/seedK/metrics.json``."""
+def seed_dir_name(seed: int, epochs: int | None = None) -> str:
+    """A run's folder under ``RUNS/MODEL/``: ``seedK``, or ``seedK-Nep`` for a run of another
+    schedule length (``epochs=N``), kept apart from the table's runs."""
+    return f"seed{seed}{_suffix(epochs)}"
+
+
+def _suffix(epochs: int | None) -> str:
+    return "" if epochs is None else f"-{epochs}ep"
+
+
+def _seed_of(dir_name: str, epochs: int | None) -> int | None:
+    suffix = _suffix(epochs)
+    k = dir_name[4:len(dir_name) - len(suffix)]
+    ok = dir_name.startswith("seed") and dir_name.endswith(suffix) and k.isdigit()
+    return int(k) if ok else None
+
+
+def read_runs(folder: str | Path, models: Sequence[str] | None = None, epochs: int | None = None) -> Runs:
+    """``{model: {seed: metrics}}`` from ``FOLDER/MODEL/seedK/metrics.json``, or with ``epochs``
+    from the other schedule's ``FOLDER/MODEL/seedK-{epochs}ep/`` (:func:`seed_dir_name`)."""
     runs: Runs = {}
     for path in sorted(Path(folder).glob("*/seed*/metrics.json")):
-        model, seed_dir = path.parent.parent.name, path.parent.name
-        if not seed_dir[4:].isdigit() or (models and model not in models):
+        model, seed = path.parent.parent.name, _seed_of(path.parent.name, epochs)
+        if seed is None or (models and model not in models):
             continue
-        runs.setdefault(model, {})[int(seed_dir[4:])] = json.loads(path.read_text())
+        runs.setdefault(model, {})[seed] = json.loads(path.read_text())
     if not runs:
-        raise UsageError(f"no MODEL/seedK/metrics.json under {folder} (lgam evaluate --runs writes them)")
+        raise UsageError(f"no MODEL/seedK{_suffix(epochs)}/metrics.json under {folder} (lgam evaluate --runs writes them)")
     order = list(models or FIGURE5_MODELS)
     return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
@@ -172,7 +191,7 @@ def _run_facts(run: Path) -> tuple[str, str]:
     return minutes, (config.get("git_commit") or DASH)[:7]
 
 
-def format_runs(runs: Runs, folder: str | Path) -> str:
+def format_runs(runs: Runs, folder: str | Path, epochs: int | None = None) -> str:
     """Markdown: one row per run (model, seed) with its val and held-out errors at every size in
     its metrics, its training minutes and its commit (:func:`_run_facts`)."""
     sizes = sorted({int(k.rsplit("_", 1)[1]) for seeds in runs.values() for m in seeds.values()
@@ -182,10 +201,55 @@ def format_runs(runs: Runs, folder: str | Path) -> str:
              "|---|---:|---|---|---:|---|"]
     for model, seeds in runs.items():
         for seed, m in sorted(seeds.items()):
-            minutes, commit = _run_facts(Path(folder) / model / f"seed{seed}")
+            minutes, commit = _run_facts(Path(folder) / model / seed_dir_name(seed, epochs))
             lines.append(f"| {model} | {seed} | {_errors(m, 'val', sizes)} | {_errors(m, 'holdout', sizes)} "
                          f"| {minutes} | {commit} |")
     return "\n".join(lines)
+
+
+def format_schedule(runs: Runs, longer: Runs, size: int, epochs: tuple[Any, Any],
+                    base: str = "resnet18") -> str:
+    """Markdown: the schedule test. One row per run of the longer schedule (``longer``) beside
+    the table's run of the same model and seed (``runs``): both val errors at ``size``, the
+    change, and each one's difference to ``base`` on that seed; a mean row per model over the
+    seeds it has. ``epochs``: the two schedules' lengths, for the headers."""
+    key = f"val_top1_err_{size}"
+    n0, n1 = epochs
+    head = ["model", "seed", f"{n0} epochs (%)", f"{n1} epochs (%)", "change (pt)",
+            f"vs {base}, {n0} epochs (pt)", f"vs {base}, {n1} epochs (pt)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * 5]
+    for model, seeds in longer.items():
+        cols = [[] for _ in range(5)]
+        for seed, m in sorted(seeds.items()):
+            short = runs.get(model, {}).get(seed, {}).get(key)
+            values = [short, m[key], _minus(m[key], short),
+                      None if model == base else _minus(short, runs.get(base, {}).get(seed, {}).get(key)),
+                      None if model == base else _minus(m[key], longer.get(base, {}).get(seed, {}).get(key))]
+            for col, v in zip(cols, values):
+                col.append(v)
+            lines.append(f"| {model} | {seed} | " + " | ".join(
+                format_or_dash(v, "+.2f" if i >= 2 else ".2f") for i, v in enumerate(values)) + " |")
+        if len(seeds) > 1:
+            means = [None if None in c else statistics.fmean(c) for c in cols]
+            lines.append(f"| {model} | mean | " + " | ".join(
+                format_or_dash(v, "+.2f" if i >= 2 else ".2f") for i, v in enumerate(means)) + " |")
+    return "\n".join(lines)
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def recipe_epochs(folder: str | Path, runs: Runs, epochs: int | None = None) -> int | str:
+    """The runs' schedule length from their ``config.json`` recipes, or a dash if unknown or mixed."""
+    from .runstate import CONFIG
+
+    found = set()
+    for model, seeds in runs.items():
+        for seed in seeds:
+            config = Path(folder) / model / seed_dir_name(seed, epochs) / CONFIG
+            found.add(json.loads(config.read_text())["recipe"].get("epochs") if config.exists() else None)
+    return found.pop() if len(found) == 1 and None not in found else DASH
 
 
 def seeds_label(counts: Iterable[int]) -> str:
@@ -227,6 +291,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="input size (default: chosen on the held-out training images)")
     p.add_argument("--base", default="resnet18", help="the model the differences are taken to")
     p.add_argument("--shipped-seed", type=int, default=0, help="the seed of the shipped checkpoints")
+    p.add_argument("--schedule", type=int, metavar="EPOCHS",
+                   help="also compare the runs of another schedule length, RUNS/MODEL/seedK-{EPOCHS}ep "
+                        "(scripts/fair_runs.py --epochs EPOCHS), with the table's runs of the same seeds")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     p.add_argument("--figure", type=Path, help="write the error-bar plot here (PNG/PDF/SVG)")
     p.add_argument("--checkpoints", type=Path, metavar="DIR",
@@ -249,6 +316,14 @@ def main(args: argparse.Namespace) -> int:
     lines.append(format_table4(runs, size, args.base, args.shipped_seed))
     lines.append("\nEvery run (train minutes: wall time on the machine it ran on, pauses included):\n")
     lines.append(format_runs(runs, args.runs))
+    if args.schedule:
+        longer = read_runs(args.runs, epochs=args.schedule)
+        lines.append(f"\nSchedule test: {args.schedule} epochs against the table's runs of the same seeds "
+                     f"(val, {size} px):\n")
+        lines.append(format_schedule(runs, longer, size, (recipe_epochs(args.runs, runs), args.schedule),
+                                     args.base))
+        lines.append(f"\nEvery {args.schedule}-epoch run:\n")
+        lines.append(format_runs(longer, args.runs, args.schedule))
     text = "\n".join(lines)
     print(text)
     if args.out:

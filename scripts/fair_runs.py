@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lgam.table4 import seed_dir_name
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["resnet18", "resnet18_lgam", "resnet18_se", "resnet18_cbam", "resnet18_sge", "resnet18_bam"]
 SEEDS = [0, 1, 2]
@@ -30,8 +32,10 @@ SHIPPED_SEED = 0  # fixed before any result: the shipped checkpoint is every mod
 HOLDOUT = 50  # training images per class kept out of every run (lgam.data.split_holdout)
 
 
-def record_dir(model: str, seed: int) -> Path:
-    return ROOT / "checkpoints" / "runs" / model / f"seed{seed}"
+def record_dir(model: str, seed: int, epochs: int | None = None) -> Path:
+    """Where a run's records are committed: ``seedK``, or ``seedK-Nep`` for another schedule length
+    (``lgam table4 --schedule N`` reads those)."""
+    return ROOT / "checkpoints" / "runs" / model / seed_dir_name(seed, epochs)
 
 
 def run(cmd: list[str]) -> None:
@@ -50,7 +54,7 @@ def one(model: str, seed: int, data: str, runs: Path, epochs: int | None, extra:
         cmd += ["--checkpoints-dir", str(ROOT / "checkpoints")]
     run(cmd)
     run([sys.executable, "-m", "lgam", "evaluate", "--runs", str(out / model), "--data", data])
-    dest = record_dir(model, seed) if not epochs else record_dir(model, seed).with_name(f"seed{seed}-{epochs}ep")
+    dest = record_dir(model, seed, epochs)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "log.jsonl", "metrics.json"):
         shutil.copyfile(out / model / name, dest / name)
@@ -70,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     for seed in args.seeds:
         for model in args.models:
-            dest = record_dir(model, seed)
-            if args.epochs:
-                dest = dest.with_name(f"seed{seed}-{args.epochs}ep")
-            if (dest / "metrics.json").exists():
+            if (record_dir(model, seed, args.epochs) / "metrics.json").exists():
                 continue
             if args.max_runs is not None and done >= args.max_runs:
                 return 0

@@ -11,14 +11,14 @@ import torch
 from lgam.cli import main
 from lgam.errors import UsageError
 from lgam.evaluate import pack_mask
-from lgam.table4 import (choose_size, format_runs, mcnemar, paired_difference, read_runs, seeds_label,
-                         summarise)
+from lgam.table4 import (choose_size, format_runs, format_schedule, mcnemar, paired_difference, read_runs,
+                         seed_dir_name, seeds_label, summarise)
 
 N_VAL = 40
 
 
-def _write(root, model, seed, errors, holdout, wrong):
-    d = root / model / f"seed{seed}"
+def _write(root, model, seed, errors, holdout, wrong, epochs=None):
+    d = root / model / seed_dir_name(seed, epochs)
     d.mkdir(parents=True)
     metrics = {"model": model, "seed": seed, "val_images": N_VAL, "holdout_images": 20}
     for size, e in errors.items():
@@ -125,3 +125,50 @@ def test_every_run_is_listed_with_its_minutes_and_commit(runs):
     assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 3 | 0123456 |" in lines  # 2 x 90 s
     assert "| resnet18_se | 2 | 23.50 / 21.50 | 31.00 / 26.00 | — | — |" in lines  # no log, no config
     assert len(lines) == 2 + 6
+
+
+def _forty_epochs(runs):
+    """Plain and SE on the 40-epoch schedule, seeds 0 and 1, beside the fixture's 20-epoch runs."""
+    wrong = [False] * N_VAL
+    for seed, (p, s) in enumerate([(19.0, 18.0), (21.5, 20.0)]):
+        _write(runs, "resnet18", seed, {128: p + 1, 160: p}, {128: 30.0, 160: 25.0}, wrong, epochs=40)
+        _write(runs, "resnet18_se", seed, {128: s + 1, 160: s}, {128: 31.0, 160: 26.0}, wrong, epochs=40)
+    return runs
+
+
+def test_schedule_runs_are_kept_apart_and_compared_seed_by_seed(runs):
+    _forty_epochs(runs)
+    assert {m: sorted(s) for m, s in read_runs(runs).items()} == {"resnet18": [0, 1, 2], "resnet18_se": [0, 1, 2]}
+    assert summarise(read_runs(runs), 160)["resnet18"].mean == pytest.approx(21.0)  # the 40-epoch runs stay out
+    longer = read_runs(runs, epochs=40)
+    assert {m: sorted(s) for m, s in longer.items()} == {"resnet18": [0, 1], "resnet18_se": [0, 1]}
+    lines = format_schedule(read_runs(runs), longer, 160, (20, 40)).splitlines()
+    assert lines[0] == ("| model | seed | 20 epochs (%) | 40 epochs (%) | change (pt) | vs resnet18, 20 epochs (pt) "
+                        "| vs resnet18, 40 epochs (pt) |")
+    assert lines[2:] == [
+        "| resnet18 | 0 | 20.00 | 19.00 | -1.00 | — | — |",
+        "| resnet18 | 1 | 22.00 | 21.50 | -0.50 | — | — |",
+        "| resnet18 | mean | 21.00 | 20.25 | -0.75 | — | — |",
+        "| resnet18_se | 0 | 19.00 | 18.00 | -1.00 | -1.00 | -1.00 |",
+        "| resnet18_se | 1 | 20.50 | 20.00 | -0.50 | -1.50 | -1.50 |",
+        "| resnet18_se | mean | 19.75 | 19.00 | -0.75 | -1.25 | -1.25 |",
+    ]
+    with pytest.raises(UsageError, match=r"MODEL/seedK-80ep/metrics.json"):
+        read_runs(runs, epochs=80)
+
+
+def test_cli_schedule_section_names_both_lengths_from_the_recipes(runs, capsys):
+    _forty_epochs(runs)
+    for d in runs.glob("*/seed*/"):
+        (d / "config.json").write_text(json.dumps({"recipe": {"epochs": 40 if d.name.endswith("-40ep") else 20},
+                                                   "git_commit": "abcdef0123"}))
+    assert main(["table4", str(runs), "--size", "160", "--schedule", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "Schedule test: 40 epochs against the table's runs of the same seeds (val, 160 px)" in out
+    assert "| model | seed | 20 epochs (%) | 40 epochs (%) |" in out
+    assert "| resnet18_se | mean | 19.75 | 19.00 | -0.75 | -1.25 | -1.25 |" in out
+    every = out.split("Every 40-epoch run:")[1]
+    assert "| resnet18_se | 1 | 21.00 / 20.00 | 31.00 / 26.00 | — | abcdef0 |" in every
+    # no 80-epoch runs: a usage error naming what is missing
+    assert main(["table4", str(runs), "--size", "160", "--schedule", "80"]) != 0
+    assert "seedK-80ep" in capsys.readouterr().err
