@@ -16,6 +16,12 @@ resized to the model's input size, as in evaluation), from one forward pass per 
   wherever the channel sum ``S <= 0``, eq (6)); ``open`` / ``closed``: at or above 0.99 / at or
   below 0.01 (saturated, :data:`SATURATED`).
 
+Below the gates, every model's residual branches (plain ResNet18's too, as the reference), per
+block in forward order (:func:`branch_statistics`): the RMS of the branch a block adds against the
+RMS of its identity path, and its attention module's output RMS against its input's. A branch far
+above its identity makes the block less of a residual one; a module whose output is many times its
+input amplifies what the convolutions feed it (LGAM's ladder, eq (4), multiplies by at least 1).
+
     lgam gates --checkpoints checkpoints --data ../shared/data/imagenet20 --limit 500
 """
 from __future__ import annotations
@@ -28,13 +34,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._format import DASH, format_or_dash
 from .attention import capture_gates, stage_of
 from .checkpoints import load_checkpoint, load_manifest
 from .data import DecodedSplit, load_split, resize_normalize
 from .models import FIGURE5_MODELS
+from .models.branch_init import residual_bns
 
-__all__ = ["GATE_KINDS", "DEAD_STD", "SATURATED", "gate_statistics", "format_gate_table", "configure_parser",
-           "main"]
+__all__ = ["GATE_KINDS", "DEAD_STD", "SATURATED", "BRANCH_RMS", "gate_statistics", "format_gate_table",
+           "branch_statistics", "format_branch_table", "configure_parser", "main"]
 
 #: the gates reported, in the table's order
 GATE_KINDS = ("channel", "spatial", "groups")
@@ -42,6 +50,8 @@ GATE_KINDS = ("channel", "spatial", "groups")
 SATURATED = 0.99
 #: a gate unit whose std across images is below this is "dead" (a constant)
 DEAD_STD = 0.01
+#: what :func:`branch_statistics` measures per residual block, as RMS over all values
+BRANCH_RMS = ("identity", "attention_in", "attention_out", "branch")
 
 
 class _Moments:
@@ -120,29 +130,94 @@ def format_gate_table(stats: dict[str, dict[int, dict[str, dict[str, float]]]], 
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def branch_statistics(model: nn.Module, split: DecodedSplit, size: int, mean: Sequence[float],
+                      std: Sequence[float], batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """``{block: {"identity", "attention_in", "attention_out", "branch"}}`` (:data:`BRANCH_RMS`)
+    for every residual block that names its branch's last BN (``residual_bn``), in forward order,
+    over ``split``'s images: the RMS of the identity path (after its downsample), of the attention
+    module's input (that BN's output) and output, and of the branch the block adds (the module's
+    output, times SkipInit's gain if the block has one); all four are ``(B, C, H, W)`` of one
+    shape. ``{}`` for a model without such blocks (pre-activation blocks, e.g. WRN's)."""
+    model.eval()
+    sums: dict[str, Tensor] = {}  # block -> sums of squares of BRANCH_RMS, then the value count
+    names = {m: n for n, m in model.named_modules()}
+    handles = [h for block, _ in residual_bns(model) for h in _branch_hooks(names[block], block, sums)]
+    try:
+        for i in range(0, len(split), batch_size):
+            model(resize_normalize(split.images[i:i + batch_size], size, mean, std))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: dict(zip(BRANCH_RMS, (s[:-1] / s[-1]).sqrt().tolist())) for name, s in sums.items()}
+
+
+def _branch_hooks(name: str, block: nn.Module, sums: dict[str, Tensor]) -> list[Any]:
+    """Forward hooks adding one block's sums of squares to ``sums[name]``."""
+    def add(i: int, t: Tensor) -> None:
+        s = sums.setdefault(name, torch.zeros(len(BRANCH_RMS) + 1, dtype=torch.float64))
+        s[i] += t.double().square().sum()
+        if i == 0:
+            s[-1] += t.numel()
+
+    def attention(_m: nn.Module, args: tuple, out: Tensor) -> None:
+        add(1, args[0])
+        add(2, out)
+        gain = getattr(block, "skip_gain", None)
+        add(3, out if gain is None else out * gain)
+
+    if block.downsample is None:
+        identity = block.register_forward_pre_hook(lambda _m, args: add(0, args[0]))
+    else:
+        identity = block.downsample.register_forward_hook(lambda _m, _args, out: add(0, out))
+    return [identity, block.attention.register_forward_hook(attention)]
+
+
+def format_branch_table(stats: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: one row per model, two ratios per block in forward order."""
+    blocks = next((list(b) for b in stats.values() if b), [])
+    lines = [f"Blocks in forward order: {', '.join(blocks) or '—'}.\n",
+             "| model | branch / identity RMS per block | attention module out / in RMS per block |",
+             "|---|---|---|"]
+    for name, per_block in stats.items():
+        lines.append(f"| {name} | {_ratios(per_block, 'branch', 'identity')} "
+                     f"| {_ratios(per_block, 'attention_out', 'attention_in')} |")
+    return "\n".join(lines)
+
+
+def _ratios(per_block: dict[str, dict[str, float]], num: str, den: str) -> str:
+    return " / ".join(format_or_dash(b[num] / b[den] if b[den] else None, ".2f")
+                      for b in per_block.values()) or DASH
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoints", default="checkpoints", help="folder with manifest.json")
     p.add_argument("--data", required=True, help="val data (as lgam evaluate --data)")
     p.add_argument("--models", nargs="+", metavar="NAME",
-                   help="models (default: the attention models of Figure 5 in the manifest)")
+                   help="models (default: the models of Figure 5 in the manifest; plain ResNet18 in "
+                        "the branch table only)")
     p.add_argument("--limit", type=int, default=500, help="val images, spread over the classes")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
+    p.add_argument("--out", type=Path, help="also write the Markdown tables to this file")
 
 
 def main(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.checkpoints)["models"]
-    names = args.models or [n for n in FIGURE5_MODELS if n in manifest and n != "resnet18"]
+    names = args.models or [n for n in FIGURE5_MODELS if n in manifest]
     split = load_split(args.data, "val", limit=args.limit)
-    stats: dict[str, Any] = {}
+    gates: dict[str, Any] = {}
+    branches: dict[str, Any] = {}
     for name in names:
         model, entry = load_checkpoint(args.checkpoints, name)
-        stats[name] = gate_statistics(model, split, int(entry["input_size"]), entry["mean"],
-                                      entry["std"], args.batch_size)
-    table = format_gate_table(stats, len(split))
-    print(table)
+        view = (split, int(entry["input_size"]), entry["mean"], entry["std"], args.batch_size)
+        if args.models or name != "resnet18":  # plain has no gates: only its branches, the reference
+            gates[name] = gate_statistics(model, *view)
+        branches[name] = branch_statistics(model, *view)
+    text = (format_gate_table(gates, len(split)) + "\n\nResidual branches (same images):\n\n"
+            + format_branch_table(branches))
+    print(text)
     if args.out:
-        args.out.write_text(table + "\n")
+        args.out.write_text(text + "\n")
     return 0
 
 

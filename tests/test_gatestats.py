@@ -10,7 +10,7 @@ from _helpers import synthetic_image
 from lgam.attention import attention_gates
 from lgam.cli import main as lgam_main
 from lgam.data import IMAGENET_MEAN, IMAGENET_STD, DecodedSplit, resize_normalize
-from lgam.gatestats import gate_statistics
+from lgam.gatestats import branch_statistics, format_branch_table, gate_statistics
 
 
 def _split(n: int = 6, size: int = 48) -> DecodedSplit:
@@ -100,3 +100,52 @@ def test_cli_table(app_checkpoints, tmp_path, capsys):
     table = out.read_text()
     assert "| resnet18_lgam | 4 | spatial | 2 |" in table and "| resnet18_se | 4 | channel | 2 |" in table
     assert "Val images: 4" in capsys.readouterr().out
+    branches = table.split("Residual branches")[1]
+    assert "layer1.0, layer1.1, layer2.0" in branches
+    assert [line.split(" | ")[0] for line in branches.splitlines() if line.startswith("| resnet18")] == [
+        "| resnet18_lgam", "| resnet18_se"]
+    assert all(len(line.split(" | ")[1].split(" / ")) == 8 for line in branches.splitlines()
+               if line.startswith("| resnet18"))  # one ratio per block
+    # by default plain ResNet18 is the branches' reference, and has no gate rows
+    assert lgam_main(["gates", "--checkpoints", str(app_checkpoints), "--data", str(tmp_path),
+                      "--limit", "4", "--out", str(out)]) == 0
+    gates, branches = out.read_text().split("Residual branches")
+    assert "| resnet18 |" not in gates and "| resnet18 | " in branches and "| resnet18_bam | " in branches
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.double().square().mean().sqrt())
+
+
+def test_branch_rms_is_what_each_block_adds_and_its_identity():
+    """Against a forward written out by hand, over uneven batches (6 images, batches of 4)."""
+    model, split = _model("resnet18_se"), _split(6)
+    stats = branch_statistics(model, split, 32, IMAGENET_MEAN, IMAGENET_STD, batch_size=4)
+    assert list(stats) == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    with torch.no_grad():
+        x = resize_normalize(split.images, 32, IMAGENET_MEAN, IMAGENET_STD)
+        stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        y1 = model.layer1(stem)
+        block = model.layer2[0]
+        bn_out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(y1)))))
+        expected = {"identity": _rms(block.downsample(y1)), "attention_in": _rms(bn_out),
+                    "attention_out": _rms(block.attention(bn_out)), "branch": _rms(block.attention(bn_out))}
+    assert stats["layer2.0"] == pytest.approx(expected, rel=1e-5)
+    assert stats["layer1.0"]["identity"] == pytest.approx(_rms(stem), rel=1e-5)  # no downsample
+    assert stats["layer1.0"]["attention_out"] < stats["layer1.0"]["attention_in"]  # SE's gates are < 1
+
+
+def test_branch_includes_skipinit_gain_and_preactivation_blocks_have_none():
+    model = lgam.create_model("resnet18_se", num_classes=3, skip_init=True).eval()
+    split = _split(2)
+    stats = branch_statistics(model, split, 32, IMAGENET_MEAN, IMAGENET_STD)
+    assert all(b["branch"] == 0 and b["attention_out"] > 0 for b in stats.values())  # the gain starts at 0
+    with torch.no_grad():
+        model.layer3[1].skip_gain.fill_(-0.5)
+    b = branch_statistics(model, split, 32, IMAGENET_MEAN, IMAGENET_STD)["layer3.1"]
+    assert b["branch"] == pytest.approx(0.5 * b["attention_out"])
+    assert branch_statistics(lgam.create_model("wrn16_10", num_classes=3).eval(), split, 32,
+                             IMAGENET_MEAN, IMAGENET_STD) == {}
+    table = format_branch_table({"resnet18_se": stats, "wrn16_10": {}})
+    assert "| wrn16_10 | — | — |" in table
+    assert "| resnet18_se | 0.00 / 0.00" in table
