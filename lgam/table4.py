@@ -181,14 +181,17 @@ def _errors(metrics: dict[str, Any], split: str, sizes: Sequence[int]) -> str:
 
 
 def _run_facts(run: Path) -> tuple[str, str]:
-    """``(train minutes, short commit)`` of the run in folder ``run`` from its log.jsonl and
-    config.json; a dash where a file is missing."""
+    """``(train minutes, short commits)`` of the run in folder ``run`` from its log.jsonl and
+    config.json: a resumed run names the commit of each session that trained it, in order
+    (``earlier_sessions``, then its last); a dash where a file is missing."""
     from .runstate import CONFIG, read_log
     from .train import summary_metrics
 
     minutes = format_or_dash(summary_metrics(read_log(run)).get("train_wall_min"), ".0f")
     config = json.loads((run / CONFIG).read_text()) if (run / CONFIG).exists() else {}
-    return minutes, (config.get("git_commit") or DASH)[:7]
+    sessions = [*config.get("earlier_sessions", []), config]
+    commits = [c[:7] for c in dict.fromkeys(s.get("git_commit") for s in sessions) if c]
+    return minutes, " → ".join(commits) or DASH
 
 
 def format_runs(runs: Runs, folder: str | Path, epochs: int | None = None) -> str:

@@ -125,6 +125,11 @@ def test_every_run_is_listed_with_its_minutes_and_commit(runs):
     assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 3 | 0123456 |" in lines  # 2 x 90 s
     assert "| resnet18_se | 2 | 23.50 / 21.50 | 31.00 / 26.00 | — | — |" in lines  # no log, no config
     assert len(lines) == 2 + 6
+    # a run resumed over sessions names each session's commit, in order
+    (d / "config.json").write_text(json.dumps({"git_commit": "fedcba9876", "earlier_sessions": [
+        {"git_commit": "0123456789abcdef", "resumed_from_epoch": 0}]}))
+    assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 3 | 0123456 → fedcba9 |" in format_runs(
+        read_runs(runs), runs).splitlines()
 
 
 def _forty_epochs(runs):
