@@ -11,7 +11,9 @@ unless ``checkpoints/runs/MODEL/seedK/metrics.json`` exists:
 2. ``lgam evaluate --runs``: val and held-out errors at 128/160/192/224 px, val misses;
 3. copies ``config.json``, ``log.jsonl`` and ``metrics.json`` to ``checkpoints/runs/MODEL/seedK/``.
 
-Nothing is committed: the session commits each finished run.
+Nothing is committed: the session commits each finished run. ``--epochs N`` is the schedule test:
+the recipe stretched to N epochs (:func:`schedule_args`), its records in ``seedK-Nep`` folders
+and its run states in ``RUNS-Nep``.
 
     setsid nohup python scripts/fair_runs.py --data ../shared/data/imagenet20 > ~/.cache/lgam-runs/fair.log 2>&1 &
 """
@@ -23,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lgam.recipes import RECIPES
 from lgam.table4 import seed_dir_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +33,19 @@ MODELS = ["resnet18", "resnet18_lgam", "resnet18_se", "resnet18_cbam", "resnet18
 SEEDS = [0, 1, 2]
 SHIPPED_SEED = 0  # fixed before any result: the shipped checkpoint is every model's seed-0 run
 HOLDOUT = 50  # training images per class kept out of every run (lgam.data.split_holdout)
+RECIPE = "cpu"
+
+
+def schedule_args(epochs: int | None) -> list[str]:
+    """``lgam train`` arguments for another schedule length: the recipe stretched as a whole, its
+    epochs and the epochs held at full size scaled together, so every train size gets the same
+    share of the run (``cpu`` at 40 epochs: 96 / 112 / 128 px for 8 / 16 / 16 epochs, twice the
+    20-epoch run's 4 / 8 / 8); the warm-up stays one epoch."""
+    if not epochs:
+        return []
+    base = RECIPES[RECIPE]
+    hold = round(base.size_hold_epochs * epochs / base.epochs)
+    return ["--epochs", str(epochs), "--set", f"size_hold_epochs={hold}"]
 
 
 def record_dir(model: str, seed: int, epochs: int | None = None) -> Path:
@@ -45,11 +61,9 @@ def run(cmd: list[str]) -> None:
 
 def one(model: str, seed: int, data: str, runs: Path, epochs: int | None, extra: list[str]) -> None:
     out = runs / f"seed{seed}"
-    cmd = [sys.executable, "-m", "lgam", "train", "--model", model, "--data", data, "--recipe", "cpu",
+    cmd = [sys.executable, "-m", "lgam", "train", "--model", model, "--data", data, "--recipe", RECIPE,
            "--seed", str(seed), "--holdout", str(HOLDOUT), "--val-size", "160", "--val-every", "4",
-           "--out", str(out), "--resume", "--no-progress", *extra]
-    if epochs:
-        cmd += ["--epochs", str(epochs)]
+           "--out", str(out), "--resume", "--no-progress", *schedule_args(epochs), *extra]
     if seed == SHIPPED_SEED and not epochs:
         cmd += ["--checkpoints-dir", str(ROOT / "checkpoints")]
     run(cmd)
@@ -68,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run states (outside the work tree)")
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
-    p.add_argument("--epochs", type=int, help="another schedule length (the schedule test: 40)")
+    p.add_argument("--epochs", type=int, help="another schedule length, the recipe stretched to it "
+                                              "(the schedule test: 40)")
     p.add_argument("--max-runs", type=int, help="stop after this many runs")
     args, extra = p.parse_known_args(argv)
     done = 0

@@ -1,0 +1,63 @@
+"""``scripts/fair_runs.py``: which runs it starts, in which order, where their records go, and the
+stretched recipe of the schedule test."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lgam.recipes import make_recipe, train_size_at
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def fair(tmp_path, monkeypatch):
+    """The script as a module, its records under ``tmp_path`` and its runs recorded, not trained."""
+    spec = importlib.util.spec_from_file_location("fair_runs", REPO / "scripts" / "fair_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    module.started = []
+    monkeypatch.setattr(module, "one", lambda model, seed, data, runs, epochs, extra:
+                        module.started.append((model, seed, runs.name, epochs)))
+    return module
+
+
+def _finished(fair, model: str, seed: int, epochs: int | None = None) -> None:
+    d = fair.record_dir(model, seed, epochs)
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text("{}")
+
+
+def test_runs_every_seed_of_every_model_once_seed_by_seed(fair):
+    _finished(fair, "resnet18", 0)
+    assert fair.main(["--data", "d", "--models", "resnet18", "resnet18_lgam", "--seeds", "0", "1"]) == 0
+    assert fair.started == [("resnet18_lgam", 0, "fair", None), ("resnet18", 1, "fair", None),
+                            ("resnet18_lgam", 1, "fair", None)]
+    fair.started.clear()
+    assert fair.main(["--data", "d", "--seeds", "1", "2", "--max-runs", "2"]) == 0
+    assert fair.started == [("resnet18", 1, "fair", None), ("resnet18_lgam", 1, "fair", None)]
+
+
+def test_schedule_runs_have_their_own_records_and_run_states(fair):
+    _finished(fair, "resnet18", 0)  # a 20-epoch run: not the 40-epoch one
+    _finished(fair, "resnet18_lgam", 0, 40)
+    assert fair.main(["--data", "d", "--epochs", "40", "--models", "resnet18", "resnet18_lgam",
+                      "--seeds", "0"]) == 0
+    assert fair.started == [("resnet18", 0, "fair-40ep", 40)]
+    assert fair.record_dir("resnet18", 1, 40).name == "seed1-40ep"
+    assert fair.record_dir("resnet18", 1).name == "seed1"
+
+
+def test_schedule_test_stretches_the_whole_recipe(fair):
+    """Twice the epochs: every train size for twice as many epochs, in the same order."""
+    assert fair.schedule_args(None) == []
+    args = fair.schedule_args(40)
+    assert args[:2] == ["--epochs", "40"] and args[2] == "--set"
+    short = make_recipe(fair.RECIPE)
+    long = make_recipe(fair.RECIPE, [args[3]], epochs=40)
+    sizes = [train_size_at(short, e) for e in range(short.epochs)]
+    assert sorted(set(sizes)) == [96, 112, 128]
+    assert [train_size_at(long, e) for e in range(40)] == [s for s in sizes for _ in range(2)]
