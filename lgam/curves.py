@@ -5,6 +5,7 @@ Reads ``RUNS/MODEL/log.jsonl`` for every model folder under each ``RUNS`` (a tra
 checkpoints folder's ``runs/``); PNG, PDF or SVG by the output's suffix.
 
     lgam curves checkpoints/runs --seed 0 --out docs/val_curves.png
+    lgam curves checkpoints/runs --seed 0 1 2 --out curves.png   # mean over seeds, each seed thin
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 from ._fileio import FIGURE_FORMATS, save_figure
 from .errors import UsageError
 
-__all__ = ["read_logs", "curves_figure", "configure_parser", "main"]
+__all__ = ["read_logs", "read_seed_logs", "curves_figure", "configure_parser", "main"]
 
 
 def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None, seed: int | None = None
@@ -48,6 +49,21 @@ def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
             Path(f).glob("*/seed*/log.jsonl") for f in folders) else ""
         raise UsageError(f"no {pattern} under {[str(f) for f in folders]}{hint}")
     return logs
+
+
+def read_seed_logs(folders: Sequence[str | Path], seeds: Sequence[int], models: Sequence[str] | None = None
+                   ) -> dict[str, list[list[dict[str, Any]]]]:
+    """``{model: [records of each seed]}`` from ``FOLDER/MODEL/seedK/log.jsonl`` for every seed in
+    ``seeds`` (:func:`read_logs` per seed). Every model needs every seed: a model that lacks one
+    is a :class:`~lgam.errors.UsageError` naming it, not a mean over fewer seeds."""
+    per_seed = {k: read_logs(folders, models, k) for k in seeds}
+    found = list(dict.fromkeys(m for logs in per_seed.values() for m in logs))
+    missing = {m: [k for k, logs in per_seed.items() if m not in logs] for m in found}
+    missing = {m: ks for m, ks in missing.items() if ks}
+    if missing:
+        raise UsageError("no log for " + "; ".join(f"{m} seed {', '.join(map(str, ks))}" for m, ks in missing.items())
+                         + ": pass --models with the models that have every seed, or fewer seeds")
+    return {m: [per_seed[k][m] for k in seeds] for m in found}
 
 
 def spread(values: Sequence[float], gap: float) -> list[float]:
@@ -84,22 +100,28 @@ def _label_ends(ax, ends: list[tuple[float, float, str]]) -> None:
                     arrowprops=dict(arrowstyle="-", color=colour, lw=0.5, shrinkA=0, shrinkB=1))
 
 
-def curves_figure(logs: dict[str, list[dict[str, Any]]], title: str | None = None):
+def curves_figure(logs: dict[str, list[dict[str, Any]]] | dict[str, list[list[dict[str, Any]]]],
+                  title: str | None = None):
     """A matplotlib ``Figure``: validation top-1 error (left) and training loss (right) per epoch,
-    one line per model; the last validation error is written at each line's end."""
+    one line per model; the last validation error is written at each line's end.
+
+    ``logs``: ``{model: records}`` (one run each, :func:`read_logs`), or ``{model: [records, ...]}``
+    (several seeds each, :func:`read_seed_logs`): then each seed is a thin line and the model's
+    line is the mean over its seeds at the epochs they all have."""
     from matplotlib.figure import Figure
 
+    by_model = {name: _as_runs(runs) for name, runs in logs.items()}
     fig = Figure(figsize=(10, 4), layout="constrained")
     err_ax, loss_ax = fig.subplots(1, 2)
-    ends = []  # (epoch, error, colour, name) of each validation curve's last point
-    for name, records in logs.items():
-        scored = [r for r in records if r.get("val_top1_err") is not None]
-        line, = err_ax.plot([r["epoch"] for r in scored], [r["val_top1_err"] for r in scored],
-                            marker="o", markersize=3, label=name)
+    ends = []  # (epoch, error, colour) of each validation curve's last point
+    for name, runs in by_model.items():
+        label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)"
+        colour = _plot_mean(err_ax, runs, "val_top1_err", label, marker="o", markersize=3)
+        _plot_mean(loss_ax, runs, "loss", label, color=colour)
+        scored = _mean_over_runs(runs, "val_top1_err")
         if scored:
-            ends.append((scored[-1]["epoch"], scored[-1]["val_top1_err"], line.get_color()))
-        loss_ax.plot([r["epoch"] for r in records], [r["loss"] for r in records], label=name)
-    sizes = {r.get("val_size") for rs in logs.values() for r in rs if r.get("val_size")}
+            ends.append((scored[-1][0], scored[-1][1], colour))
+    sizes = {r.get("val_size") for runs in by_model.values() for run in runs for r in run if r.get("val_size")}
     size = f" at {sizes.pop()} px" if len(sizes) == 1 else ""
     err_ax.set(xlabel="epoch", ylabel=f"val top-1 error (%){size}", ylim=(0, None))
     _label_ends(err_ax, ends)
@@ -112,18 +134,49 @@ def curves_figure(logs: dict[str, list[dict[str, Any]]], title: str | None = Non
     return fig
 
 
+def _as_runs(runs: list) -> list[list[dict[str, Any]]]:
+    """One model's logs as a list of runs: a single run's records become a list of one."""
+    return runs if runs and isinstance(runs[0], list) else [runs]
+
+
+def _mean_over_runs(runs: list[list[dict[str, Any]]], key: str) -> list[tuple[int, float]]:
+    """``(epoch, mean of key)`` at the epochs where every run has ``key``, in order."""
+    per_run = [{r["epoch"]: r[key] for r in run if r.get(key) is not None} for run in runs]
+    epochs = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+    return [(e, sum(d[e] for d in per_run) / len(per_run)) for e in epochs]
+
+
+def _plot_mean(ax, runs: list[list[dict[str, Any]]], key: str, label: str, **style) -> str:
+    """The mean over ``runs`` as a line (each run thin behind it when there are several); its colour."""
+    points = _mean_over_runs(runs, key)
+    line, = ax.plot([e for e, _ in points], [v for _, v in points], label=label, **style)
+    if len(runs) > 1:
+        for run in runs:
+            kept = [r for r in run if r.get(key) is not None]
+            ax.plot([r["epoch"] for r in kept], [r[key] for r in kept], color=line.get_color(),
+                    linewidth=0.7, alpha=0.35)
+    return line.get_color()
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="folders holding MODEL/log.jsonl (e.g. checkpoints/runs)")
     p.add_argument("--models", nargs="+", help="models to plot, in this order (default: all found)")
     p.add_argument("--out", type=Path, required=True, help=f"output file ({', '.join(FIGURE_FORMATS)})")
     p.add_argument("--title", help="figure title")
-    p.add_argument("--seed", type=int, help="read MODEL/seedK/log.jsonl (checkpoints/runs keeps every seed)")
+    p.add_argument("--seed", type=int, nargs="+", metavar="K",
+                   help="read MODEL/seedK/log.jsonl (checkpoints/runs keeps every seed); several seeds: each "
+                        "model's mean over them, each seed a thin line")
 
 
 def main(args: argparse.Namespace) -> int:
-    logs = read_logs(args.runs, args.models, args.seed)
+    seeds = args.seed or [None]
+    if len(seeds) == 1:
+        logs = read_logs(args.runs, args.models, seeds[0])
+    else:
+        logs = read_seed_logs(args.runs, seeds, args.models)
     save_figure(curves_figure(logs, args.title), args.out)
-    print(f"wrote {args.out} ({len(logs)} models)")
+    over = f", seeds {' '.join(map(str, args.seed))}" if args.seed else ""
+    print(f"wrote {args.out} ({len(logs)} models{over})")
     return 0
 
 

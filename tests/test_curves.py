@@ -4,7 +4,7 @@ import json
 from PIL import Image
 
 from lgam.cli import main
-from lgam.curves import curves_figure, read_logs
+from lgam.curves import curves_figure, read_logs, read_seed_logs
 
 
 def _runs(tmp_path):
@@ -70,3 +70,49 @@ def test_reads_one_seed_of_runs_kept_per_seed(tmp_path):
     assert list(logs) == ["resnet18", "resnet18_se"] and len(logs["resnet18"]) == 6
     with pytest.raises(UsageError, match="--seed K"):
         read_logs([tmp_path / "runs"])
+
+
+def _seeded(tmp_path, seeds=(0, 1), models=("resnet18", "resnet18_se")):
+    """``runs/MODEL/seedK/log.jsonl``; seed k's val errors and losses are seed 0's plus k."""
+    flat = _runs(tmp_path / "flat")
+    for model in models:
+        base = [json.loads(line) for line in (flat / model / "log.jsonl").read_text().splitlines()]
+        for k in seeds:
+            records = [{**r, "loss": r["loss"] + k,
+                        "val_top1_err": None if r["val_top1_err"] is None else r["val_top1_err"] + k}
+                       for r in base]
+            d = tmp_path / "runs" / model / f"seed{k}"
+            d.mkdir(parents=True)
+            (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path / "runs"
+
+
+def test_several_seeds_draw_each_model_s_mean_and_each_seed(tmp_path, capsys):
+    import pytest
+
+    runs = _seeded(tmp_path)
+    logs = read_seed_logs([runs], [0, 1])
+    assert list(logs) == ["resnet18", "resnet18_se"] and [len(r) for r in logs.values()] == [2, 2]
+    err_ax, loss_ax = curves_figure(logs).axes
+    means = [line for line in err_ax.lines if line.get_label().endswith("(mean of 2 seeds)")]
+    assert [m.get_label() for m in means] == ["resnet18 (mean of 2 seeds)", "resnet18_se (mean of 2 seeds)"]
+    assert len(err_ax.lines) == 2 * 3 and len(loss_ax.lines) == 2 * 3  # a mean and two seeds each
+    assert list(means[1].get_ydata()) == pytest.approx([28.0 + 40 / e + 0.5 for e in (2, 4, 6)])
+    assert [t.get_text() for t in err_ax.texts] == ["37.2", "35.2"]  # the means at epoch 6: 30 (28) + 40/6 + 0.5
+    out = tmp_path / "c.png"
+    assert main(["curves", str(runs), "--seed", "0", "1", "--out", str(out)]) == 0
+    assert "2 models, seeds 0 1" in capsys.readouterr().out and out.stat().st_size > 1000
+
+
+def test_a_model_without_every_seed_is_named_not_averaged_over_fewer(tmp_path, capsys):
+    import pytest
+
+    from lgam.errors import UsageError
+
+    runs = _seeded(tmp_path)
+    (runs / "resnet18_se" / "seed1" / "log.jsonl").unlink()
+    with pytest.raises(UsageError, match="resnet18_se seed 1: pass --models"):
+        read_seed_logs([runs], [0, 1])
+    assert list(read_seed_logs([runs], [0, 1], ["resnet18"])) == ["resnet18"]
+    assert main(["curves", str(runs), "--seed", "0", "1", "--out", str(tmp_path / "c.png")]) == 2
+    assert "resnet18_se seed 1" in capsys.readouterr().err
