@@ -160,7 +160,10 @@ def _branch_hooks(name: str, block: nn.Module, sums: dict[str, Tensor]) -> list[
         if i == 0:
             s[-1] += t.numel()
 
-    def attention(_m: nn.Module, args: tuple, out: Tensor) -> None:
+    def attention(module: nn.Module, args: tuple) -> None:
+        # the module on its own (forward bypasses the hooks): one that fuses the residual (LGAM)
+        # returns the block's output ReLU(A'' + identity) from the call the block makes
+        out = module.forward(args[0])
         add(1, args[0])
         add(2, out)
         gain = getattr(block, "skip_gain", None)
@@ -170,7 +173,7 @@ def _branch_hooks(name: str, block: nn.Module, sums: dict[str, Tensor]) -> list[
         identity = block.register_forward_pre_hook(lambda _m, args: add(0, args[0]))
     else:
         identity = block.downsample.register_forward_hook(lambda _m, _args, out: add(0, out))
-    return [identity, block.attention.register_forward_hook(attention)]
+    return [identity, block.attention.register_forward_pre_hook(attention)]
 
 
 def format_branch_table(stats: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -8,6 +8,7 @@ import torch
 import lgam
 from _helpers import synthetic_image
 from lgam.attention import attention_gates
+from lgam.attention.lgam import lgam_reference
 from lgam.cli import main as lgam_main
 from lgam.data import IMAGENET_MEAN, IMAGENET_STD, DecodedSplit, resize_normalize
 from lgam.gatestats import branch_statistics, format_branch_table, gate_statistics
@@ -133,6 +134,21 @@ def test_branch_rms_is_what_each_block_adds_and_its_identity():
     assert stats["layer2.0"] == pytest.approx(expected, rel=1e-5)
     assert stats["layer1.0"]["identity"] == pytest.approx(_rms(stem), rel=1e-5)  # no downsample
     assert stats["layer1.0"]["attention_out"] < stats["layer1.0"]["attention_in"]  # SE's gates are < 1
+
+
+def test_lgam_branch_is_its_output_not_the_block_output_it_fuses():
+    """LGAM fuses the residual: the block calls it with the identity and gets ReLU(A'' + identity).
+    The branch is A'' alone, eqs (1)-(7) on the BN output."""
+    model, split = _model("resnet18_lgam"), _split(4)
+    stats = branch_statistics(model, split, 32, IMAGENET_MEAN, IMAGENET_STD)
+    with torch.no_grad():
+        x = resize_normalize(split.images, 32, IMAGENET_MEAN, IMAGENET_STD)
+        stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        block = model.layer1[0]
+        bn_out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(stem)))))
+        a2 = lgam_reference(block.attention, bn_out)
+    assert stats["layer1.0"]["branch"] == pytest.approx(_rms(a2), rel=1e-4)
+    assert stats["layer1.0"]["branch"] != pytest.approx(_rms(torch.relu(a2 + stem)), rel=1e-2)
 
 
 def test_branch_includes_skipinit_gain_and_preactivation_blocks_have_none():
