@@ -114,7 +114,7 @@ def train(
     for epoch in range(start, last):
         # -- one pass over the data for every model that has not done this epoch --
         active = [t for t in trainees if t.epoch == epoch]
-        t0 = time.perf_counter()
+        t0 = time.perf_counter(), time.process_time()
         lr, train_size = _train_epoch(run, active, epoch, progress)
         generators = generator_states(run.shuffle_gen, run.aug_gen)
 
@@ -432,8 +432,11 @@ def _train_step(run: _Run, tr: _Trainee, x: Tensor, y: Tensor, lr: float) -> Non
 
 
 def _epoch_record(run: _Run, tr: _Trainee, epoch: int, lr: float, train_size: int, evaluate: bool,
-                  t0: float) -> dict[str, Any]:
-    """``tr``'s log line for ``epoch``: loss and speed over all ranks, validation error if ``evaluate``."""
+                  t0: tuple[float, float]) -> dict[str, Any]:
+    """``tr``'s log line for ``epoch``: loss and speed over all ranks, validation error if ``evaluate``;
+    ``t0``: the wall clock and this process's CPU time at the epoch's start. The CPU seconds (all
+    of this process's threads) do not count time the process was stopped or waiting for the
+    cores, so they compare runs that the wall time, with pauses in it, cannot."""
     loss_sum, = _all_reduce([float(tr.loss_sum)])
     seconds, = _all_reduce([tr.watch.seconds()], op="max")
     return {
@@ -441,7 +444,8 @@ def _epoch_record(run: _Run, tr: _Trainee, epoch: int, lr: float, train_size: in
         "train_img_per_s": run.steps * run.recipe.batch_size / seconds,
         "val_top1_err": _top1_err(run, tr.model) if evaluate else None,
         "val_size": run.val_size if evaluate else None,
-        "time": time.perf_counter() - t0,
+        "time": time.perf_counter() - t0[0],
+        "cpu_time": time.process_time() - t0[1],
     }
 
 
@@ -502,12 +506,15 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     """Checkpoint metrics from a model's log: ``train_img_per_s`` (mean over the epochs after the
     first, which includes warm-up and compilation), ``train_wall_min`` (the epochs' wall time,
-    in-training validation included) and the last ``val_top1_err_<size>``."""
+    in-training validation included), ``train_cpu_min`` (their CPU time, pauses excluded; only
+    when every epoch logged it) and the last ``val_top1_err_<size>``."""
     speeds = [r["train_img_per_s"] for r in records]
     metrics: dict[str, float] = {}
     if speeds:
         metrics["train_img_per_s"] = float(np.mean(speeds[1:] if len(speeds) > 1 else speeds))
         metrics["train_wall_min"] = float(sum(r["time"] for r in records) / 60)
+    if records and all("cpu_time" in r for r in records):
+        metrics["train_cpu_min"] = float(sum(r["cpu_time"] for r in records) / 60)
     scored = [r for r in records if r.get("val_top1_err") is not None]
     if scored:
         metrics[f"val_top1_err_{scored[-1]['val_size']}"] = scored[-1]["val_top1_err"]

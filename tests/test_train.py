@@ -148,8 +148,24 @@ def test_cpu_fast_path(tiny_data, tmp_path, monkeypatch, capsys, native):
         assert len(config["git_commit"]) == 40 and isinstance(config["git_dirty"], bool)
     log = _log(out / "resnet18")
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert all(0 < r["cpu_time"] for r in log)  # CPU seconds beside the wall time
     notes = capsys.readouterr().err.count("training in float32")
     assert notes == (0 if native else 1)
+
+
+def test_summary_minutes_wall_and_cpu():
+    """Wall minutes count pauses, CPU minutes do not; a log from before ``cpu_time`` has none."""
+    from lgam.train import summary_metrics
+
+    records = [{"epoch": 1, "train_img_per_s": 50.0, "time": 600.0, "cpu_time": 240.0,
+                "val_top1_err": None},  # stopped for 8 minutes: 10 wall, 4 CPU minutes
+               {"epoch": 2, "train_img_per_s": 100.0, "time": 120.0, "cpu_time": 240.0,
+                "val_top1_err": 30.0, "val_size": 160}]
+    m = summary_metrics(records)
+    assert m == {"train_img_per_s": 100.0, "train_wall_min": 12.0, "train_cpu_min": 8.0,
+                 "val_top1_err_160": 30.0}
+    del records[0]["cpu_time"]
+    assert "train_cpu_min" not in summary_metrics(records)
 
 
 def test_lr_schedules():
@@ -207,7 +223,7 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert _train(tiny_data, split, *args, "--resume") == 0
 
     def strip(log: list[dict]) -> list[dict]:
-        return [{k: v for k, v in r.items() if k not in ("time", "train_img_per_s")} for r in log]
+        return [{k: v for k, v in r.items() if k not in ("time", "cpu_time", "train_img_per_s")} for r in log]
 
     for name in ("resnet18", "resnet18_lgam"):
         a, b = _weights(straight / name), _weights(split / name)
