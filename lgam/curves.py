@@ -100,28 +100,30 @@ def _label_ends(ax, ends: list[tuple[float, float, str]]) -> None:
                     arrowprops=dict(arrowstyle="-", color=colour, lw=0.5, shrinkA=0, shrinkB=1))
 
 
-def curves_figure(logs: dict[str, list[dict[str, Any]]] | dict[str, list[list[dict[str, Any]]]],
-                  title: str | None = None):
+def curves_figure(logs: dict[str, list[list[dict[str, Any]]]], title: str | None = None):
     """A matplotlib ``Figure``: validation top-1 error (left) and training loss (right) per epoch,
     one line per model; the last validation error is written at each line's end.
 
-    ``logs``: ``{model: records}`` (one run each, :func:`read_logs`), or ``{model: [records, ...]}``
-    (several seeds each, :func:`read_seed_logs`): then each seed is a thin line and the model's
-    line is the mean over its seeds at the epochs they all have."""
+    ``logs``: ``{model: [records of each run]}`` (:func:`read_seed_logs`; one run:
+    ``{model: [records]}`` from :func:`read_logs`). With several runs each is a thin line and the
+    model's line is the mean over them at the epochs they all have."""
     from matplotlib.figure import Figure
 
-    by_model = {name: _as_runs(runs) for name, runs in logs.items()}
+    bad = [name for name, runs in logs.items() if not runs or not all(isinstance(run, list) for run in runs)]
+    if bad:
+        raise TypeError(f"curves_figure takes {{model: [records of each run]}}; not so for {bad} "
+                        "(one run's records: wrap them in a list)")
     fig = Figure(figsize=(10, 4), layout="constrained")
     err_ax, loss_ax = fig.subplots(1, 2)
     ends = []  # (epoch, error, colour) of each validation curve's last point
-    for name, runs in by_model.items():
+    for name, runs in logs.items():
         label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)"
         colour = _plot_mean(err_ax, runs, "val_top1_err", label, marker="o", markersize=3)
         _plot_mean(loss_ax, runs, "loss", label, color=colour)
         scored = _mean_over_runs(runs, "val_top1_err")
         if scored:
             ends.append((scored[-1][0], scored[-1][1], colour))
-    sizes = {r.get("val_size") for runs in by_model.values() for run in runs for r in run if r.get("val_size")}
+    sizes = {r.get("val_size") for runs in logs.values() for run in runs for r in run if r.get("val_size")}
     size = f" at {sizes.pop()} px" if len(sizes) == 1 else ""
     err_ax.set(xlabel="epoch", ylabel=f"val top-1 error (%){size}", ylim=(0, None))
     _label_ends(err_ax, ends)
@@ -132,11 +134,6 @@ def curves_figure(logs: dict[str, list[dict[str, Any]]] | dict[str, list[list[di
     if title:
         fig.suptitle(title)
     return fig
-
-
-def _as_runs(runs: list) -> list[list[dict[str, Any]]]:
-    """One model's logs as a list of runs: a single run's records become a list of one."""
-    return runs if runs and isinstance(runs[0], list) else [runs]
 
 
 def _mean_over_runs(runs: list[list[dict[str, Any]]], key: str) -> list[tuple[int, float]]:
@@ -171,7 +168,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     seeds = args.seed or [None]
     if len(seeds) == 1:
-        logs = read_logs(args.runs, args.models, seeds[0])
+        logs = {m: [records] for m, records in read_logs(args.runs, args.models, seeds[0]).items()}
     else:
         logs = read_seed_logs(args.runs, seeds, args.models)
     save_figure(curves_figure(logs, args.title), args.out)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ._format import DASH, format_or_dash
-from .attention import capture_gates, stage_of
+from .attention import capture_gates, fuses_residual, stage_of
 from .checkpoints import load_checkpoint, load_manifest
 from .data import DecodedSplit, load_split, resize_normalize
 from .models import FIGURE5_MODELS
@@ -160,20 +160,24 @@ def _branch_hooks(name: str, block: nn.Module, sums: dict[str, Tensor]) -> list[
         if i == 0:
             s[-1] += t.numel()
 
-    def attention(module: nn.Module, args: tuple) -> None:
-        # the module on its own (forward bypasses the hooks): one that fuses the residual (LGAM)
-        # returns the block's output ReLU(A'' + identity) from the call the block makes
-        out = module.forward(args[0])
-        add(1, args[0])
+    def module_io(x: Tensor, out: Tensor) -> None:
+        add(1, x)
         add(2, out)
         gain = getattr(block, "skip_gain", None)
         add(3, out if gain is None else out * gain)
 
+    if fuses_residual(block.attention):
+        # its forward returns the block's output ReLU(A'' + identity): run it again on its own
+        # (a direct .forward call bypasses the hooks) for the branch A''
+        attention = block.attention.register_forward_pre_hook(
+            lambda m, args: module_io(args[0], m.forward(args[0])))
+    else:
+        attention = block.attention.register_forward_hook(lambda _m, args, out: module_io(args[0], out))
     if block.downsample is None:
         identity = block.register_forward_pre_hook(lambda _m, args: add(0, args[0]))
     else:
         identity = block.downsample.register_forward_hook(lambda _m, _args, out: add(0, out))
-    return [identity, block.attention.register_forward_pre_hook(attention)]
+    return [identity, attention]
 
 
 def format_branch_table(stats: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -22,11 +22,19 @@ def test_reads_logs_in_the_asked_order(tmp_path):
     assert list(read_logs([runs])) == ["resnet18", "resnet18_se"]
     logs = read_logs([runs], ["resnet18_se", "resnet18"])
     assert list(logs) == ["resnet18_se", "resnet18"] and len(logs["resnet18"]) == 6
-    fig = curves_figure(logs)
+    fig = curves_figure({m: [records] for m, records in logs.items()})
     err_ax, loss_ax = fig.axes
     assert [len(line.get_xdata()) for line in err_ax.lines] == [3, 3]  # validated epochs only
     assert [len(line.get_xdata()) for line in loss_ax.lines] == [6, 6]
     assert "160 px" in err_ax.get_ylabel()
+
+
+def test_figure_refuses_one_run_not_wrapped_in_a_list(tmp_path):
+    import pytest
+
+    logs = read_logs([_runs(tmp_path)])
+    with pytest.raises(TypeError, match=r"not so for \['resnet18', 'resnet18_se'\].*wrap them in a list"):
+        curves_figure(logs)
 
 
 def test_cli_writes_a_png_and_explains_errors(tmp_path, capsys):

@@ -118,22 +118,28 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.double().square().mean().sqrt())
 
 
-def test_branch_rms_is_what_each_block_adds_and_its_identity():
-    """Against a forward written out by hand, over uneven batches (6 images, batches of 4)."""
-    model, split = _model("resnet18_se"), _split(6)
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_se", "resnet18_sge", "resnet18_cbam", "resnet18_bam"])
+def test_branch_rms_is_what_each_block_adds_and_its_identity(name):
+    """Against a forward written out by hand, over uneven batches (6 images, batches of 4), for
+    every module that leaves the residual sum to its block (its hook reads the block's own call)."""
+    model, split = _model(name), _split(6)
     stats = branch_statistics(model, split, 32, IMAGENET_MEAN, IMAGENET_STD, batch_size=4)
     assert list(stats) == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    block, inputs = model.layer2[0], []
+    hook = block.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))  # after BAM's, if any
     with torch.no_grad():
         x = resize_normalize(split.images, 32, IMAGENET_MEAN, IMAGENET_STD)
         stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-        y1 = model.layer1(stem)
-        block = model.layer2[0]
+        model(x)
+        hook.remove()
+        y1 = inputs[0]
         bn_out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(y1)))))
         expected = {"identity": _rms(block.downsample(y1)), "attention_in": _rms(bn_out),
                     "attention_out": _rms(block.attention(bn_out)), "branch": _rms(block.attention(bn_out))}
     assert stats["layer2.0"] == pytest.approx(expected, rel=1e-5)
     assert stats["layer1.0"]["identity"] == pytest.approx(_rms(stem), rel=1e-5)  # no downsample
-    assert stats["layer1.0"]["attention_out"] < stats["layer1.0"]["attention_in"]  # SE's gates are < 1
+    if name == "resnet18_se":
+        assert stats["layer1.0"]["attention_out"] < stats["layer1.0"]["attention_in"]  # its gates are < 1
 
 
 def test_lgam_branch_is_its_output_not_the_block_output_it_fuses():
