@@ -1,8 +1,10 @@
-"""docs/results.md's table of fair-recipe runs says what the runs' own records say.
+"""docs/results.md's table of fair-recipe runs and docs/results/table4.md say what the runs' own
+records say.
 
-Its numbers are copied from ``lgam table4``'s output by hand, one run at a time as the runs come
-in; this test reads each row against ``checkpoints/runs/MODEL/seedK/metrics.json`` and fails on a
-mistyped number, a row left out or a row for a run that is not there."""
+results.md's rows are copied from ``lgam table4``'s output by hand, one run at a time as the runs
+come in; each is read against ``checkpoints/runs/MODEL/seedK/metrics.json``, so a mistyped number,
+a row left out or a row for a run that is not there fails. table4.md is ``lgam table4``'s own
+output: it must be regenerated with every run committed."""
 from __future__ import annotations
 
 import json
@@ -56,3 +58,15 @@ def test_row_reader_reads_the_bold_size_and_stops_at_the_table_end():
             "| resnet18 | 2 | 1.00 / 2.00 / 3.00 / 4.00 | 5.00 / 6.00 / 7.00 / 8.00 | 1 |\n")
     assert _rows(text) == {("resnet18", 0): (["23.59", "21.68", "22.75", "28.69"], ["23.60", "21.40", "22.50", "29.40"]),
                            ("resnet18_se", 1): (["1.00", "2.00", "3.00", "4.00"], ["5.00", "6.00", "7.00", "8.00"])}
+
+
+def test_table4_doc_is_what_lgam_table4_writes_from_the_runs(tmp_path):
+    """docs/results/table4.md is regenerated after each run; a run committed without it fails."""
+    from lgam.cli import main
+
+    if not _runs():
+        pytest.skip(f"no runs under {RUNS}")
+    out = tmp_path / "table4.md"
+    assert main(["table4", str(RUNS), "--out", str(out)]) == 0
+    assert out.read_text() == (ROOT / "docs" / "results" / "table4.md").read_text(), (
+        "regenerate: lgam table4 checkpoints/runs --out docs/results/table4.md --figure docs/table4.png")
