@@ -13,8 +13,8 @@ Reads ``RUNS/MODEL/seedK/metrics.json`` (``lgam evaluate --runs``, copied by
 The input size is chosen on the training images every run held out (the lowest mean
 ``holdout_top1_err`` over all runs), never on val. ``--figure`` draws the means with std bars;
 ``--checkpoints DIR`` makes that size the shipped checkpoints' ``input_size`` (the app's). Below
-the table, one row per run: its val and held-out errors at every size, its training minutes (the
-epochs' wall time in its ``log.jsonl``) and the commit it ran (its ``config.json``), so no number
+the table, one row per run: its val and held-out errors at every size, its last epoch's train
+loss and its training minutes (wall and CPU time, from its ``log.jsonl``) and the commit it ran (its ``config.json``), so no number
 of a run is copied by hand. ``--schedule N`` adds the schedule test: the runs of another length,
 ``RUNS/MODEL/seedK-Nep/`` (which the table leaves out), beside the table's runs of the same seeds.
 
@@ -180,34 +180,38 @@ def _errors(metrics: dict[str, Any], split: str, sizes: Sequence[int]) -> str:
     return " / ".join(format_or_dash(metrics.get(f"{split}_top1_err_{z}"), ".2f") for z in sizes)
 
 
-def _run_facts(run: Path) -> tuple[str, str, str]:
-    """``(train wall minutes, train CPU minutes, short commits)`` of the run in folder ``run`` from
-    its log.jsonl and config.json: a resumed run names the commit of each session that trained
-    it, in order (``earlier_sessions``, then its last); a dash where a file or field is missing."""
+def _run_facts(run: Path) -> tuple[str, str, str, str]:
+    """``(last epoch's train loss, train wall minutes, train CPU minutes, short commits)`` of the
+    run in folder ``run`` from its log.jsonl and config.json: a resumed run names the commit of
+    each session that trained it, in order (``earlier_sessions``, then its last); a dash where a
+    file or field is missing."""
     from .runstate import CONFIG, read_log
     from .train import summary_metrics
 
-    summary = summary_metrics(read_log(run))
+    records = read_log(run)
+    summary = summary_metrics(records)
     config = json.loads((run / CONFIG).read_text()) if (run / CONFIG).exists() else {}
     sessions = [*config.get("earlier_sessions", []), config]
     commits = [c[:7] for c in dict.fromkeys(s.get("git_commit") for s in sessions) if c]
-    return (format_or_dash(summary.get("train_wall_min"), ".0f"),
+    return (format_or_dash(records[-1]["loss"] if records else None, ".3f"),
+            format_or_dash(summary.get("train_wall_min"), ".0f"),
             format_or_dash(summary.get("train_cpu_min"), ".0f"), " → ".join(commits) or DASH)
 
 
 def format_runs(runs: Runs, folder: str | Path, epochs: int | None = None) -> str:
     """Markdown: one row per run (model, seed) with its val and held-out errors at every size in
-    its metrics, its training minutes (wall and CPU) and its commits (:func:`_run_facts`)."""
+    its metrics, its last epoch's train loss, its training minutes (wall and CPU) and its commits
+    (:func:`_run_facts`)."""
     sizes = sorted({int(k.rsplit("_", 1)[1]) for seeds in runs.values() for m in seeds.values()
                     for k in m if k.startswith("val_top1_err_")})
     px = " / ".join(map(str, sizes))
-    lines = [f"| model | seed | val {px} px (%) | held-out {px} px (%) | train min (log) | CPU min (log) | commit |",
-             "|---|---:|---|---|---:|---:|---|"]
+    lines = [f"| model | seed | val {px} px (%) | held-out {px} px (%) | train loss, last epoch "
+             "| train min (log) | CPU min (log) | commit |", "|---|---:|---|---|---:|---:|---:|---|"]
     for model, seeds in runs.items():
         for seed, m in sorted(seeds.items()):
-            wall, cpu, commit = _run_facts(Path(folder) / model / seed_dir_name(seed, epochs))
-            lines.append(f"| {model} | {seed} | {_errors(m, 'val', sizes)} | {_errors(m, 'holdout', sizes)} "
-                         f"| {wall} | {cpu} | {commit} |")
+            facts = _run_facts(Path(folder) / model / seed_dir_name(seed, epochs))
+            lines.append(f"| {model} | {seed} | {_errors(m, 'val', sizes)} | {_errors(m, 'holdout', sizes)} | "
+                         + " | ".join(facts) + " |")
     return "\n".join(lines)
 
 
@@ -318,7 +322,8 @@ def main(args: argparse.Namespace) -> int:
                      f"{sum(map(len, runs.values()))} runs: "
                      + ", ".join(f"{s} px {e:.2f}%" for s, e in sorted(means.items())) + ").\n")
     lines.append(format_table4(runs, size, args.base, args.shipped_seed))
-    lines.append("\nEvery run (train minutes: wall time on the machine it ran on, pauses included; CPU "
+    lines.append("\nEvery run (train loss: the mean over the last epoch's augmented batches; train minutes: "
+                 "wall time on the machine it ran on, pauses included; CPU "
                  "minutes: the process's CPU time over all its threads, pauses excluded, logged since "
                  "2026-12-06):\n")
     lines.append(format_runs(runs, args.runs))

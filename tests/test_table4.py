@@ -117,19 +117,19 @@ def test_figure_label_says_how_many_seeds_its_points_are():
 
 def test_every_run_is_listed_with_its_minutes_and_commit(runs):
     d = runs / "resnet18" / "seed1"
-    (d / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1.0, "time": 90.0, "cpu_time": 150.0,
+    (d / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1.5 - e / 4, "time": 90.0, "cpu_time": 150.0,
                                                      "train_img_per_s": 9.0}) + "\n" for e in (1, 2)))
     (d / "config.json").write_text(json.dumps({"git_commit": "0123456789abcdef"}))
     lines = format_runs(read_runs(runs), runs).splitlines()
-    assert lines[0] == ("| model | seed | val 128 / 160 px (%) | held-out 128 / 160 px (%) | train min (log) "
-                        "| CPU min (log) | commit |")
-    assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 3 | 5 | 0123456 |" in lines  # 2 x 90 s, 2 x 150 s
-    assert "| resnet18_se | 2 | 23.50 / 21.50 | 31.00 / 26.00 | — | — | — |" in lines  # no log, no config
+    assert lines[0] == ("| model | seed | val 128 / 160 px (%) | held-out 128 / 160 px (%) | train loss, last epoch "
+                        "| train min (log) | CPU min (log) | commit |")
+    assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 1.000 | 3 | 5 | 0123456 |" in lines  # 2 x 90 s, 2 x 150 s
+    assert "| resnet18_se | 2 | 23.50 / 21.50 | 31.00 / 26.00 | — | — | — | — |" in lines  # no log, no config
     assert len(lines) == 2 + 6
     # a run resumed over sessions names each session's commit, in order
     (d / "config.json").write_text(json.dumps({"git_commit": "fedcba9876", "earlier_sessions": [
         {"git_commit": "0123456789abcdef", "resumed_from_epoch": 0}]}))
-    assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 3 | 5 | 0123456 → fedcba9 |" in format_runs(
+    assert "| resnet18 | 1 | 24.00 / 22.00 | 30.00 / 25.00 | 1.000 | 3 | 5 | 0123456 → fedcba9 |" in format_runs(
         read_runs(runs), runs).splitlines()
 
 
@@ -174,7 +174,7 @@ def test_cli_schedule_section_names_both_lengths_from_the_recipes(runs, capsys):
     assert "| model | seed | 20 epochs (%) | 40 epochs (%) |" in out
     assert "| resnet18_se | mean | 19.75 | 19.00 | -0.75 | -1.25 | -1.25 |" in out
     every = out.split("Every 40-epoch run:")[1]
-    assert "| resnet18_se | 1 | 21.00 / 20.00 | 31.00 / 26.00 | — | — | abcdef0 |" in every
+    assert "| resnet18_se | 1 | 21.00 / 20.00 | 31.00 / 26.00 | — | — | — | abcdef0 |" in every
     # no 80-epoch runs: a usage error naming what is missing
     assert main(["table4", str(runs), "--size", "160", "--schedule", "80"]) != 0
     assert "seedK-80ep" in capsys.readouterr().err
