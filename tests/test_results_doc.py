@@ -1,10 +1,10 @@
-"""docs/results.md's table of fair-recipe runs and docs/results/table4.md say what the runs' own
-records say.
+"""docs/results.md's table of fair-recipe runs, docs/results/table4.md and the README's Table 4
+say what the runs' own records say.
 
 results.md's rows are copied from ``lgam table4``'s output by hand, one run at a time as the runs
 come in; each is read against ``checkpoints/runs/MODEL/seedK/metrics.json``, so a mistyped number,
 a row left out or a row for a run that is not there fails. table4.md is ``lgam table4``'s own
-output: it must be regenerated with every run committed."""
+output: it must be regenerated with every run committed, and its summary pasted into the README."""
 from __future__ import annotations
 
 import json
@@ -70,3 +70,18 @@ def test_table4_doc_is_what_lgam_table4_writes_from_the_runs(tmp_path):
     assert main(["table4", str(RUNS), "--out", str(out)]) == 0
     assert out.read_text() == (ROOT / "docs" / "results" / "table4.md").read_text(), (
         "regenerate: lgam table4 checkpoints/runs --out docs/results/table4.md --figure docs/table4.png")
+
+
+def _summary_table(text: str) -> list[str]:
+    """The lines of the first Markdown table whose header starts ``| model | paper Table 4``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model | paper Table 4"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_readme_table4_is_table4_docs_summary():
+    """The README shows lgam table4's summary as it is: paste it again with every run committed."""
+    readme = _summary_table((ROOT / "README.md").read_text())
+    assert readme == _summary_table((ROOT / "docs" / "results" / "table4.md").read_text())
+    assert len(readme) == 2 + 6  # header, rule, the six models
