@@ -15,7 +15,7 @@ from lgam.gatestats import branch_statistics, format_branch_table, gate_statisti
 
 
 def _split(n: int = 6, size: int = 48) -> DecodedSplit:
-    imgs = torch.stack([torch.from_numpy(np.asarray(synthetic_image(i, (size, size)))).permute(2, 0, 1)
+    imgs = torch.stack([torch.from_numpy(np.array(synthetic_image(i, (size, size)))).permute(2, 0, 1)
                         for i in range(n)])
     return DecodedSplit(imgs, torch.zeros(n, dtype=torch.long), ["a"], ["a"])
 
