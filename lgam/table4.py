@@ -15,8 +15,9 @@ The input size is chosen on the training images every run held out (the lowest m
 ``--checkpoints DIR`` makes that size the shipped checkpoints' ``input_size`` (the app's). Below
 the table, one row per run: its val and held-out errors at every size, its last epoch's train
 loss, its training minutes (wall and CPU time, from its ``log.jsonl``) and the commit it ran (its
-``config.json``), so no number of a run is copied by hand. ``--schedule N`` adds the schedule test: the runs of another length,
-``RUNS/MODEL/seedK-Nep/`` (which the table leaves out), beside the table's runs of the same seeds.
+``config.json``), so no number of a run is copied by hand. ``--schedule N`` adds the schedule
+test: the runs of another length, ``RUNS/MODEL/seedK-Nep/`` (which the table leaves out), beside
+the table's runs of the same seeds.
 
     lgam table4 checkpoints/runs --out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints
 """
