@@ -108,6 +108,7 @@ def curves_figure(logs: dict[str, list[list[dict[str, Any]]]], title: str | None
     ``{model: [records]}`` from :func:`read_logs`). With several runs each is a thin line and the
     model's line is the mean over them at the epochs they all have."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     bad = [name for name, runs in logs.items() if not runs or not all(isinstance(run, list) for run in runs)]
     if bad:
@@ -130,6 +131,7 @@ def curves_figure(logs: dict[str, list[list[dict[str, Any]]]], title: str | None
     loss_ax.set(xlabel="epoch", ylabel="training loss")
     for ax in (err_ax, loss_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 2.5
     err_ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)

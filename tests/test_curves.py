@@ -29,6 +29,16 @@ def test_reads_logs_in_the_asked_order(tmp_path):
     assert "160 px" in err_ax.get_ylabel()
 
 
+def test_epoch_axes_have_whole_epochs_only():
+    import io
+
+    run = [{"epoch": e, "loss": 3.0 / e, "val_top1_err": 60.0 - 2 * e if e % 4 == 0 else None, "val_size": 160}
+           for e in range(1, 21)]
+    fig = curves_figure({"resnet18": [run]})
+    fig.savefig(io.BytesIO(), dpi=150)  # ticks are placed when drawn (the loss axis at 2.5, 5.0, ... by default)
+    assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
+
+
 def test_figure_refuses_one_run_not_wrapped_in_a_list(tmp_path):
     import pytest
 
