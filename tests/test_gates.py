@@ -39,16 +39,19 @@ def test_cbam_spatial_and_channel_gates():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_sge_group_maps_and_their_mean(channels_last):
+@pytest.mark.parametrize("h, w", [(5, 3), (2, 2), (1, 3), (1, 5)], ids=["hw>g", "hw=g", "hw=g-1", "hw=g+1"])
+def test_sge_group_maps_and_their_mean(channels_last, h, w):
+    """The recorded maps are the gates of the forward, whatever H*W is against the group count
+    (H*W == G once passed a plain-layout gate through as channels_last: 8x8 maps, 64 groups)."""
     torch.manual_seed(0)
     sge = SGE(16, groups=4)
     with torch.no_grad():
         sge.weight.normal_(), sge.bias.normal_()
-    x = torch.randn(2, 16, 5, 3)
-    xg = x.reshape(8, 4, 5, 3)
-    t = (xg * xg.mean(dim=(2, 3), keepdim=True)).sum(1).view(2, 4, 15)
+    x = torch.randn(2, 16, h, w)
+    xg = x.reshape(8, 4, h, w)
+    t = (xg * xg.mean(dim=(2, 3), keepdim=True)).sum(1).view(2, 4, h * w)
     t = (t - t.mean(2, keepdim=True)) / (t.std(2, keepdim=True) + sge.eps)
-    groups = torch.sigmoid(t.view(2, 4, 5, 3) * sge.weight + sge.bias)
+    groups = torch.sigmoid(t.view(2, 4, h, w) * sge.weight + sge.bias)
     gates = _captured(sge, x.to(memory_format=torch.channels_last) if channels_last else x)
     torch.testing.assert_close(gates["groups"], groups)
     torch.testing.assert_close(gates["spatial"], groups.mean(1, keepdim=True))

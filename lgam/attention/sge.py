@@ -40,7 +40,7 @@ class SGE(GateRecorder):
         out, gate = SGEGate.apply(x, self.weight, self.bias, self.groups, self.eps)
         if self.record_gates:  # the grouped view's gates as (B, G, H, W)
             b, _, h, w = x.shape
-            groups = (gate.reshape(b, h, w, -1).permute(0, 3, 1, 2) if gate.shape[1] == h * w
+            groups = (gate.reshape(b, h, w, -1).permute(0, 3, 1, 2) if is_channels_last(x)  # as SGEGate chose
                       else gate.reshape(b, -1, h, w))
             self._record(spatial=groups.mean(dim=1, keepdim=True), groups=groups)
         return out
