@@ -52,13 +52,13 @@ def supports_fast_path(model: nn.Module) -> bool:
     )
 
 
-def inference_copy(model: nn.Module) -> nn.Module:
-    """A frozen eval-mode ``channels_last`` copy of ``model`` for the no-backward path (oneDNN's and
-    cuDNN's preferred layout; the engine uses it on CUDA)."""
+def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """A frozen eval-mode copy of ``model``, ``channels_last`` by default for the no-backward path
+    (oneDNN's and cuDNN's preferred layout; the engine uses it on CUDA); ``model`` is untouched."""
     m = copy.deepcopy(model).eval()
     for prm in m.parameters():
         prm.requires_grad_(False)
-    return m.to(memory_format=torch.channels_last)
+    return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
 def _scale(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -69,15 +69,36 @@ def _scale(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return scale_cam_image(scale_cam_image(cams.astype(np.float32), size))
 
 
+def _check_targets(targets: Sequence[int], batch: int, num_classes: int | None) -> None:
+    """One class index per image, each in ``0..K-1`` (pytorch-grad-cam swallows the IndexError of a
+    class out of range, and a negative index would silently pick a class from the end)."""
+    if len(targets) != batch:
+        raise CamError(f"got {len(targets)} targets for {batch} images: give one class index per image")
+    bad = [int(t) for t in targets if int(t) < 0 or (num_classes is not None and int(t) >= num_classes)]
+    if bad:
+        top = "" if num_classes is None else f"..{num_classes - 1}"
+        raise CamError(f"class index {bad[0]} is out of range 0{top}")
+
+
+def _check_eval(model: nn.Module) -> None:
+    if model.training:
+        raise CamError("the model is in training mode: call model.eval() first (a CAM in training "
+                       "mode would use, and update, the batch's BatchNorm statistics)")
+
+
 def fast_gradcam(
     model: nn.Module, x: Tensor, targets: Tensor | None = None
 ) -> tuple[Tensor, np.ndarray]:
     """Grad-CAM on the last feature map (``model.forward_features``) without a backward pass.
 
-    x: ``(B, 3, H, W)``; targets: ``(B,)`` class indices or ``None`` (each image's top-1).
+    x: ``(B, 3, H, W)``; targets: ``(B,)`` class indices or ``None`` (each image's top-1); the
+    model in eval mode (:class:`CamError` otherwise, as for a target out of range).
     Returns ``(probs (B, K) float32 on x's device, cams (B, H, W) float32 numpy in [0, 1])``.
     Equal to ``GradCAM(model, [model.cam_target_layer()])(x, targets)`` up to float rounding.
     """
+    _check_eval(model)
+    if targets is not None:
+        _check_targets(targets.reshape(-1).tolist(), x.shape[0], model.fc.out_features)
     with torch.inference_mode():
         feats = model.forward_features(x)  # (B, C, h, w)
         logits = model.forward_head(feats)  # (B, K)
@@ -103,20 +124,41 @@ def _method_class(method: str):
 
 def library_cam(model: nn.Module, x: Tensor, targets: Sequence[int], method: str) -> np.ndarray:
     """pytorch-grad-cam's ``method`` on ``model.cam_target_layer()`` (the last feature map) in
-    float32: ``(B, H, W)`` in [0, 1].
+    float32: ``(B, H, W)`` in [0, 1]. x: ``(B, 3, H, W)``; targets: one class index per image.
 
-    Weights must be frozen (``requires_grad=False``) - the input carries the gradient. The caller
-    holds the model's lock; the CAM object's hooks are released on exit, also on errors.
+    The model must be float32 with frozen weights (``requires_grad=False``: the input carries the
+    gradient, and no ``.grad`` of the caller's is touched; :func:`inference_copy` makes such a
+    twin), and this cannot run under ``torch.inference_mode``: :class:`CamError` says so, as for
+    a target out of range. The model's train/eval mode is restored (pytorch-grad-cam sets eval).
+    The caller holds the model's lock; the CAM object's hooks are released on exit, also on errors.
     """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     cls = _method_class(method)
+    _check_library_model(model)
+    fc = getattr(model, "fc", None)
+    _check_targets(list(targets), x.shape[0], fc.out_features if isinstance(fc, nn.Linear) else None)
     xin = x.detach().float().clone().requires_grad_(True)
-    with torch.enable_grad(), cls(model=model, target_layers=[model.cam_target_layer()]) as cam:
-        if method == "scorecam":
-            cam.batch_size = 64
-        out = cam(input_tensor=xin, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    was_training = model.training
+    try:
+        with torch.enable_grad(), cls(model=model, target_layers=[model.cam_target_layer()]) as cam:
+            if method == "scorecam":
+                cam.batch_size = 64
+            out = cam(input_tensor=xin, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    finally:
+        model.train(was_training)
     return np.asarray(out, dtype=np.float32)
+
+
+def _check_library_model(model: nn.Module) -> None:
+    if torch.is_inference_mode_enabled():
+        raise CamError("pytorch-grad-cam's methods need gradients: call them outside torch.inference_mode()")
+    params = list(model.parameters())
+    if any(p.requires_grad for p in params):
+        raise CamError("freeze the model's weights first (lgam.cam.inference_copy(model) makes a frozen "
+                       "twin): the CAM's backward would overwrite their .grad")
+    if any(p.dtype != torch.float32 for p in params):
+        raise CamError("pytorch-grad-cam's methods run in float32: pass model.float()")
 
 
 # --------------------------------------------------------------------------------------------

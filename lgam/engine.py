@@ -129,7 +129,8 @@ class CamEngine:
     native (CUDA, a CPU with AVX512-BF16/AMX: :func:`lgam.device.bf16_native`), else float32.
     The pytorch-grad-cam methods always run in float32 on the models themselves.
     ``fast_copies`` (default: on for bf16 and for CUDA) runs the float32 fast path on the
-    channels_last copies too.
+    channels_last copies too. The engine works on frozen float32 eval-mode copies of ``models``:
+    the caller's modules are left as they were (a training model stays trainable).
     """
 
     def __init__(
@@ -163,9 +164,7 @@ class CamEngine:
             entry = dict((entries or {}).get(name) or {})
             label = labels.get(name, name)
             if isinstance(m, nn.Module):
-                m = m.float().to(self.device).eval()
-                for p in m.parameters():
-                    p.requires_grad_(False)
+                m = inference_copy(m, channels_last=False).float().to(self.device)
                 out = getattr(getattr(m, "fc", None), "out_features", len(self.classes))
                 if out != len(self.classes):
                     self._slots.append(_Slot(name, label, None, (

@@ -236,6 +236,61 @@ def test_library_gradcam_equals_fast_path(models):
     assert np.abs(fast - lib).max() <= 1e-5
 
 
+def _state(model):
+    return (model.training, [p.requires_grad for p in model.parameters()],
+            [b.clone() for b in model.buffers()], [p.dtype for p in model.parameters()])
+
+
+def _same_state(a, b):
+    return a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+def test_the_engine_leaves_the_callers_models_as_they_were():
+    """A researcher's training model stays trainable, in train mode, float, with its BN buffers."""
+    model = lgam.create_model("resnet18_se", num_classes=len(CLASSES))  # train mode, trainable
+    before = _state(model)
+    eng = CamEngine({"resnet18_se": model}, CLASSES, device="cpu", precision="float32")
+    eng.compare(synthetic_image(3, (48, 40)))
+    eng.compare(synthetic_image(3, (48, 40)), method="gradcam++")
+    assert _same_state(before, _state(model))
+    own = eng.model("resnet18_se")
+    assert own is not model and not own.training and not any(p.requires_grad for p in own.parameters())
+
+
+@pytest.mark.parametrize("bad, message", [([7], "out of range 0..4"), ([-1], "out of range"),
+                                          ([1, 2], "2 targets for 1 images")])
+def test_cam_functions_check_their_targets(bad, message):
+    """pytorch-grad-cam swallows a class out of range (then fails on an unbound name), a short
+    target list left the extra images' maps at zero, and -1 silently meant the last class."""
+    model = _tiny("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(CamError, match=message):
+        fast_gradcam(model, x, torch.tensor(bad))
+    with pytest.raises(CamError, match=message):
+        library_cam(model, x, bad, "gradcam++")
+    assert _hooks(model) == 0
+
+
+def test_cam_functions_refuse_models_they_would_change_or_cannot_run():
+    x = torch.randn(1, 3, 32, 32)
+    training = lgam.create_model("resnet18", num_classes=5)
+    for p in training.parameters():
+        p.requires_grad_(False)
+    before = _state(training)
+    with pytest.raises(CamError, match="training mode"):
+        fast_gradcam(training, x)  # would use and update the batch's BN statistics
+    assert _same_state(before, _state(training))
+    library_cam(training, x, [1], "gradcam")  # runs (pytorch-grad-cam sets eval) ...
+    assert _same_state(before, _state(training))  # ... and the train mode is given back
+    trainable = lgam.create_model("resnet18", num_classes=5).eval()
+    with pytest.raises(CamError, match="freeze"):
+        library_cam(trainable, x, [1], "gradcam")
+    with pytest.raises(CamError, match="float32"):
+        library_cam(_tiny("resnet18").to(torch.bfloat16), x, [1], "gradcam")
+    with torch.inference_mode(), pytest.raises(CamError, match="inference_mode"):
+        library_cam(_tiny("resnet18"), x, [1], "gradcam")
+
+
 def test_engine_other_method(mem_engine, images):
     out = mem_engine.compare(images[0], method="gradcam++", models=["resnet18", "resnet18_se"])[0]
     assert [r.ok for r in out.results] == [True, True]
@@ -357,7 +412,7 @@ def test_memory_flat_and_no_hooks(models):
     gc.collect()
     growth = _rss_mb() - before
     assert growth < 40, f"RSS grew {growth:.1f} MiB over 260 requests"
-    assert all(_hooks(m) == 0 for m in models.values())
+    assert all(_hooks(eng.model(n)) == 0 for n in models)
 
 
 def test_gates_come_from_the_same_forward_and_are_the_modules_own(models, mem_engine, images):
@@ -384,9 +439,9 @@ def test_gates_come_from_the_same_forward_and_are_the_modules_own(models, mem_en
     for a, b in zip(plain[0].results, comps[0].results):
         np.testing.assert_array_equal(a.cam, b.cam)
         assert a.gate is None
-    assert not any(m.record_gates for m in models["resnet18_lgam"].modules()
-                   if isinstance(m, GateRecorder))
-    assert _hooks(models["resnet18_lgam"]) == 0
+    lgam_model = mem_engine.model("resnet18_lgam")
+    assert not any(m.record_gates for m in lgam_model.modules() if isinstance(m, GateRecorder))
+    assert _hooks(lgam_model) == 0
 
 
 def test_gates_of_a_chosen_stage(mem_engine, images):
