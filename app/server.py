@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from lgam.imageio import MAX_BYTES, MAX_PIXELS
 
 from .ui import build_app, default_examples
 
-__all__ = ["parse_args", "create_app", "launch", "main", "startup_summary", "free_port",
+__all__ = ["parse_args", "build_engine", "create_app", "launch", "main", "startup_summary", "free_port",
            "wait_until_serving", "app_process", "limit_malloc_arenas"]
 
 
@@ -64,10 +63,14 @@ def startup_summary(engine: CamEngine) -> str:
             f"precision {engine.precision}")
 
 
+def build_engine(args: argparse.Namespace) -> CamEngine:
+    """The engine ``args`` ask for: their checkpoints, device and precision."""
+    return CamEngine.from_checkpoints(args.checkpoints, device=args.device, precision=args.precision)
+
+
 def create_app(args: argparse.Namespace, engine: CamEngine | None = None) -> tuple[gr.Blocks, dict]:
-    """``(blocks, launch_kwargs)`` for ``args`` (``engine`` defaults to the checkpoints')."""
-    engine = engine or CamEngine.from_checkpoints(args.checkpoints, device=args.device,
-                                                  precision=args.precision)
+    """``(blocks, launch_kwargs)`` for ``args`` (``engine`` defaults to :func:`build_engine`'s)."""
+    engine = engine or build_engine(args)
     engine.warmup()
     examples = default_examples(args.examples)
     max_bytes = int(args.max_mb * 2**20)
@@ -75,8 +78,9 @@ def create_app(args: argparse.Namespace, engine: CamEngine | None = None) -> tup
                      max_pixels=int(args.max_megapixels * 1e6),
                      concurrency_limit=args.concurrency)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
-    allowed = sorted({str(Path(e).parent) for paths in examples.values() for e in paths}
-                     | {tempfile.gettempdir()})
+    # only the examples' folders: Gradio serves its own outputs (the export) without this, and a
+    # folder listed here is served to anyone who names a file in it, uploads included, inline
+    allowed = sorted({str(Path(e).parent) for paths in examples.values() for e in paths})
     kwargs = dict(server_name=args.host, server_port=args.port, allowed_paths=allowed,
                   # Gradio's own cap is looser, so that lgam.imageio gives the clear message
                   max_file_size=2 * max_bytes + 1024 * 1024, show_error=True,
@@ -87,7 +91,7 @@ def create_app(args: argparse.Namespace, engine: CamEngine | None = None) -> tup
 def launch(args: argparse.Namespace, engine: CamEngine | None = None, **overrides) -> gr.Blocks:
     """Build, print :func:`startup_summary` and launch; ``overrides`` go to ``Blocks.launch``
     (e.g. ``prevent_thread_lock``)."""
-    engine = engine or CamEngine.from_checkpoints(args.checkpoints, device=args.device)
+    engine = engine or build_engine(args)
     demo, kwargs = create_app(args, engine)
     print(startup_summary(engine), flush=True)
     kwargs.update(overrides)

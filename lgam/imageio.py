@@ -139,7 +139,7 @@ def load_image(
         raise
     except UnidentifiedImageError:
         raise ImageLoadError(
-            f"{name} is not an image (or not a format this app reads: JPEG, PNG, GIF, WebP, BMP, "
+            f"{name} is not an image (or not a format lgam reads: JPEG, PNG, GIF, WebP, BMP, "
             "TIFF...)"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -188,6 +189,40 @@ def test_several_images_make_a_grid(client, files):
     gallery, top5, _ = _compare(client, files[0], more=files[1:3])
     assert len(gallery) == 21 and len(top5["data"]) == 18
     assert [g["caption"] for g in gallery[::7]] == [f"Input · img{i}.png" for i in range(3)]
+
+
+def test_uploads_and_the_temp_folder_are_not_served_inline(server, tmp_path):
+    """An uploaded HTML file comes back as a download, not as a page on the app's site, and a file
+    the app never gave out is refused (the temp folder was once allowed wholesale)."""
+    import httpx
+
+    up = httpx.post(server + "gradio_api/upload",
+                    files={"files": ("evil.html", b"<script>alert(1)</script>", "text/html")})
+    up.raise_for_status()
+    got = httpx.get(server + "gradio_api/file=" + up.json()[0])
+    assert got.status_code == 200 and got.headers.get("content-type", "") != "text/html"
+    assert got.headers.get("content-disposition", "").startswith("attachment")
+    secret = Path(tempfile.mkdtemp()) / "secret.txt"
+    secret.write_text("not for the web")
+    try:
+        assert httpx.get(server + "gradio_api/file=" + str(secret)).status_code in (403, 404)
+    finally:
+        secret.unlink()
+
+
+def test_the_precision_flag_reaches_the_engine(monkeypatch):
+    """``--precision`` (and LGAM_PRECISION) once stopped at the argument parser."""
+    import app.server as srv
+
+    seen = {}
+
+    def from_checkpoints(directory, **kw):
+        seen.update(kw)
+        raise srv.LgamError("stop here")
+
+    monkeypatch.setattr(srv.CamEngine, "from_checkpoints", staticmethod(from_checkpoints))
+    assert srv.main(["--checkpoints", "x", "--device", "cpu", "--precision", "float32"]) == 2
+    assert seen == {"device": "cpu", "precision": "float32"}
 
 
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("pdf", b"%PDF")])
