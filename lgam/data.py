@@ -342,12 +342,14 @@ def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float] =
                std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """PIL images (any mode and size) -> float32 ``(B, 3, size, size)``: RGB, whole image resized
     to a square, normalised. The app and ``lgam evaluate`` both use this path. Very large images
-    are first reduced by an integer factor (box filter) to at most ~2x the target."""
+    are first reduced by an integer factor per side (box filter) to at most ~2x the target: each
+    side on its own, as the image is squeezed to a square anyway (a 50-MP strip 10 px high was
+    once left whole, ~600 MB as float)."""
     out = []
     for img in images:
         img = img.convert("RGB")
-        k = min(img.size) // (2 * size)
-        if k >= 2:
+        k = tuple(max(1, side // (2 * size)) for side in img.size)
+        if max(k) >= 2:
             img = img.reduce(k)
         t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)[None]
         out.append(resize_normalize(t, size, mean, std))

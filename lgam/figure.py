@@ -26,6 +26,10 @@ __all__ = ["figure5", "save_figure5", "gate_place", "FORMATS", "VIEWS", "configu
 FORMATS = FIGURE_FORMATS
 #: the longest side of each tile's bitmap (keeps PDFs small)
 TILE_PIXELS = 448
+#: the most a tile's height/width (or width/height) may be: a 1 x 1000 px strip drawn at its own
+#: ratio made a row 760 inches tall (a 114,000-px PNG); beyond it the photo is squeezed into the
+#: tile, as the models see every image squeezed into a square
+MAX_TILE_ASPECT = 4.0
 
 
 def _thumb(image: Image.Image) -> Image.Image:
@@ -55,7 +59,7 @@ def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inc
     rows = [(comp, v) for comp in comparisons for v in (("cam", "gates") if view == "both" else (view,))]
     n_cols = 1 + len(comparisons[0].results)
     thumbs = {id(comp): _thumb(comp.image) for comp in comparisons}
-    aspects = [thumbs[id(comp)].height / thumbs[id(comp)].width for comp, _ in rows]
+    aspects = [_tile_aspect(thumbs[id(comp)]) for comp, _ in rows]
     fig = Figure(figsize=(tile_inches * n_cols, sum(tile_inches * a + 0.45 for a in aspects) + 0.3),
                  layout="constrained")
     axes = fig.subplots(len(rows), n_cols, squeeze=False, height_ratios=aspects)
@@ -64,8 +68,13 @@ def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inc
         tiles = [("Input", thumb, "" if view != "both" else ("Grad-CAM" if v == "cam" else "gates"))]
         tiles += [_tile(r, thumb, alpha, v) for r in comp.results]
         for j, (label, img, caption) in enumerate(tiles):
-            _draw(axes[i][j], img, label if i == 0 else None, caption, thumb.height / thumb.width)
+            _draw(axes[i][j], img, label if i == 0 else None, caption, aspects[i])
     return fig
+
+
+def _tile_aspect(thumb: Image.Image) -> float:
+    """The tile's height / width: the photo's, within ``1/MAX_TILE_ASPECT .. MAX_TILE_ASPECT``."""
+    return min(max(thumb.height / thumb.width, 1 / MAX_TILE_ASPECT), MAX_TILE_ASPECT)
 
 
 def _tile(r: ModelResult, thumb: Image.Image, alpha: float, view: str):
@@ -95,10 +104,10 @@ def _draw(ax, img: Image.Image | None, title: str | None, caption: str, aspect: 
     for side in ax.spines.values():
         side.set_visible(False)
     if img is not None:
-        ax.imshow(img)  # the photo's own aspect ratio
+        ax.imshow(img, aspect="auto")  # fills the tile: the photo's own ratio unless clamped
     else:
         ax.set_facecolor("0.9")
-        ax.set_box_aspect(aspect)
+    ax.set_box_aspect(aspect)
     if title:
         ax.set_title(title, fontsize=10, fontweight="bold")
     if caption:

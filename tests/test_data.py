@@ -164,6 +164,23 @@ def test_preprocess_any_mode_matches_the_tensor_path(mode):
     torch.testing.assert_close(x[:1], D.resize_normalize(t, 24))
 
 
+@pytest.mark.parametrize("size", [(20000, 10), (10, 20000), (3000, 2000)])
+def test_preprocess_reduces_each_long_side_before_the_float_copy(monkeypatch, size):
+    """Only the uint8 image reaches full size: a strip is reduced along its long side too (it was
+    left whole because its short side was short), and what the resize gets is the box-filtered
+    image (within 4x the target a side)."""
+    seen = []
+    real = D.resize_normalize
+    monkeypatch.setattr(D, "resize_normalize", lambda t, *a, **k: seen.append(t.shape) or real(t, *a, **k))
+    img = Image.new("RGB", size, (90, 120, 30))
+    x = D.preprocess([img], 32)
+    assert x.shape == (1, 3, 32, 32)
+    (_, _, h, w), = seen
+    assert w <= 4 * 32 and h <= 4 * 32
+    torch.testing.assert_close(x, real(torch.from_numpy(np.array(img.reduce(
+        tuple(max(1, s // 64) for s in size)))).permute(2, 0, 1)[None], 32))
+
+
 def test_extract_refuses_path_traversal(tmp_path):
     archive = tmp_path / "evil.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

@@ -118,6 +118,19 @@ def test_tiles_keep_the_photo_aspect(engine):
     assert bbox.width / bbox.height == pytest.approx(3, rel=0.05)
 
 
+def test_a_strip_image_gives_a_figure_of_bounded_size(engine, tmp_path):
+    """A 1 x 1000 px upload once made a 760-inch row (20 s and a 114,000-px PNG for one model)."""
+    from lgam.figure import MAX_TILE_ASPECT
+
+    strip = Image.new("RGB", (1, 1000), (90, 120, 30))
+    fig = figure5(engine.compare(strip), tile_inches=1.7)
+    assert fig.get_size_inches()[1] <= 1.7 * MAX_TILE_ASPECT + 1
+    out = save_figure5(engine.compare([strip, strip.transpose(Image.Transpose.ROTATE_90)]),
+                       tmp_path / "strip.png", dpi=50)
+    with Image.open(out) as im:
+        assert im.height <= 50 * 2 * (1.7 * MAX_TILE_ASPECT + 1)
+
+
 def test_cli_view_both(app_checkpoints, tmp_path, capsys):
     img = tmp_path / "a.png"
     synthetic_image(3).save(img)
