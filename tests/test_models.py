@@ -18,6 +18,25 @@ def test_registry_names():
     assert set(ALL) == expected
     assert set(VARIANTS + ["resnet18_lgam_g32"]) <= set(ALL)
     assert lgam.list_models("resnet18_lgam*") == ["resnet18_lgam", "resnet18_lgam_g32"]
+    assert lgam.list_models(["resnet18", "resnet34_s*"]) == ["resnet18", "resnet34_se", "resnet34_sge"]
+
+
+def test_create_model_takes_timms_pretrained_false_and_says_there_are_no_weights():
+    assert count_params(lgam.create_model("resnet18", pretrained=False)) == count_params(
+        lgam.create_model("resnet18"))
+    with pytest.raises(ValueError, match="no pretrained weights.*load_checkpoint"):
+        lgam.create_model("resnet18", pretrained=True)
+
+
+def test_an_attention_given_to_a_backbone_goes_where_its_registered_name_puts_it():
+    """``create_model("resnet18", attention="bam")`` once put BAM inside all eight blocks."""
+    given, registered = (lgam.create_model("resnet18", attention="bam", num_classes=5),
+                         lgam.create_model("resnet18_bam", num_classes=5))
+    assert count_params(given) == count_params(registered)
+    assert [type(m).__name__ for m in given.stage_attention] == [
+        type(m).__name__ for m in registered.stage_attention]
+    assert count_params(lgam.create_model("resnet18", attention="se")) == count_params(
+        lgam.create_model("resnet18_se"))
 
 
 # feature-map stride at layer4: ResNets downsample in four stages, WRN/ResNeXt in three
@@ -92,6 +111,9 @@ def test_attention_acts_after_bn2_before_the_identity_add():
 def test_wrn_sge_uses_groups_that_divide_its_widths():
     m = lgam.create_model("wrn16_10_sge", num_classes=10)
     assert {b.attention.groups for layer in (m.layer1, m.layer2, m.layer3) for b in layer} == {32}
+    # other attention arguments merge with the registered ones (they once replaced them: 64 groups)
+    m = lgam.create_model("wrn16_10_sge", num_classes=10, attention_kwargs={"eps": 1e-3})
+    assert {(b.attention.groups, b.attention.eps) for b in m.layer1} == {(32, 1e-3)}
 
 
 def test_attention_kwargs_reach_the_modules():

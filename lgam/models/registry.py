@@ -7,7 +7,7 @@ Names are ``<backbone>`` or ``<backbone>_<attention>``: backbones ``resnet18``, 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -58,9 +58,11 @@ for _bb, (_cls, _kw) in BACKBONES.items():
         )
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted registered names matching the shell-style ``pattern`` (e.g. ``"resnet18*"``)."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
+    """Sorted registered names matching the shell-style ``pattern`` (e.g. ``"resnet18*"``), or
+    any of several (``["resnet18", "wrn*"]``), as timm's ``list_models``."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    return sorted(n for n in _MODELS if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -70,8 +72,13 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(
             f"unknown model {name!r}; see lgam.list_models()" + (f" (e.g. {close})" if close else "")
         )
+    given = {k: v for k, v in overrides.items() if v is not None}
     cfg = dict(_DEFAULTS[name])
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if given.get("attention") in ATTENTION and "placement" not in given:  # BAM between stages
+        given["placement"] = attention_placement(given["attention"])
+    if "attention_kwargs" in given:  # merged: a registered setting (WRN's SGE groups) stays
+        given["attention_kwargs"] = {**cfg.get("attention_kwargs", {}), **given["attention_kwargs"]}
+    cfg.update(given)
     return cfg
 
 
@@ -81,8 +88,13 @@ def create_model(
     """Build a registered model. ``stem=None`` keeps the backbone's default (``imagenet`` for the
     ResNets, ``cifar`` for WRN and ResNeXt). Extra ``kwargs`` (e.g. ``attention_kwargs={"groups":
     8}``) go to the builder. The model gets ``model_name`` and ``model_kwargs`` attributes, so
-    ``create_model(m.model_name, **m.model_kwargs)`` rebuilds it.
+    ``create_model(m.model_name, **m.model_kwargs)`` rebuilds it. ``pretrained=False`` is
+    accepted (timm's argument); there are no weights to download: trained models load from a
+    checkpoint folder (:func:`lgam.checkpoints.load_checkpoint`).
     """
+    if kwargs.pop("pretrained", False):
+        raise ValueError("lgam downloads no pretrained weights: load a trained model from a checkpoint "
+                         "folder with lgam.checkpoints.load_checkpoint(directory, name)")
     cfg = model_config(name, num_classes=num_classes, stem=stem, **kwargs)
     model = _MODELS[name](**cfg)
     model.model_name = name
