@@ -13,6 +13,7 @@ the models' classes, shipped in ``app/examples/``), compared once when the page 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 import types
@@ -34,13 +35,16 @@ from .render import VIEWS, Tile, gate_notes, tiles_data, tiles_for, tiles_html
 __all__ = ["OWN_TOP1", "LOW_CONFIDENCE", "MIN_AGREEMENT", "EXAMPLES_DIR", "build_app",
            "run_compare", "run_export", "default_examples", "package_photos", "first_view",
            "raw_image", "model_rows", "setup_help", "classes_note", "confidence_warning",
-           "training_status"]
+           "training_status", "run_page", "page_or_cleared", "ONE_IMAGE_METHODS"]
 
 log = logging.getLogger("lgam.app")
 
 #: the target-class choice meaning "each model explains its own prediction"
 OWN_TOP1 = "each model's own top-1"
 DEFAULT_METHOD = "gradcam"
+#: methods that take a CPU minutes per image (every request waits for the models' locks): one
+#: image per request there
+ONE_IMAGE_METHODS = frozenset({"scorecam"})
 DEFAULT_OPACITY = 0.5
 DEFAULT_FORMAT = "png"
 DEFAULT_VIEW = "Grad-CAM"
@@ -194,6 +198,9 @@ def _compare(engine: CamEngine, image, files, target, method, max_images, max_by
     if not engine.available:
         raise _user_error(setup_help(engine))
     imgs, names = _load_inputs(image, files, max_images, max_bytes, max_pixels)
+    if method in ONE_IMAGE_METHODS and len(imgs) > 1 and engine.device.type == "cpu":
+        raise _user_error(f"{method} runs one forward pass per channel of the last feature map, for "
+                          f"each image and model: one image at a time on a CPU, got {len(imgs)}.")
     tgt = None if target in (None, "", OWN_TOP1) else target
     t0 = time.perf_counter()
     try:
@@ -324,6 +331,20 @@ def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | 
     return tiles_html(rows, titles), top5, info
 
 
+def page_or_cleared(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None,
+                    *settings: Any, **limits: int) -> tuple[str, list[list[Any]], str]:
+    """The page's event handler: :func:`run_page`'s results; on an error the results are cleared
+    and the message takes their place (shown as a toast too), so that a new image that fails is
+    never shown beside the previous image's heatmaps. No image at all clears the results."""
+    if not image and not more_images:
+        return "", [], ""
+    try:
+        return run_page(engine, image, more_images, *settings, **limits)
+    except gr.Error as e:
+        gr.Warning(e.message)
+        return "", [], f"⚠ {e.message}"
+
+
 def first_view(engine: CamEngine, image: str | None, *, max_images: int = 8,
                max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS
                ) -> tuple[str, list[list[Any]], str] | None:
@@ -360,10 +381,29 @@ def run_export(engine: CamEngine, image: str | None, more_images: Sequence[Any] 
         alpha, v = _opacity(opacity), _view(view)
         comps, _, _ = _compare(engine, image, more_images, target, method, max_images, max_bytes,
                                max_pixels, v, _stage(stage))
-        out = Path(tempfile.mkdtemp(prefix="lgam_fig5_")) / f"figure5.{fmt}"
+        out = Path(tempfile.mkdtemp(prefix="lgam_fig5_", dir=_export_root())) / f"figure5.{fmt}"
         return str(save_figure5(comps, out, alpha=alpha, view=v))
 
     return _guarded("export", figure, failure="Export failed")
+
+
+#: an export's folder is removed this long after it was made (Gradio has served its own copy)
+EXPORT_KEEP_S = 600
+
+
+def _export_root() -> Path:
+    """The exports' parent folder in the system temp dir, its folders older than
+    :data:`EXPORT_KEEP_S` removed (a long-running Space would otherwise fill its disk)."""
+    root = Path(tempfile.gettempdir()) / "lgam_exports"
+    root.mkdir(exist_ok=True)
+    now = time.time()
+    for old in root.glob("lgam_fig5_*"):
+        try:
+            if now - old.stat().st_mtime > EXPORT_KEEP_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another request removed it first
+            pass
+    return root
 
 
 def training_status(engine: CamEngine, name: str) -> str:
@@ -448,8 +488,10 @@ def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
         stage = _quiet_checks(gr.Dropdown(list(STAGES), value=DEFAULT_STAGE, label="Gate stage"))
         opacity = _quiet_checks(gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05,
                                           label="Heatmap opacity"))
+        # no file_types: Gradio's filter goes by extension (an extensionless IMG_0001 or an .mpo
+        # was refused, with a traceback); lgam.imageio reads the bytes and names what it refuses
         files = gr.File(file_count="multiple", type="filepath", label="More images (one row each)",
-                        file_types=["image"], elem_id="more-images")
+                        elem_id="more-images")
     return types.SimpleNamespace(image=image, run=run, view=view, target=target, method=method,
                                  stage=stage, opacity=opacity, files=files)
 
@@ -536,14 +578,12 @@ def build_app(
                           view, stage, **limits)
 
     def page(image, more_images, target, method, opacity, view, stage):
-        """The page's run (on a new, taken, pasted, picked image, or Compare): the HTML grid;
-        no image left clears the results."""
-        if not image and not more_images:
-            return "", [], ""
-        return run_page(engine, image, more_images, target, method, opacity, view, stage,
-                        **limits)
+        """The page's run (on a new, taken, pasted, picked image, or Compare)."""
+        return page_or_cleared(engine, image, more_images, target, method, opacity, view, stage,
+                               **limits)
 
-    with gr.Blocks(title="LGAM · Figure 5, live") as demo:
+    # uploads and served outputs older than an hour are deleted, hourly (Gradio keeps them forever)
+    with gr.Blocks(title="LGAM · Figure 5, live", delete_cache=(3600, 3600)) as demo:
         _notices(engine)
         with gr.Row():
             with gr.Column(scale=1, min_width=280):

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -338,6 +339,53 @@ def test_user_errors_leave_no_traceback_in_the_log(client, files, tmp_path, capf
         out, err = capfd.readouterr()
         assert "Traceback" not in out + err, what
         assert "Something went wrong" not in out + err, what
+
+
+def test_more_images_are_judged_by_their_bytes_not_their_extension(client, files, tmp_path):
+    """Gradio's file_types filter refused an extensionless photo (IMG_0001) with a traceback in
+    the log; the app's loader reads it, and names a real non-image."""
+    photo = tmp_path / "IMG_0001"
+    photo.write_bytes(Path(files[1]).read_bytes())
+    gallery, _, _ = _compare(client, files[0], more=[str(photo)])
+    assert len(gallery) == 14 and gallery[7]["caption"] == "Input · IMG_0001"
+    note = tmp_path / "notes.jpg"
+    note.write_text("not a photo")
+    with pytest.raises(AppError, match="notes.jpg"):
+        _compare(client, files[0], more=[str(note)])
+
+
+def test_scorecam_takes_one_image_at_a_time_on_a_cpu(engine, files):
+    """ScoreCAM holds every model's lock for minutes an image on a CPU: eight would stall every
+    other user for ~10 minutes."""
+    with pytest.raises(gr.Error, match="one image at a time"):
+        run_compare(engine, files[0], [files[1]], method="scorecam")
+
+
+def test_a_failed_page_run_clears_the_previous_results(engine, files, tmp_path):
+    """The grid once kept the previous image's heatmaps beside a new file that failed."""
+    from app.ui import page_or_cleared
+
+    grid, top5, _ = page_or_cleared(engine, files[0], None)
+    assert "<img" in grid and top5
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    grid, top5, info = page_or_cleared(engine, str(bad), None)
+    assert grid == "" and top5 == [] and info.startswith("⚠ Cannot use this file") and "broken.png" in info
+    assert page_or_cleared(engine, None, None) == ("", [], "")
+
+
+def test_export_folders_do_not_pile_up(monkeypatch, tmp_path):
+    import app.ui as ui
+
+    monkeypatch.setattr(ui.tempfile, "gettempdir", lambda: str(tmp_path))
+    root = ui._export_root()
+    stale, fresh = root / "lgam_fig5_old", root / "lgam_fig5_new"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "figure5.png").write_bytes(b"x")
+    os.utime(stale, (0, time.time() - ui.EXPORT_KEEP_S - 60))
+    assert ui._export_root() == root
+    assert not stale.exists() and fresh.exists()
 
 
 def test_no_image_and_bad_controls(client, files):

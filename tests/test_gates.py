@@ -38,6 +38,12 @@ def test_cbam_spatial_and_channel_gates():
     torch.testing.assert_close(gates["spatial"], spatial)
 
 
+def test_cbam_gate_description_names_its_batchnorm_when_it_has_one():
+    """The app captions CBAM's gate with this formula; it once left out the official BN."""
+    assert CBAM(32).gate_description.startswith("sigmoid(BN(conv7x7(")
+    assert CBAM(32, spatial_bn=False, kernel_size=3).gate_description.startswith("sigmoid(conv3x3(")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("h, w", [(5, 3), (2, 2), (1, 3), (1, 5)], ids=["hw>g", "hw=g", "hw=g-1", "hw=g+1"])
 def test_sge_group_maps_and_their_mean(channels_last, h, w):

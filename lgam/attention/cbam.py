@@ -65,13 +65,14 @@ class CBAMSpatialGate(nn.Module):
 class CBAM(GateRecorder):
     """Channel gate then spatial gate, applied in sequence. Input and output ``(B, C, H, W)``."""
 
-    gate_description = "sigmoid(conv7x7([max_c, mean_c])) of the channel-gated input"
-
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, spatial_bn: bool = True) -> None:
         super().__init__()
         check_positive_int("channels", channels)
         self.channel_gate = CBAMChannelGate(channels, reduction)
         self.spatial_gate = CBAMSpatialGate(kernel_size, bn=spatial_bn)
+        conv = f"conv{kernel_size}x{kernel_size}([max_c, mean_c])"
+        self.gate_description = (f"sigmoid({f'BN({conv})' if spatial_bn else conv}) of the "
+                                 "channel-gated input")
 
     def forward(self, x: Tensor) -> Tensor:
         channel = self.channel_gate(x)
