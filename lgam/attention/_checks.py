@@ -1,6 +1,11 @@
 """Argument checks shared by the attention modules: one clear ``ValueError`` per mistake."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 def check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -33,7 +38,7 @@ def _divisors_hint(n: int) -> str:
     return ", ".join(str(d) for d in divs[:8]) + (", ..." if len(divs) > 8 else "")
 
 
-def is_channels_last(x) -> bool:
+def is_channels_last(x: Tensor) -> bool:
     """Whether ``x (B, C, H, W)`` is laid out channels_last (and not also plain contiguous, as
     tensors with C == 1 or H == W == 1 are): the modules then compute in that layout."""
     import torch
