@@ -80,3 +80,19 @@ def test_container_build_run_call_stop():
                           text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "container check passed" in proc.stdout
+
+
+def test_an_installed_package_carries_every_non_python_file_lgam_reads():
+    """pyproject's package-data once named lgam/attention/*.cpp after the kernels moved to
+    lgam/attention/lgam/kernels.cpp: a wheel left them out and LGAM fell back, silently, to the
+    slower tensor ops. Every C++ source under lgam/ must match a package-data pattern."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    sources = sorted((REPO / "lgam").rglob("*.cpp"))
+    assert sources
+    for src in sources:
+        rel = src.relative_to(REPO)
+        package, name = ".".join(rel.parent.parts), rel.name
+        assert any(fnmatch.fnmatchcase(name, pat) for pat in data.get(package, [])), rel
