@@ -25,7 +25,8 @@ from lgam.imageio import MAX_BYTES, MAX_PIXELS
 from .ui import build_app, default_examples
 
 __all__ = ["parse_args", "build_engine", "create_app", "launch", "main", "startup_summary", "free_port",
-           "wait_until_serving", "app_process", "limit_malloc_arenas"]
+           "wait_until_serving", "app_process", "limit_malloc_arenas", "cpu_quota",
+           "limit_threads_to_cpu_quota"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -117,8 +118,42 @@ def limit_malloc_arenas(n: int = 2) -> bool:
     return mallopt(-8, n) == 1  # -8: M_ARENA_MAX in glibc's malloc.h; mallopt returns 1 on success
 
 
+def cpu_quota(cgroup: str | Path = "/sys/fs/cgroup") -> int | None:
+    """The CPUs a cgroup-v2 quota allows this process (``cpu.max``: ``"200000 100000"`` -> 2,
+    rounded up), or ``None`` without a quota (``"max ..."``) or a readable file."""
+    try:
+        quota, period = (Path(cgroup) / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def limit_threads_to_cpu_quota(cgroup: str | Path = "/sys/fs/cgroup") -> int | None:
+    """Size torch's thread pool to the container's CPU quota; returns the threads set, or ``None``.
+
+    torch counts the host's cores, not a cgroup quota: under ``docker run --cpus=2`` (or a 2-vCPU
+    Space) on a 64-core host it would run 32 threads on two CPUs' time, and the requests served
+    at once multiply them. An ``OMP_NUM_THREADS`` set by whoever starts the app wins.
+    """
+    n = cpu_quota(cgroup)
+    if os.environ.get("OMP_NUM_THREADS") or n is None:
+        return None
+    import torch
+
+    if n < torch.get_num_threads():
+        torch.set_num_threads(n)
+        return n
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     limit_malloc_arenas()
+    limit_threads_to_cpu_quota()
     args = parse_args(argv)
     try:
         launch(args)

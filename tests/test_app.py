@@ -427,6 +427,35 @@ def test_eight_concurrent_clients_get_their_own_results(server, files):
     assert len({tuple(g[0]) for g in got}) == len(jobs)
 
 
+@pytest.mark.parametrize("cpu_max, want", [("200000 100000\n", 2), ("150000 100000", 2),
+                                           ("50000 100000", 1), ("max 100000", None), ("", None),
+                                           (None, None)])
+def test_cpu_quota_read_from_the_cgroup(tmp_path, cpu_max, want):
+    from app.server import cpu_quota
+
+    if cpu_max is not None:
+        (tmp_path / "cpu.max").write_text(cpu_max)
+    assert cpu_quota(tmp_path) == want
+
+
+def test_threads_follow_the_cpu_quota_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    """torch sized its pool by the host's cores under a 2-CPU container quota."""
+    import torch
+
+    from app.server import limit_threads_to_cpu_quota
+
+    (tmp_path / "cpu.max").write_text("100000 100000")
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert limit_threads_to_cpu_quota(tmp_path) is None and torch.get_num_threads() == before
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        got = limit_threads_to_cpu_quota(tmp_path)
+        assert torch.get_num_threads() == 1 and got == (1 if before > 1 else None)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.slow
 def test_malloc_arenas_capped_unless_the_environment_says_otherwise():
