@@ -37,7 +37,7 @@ def files(space) -> list[str]:
 
 def test_the_space_gets_what_it_needs_of_what_git_would_commit(space, files):
     assert files == sorted(files) and set(files) <= set(space.repository_files())
-    never = (".venv/", ".git/", "tests/", "scripts/", "docs/", "benchmarks/", "checkpoints/runs/",
+    never = (".venv/", ".git/", "tests/", "scripts/", "benchmarks/", "checkpoints/runs/",
              ".pytest_cache/", ".gradio/", ".ci/")
     assert not [f for f in files if f.startswith(never) or "__pycache__" in f
                 or f.endswith(".pyc")]
@@ -62,7 +62,7 @@ def test_upload_folder_selects_exactly_that_list(space, files):
     sent = filter_repo_objects(every, allow_patterns=patterns["allow_patterns"],
                                ignore_patterns=patterns["ignore_patterns"]
                                + hf_api.DEFAULT_IGNORE_PATTERNS)
-    assert list(sent) == files
+    assert sorted(sent) == files
 
 
 def test_upload_creates_a_docker_space_and_sends_the_list(space, files, monkeypatch):
@@ -138,7 +138,8 @@ def build_context(paths: list[str]) -> list[str]:
 
 def test_the_image_builds_from_exactly_the_list(space, files):
     """Every path the Dockerfile COPYs is in the list; what the build copies from the Space is
-    all of the list but the Space's configuration, and the same as from a full checkout."""
+    all of the list but the Space's configuration and docs/ (its README page's figures and links),
+    and the same as from a full checkout."""
     sources = space.copy_sources((REPO / "Dockerfile").read_text())
     assert sources and space._copy_problems(REPO, files) == []
 
@@ -146,7 +147,8 @@ def test_the_image_builds_from_exactly_the_list(space, files):
         return {p for p in build_context(paths)
                 if any(p == s.rstrip("/") or p.startswith(s) and s.endswith("/") for s in sources)}
 
-    assert copied(files) == set(files) - CONFIG_FILES
+    page = {f for f in files if f.startswith("docs/")}  # the Space's README page only
+    assert page and copied(files) == set(files) - CONFIG_FILES - page
     assert copied(space.repository_files()) == copied(files)
 
 
@@ -198,3 +200,16 @@ def test_problems_are_named_before_anything_is_sent(space, tmp_path):
         "the Space needs Dockerfile, which the upload does not send"]
     with pytest.raises(space.SpaceError, match="run this in a git checkout"):
         space.repository_files(tmp_path / "app" / "nowhere")
+
+
+def test_every_file_the_readme_links_to_goes_to_the_space(files):
+    """The Space shows README.md as its page: its figures and links to docs/ were broken there
+    while docs/ stayed behind."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    targets = {m.split("#")[0] for m in re.findall(r"\]\(([^)\s]+)\)", text)
+               if not m.startswith(("http://", "https://", "#", "mailto:"))}
+    assert targets
+    missing = sorted(t for t in targets if t not in files and not any(f.startswith(t.rstrip("/") + "/") for f in files))
+    assert not missing, missing
