@@ -3,8 +3,11 @@
 ``state.safetensors`` holds the model's weights (``model.NAME``) and the optimiser's tensors
 (``optim.INDEX.NAME``); ``state.json`` the number of finished epochs, the optimiser's other state and
 parameter groups, the states of the three random generators (batch order, augmentation, torch's
-global generator) and the settings that shaped the weights (:data:`SETTINGS`). Both are replaced
-atomically, so a kill leaves the previous epoch's state; no pickle anywhere.
+global generator) and the settings that shaped the weights (:data:`SETTINGS`). The tensors' file
+carries that JSON too (its metadata), so one atomic replace writes a whole epoch's state: a kill
+between the two files' writes once left epoch ``e``'s JSON beside epoch ``e+1``'s weights, and a
+resume trained an epoch twice. ``state.json`` stays for people and for states written before;
+no pickle anywhere.
 
 On ``--resume`` :func:`check_settings` compares every saved setting with the new run's and raises
 :class:`lgam.recipes.TrainError` naming each one that differs with both values, before any tensor is
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -27,11 +31,13 @@ from .recipes import TrainError
 
 __all__ = [
     "STATE_TENSORS", "STATE_JSON", "LOG", "CONFIG", "RUNS", "SETTINGS", "generator_states",
-    "restore_generators", "save_state", "load_state", "load_weights", "read_log", "check_settings",
+    "restore_generators", "save_state", "load_state", "read_state_meta", "load_weights", "read_log",
+    "check_settings",
 ]
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+STATE_META = "lgam_state"  # state.safetensors' metadata key holding state.json's content
 LOG = "log.jsonl"  # one line per finished epoch
 CONFIG = "config.json"  # the run's settings, command line, versions and machine
 RUNS = "runs"  # checkpoints/runs/MODEL/seedK/{config.json,log.jsonl,metrics.json}: every run's record
@@ -82,18 +88,18 @@ def save_state(directory: Path, epoch: int, model: nn.Module, optimizer: torch.o
                 tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    atomic_write(directory / STATE_TENSORS, lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(directory / STATE_JSON, {
-        "epoch": epoch, "settings": settings, "param_groups": opt["param_groups"],
-        "optim_scalars": scalars, "generators": generators,
-    })
+    meta = {"epoch": epoch, "settings": settings, "param_groups": opt["param_groups"],
+            "optim_scalars": scalars, "generators": generators}
+    atomic_write(directory / STATE_TENSORS,
+                 lambda tmp: save_file(tensors, tmp, metadata={STATE_META: json.dumps(meta)}))
+    atomic_write_json(directory / STATE_JSON, meta)
 
 
 def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                settings: dict[str, Any], device: torch.device) -> tuple[int, dict[str, list[int]]]:
     """Check ``settings`` against the saved ones (:func:`check_settings`), then restore ``model``
     and ``optimizer``; returns the finished epochs and the saved generator states."""
-    meta = json.loads((directory / STATE_JSON).read_text())
+    meta = read_state_meta(directory)
     check_settings(directory, _saved_settings(directory, meta), settings)
     tensors = load_file(str(directory / STATE_TENSORS), device=str(device))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -106,6 +112,14 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         state.setdefault(int(idx), {}).update(entry)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta["epoch"], meta["generators"]
+
+
+def read_state_meta(directory: Path) -> dict[str, Any]:
+    """The saved state's epoch, optimiser scalars, generators and settings: from the tensors' own
+    metadata (written with them in one replace), else (states written before) ``state.json``."""
+    with safe_open(str(directory / STATE_TENSORS), framework="pt") as f:
+        embedded = (f.metadata() or {}).get(STATE_META)
+    return json.loads(embedded if embedded is not None else (directory / STATE_JSON).read_text())
 
 
 def load_weights(directory: Path, device: str = "cpu") -> dict[str, Tensor]:

@@ -232,6 +232,37 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
         assert [r["val_top1_err"] is not None for r in _log(split / name)] == [False, True, True]
 
 
+def test_a_kill_between_the_state_files_cannot_pair_one_epochs_json_with_the_next_weights(tmp_path):
+    """state.json is written after state.safetensors: a kill between the two left epoch 1's JSON
+    (epoch, generators, optimiser scalars) beside epoch 2's weights, and load_state took the pair
+    (the resumed run trained epoch 2 twice). The tensors' file now carries its own epoch's JSON."""
+    from lgam.runstate import STATE_JSON, load_state, save_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = {"shuffle": [1], "augment": [2], "torch": [3]}
+
+    def step():
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+
+    step()
+    save_state(tmp_path, 1, model, opt, {"seed": 0}, gen)
+    epoch1_json = (tmp_path / STATE_JSON).read_bytes()
+    step()
+    save_state(tmp_path, 2, model, opt, {"seed": 0}, {**gen, "shuffle": [9]})
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / STATE_JSON).write_bytes(epoch1_json)  # as if killed before the JSON's replace
+
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    epoch, generators = load_state(tmp_path, fresh, fresh_opt, {"seed": 0}, torch.device("cpu"))
+    assert epoch == 2 and generators["shuffle"] == [9]
+    assert all(torch.equal(fresh.state_dict()[k], want[k]) for k in want)
+
+
 @pytest.mark.slow
 def test_existing_run_needs_resume_with_the_same_settings(tiny_data, tmp_path):
     args = ("--model", "resnet18", "--epochs", "1", "--val-every", "0")
