@@ -215,13 +215,16 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
     """:func:`evaluate_run` for each run folder, on ``data``'s val split and on the training images
     each run held out (its ``--holdout``); writes ``RUN/metrics.json`` and returns the metrics."""
     from ._fileio import atomic_write_json
-    from .runstate import CONFIG
 
+    configs = [_finished_run_config(run) for run in runs]  # before minutes of decoding
     val = load_split(data, "val")
     held: dict[int, DecodedSplit] = {}
     rows = []
-    for run in runs:
-        config = json.loads((run / CONFIG).read_text())
+    for run, config in zip(runs, configs):
+        classes = config.get("classes")
+        if classes is not None and list(classes) != list(val.classes):
+            raise DataError(f"{run} was trained on classes {classes[:3]}... but the val data has "
+                            f"{val.classes[:3]}...: the labels would not match")
         n = int(config.get("args", {}).get("holdout") or 0)
         if n and n not in held:
             held[n] = split_holdout(load_split(data, "train"), n)[1]
@@ -233,8 +236,36 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
     return rows
 
 
+def _finished_run_config(run: Path) -> dict[str, Any]:
+    """``run``'s ``config.json`` with the classes its state was trained on; :class:`UsageError`
+    unless it is an ``lgam train`` run folder whose saved state has every epoch of its recipe (an
+    unfinished run's numbers would enter Table 4 as a finished one's)."""
+    from .runstate import CONFIG, STATE_TENSORS, read_state_meta
+
+    if not (run / CONFIG).is_file() or not (run / STATE_TENSORS).is_file():
+        raise UsageError(f"{run} is not an lgam train run folder (OUT/MODEL with {CONFIG} and "
+                         f"{STATE_TENSORS})")
+    config = json.loads((run / CONFIG).read_text())
+    meta = read_state_meta(run)
+    epochs = int(config["recipe"]["epochs"])
+    if int(meta["epoch"]) != epochs:
+        raise UsageError(f"{run} has finished {meta['epoch']} of its {epochs} epochs: finish it "
+                         f"(lgam train ... --resume) before evaluating it")
+    return {**config, "classes": meta.get("settings", {}).get("classes")}
+
+
+#: ``lgam evaluate`` options that apply to checkpoints only -> their defaults
+CHECKPOINT_ONLY = {"models": None, "choose_input_size": False, "limit": None, "batch_size": 64,
+                   "device": "cpu", "out": None, "no_update": False}
+
+
 def main(args: argparse.Namespace) -> int:
     if args.runs:
+        given = [k for k, default in CHECKPOINT_ONLY.items() if getattr(args, k) != default]
+        if given:
+            raise UsageError("with --runs, " + ", ".join("--" + k.replace("_", "-") for k in given)
+                             + " do not apply: a run is evaluated on the full val split and its "
+                               "numbers go to RUN/metrics.json")
         evaluate_runs(args.runs, args.data, args.sizes)
         return 0
     if args.choose_input_size and (args.limit is not None or args.no_update):

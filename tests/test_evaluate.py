@@ -98,7 +98,7 @@ def test_pack_mask_round_trip():
     assert pack_mask(torch.tensor([True] + [False] * 7)) == "80"
 
 
-def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path):
+def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys):
     """lgam evaluate --runs: a run folder's model (SkipInit gains included) on val and on the images
     its --holdout kept out of training, at every size, with the misses packed for paired tests."""
     import json
@@ -129,3 +129,48 @@ def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path):
         wrong = unpack_mask(metrics[f"val_misses_{s}"], 9)
         assert metrics[f"val_top1_err_{s}"] == pytest.approx(100 * wrong.double().mean().item(), abs=0.01)
         assert 0 <= metrics[f"holdout_top1_err_{s}"] <= 100
+    _evaluate_runs_refusals(out / "resnet18", data, tmp_path, capsys)
+
+
+def _evaluate_runs_refusals(run, data, tmp_path, capsys):
+    """What ``--runs`` once let through: options it ignored (--limit scored every image, --out
+    wrote nothing), an unfinished run (its numbers would enter Table 4), other classes (labels
+    silently wrong), a folder that is no run (a traceback after decoding val): each now an error,
+    exit 2, before any image is decoded; metrics.json is left as it was."""
+    import json
+    import shutil
+
+    def refused(argv, message):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    before = (run / "metrics.json").read_bytes()
+    args = ["evaluate", "--runs", str(run), "--data", str(data), "--sizes", "16"]
+    refused(args + ["--limit", "2", "--out", str(tmp_path / "t.md")], "--limit, --out do not apply")
+    refused(["evaluate", "--runs", str(tmp_path), "--data", str(data)], "not an lgam train run folder")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished)
+    config = json.loads((unfinished / "config.json").read_text())
+    config["recipe"]["epochs"] = 2
+    (unfinished / "config.json").write_text(json.dumps(config))
+    refused(["evaluate", "--runs", str(unfinished), "--data", str(data)], "has finished 1 of its 2 epochs")
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        for c, name in enumerate(CLASSES):
+            shutil.copytree(data / split / name, other / split / f"x{name}")
+    refused(["evaluate", "--runs", str(run), "--data", str(other)], "the labels would not match")
+    assert (run / "metrics.json").read_bytes() == before
+
+
+def test_evaluate_runs_messages(tmp_path, capsys):
+    from lgam.evaluate import _finished_run_config
+    from lgam.errors import UsageError
+
+    with pytest.raises(UsageError, match="not an lgam train run folder"):
+        _finished_run_config(tmp_path)
+    assert main(["evaluate", "--runs", str(tmp_path), "--data", str(tmp_path), "--limit", "3",
+                 "--no-update"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: with --runs, --limit, --no-update do not apply") and "Traceback" not in err
