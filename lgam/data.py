@@ -260,6 +260,8 @@ def load_split(
     """Decode every image of ``split`` once. ``size``: resize each image to ``size x size`` on
     decode (default: the first image's size, others resized to it). ``limit``: at most that many
     images, spread evenly over the sorted list."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of images, got {limit}")
     source = _find_source(data, split)
     if source[0] == "cifar":
         return _load_cifar(source[1], split, size, limit)

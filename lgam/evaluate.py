@@ -27,6 +27,7 @@ from ._format import format_or_dash
 from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update_metrics
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, load_split, resize_normalize, split_holdout
 from .models import create_model
+from .device import resolve_device
 from .errors import UsageError
 from .params import cost_metrics
 
@@ -197,13 +198,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help=f"input sizes (default {' '.join(map(str, SIZES))}; the app's size is added)")
     p.add_argument("--choose-input-size", action="store_true",
                    help="set the evaluated models' input_size (the app's) to the size among --sizes "
-                        "with the lowest mean error")
+                        "with the lowest mean val error: chosen on val, the val numbers then favour it "
+                        "(with held-out runs, lgam table4 RUNS --checkpoints DIR chooses on those)")
     p.add_argument("--limit", type=int,
                    help="evaluate on at most N val images (spread over classes); the manifest is "
                         "then left as it is")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--latency-reps", type=int, default=10)
-    p.add_argument("--device", default="cpu", help="device for the error computation (latency is CPU)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N: device for the error "
+                   "computation (latency is CPU)")
     p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
     p.add_argument("--no-update", action="store_true", help="do not write metrics to the manifest")
     p.add_argument("--runs", nargs="+", type=Path, metavar="RUN",
@@ -271,8 +274,12 @@ def main(args: argparse.Namespace) -> int:
     if args.choose_input_size and (args.limit is not None or args.no_update):
         raise UsageError("--choose-input-size needs the full val split and a manifest update "
                          "(drop --limit / --no-update)")
+    try:
+        device = str(resolve_device(args.device))  # before minutes of decoding
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     rows = evaluate_checkpoints(args.checkpoints, args.data, args.models, args.sizes, args.limit,
-                                args.batch_size, args.latency_reps, not args.no_update, args.device)
+                                args.batch_size, args.latency_reps, not args.no_update, device)
     if args.limit is not None and not args.no_update:
         print(f"note: --limit {args.limit}: numbers of a subset, the manifest is left as it is",
               file=sys.stderr)

@@ -157,8 +157,7 @@ def main(args: argparse.Namespace) -> int:
     engine = CamEngine.from_checkpoints(args.checkpoints, {n: FIGURE5_MODELS[n] for n in names},
                                         device=args.device, precision=args.precision)
     if not engine.available:
-        print(f"error: {engine.setup_message}", file=sys.stderr)
-        return 1
+        raise UsageError(engine.setup_message or "no model could be loaded")
     for name, why in engine.unavailable.items():
         print(f"warning: {name} unavailable: {why}", file=sys.stderr)
     comps = engine.compare(images, target=args.target, method=args.method,

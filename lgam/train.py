@@ -311,14 +311,22 @@ def _settings(run: _Run, name: str, stem: str | None) -> dict[str, Any]:
     }
 
 
+def check_fresh_start(directory: Path, resume: bool) -> bool:
+    """Whether run folder ``directory`` holds a saved state; :class:`TrainError` if it does and
+    ``resume`` is off (a new run would overwrite it)."""
+    if not (directory / STATE_JSON).exists():
+        return False
+    if not resume:
+        raise TrainError(f"{directory / STATE_JSON} exists: pass --resume to continue that run, "
+                         "or choose another --out")
+    return True
+
+
 def _resume(run: _Run, tr: _Trainee, resume: bool) -> dict[str, list[int]] | None:
     """Load ``tr``'s saved state, if there is one (refused without ``resume`` or with other
     settings); returns the saved generator states, or None for a fresh start."""
-    if not (tr.directory / STATE_JSON).exists():
+    if not check_fresh_start(tr.directory, resume):
         return None
-    if not resume:
-        raise TrainError(f"{tr.directory / STATE_JSON} exists: pass --resume to continue that run, "
-                         "or choose another --out")
     tr.epoch, generators = load_state(tr.directory, tr.model, tr.optimizer, tr.settings, run.device)
     tr.records = read_log(tr.directory, tr.epoch)
     return generators
@@ -564,6 +572,11 @@ def main(args: argparse.Namespace) -> int:
         unknown = [m for m in args.models if m not in list_models()]
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; available: {', '.join(list_models())}")
+        for flag, value in (("--val-size", args.val_size), ("--decode-size", args.decode_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be a positive number of pixels, got {value}")
+        for name in args.models:  # before minutes of decoding
+            check_fresh_start(Path(args.out) / name, args.resume)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from _helpers import REPO
+
 from lgam.cli import COMMANDS, HelpFormatter, main, plain_text
 
 #: reStructuredText markup that must not reach a terminal
@@ -94,3 +96,24 @@ def test_help_formatter():
                   "see main (default: a)"):
         assert shown in flat + " ", shown
     assert flat.count("(default:") == 6 and "image files (default" not in flat
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["params", "--models", "resnet19"], "unknown model 'resnet19'"),
+    (["gates", "--data", "nowhere", "--limit", "0", "--checkpoints", str(REPO / "checkpoints")],
+     "limit must be a positive number"),
+    (["figure5", "x.png", "--checkpoints", "/nonexistent-lgam", "--out", "f.png"], ""),
+    (["evaluate", "--data", "nowhere", "--device", "gpu0", "--checkpoints", str(REPO / "checkpoints")],
+     "unknown device 'gpu0'"),
+    (["train", "--data", "nowhere", "--model", "resnet18", "--out", "o", "--val-size", "0"],
+     "--val-size must be a positive"),
+])
+def test_mistakes_are_one_error_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    """Each of these once ended in a traceback or exit 1."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

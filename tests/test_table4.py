@@ -178,3 +178,29 @@ def test_cli_schedule_section_names_both_lengths_from_the_recipes(runs, capsys):
     # no 80-epoch runs: a usage error naming what is missing
     assert main(["table4", str(runs), "--size", "160", "--schedule", "80"]) != 0
     assert "seedK-80ep" in capsys.readouterr().err
+
+
+def test_t_quantile_past_the_table():
+    """Past 10 degrees of freedom the interval once used the normal's 1.96: at 12 seeds (t = 2.201)
+    11 % too narrow."""
+    from lgam.table4 import t975
+
+    assert t975(11) == pytest.approx(2.201) and t975(30) == pytest.approx(2.042)
+    for df, t in [(31, 2.0395), (40, 2.0211), (60, 2.0003), (120, 1.9799)]:  # scipy's t.ppf(0.975)
+        assert t975(df) == pytest.approx(t, abs=2e-4)
+
+
+def test_a_model_without_a_seed_in_common_with_the_base_gets_dashes(runs, tmp_path):
+    _write(runs, "resnet18_lgam", 7, {128: 25.0, 160: 23.0}, {128: 30.0, 160: 25.0}, [False] * N_VAL)
+    from lgam.table4 import format_table4
+
+    row = [l for l in format_table4(read_runs(runs), 160).splitlines() if l.startswith("| LGAM ")][0]
+    assert row.endswith("| 23.00 | — | — |")
+
+
+@pytest.mark.parametrize("extra, message", [(["--base", "resnet18x"], "no runs of --base resnet18x"),
+                                            (["--size", "999"], "no run has a val error at 999 px")])
+def test_cli_refuses_a_base_or_size_the_runs_lack(runs, capsys, extra, message):
+    assert main(["table4", str(runs), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ..attention import ATTENTION, attention_placement
+from ..errors import UsageError
 from .resnet import ResNet
 from .resnext import ResNeXt
 from .wrn import WideResNet
@@ -69,7 +70,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     """The full keyword arguments ``create_model(name, **overrides)`` passes to the builder."""
     if name not in _MODELS:
         close = [n for n in _MODELS if n.startswith(name.split("_")[0])][:8]
-        raise ValueError(
+        raise UsageError(
             f"unknown model {name!r}; see lgam.list_models()" + (f" (e.g. {close})" if close else "")
         )
     given = {k: v for k, v in overrides.items() if v is not None}
