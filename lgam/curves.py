@@ -31,6 +31,8 @@ def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
     for folder in map(Path, folders):
         for log in sorted(folder.glob(pattern)):
             model = log.parent.name if seed is None else log.parent.parent.name
+            if model in logs:
+                raise UsageError(f"{model} has a log in more than one folder ({log}): pass one of them")
             lines = log.read_text().splitlines()
             try:
                 logs[model] = [json.loads(line) for line in lines if line.strip()]
@@ -46,7 +48,7 @@ def read_logs(folders: Sequence[str | Path], models: Sequence[str] | None = None
         return {m: logs[m] for m in models}
     if not logs:
         hint = " (runs kept per seed, MODEL/seedK/: pass --seed K)" if seed is None and any(
-            Path(f).glob("*/seed*/log.jsonl") for f in folders) else ""
+            next(Path(f).glob("*/seed*/log.jsonl"), None) for f in folders) else ""
         raise UsageError(f"no {pattern} under {[str(f) for f in folders]}{hint}")
     return logs
 
@@ -56,6 +58,8 @@ def read_seed_logs(folders: Sequence[str | Path], seeds: Sequence[int], models: 
     """``{model: [records of each seed]}`` from ``FOLDER/MODEL/seedK/log.jsonl`` for every seed in
     ``seeds`` (:func:`read_logs` per seed). Every model needs every seed: a model that lacks one
     is a :class:`~lgam.errors.UsageError` naming it, not a mean over fewer seeds."""
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"seeds {list(seeds)} name one seed twice: its run would count twice in the mean")
     per_seed = {k: read_logs(folders, models, k) for k in seeds}
     found = list(dict.fromkeys(m for logs in per_seed.values() for m in logs))
     missing = {m: [k for k, logs in per_seed.items() if m not in logs] for m in found}

@@ -134,3 +134,21 @@ def test_a_model_without_every_seed_is_named_not_averaged_over_fewer(tmp_path, c
     assert list(read_seed_logs([runs], [0, 1], ["resnet18"])) == ["resnet18"]
     assert main(["curves", str(runs), "--seed", "0", "1", "--out", str(tmp_path / "c.png")]) == 2
     assert "resnet18_se seed 1" in capsys.readouterr().err
+
+
+def test_the_seed_hint_only_where_there_are_seed_folders_and_no_silent_overwrite(tmp_path):
+    """The --seed hint once showed for any empty folder (a generator is always true); a model
+    logged in two folders kept the last one read; --seed 0 0 counted one run twice."""
+    import pytest
+
+    from lgam.errors import UsageError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as e:
+        read_logs([tmp_path / "empty"])
+    assert "--seed" not in str(e.value)
+    a, b = _runs(tmp_path / "a"), _runs(tmp_path / "b")
+    with pytest.raises(UsageError, match="more than one folder"):
+        read_logs([a, b])
+    with pytest.raises(UsageError, match="one seed twice"):
+        read_seed_logs([_seeded(tmp_path / "s")], [0, 0])
