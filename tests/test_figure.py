@@ -81,8 +81,8 @@ def test_cli_errors(app_checkpoints, tmp_path, capsys):
     good = tmp_path / "good.png"
     synthetic_image(0).save(good)
     assert lgam_main(["figure5", str(good), "--out", str(out), "--checkpoints",
-                      str(tmp_path / "none")]) == 1
-    assert "no manifest.json" in capsys.readouterr().err
+                      str(tmp_path / "none")]) == 2  # once 1: every lgam mistake exits 2
+    assert capsys.readouterr().err.startswith("error: no manifest.json")
     assert lgam_main(["figure5", str(good), "--out", str(tmp_path / "x.gif"), "--checkpoints",
                       str(app_checkpoints)]) == 2
     assert lgam_main(["figure5", str(good), "--out", str(out), "--checkpoints",
