@@ -228,6 +228,29 @@ def test_library_methods(models, method):
     assert all(not p.requires_grad for p in model.parameters())
 
 
+def test_each_method_name_runs_that_method(models):
+    """Shape and range checks would pass if every name ran Grad-CAM: each method's map equals the
+    pytorch-grad-cam class of that name run directly, and differs from Grad-CAM's."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = models["resnet18_se"]
+    x = torch.randn(1, 3, 128, 128)
+    grad = library_cam(model, x, [3], "gradcam")
+    classes = {"gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM,
+               "eigencam": pgc.EigenCAM, "hirescam": pgc.HiResCAM}
+    for method, cls in classes.items():
+        got = library_cam(model, x, [3], method)
+        with cls(model=model, target_layers=[model.cam_target_layer()]) as cam:
+            want = cam(input_tensor=x.clone().requires_grad_(True), targets=[ClassifierOutputTarget(3)])
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=method)
+        # behind a global average pool the gradient is the same at every position, so XGradCAM's
+        # and HiResCAM's maps are Grad-CAM's; the other three weigh it otherwise
+        if method in ("gradcam++", "layercam", "eigencam"):
+            assert np.abs(got - grad).max() > 0.05, method
+    assert _hooks(model) == 0
+
+
 def test_library_gradcam_equals_fast_path(models):
     model = models["resnet18_cbam"]
     x = torch.randn(2, 3, 96, 96)

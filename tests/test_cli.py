@@ -102,7 +102,7 @@ def test_help_formatter():
     (["params", "--models", "resnet19"], "unknown model 'resnet19'"),
     (["gates", "--data", "nowhere", "--limit", "0", "--checkpoints", str(REPO / "checkpoints")],
      "limit must be a positive number"),
-    (["figure5", "x.png", "--checkpoints", "/nonexistent-lgam", "--out", "f.png"], ""),
+    (["figure5", "x.png", "--checkpoints", "/nonexistent-lgam", "--out", "f.png"], "no manifest.json"),
     (["evaluate", "--data", "nowhere", "--device", "gpu0", "--checkpoints", str(REPO / "checkpoints")],
      "unknown device 'gpu0'"),
     (["train", "--data", "nowhere", "--model", "resnet18", "--out", "o", "--val-size", "0"],

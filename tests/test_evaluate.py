@@ -128,7 +128,16 @@ def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys)
     for s in (16, 24):
         wrong = unpack_mask(metrics[f"val_misses_{s}"], 9)
         assert metrics[f"val_top1_err_{s}"] == pytest.approx(100 * wrong.double().mean().item(), abs=0.01)
-        assert 0 <= metrics[f"holdout_top1_err_{s}"] <= 100
+    # the held-out error picks the shipped input size: it is the run's model on exactly the
+    # images --holdout 2 kept out of training, at each size
+    from lgam.data import load_split, split_holdout
+    from lgam.evaluate import load_run_model, misses
+
+    model, held = load_run_model(out / "resnet18"), split_holdout(load_split(data, "train"), 2)[1]
+    assert len(held) == 6
+    for s in (16, 24):
+        want = round(100 * misses(model, held, s).double().mean().item(), 2)
+        assert metrics[f"holdout_top1_err_{s}"] == want
     _evaluate_runs_refusals(out / "resnet18", data, tmp_path, capsys)
 
 

@@ -63,9 +63,10 @@ def test_sge_group_maps_and_their_mean(channels_last, h, w):
     torch.testing.assert_close(gates["spatial"], groups.mean(1, keepdim=True))
 
 
-@pytest.mark.parametrize("side", [3, 6], ids=["hw<c", "hw>=c"])
-def test_lgam_spatial_map_is_eq6(side):
-    """M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6), on both computation routes."""
+@pytest.mark.parametrize("side", [3, 6])
+def test_lgam_spatial_map_is_eq6(side, lgam_path):
+    """M_spat = sigmoid(ReLU(sum over channels of A')), eqs (5)-(6), on both computation routes
+    (the op and the plain tensor ops, whose recorded gates come from other formulas)."""
     torch.manual_seed(0)
     m = LGAM(32, groups=4, reduction=2).eval()
     x = torch.randn(2, 32, side, side)
@@ -88,9 +89,12 @@ def test_bam_gate_averaged_over_channels():
                                          ("resnet18_sge", [1, 2, 3, 4]), ("resnet18", [])])
 def test_one_forward_per_batch_and_nothing_left_behind(name, stages):
     model = lgam.create_model(name, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    state = copy.deepcopy(model.state_dict())
     calls = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
-    x = torch.randn(2, 3, 64, 64)
     gates = attention_gates(model, x)
     handle.remove()
     assert len(calls) == 1 and list(gates) == stages
@@ -102,8 +106,9 @@ def test_one_forward_per_batch_and_nothing_left_behind(name, stages):
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
         assert not getattr(m, "record_gates", False) and getattr(m, "last_gates", None) is None
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), copy.deepcopy(model)(x))  # recording changed nothing
+    with torch.no_grad():  # recording changed nothing: output, weights, BN statistics, mode
+        torch.testing.assert_close(model(x), before)
+    assert not model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_stage_names():
@@ -111,16 +116,19 @@ def test_stage_names():
     assert stage_of("backbone.layer4.0.attention") == 4 and stage_of("fc") is None
 
 
-def test_lgam_records_its_group_channel_gates_in_eval_mode():
-    """LGAM's eq-(2) gates M_k of every group, side by side as (B, C), in eval mode; in train mode
-    recording them would move BN's running statistics twice, so only the spatial map is kept."""
+def test_lgam_records_its_group_channel_gates_in_eval_mode(lgam_path):
+    """LGAM's eq-(2) gates M_k of every group, side by side as (B, C), in eval mode, on both
+    computation routes; in train mode recording them would move BN's running statistics twice, so
+    only the spatial map is kept. The oracle is the reference's ladder: M_k of z_k = x_k + y_(k-1)."""
     torch.manual_seed(0)
     lg = LGAM(32, groups=4, reduction=2)
     x = torch.randn(3, 32, 5, 5)
     lg.train()(torch.randn(8, 32, 5, 5))  # BN statistics of real input
     lg.eval()
-    pooled = x.mean(dim=(2, 3)).view(3, 4, 8)
-    expected = (lg.group_scales(pooled) - 1).flatten(1)
+    with torch.no_grad():
+        _, ys = lgam_reference(lg, x, return_ladder=True)
+        zs = [x_k if k == 0 else x_k + ys[k - 1] for k, x_k in enumerate(x.chunk(4, dim=1))]
+        expected = torch.cat([lg.channel_attention[k](z.mean(dim=(2, 3))) for k, z in enumerate(zs)], 1)
     gates = _captured(lg, x)
     torch.testing.assert_close(gates["channel"], expected)
     assert gates["channel"].shape == (3, 32) and bool(((gates["channel"] >= 0.5) & (gates["channel"] <= 1)).all())
