@@ -18,9 +18,10 @@ from _helpers import REPO
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_app_within_a_second(app_checkpoints):
+def test_sigterm_stops_the_app_at_once(app_checkpoints):
     """With the six models loaded, as deployed: the interpreter's teardown alone took 1.4 s
-    (2.1 s in all; ``docker stop`` allows 2 s in our check, 10 s before it kills)."""
+    (2.1 s in all; ``docker stop`` allows 2 s in our check, 10 s before it kills). The bound,
+    1.5 s, sits between that and the fix's fraction of a second, with room for a busy machine."""
     from app.server import free_port, wait_until_serving
 
     port = free_port()
@@ -39,7 +40,7 @@ def test_sigterm_stops_the_app_within_a_second(app_checkpoints):
             proc.kill()
     assert rc == 0, proc.stdout.read()[-2000:]
     assert "6/6 models loaded" in proc.stdout.read()
-    assert took < 1.0, f"SIGTERM took {took:.1f} s"
+    assert took < 1.5, f"SIGTERM took {took:.1f} s"
 
 
 def _dockerfile() -> str:
