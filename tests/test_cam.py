@@ -201,9 +201,11 @@ def test_compare_result_fields(mem_engine, images):
     assert len({r.target for c in out for r in c.results}) > 2
 
 
-@pytest.mark.parametrize("bad", [-1, 20, "no such class", True, 2.5])
-def test_target_validation(mem_engine, images, bad):
-    with pytest.raises(CamError):
+@pytest.mark.parametrize("bad, message", [(-1, "out of range 0..19"), (20, "out of range 0..19"),
+                                          ("no such class", "unknown class"), (True, "class index or name"),
+                                          (2.5, "class index or name")])
+def test_target_validation(mem_engine, images, bad, message):
+    with pytest.raises(CamError, match=message):
         mem_engine.compare(images[0], target=bad)
 
 

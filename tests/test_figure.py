@@ -39,7 +39,7 @@ def test_save_formats(engine, images, tmp_path, suffix, magic):
 def test_save_rejects_unknown_suffix(engine, images, tmp_path):
     with pytest.raises(ValueError, match="png"):
         save_figure5(engine.compare(images[0]), tmp_path / "f.jpg")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one image"):
         figure5([])
 
 
