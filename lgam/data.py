@@ -65,6 +65,11 @@ class DecodedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def class_ids(self) -> list[str]:
+        """What fixes the labels: the folder ids (``wnids``), else the display names."""
+        return list(self.wnids or self.classes)
+
 
 # ------------------------------------------------------------------------------------------------
 # class lists

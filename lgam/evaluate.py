@@ -225,9 +225,9 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
     rows = []
     for run, config in zip(runs, configs):
         classes = config.get("classes")
-        if classes is not None and list(classes) != list(val.classes):
+        if classes is not None and list(classes) != val.class_ids:
             raise DataError(f"{run} was trained on classes {classes[:3]}... but the val data has "
-                            f"{val.classes[:3]}...: the labels would not match")
+                            f"{val.class_ids[:3]}...: the labels would not match")
         n = int(config.get("args", {}).get("holdout") or 0)
         if n and n not in held:
             held[n] = split_holdout(load_split(data, "train"), n)[1]

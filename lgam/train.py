@@ -176,7 +176,7 @@ def _setup_run(train_split: Any, val_split: Any | None, recipe: Recipe, device: 
     val = None
     if val_split is not None:
         val = (val_split.images.to(device), val_split.labels.to(device), DeviceAugment(val_size, train=False))
-    classes = list(getattr(train_split, "wnids", None) or train_split.classes)  # folder ids fix the labels
+    classes = train_split.class_ids  # folder ids fix the labels
     return _Run(recipe, seed, device, rank, world, autocast, channels_last, steps, local, micro, images,
                 labels, classes, shuffle_gen, aug_gen, criterion, val, val_size)
 

@@ -115,6 +115,10 @@ def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys)
                 img = rng.integers(0, 90, (16, 16, 3), dtype=np.uint8)
                 img[..., c] += 150
                 Image.fromarray(img).save(data / split / name / f"{i}.png")
+    # display names apart from the folder ids, as ImageNet-20's wnids and names: the class check
+    # once compared the run's ids with val's names and refused every real run
+    (data / "classes.tsv").write_text("index\twnid\tname\n" + "".join(
+        f"{i}\t{c}\tclass {c}\n" for i, c in enumerate(CLASSES)))
     out = tmp_path / "run"
     assert run_module("lgam.train", [
         "--data", str(data), "--out", str(out), "--model", "resnet18", "--stem", "cifar", "--epochs", "1",
