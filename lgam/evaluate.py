@@ -142,11 +142,7 @@ def evaluate_checkpoints(
     rows = []
     for name in names:
         model, entry = load_checkpoint(directory, name, map_location=device)
-        if entry["classes"] != split.classes:
-            raise DataError(
-                f"{name} was trained on classes {entry['classes'][:3]}... but the val data has "
-                f"{split.classes[:3]}...: the labels would not match; evaluate on the same class list"
-            )
+        _check_same_classes(name, entry["classes"], split.classes)
         metrics: dict[str, Any] = {
             f"val_top1_err_{s}": round(top1_error(model, split, s, entry["mean"], entry["std"],
                                                   batch_size), 2)
@@ -159,6 +155,13 @@ def evaluate_checkpoints(
             update_metrics(directory, name, metrics)
         rows.append({"model": name, "input_size": int(entry["input_size"]), **entry["metrics"], **metrics})
     return rows
+
+
+def _check_same_classes(what: str, trained: Sequence[str], data: Sequence[str]) -> None:
+    """:class:`DataError` unless ``what`` was trained on the class list the data has (in order)."""
+    if list(trained) != list(data):
+        raise DataError(f"{what} was trained on classes {list(trained)[:3]}... but the val data has "
+                        f"{list(data)[:3]}...: the labels would not match; evaluate on the same class list")
 
 
 def best_input_size(rows: list[dict[str, Any]], sizes: Sequence[int]) -> tuple[int, dict[int, float]]:
@@ -224,10 +227,8 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
     held: dict[int, DecodedSplit] = {}
     rows = []
     for run, config in zip(runs, configs):
-        classes = config.get("classes")
-        if classes is not None and list(classes) != val.class_ids:
-            raise DataError(f"{run} was trained on classes {classes[:3]}... but the val data has "
-                            f"{val.class_ids[:3]}...: the labels would not match")
+        if config.get("classes") is not None:
+            _check_same_classes(str(run), config["classes"], val.class_ids)
         n = int(config.get("args", {}).get("holdout") or 0)
         if n and n not in held:
             held[n] = split_holdout(load_split(data, "train"), n)[1]
@@ -257,14 +258,15 @@ def _finished_run_config(run: Path) -> dict[str, Any]:
     return {**config, "classes": meta.get("settings", {}).get("classes")}
 
 
-#: ``lgam evaluate`` options that apply to checkpoints only -> their defaults
-CHECKPOINT_ONLY = {"models": None, "choose_input_size": False, "limit": None, "batch_size": 64,
-                   "device": "cpu", "out": None, "no_update": False}
+#: ``lgam evaluate`` options that apply to checkpoints only (their defaults: :func:`configure_parser`)
+CHECKPOINT_ONLY = ("models", "choose_input_size", "limit", "batch_size", "device", "out", "no_update")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.runs:
-        given = [k for k, default in CHECKPOINT_ONLY.items() if getattr(args, k) != default]
+        defaults = argparse.ArgumentParser()
+        configure_parser(defaults)
+        given = [k for k in CHECKPOINT_ONLY if getattr(args, k) != defaults.get_default(k)]
         if given:
             raise UsageError("with --runs, " + ", ".join("--" + k.replace("_", "-") for k in given)
                              + " do not apply: a run is evaluated on the full val split and its "
