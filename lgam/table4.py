@@ -37,8 +37,9 @@ from .errors import UsageError
 from .evaluate import PAPER_TOP1_ERR, unpack_mask
 from .models import FIGURE5_MODELS
 
-__all__ = ["T975", "t975", "read_runs", "evaluated_sizes", "choose_size", "SeedSummary", "summarise", "paired_difference",
-           "mcnemar", "format_table4", "format_runs", "format_schedule", "seed_dir_name", "seeds_label", "table4_figure", "ship_input_size",
+__all__ = ["T975", "t975", "read_runs", "evaluated_sizes", "choose_size", "SeedSummary",
+           "summarise", "paired_difference", "mcnemar", "format_table4", "format_runs",
+           "format_schedule", "seed_dir_name", "seeds_label", "table4_figure", "ship_input_size",
            "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..30; :func:`t975` beyond)
