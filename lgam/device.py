@@ -4,11 +4,14 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_device", "cpu_has_native_bf16", "bf16_native", "cpu_name", "device_summary"]
+__all__ = ["resolve_device", "cuda_arch_problem", "cpu_has_native_bf16", "bf16_native", "cpu_name",
+           "device_summary"]
 
 # CPU flags (as Linux's /proc/cpuinfo spells them) that mean bfloat16 matrix multiplies in hardware:
 # x86 AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX-BF16 (Sapphire Rapids and later); Arm's
@@ -17,10 +20,12 @@ _BF16_FLAGS = {"x86_64": ("avx512_bf16", "amx_bf16"), "aarch64": ("bf16",)}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU. A bare ``"cuda"`` is this process's GPU
-    (``cuda:LOCAL_RANK`` under torchrun). Raises ``ValueError`` for CUDA without a GPU or a name
-    torch does not know."""
-    if device is None or str(device) == "auto":
+    """``None``/``"auto"`` -> CUDA when available and this torch build runs on its GPU, else CPU
+    (with a warning that says why). A bare ``"cuda"`` is this process's GPU (``cuda:LOCAL_RANK``
+    under torchrun). Raises ``ValueError`` for CUDA without a usable GPU or a name torch does not
+    know."""
+    auto = device is None or str(device) == "auto"
+    if auto:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
@@ -31,7 +36,32 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        problem = cuda_arch_problem(dev)
+        if problem and auto:
+            warnings.warn(f"{problem}; running on the CPU", RuntimeWarning, stacklevel=2)
+            return torch.device("cpu")
+        if problem:
+            raise ValueError(problem)
     return dev
+
+
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def cuda_arch_problem(device: torch.device) -> str | None:
+    """Why this torch build cannot run on the GPU ``device``, or ``None`` if it can: its GPU is
+    older than the oldest architecture the build has kernels for (``torch.cuda.get_arch_list()``;
+    PyPI's CUDA 13 wheels start at sm_75, so a V100 (7.0) fails with "no kernel image is
+    available"). A build that lists no ``sm_`` architecture is not judged."""
+    archs = [int(m.group(1)) for a in torch.cuda.get_arch_list() if (m := re.match(r"sm_(\d+)", a))]
+    if not archs:
+        return None
+    major, minor = _compute_capability(device)
+    if major * 10 + minor >= min(archs):
+        return None
+    return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) is older than "
+            f"this torch build supports (sm_{min(archs)} and newer; torch {torch.__version__})")
 
 
 def _cpu_flags(cpuinfo: str) -> set[str]:
@@ -63,9 +93,12 @@ def cpu_has_native_bf16(cpuinfo_path: str = "/proc/cpuinfo", machine: str | None
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether bf16 autocast + channels_last is the fast path on ``device``: CUDA, or a CPU with
-    native bf16 (:func:`cpu_has_native_bf16`)."""
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    """Whether bf16 autocast + channels_last is the fast path on ``device``: a GPU with bf16 tensor
+    cores (compute capability 8.0 and newer: Ampere, Ada, Hopper, Blackwell; a T4 or V100 emulates
+    bf16, slower than float32), or a CPU with native bf16 (:func:`cpu_has_native_bf16`)."""
+    if device.type == "cuda":
+        return _compute_capability(device) >= (8, 0)
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def cpu_name(cpuinfo_path: str = "/proc/cpuinfo") -> str:
