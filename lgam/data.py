@@ -27,7 +27,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .errors import LgamError
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
     "preprocess", "resize_normalize", "read_classes_tsv", "fetch", "DATASETS", "split_holdout",
+    "check_holdout",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -261,10 +262,13 @@ def load_split(
     skip_corrupt: bool = False,
     limit: int | None = None,
     workers: int | None = None,
+    check: Callable[[dict[str, int]], None] | None = None,
 ) -> DecodedSplit:
     """Decode every image of ``split`` once. ``size``: resize each image to ``size x size`` on
     decode (default: the first image's size, others resized to it). ``limit``: at most that many
-    images, spread evenly over the sorted list."""
+    images, spread evenly over the sorted list. ``check``: called with each class's number of
+    images (display name -> count, every class, in label order, after ``limit``) before anything
+    is decoded (image folders and shards), to refuse what would fail after minutes of decoding."""
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of images, got {limit}")
     source = _find_source(data, split)
@@ -278,6 +282,11 @@ def load_split(
     samples.sort(key=lambda s: (index[s.wnid], s.key))
     if limit is not None:
         samples = [samples[i] for i in _spread(len(samples), limit).tolist()]
+    if check is not None:
+        counts = dict.fromkeys(names, 0)
+        for sample in samples:
+            counts[names[index[sample.wnid]]] += 1
+        check(counts)
     if size is None:
         try:
             size = _decode(samples[0], None).shape[1]
@@ -304,19 +313,26 @@ def load_split(
     return DecodedSplit(images, labels, names, wnids, skipped)
 
 
+def check_holdout(counts: Mapping[str, int], per_class: int) -> None:
+    """Raise :class:`DataError` unless ``per_class`` images can be held out of every class of
+    ``counts`` (class name -> images) with at least one left to train on."""
+    if per_class < 0:
+        raise DataError(f"holdout must be >= 0 images per class, got {per_class}")
+    for name, n in counts.items():
+        if per_class and n <= per_class:
+            raise DataError(f"class {name!r} has {n} images: cannot hold out {per_class} and train on "
+                            "the rest")
+
+
 def split_holdout(split: DecodedSplit, per_class: int) -> tuple[DecodedSplit, DecodedSplit]:
     """``(rest, held_out)``: ``per_class`` images of every class set aside from ``split``, spread
     evenly over each class's images in their (file-name) order, so the slice depends on the data
     alone, never on a seed: every run that holds out the same number holds out the same images.
     A slice to choose settings on (the app's input size) without looking at val."""
-    if per_class < 0:
-        raise DataError(f"holdout must be >= 0 images per class, got {per_class}")
+    check_holdout({name: int((split.labels == c).sum()) for c, name in enumerate(split.classes)}, per_class)
     held = torch.zeros(len(split), dtype=torch.bool)
     for c in range(len(split.classes)):
         idx = (split.labels == c).nonzero().flatten()
-        if per_class and len(idx) <= per_class:
-            raise DataError(f"class {split.classes[c]!r} has {len(idx)} images: cannot hold out "
-                            f"{per_class} and train on the rest")
         held[idx[_spread(len(idx), per_class)]] = per_class > 0
 
     def part(mask: Tensor) -> DecodedSplit:

@@ -564,7 +564,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .data import DataError, load_split, split_holdout
+    from .data import DataError, check_holdout, load_split, split_holdout
 
     try:
         recipe = make_recipe(args.recipe, args.overrides, args.epochs)
@@ -587,8 +587,12 @@ def main(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         try:
+            def before_decoding(counts: dict[str, int]) -> None:  # what would fail minutes later
+                check_holdout(counts, args.holdout)
+                _batch_geometry(recipe, sum(counts.values()) - args.holdout * len(counts), world)
+
             train_split = load_split(args.data, "train", size=args.decode_size,
-                                     skip_corrupt=args.skip_corrupt, limit=args.limit)
+                                     skip_corrupt=args.skip_corrupt, limit=args.limit, check=before_decoding)
             train_split = split_holdout(train_split, args.holdout)[0]
             val_split = None if args.val_every == 0 else load_split(
                 args.data, "val", size=args.val_size, skip_corrupt=args.skip_corrupt, limit=args.limit)

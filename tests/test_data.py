@@ -227,6 +227,19 @@ def test_sample_writes_images_spread_over_classes(shards, tmp_path, capsys):
     assert "data error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_load_split_check_sees_each_class_count_before_decoding(source, folder, shards, monkeypatch):
+    seen = []
+    data = folder if source == "folder" else shards
+    D.load_split(data, "train", check=seen.append)
+    assert seen == [{f"name {w}": 4 for w in WNIDS}]  # display names, label order
+    D.load_split(data, "train", limit=5, check=seen.append)
+    assert list(seen[1].values()) == [2, 1, 2]  # after --limit's even spread
+    monkeypatch.setattr(D, "_decode", lambda *_: pytest.fail("decoded before the check refused"))
+    with pytest.raises(D.DataError, match="cannot hold out 4"):
+        D.load_split(data, "train", check=lambda counts: D.check_holdout(counts, 4))
+
+
 def test_split_holdout_sets_aside_the_same_images_per_class(folder):
     full = D.load_split(folder, "train")
     rest, held = D.split_holdout(full, 1)

@@ -17,6 +17,7 @@ from _helpers import REPO
 from lgam.checkpoints import load_checkpoint
 from lgam.cli import run_module
 from lgam.params import count_params
+import lgam.data
 import lgam.errors
 import lgam.train
 from lgam.recipes import RECIPES, TrainError, lr_at, make_recipe, param_groups, train_size_at
@@ -484,3 +485,19 @@ def test_branch_rms_is_applied_when_a_run_starts(tiny_data, tmp_path):
     assert all(abs(standard[k].float().mean() - 1.0) < 0.1 for k in bn2)
     config = json.loads((tmp_path / "a" / "resnet18" / "config.json").read_text())
     assert config["recipe"]["branch_rms"] == 0.5
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--holdout", "8"), "class 'blue' has 8 images: cannot hold out 8"),
+    (("--holdout", "3", "--set", "batch_size=16"), "15 training images are fewer than one batch (16)"),
+    (("--set", "batch_size=32"), "24 training images are fewer than one batch (32)"),
+])
+def test_holdout_and_batch_size_are_refused_before_decoding(tiny_data, tmp_path, monkeypatch, capsys,
+                                                            args, message):
+    """Known from the file listing, so found before a real data set's minutes of decoding."""
+    def no_decoding(*_):
+        raise AssertionError("decoded an image before refusing")
+
+    monkeypatch.setattr(lgam.data, "_decode", no_decoding)
+    assert _train(tiny_data, tmp_path, "--model", "resnet18", *args) == 2
+    assert message in capsys.readouterr().err
