@@ -1,10 +1,12 @@
 """Registry, backbones, exact parameter counts, attention placement, safetensors round trip."""
+import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import lgam
 from lgam.attention import ATTENTION
+from lgam.errors import UsageError
 from lgam.models import FIGURE5_MODELS
 from lgam.models.registry import BACKBONES
 from lgam.params import PAPER_PARAMS_M, count_macs, count_params, format_markdown, param_table
@@ -37,6 +39,33 @@ def test_an_attention_given_to_a_backbone_goes_where_its_registered_name_puts_it
         type(m).__name__ for m in registered.stage_attention]
     assert count_params(lgam.create_model("resnet18", attention="se")) == count_params(
         lgam.create_model("resnet18_se"))
+
+
+def test_a_backbone_given_an_attention_is_named_as_its_registered_variant(tmp_path):
+    """Named ``resnet18`` it once saved over the plain model's checkpoint (and the app showed BAM's
+    heatmap as ResNet18's)."""
+    from lgam.checkpoints import load_checkpoint, save_checkpoint
+
+    bam = lgam.create_model("resnet18", num_classes=3, attention="bam")
+    assert bam.model_name == "resnet18_bam" and "attention" not in bam.model_kwargs
+    rebuilt = lgam.create_model(bam.model_name, **bam.model_kwargs)
+    assert count_params(rebuilt) == count_params(bam)
+    save_checkpoint(bam, tmp_path, classes=["a", "b", "c"])
+    assert [p.name for p in tmp_path.glob("resnet18-*")] == []
+    assert type(load_checkpoint(tmp_path, "resnet18_bam")[0].stage_attention[0]).__name__ == "BAM"
+    assert lgam.create_model("resnet18", attention=None).model_name == "resnet18"
+    assert lgam.create_model("resnet18_se", attention="se").model_name == "resnet18_se"
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("resnet18_lgam", {"attention": "se"}, "'resnet18_lgam' has 'lgam' attention, not 'se': build 'resnet18_se'"),
+    ("resnet18_lgam", {"attention": None}, "not None: build 'resnet18' instead"),
+    ("resnet18", {"attention_kwargs": {"groups": 4}}, "'resnet18' has no attention module"),
+    ("resnet18", {"attention": "eca"}, "unknown attention 'eca'"),
+])
+def test_contradictory_attention_arguments_are_refused(name, kwargs, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        lgam.create_model(name, **kwargs)
 
 
 # feature-map stride at layer4: ResNets downsample in four stages, WRN/ResNeXt in three

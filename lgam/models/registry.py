@@ -66,13 +66,42 @@ def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
     return sorted(n for n in _MODELS if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
-def model_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """The full keyword arguments ``create_model(name, **overrides)`` passes to the builder."""
+def _check_known(name: str) -> None:
     if name not in _MODELS:
         close = [n for n in _MODELS if n.startswith(name.split("_")[0])][:8]
         raise UsageError(
             f"unknown model {name!r}; see lgam.list_models()" + (f" (e.g. {close})" if close else "")
         )
+
+
+def _canonical_name(name: str, kwargs: dict[str, Any]) -> str:
+    """The registered name of what ``create_model(name, **kwargs)`` builds: a backbone given
+    ``attention="bam"`` is ``<backbone>_bam`` (so its checkpoint cannot overwrite the plain
+    backbone's), ``attention`` then leaves ``kwargs``. An attention that contradicts the name, or
+    ``attention_kwargs`` for a model without attention, is a :class:`UsageError`."""
+    _check_known(name)
+    registered = _DEFAULTS[name].get("attention")
+    if "attention" in kwargs:
+        wanted = kwargs["attention"]
+        if wanted is not None and wanted not in ATTENTION:
+            raise UsageError(f"unknown attention {wanted!r}; choose one of {list(ATTENTION)} or None")
+        if registered is not None and wanted != registered:
+            backbone = name[: -len(registered) - 1]
+            raise UsageError(f"{name!r} has {registered!r} attention, not {wanted!r}: build "
+                             f"{backbone + ('_' + wanted if wanted else '')!r} instead")
+        del kwargs["attention"]
+        if registered is None and wanted is not None:
+            name = f"{name}_{wanted}"
+            registered = wanted
+    if kwargs.get("attention_kwargs") and registered is None:
+        raise UsageError(f"{name!r} has no attention module: attention_kwargs "
+                         f"{kwargs['attention_kwargs']} would be ignored (give attention=... too)")
+    return name
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full keyword arguments ``create_model(name, **overrides)`` passes to the builder."""
+    _check_known(name)
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = dict(_DEFAULTS[name])
     if given.get("attention") in ATTENTION and "placement" not in given:  # BAM between stages
@@ -89,13 +118,16 @@ def create_model(
     """Build a registered model. ``stem=None`` keeps the backbone's default (``imagenet`` for the
     ResNets, ``cifar`` for WRN and ResNeXt). Extra ``kwargs`` (e.g. ``attention_kwargs={"groups":
     8}``) go to the builder. The model gets ``model_name`` and ``model_kwargs`` attributes, so
-    ``create_model(m.model_name, **m.model_kwargs)`` rebuilds it. ``pretrained=False`` is
-    accepted (timm's argument); there are no weights to download: trained models load from a
-    checkpoint folder (:func:`lgam.checkpoints.load_checkpoint`).
+    ``create_model(m.model_name, **m.model_kwargs)`` rebuilds it; a backbone given ``attention=``
+    is named as its registered variant (``create_model("resnet18", attention="bam").model_name ==
+    "resnet18_bam"``). ``pretrained=False`` is accepted (timm's argument); there are no weights to
+    download: trained models load from a checkpoint folder
+    (:func:`lgam.checkpoints.load_checkpoint`).
     """
     if kwargs.pop("pretrained", False):
         raise ValueError("lgam downloads no pretrained weights: load a trained model from a checkpoint "
                          "folder with lgam.checkpoints.load_checkpoint(directory, name)")
+    name = _canonical_name(name, kwargs)
     cfg = model_config(name, num_classes=num_classes, stem=stem, **kwargs)
     model = _MODELS[name](**cfg)
     model.model_name = name
