@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Sequence
+import operator
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from torch import Tensor, nn
 
 from .errors import LgamError
 
-__all__ = ["METHODS", "CamError", "fast_gradcam", "library_cam", "overlay", "inference_copy",
-           "supports_fast_path"]
+__all__ = ["METHODS", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
+           "inference_copy", "supports_fast_path"]
 
 #: CAM method names (``gradcam`` uses the no-backward fast path)
 METHODS: tuple[str, ...] = (
@@ -36,9 +37,19 @@ METHODS: tuple[str, ...] = (
 )
 
 
+#: class indices, one per image: a ``(B,)`` integer tensor or array, or a sequence of ints
+Targets = Union[Tensor, np.ndarray, Sequence[int]]
+
+
 class CamError(LgamError, ValueError):
     """A bad CAM request (unknown method or class, no images, opacity out of range); the message
     is for the user."""
+
+
+def check_method(method: str) -> None:
+    """:class:`CamError` unless ``method`` is one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise CamError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def supports_fast_path(model: nn.Module) -> bool:
@@ -69,6 +80,21 @@ def _scale(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return scale_cam_image(scale_cam_image(cams.astype(np.float32), size))
 
 
+def _target_list(targets: Targets) -> list[int]:
+    """``targets`` as a list of ints: a tensor or array of any shape with one index per image, or
+    a sequence of ints (NumPy's and 0-d tensors included); floats are refused, not truncated."""
+    if isinstance(targets, (Tensor, np.ndarray)):
+        kind = "f" if isinstance(targets, Tensor) and targets.is_floating_point() else (
+            "i" if isinstance(targets, Tensor) else targets.dtype.kind)
+        if kind not in "iub":
+            raise CamError(f"targets must be integer class indices, got {targets.dtype} values")
+        return [int(t) for t in targets.reshape(-1).tolist()]
+    try:
+        return [operator.index(t) for t in targets]
+    except TypeError:
+        raise CamError(f"targets must be class indices, one per image, got {targets!r}") from None
+
+
 def _check_targets(targets: Sequence[int], batch: int, num_classes: int | None) -> None:
     """One class index per image, each in ``0..K-1`` (pytorch-grad-cam swallows the IndexError of a
     class out of range, and a negative index would silently pick a class from the end)."""
@@ -87,23 +113,25 @@ def _check_eval(model: nn.Module) -> None:
 
 
 def fast_gradcam(
-    model: nn.Module, x: Tensor, targets: Tensor | None = None
+    model: nn.Module, x: Tensor, targets: Targets | None = None
 ) -> tuple[Tensor, np.ndarray]:
     """Grad-CAM on the last feature map (``model.forward_features``) without a backward pass.
 
-    x: ``(B, 3, H, W)``; targets: ``(B,)`` class indices or ``None`` (each image's top-1); the
-    model in eval mode (:class:`CamError` otherwise, as for a target out of range).
+    x: ``(B, 3, H, W)``; targets: ``(B,)`` class indices (a tensor, array or list) or ``None``
+    (each image's top-1); the model in eval mode (:class:`CamError` otherwise, as for a target out
+    of range).
     Returns ``(probs (B, K) float32 on x's device, cams (B, H, W) float32 numpy in [0, 1])``.
     Equal to ``GradCAM(model, [model.cam_target_layer()])(x, targets)`` up to float rounding.
     """
     _check_eval(model)
     if targets is not None:
-        _check_targets(targets.reshape(-1).tolist(), x.shape[0], model.fc.out_features)
+        targets = _target_list(targets)
+        _check_targets(targets, x.shape[0], model.fc.out_features)
     with torch.inference_mode():
         feats = model.forward_features(x)  # (B, C, h, w)
         logits = model.forward_head(feats)  # (B, K)
         probs = torch.softmax(logits.float(), dim=1)
-        tgt = probs.argmax(1) if targets is None else targets.to(probs.device)
+        tgt = probs.argmax(1) if targets is None else torch.tensor(targets, device=probs.device)
         h, w = feats.shape[-2:]
         weights = model.fc.weight[tgt].float() / (h * w)  # (B, C): d logit_t / d A_c(i, j)
         with torch.autocast(x.device.type, enabled=False):  # the map in float32 under autocast too
@@ -115,6 +143,7 @@ def fast_gradcam(
 def _method_class(method: str):
     import pytorch_grad_cam as pgc
 
+    check_method(method)
     return {
         "gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
         "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM, "hirescam": pgc.HiResCAM,
@@ -122,9 +151,10 @@ def _method_class(method: str):
     }[method]
 
 
-def library_cam(model: nn.Module, x: Tensor, targets: Sequence[int], method: str) -> np.ndarray:
+def library_cam(model: nn.Module, x: Tensor, targets: Targets | None, method: str) -> np.ndarray:
     """pytorch-grad-cam's ``method`` on ``model.cam_target_layer()`` (the last feature map) in
-    float32: ``(B, H, W)`` in [0, 1]. x: ``(B, 3, H, W)``; targets: one class index per image.
+    float32: ``(B, H, W)`` in [0, 1]. x: ``(B, 3, H, W)``; targets: one class index per image, or
+    ``None`` (each image's top-1, as pytorch-grad-cam chooses it).
 
     The model must be float32 with frozen weights (``requires_grad=False``: the input carries the
     gradient, and no ``.grad`` of the caller's is touched; :func:`inference_copy` makes such a
@@ -137,14 +167,17 @@ def library_cam(model: nn.Module, x: Tensor, targets: Sequence[int], method: str
     cls = _method_class(method)
     _check_library_model(model)
     fc = getattr(model, "fc", None)
-    _check_targets(list(targets), x.shape[0], fc.out_features if isinstance(fc, nn.Linear) else None)
+    if targets is not None:
+        targets = _target_list(targets)
+        _check_targets(targets, x.shape[0], fc.out_features if isinstance(fc, nn.Linear) else None)
     xin = x.detach().float().clone().requires_grad_(True)
     was_training = model.training
     try:
         with torch.enable_grad(), cls(model=model, target_layers=[model.cam_target_layer()]) as cam:
             if method == "scorecam":
                 cam.batch_size = 64
-            out = cam(input_tensor=xin, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+            wanted = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
+            out = cam(input_tensor=xin, targets=wanted)
     finally:
         model.train(was_training)
     return np.asarray(out, dtype=np.float32)
@@ -176,6 +209,10 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5, cmap: str =
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
     c = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
+    if c.ndim == 3 and c.shape[0] == 1:  # one image's map as fast_gradcam returns a batch of one
+        c = c[0]
+    if c.ndim != 2 or 0 in c.shape:
+        raise CamError(f"overlay needs one (h, w) map, got shape {c.shape} (index a batch: cams[i])")
     if c.shape != (h, w):
         c = cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR)
     lut = _colormap_lut(cmap)

@@ -9,6 +9,7 @@ took. One model failing leaves the others' results intact.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import nullcontext
@@ -23,9 +24,10 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .attention import GateRecorder, capture_gates, stage_gate
-from .cam import METHODS, CamError, fast_gradcam, inference_copy, library_cam, supports_fast_path
+from .cam import CamError, check_method, fast_gradcam, inference_copy, library_cam, supports_fast_path
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .device import bf16_native, resolve_device
+from .imageio import ImageSource, load_image
 from .models import FIGURE5_MODELS
 
 __all__ = ["CamEngine", "ModelResult", "ImageComparison", "PRECISIONS"]
@@ -36,6 +38,16 @@ PRECISIONS = ("auto", "bf16", "float32")
 
 # --------------------------------------------------------------------------------------------
 # results
+
+
+def _as_image(source: ImageSource) -> Image.Image:
+    """A PIL image as given; a path or bytes loaded; anything else a :class:`CamError`."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, os.PathLike, bytes, bytearray)) or hasattr(source, "read"):
+        return load_image(source)
+    raise CamError(f"images must be PIL images or image files (paths, bytes, open files), got "
+                   f"{type(source).__name__}: for a tensor, call fast_gradcam / library_cam")
 
 
 @dataclass
@@ -265,7 +277,7 @@ class CamEngine:
 
     def compare(
         self,
-        images: Image.Image | Sequence[Image.Image],
+        images: ImageSource | Sequence[ImageSource],
         target: int | str | None = None,
         method: str = "gradcam",
         *,
@@ -273,21 +285,22 @@ class CamEngine:
         gates: bool = False,
         stage: int | None = None,
     ) -> list[ImageComparison]:
-        """Run every (or the named) available model on ``images``.
+        """Run every (or the named) available model on ``images``: PIL images, or image files
+        (paths, bytes or open files, read by :func:`lgam.imageio.load_image`: upright RGB, its
+        size limits).
 
         target: ``None`` = each model's own top-1, or one class (index or name) for all models.
-        method: one of :data:`METHODS`. gates: also return each model's spatial attention gate
-        of ``stage`` (1-4; ``None``: the last stage that has one), captured in the same forward
+        method: one of :data:`lgam.cam.METHODS`. gates: also return each model's spatial attention
+        gate of ``stage`` (1-4; ``None``: the last stage that has one), captured in the same forward
         pass. Returns one :class:`ImageComparison` per image; a model that is unavailable or
         fails has ``error`` set while the others carry on.
         """
-        if isinstance(images, Image.Image):
+        if isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray)) or hasattr(images, "read"):
             images = [images]
-        images = list(images)
+        images = [_as_image(im) for im in images]
         if not images:
             raise CamError("no images given")
-        if method not in METHODS:
-            raise CamError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+        check_method(method)
         if not self.available:
             raise CamError(self.setup_message or "no model is available")
         tgt = self.resolve_target(target)

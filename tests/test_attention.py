@@ -1,6 +1,8 @@
 """SE, SGE, CBAM, BAM: hand-computed cases, shapes, and argument errors."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,3 +228,24 @@ def test_sge_gradcheck_and_bf16():
     assert y.dtype == torch.bfloat16
     ref = sge_reference(sge, x)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("module,name", [(lambda: SE(64), "SE"), (lambda: SGE(64, groups=8), "SGE"),
+                                          (lambda: CBAM(64), "CBAM"), (lambda: BAM(64), "BAM"),
+                                          (lambda: LGAM(64, groups=4), "LGAM")])
+@pytest.mark.parametrize("shape", [(2, 32, 6, 5), (64, 6, 5), (2, 64, 6), (2, 36, 4, 4)])
+def test_every_module_names_the_input_shape_it_expects(module, name, shape):
+    """SE and CBAM failed inside a matmul or an index, SGE ran on 32 of its 64 channels."""
+    with pytest.raises(ValueError, match=re.escape(f"{name} expects (B, 64, H, W) input, got {shape}")):
+        module()(torch.randn(shape))
+
+
+@pytest.mark.parametrize("build", [lambda n: SE(n), lambda n: SGE(n, groups=8), lambda n: CBAM(n),
+                                   lambda n: BAM(n), lambda n: LGAM(n), lambda n: lgam.create_model(
+                                       "resnet18", num_classes=n)], ids=["SE", "SGE", "CBAM", "BAM", "LGAM", "model"])
+def test_numpy_integers_are_sizes_and_floats_are_not(build):
+    """As nn.Linear takes them; the error once said 'must be a positive integer, got np.int64(64)'."""
+    assert sum(p.numel() for p in build(np.int64(64)).parameters()) == sum(
+        p.numel() for p in build(64).parameters())
+    with pytest.raises(ValueError, match="must be a positive integer, got 64.0"):
+        build(64.0)

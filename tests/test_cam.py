@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import os
 
 import numpy as np
@@ -16,6 +17,7 @@ import lgam
 from lgam.cam import METHODS, CamError, fast_gradcam, inference_copy, library_cam, overlay
 from lgam.device import cpu_has_native_bf16
 from lgam.engine import CamEngine
+from lgam.imageio import ImageLoadError
 from lgam.checkpoints import load_manifest
 
 
@@ -517,3 +519,57 @@ def test_bf16_engine_is_close_to_float32(models, images):
     ga = fp32.compare(images[0], method="gradcam++", models=["resnet18_lgam"])[0].results[0]
     gb = bf16.compare(images[0], method="gradcam++", models=["resnet18_lgam"])[0].results[0]
     np.testing.assert_allclose(ga.cam, gb.cam, atol=1e-5)
+
+
+@pytest.mark.parametrize("given", [[3, 1], (3, 1), np.array([3, 1]), [np.int64(3), np.int64(1)],
+                                   torch.tensor([[3], [1]]), torch.tensor([3, 1], dtype=torch.int32)],
+                         ids=["list", "tuple", "ndarray", "numpy-ints", "column", "int32"])
+def test_cam_functions_take_targets_as_lists_arrays_and_tensors(given):
+    """fast_gradcam took only a 1-D tensor (a list: AttributeError; a (B, 1) tensor: an einsum
+    error); library_cam took only a sequence."""
+    model = _tiny("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    want = fast_gradcam(model, x, torch.tensor([3, 1]))[1]
+    np.testing.assert_array_equal(fast_gradcam(model, x, given)[1], want)
+    np.testing.assert_allclose(library_cam(model, x, given, "gradcam"), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, 2.0]), np.array([1.5, 2.0]), [1.0, 2.0], "ab"])
+def test_cam_functions_refuse_targets_that_are_not_class_indices(bad):
+    model, x = _tiny("resnet18"), torch.randn(2, 3, 32, 32)
+    for run in (lambda: fast_gradcam(model, x, bad), lambda: library_cam(model, x, bad, "gradcam")):
+        with pytest.raises(CamError, match="class indices"):
+            run()
+
+
+def test_library_cam_without_targets_uses_each_images_top1_and_names_a_bad_method():
+    model, x = _tiny("resnet18_se"), torch.randn(2, 3, 32, 32)
+    probs, _ = fast_gradcam(model, x)
+    np.testing.assert_allclose(library_cam(model, x, None, "gradcam++"),
+                               library_cam(model, x, probs.argmax(1).tolist(), "gradcam++"), atol=1e-6)
+    with pytest.raises(CamError, match="unknown CAM method 'gradcamx'; choose one of gradcam, "):
+        library_cam(model, x, [0, 1], "gradcamx")
+
+
+def test_overlay_takes_a_batch_of_one_and_names_other_shapes():
+    img = Image.new("RGB", (32, 32))
+    probs, cams = fast_gradcam(_tiny("resnet18"), torch.randn(1, 3, 32, 32))  # (1, H, W)
+    assert np.array_equal(np.asarray(overlay(img, cams)), np.asarray(overlay(img, cams[0])))
+    for bad in (np.zeros((2, 32, 32), np.float32), np.zeros(5, np.float32), np.zeros((0, 4), np.float32)):
+        with pytest.raises(CamError, match=r"one \(h, w\) map"):
+            overlay(img, bad)
+
+
+def test_compare_takes_image_files_and_names_what_it_cannot(mem_engine, tmp_path):
+    img = synthetic_image(2, (48, 40))
+    path = tmp_path / "photo.png"
+    img.save(path)
+    want = mem_engine.compare(img, models=["resnet18"])[0].results[0]
+    for source in (path, str(path), path.read_bytes(), io.BytesIO(path.read_bytes()), [path]):
+        got = mem_engine.compare(source, models=["resnet18"])[0].results[0]
+        assert got.target == want.target and np.array_equal(got.cam, want.cam)
+    for bad in (torch.rand(3, 40, 48), np.zeros((40, 48, 3), np.uint8)):
+        with pytest.raises(CamError, match="PIL images or image files"):
+            mem_engine.compare(bad)
+    with pytest.raises(ImageLoadError, match="is not an image"):
+        mem_engine.compare(b"not an image at all")

@@ -135,3 +135,36 @@ def test_lgam_records_its_group_channel_gates_in_eval_mode(lgam_path):
     stats = copy.deepcopy(lg.channel_attention[0].bn.state_dict())
     assert "channel" not in _captured(lg.train(), x)
     assert int(lg.channel_attention[0].bn.num_batches_tracked) == int(stats["num_batches_tracked"]) + 1  # one forward
+
+
+def test_nested_captures_each_see_their_forwards_and_the_outer_keeps_its_own():
+    """Leaving an inner capture once switched recording off and dropped the outer's gates."""
+    model = lgam.create_model("resnet18_se", num_classes=5).eval()
+    x, y = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), capture_gates(model) as outer:
+        model(x)
+        first = {k: v for k, v in model.layer4[1].attention.last_gates.items()}
+        with capture_gates(model) as empty:
+            pass
+        assert model.layer4[1].attention.record_gates  # still the outer's
+        with capture_gates(model) as inner:
+            model(y)
+    assert empty == {} and len(inner) == len(outer) == 8
+    assert torch.equal(outer["layer4.1.attention"]["channel"], inner["layer4.1.attention"]["channel"])
+    assert not torch.equal(first["channel"], inner["layer4.1.attention"]["channel"])
+    with torch.no_grad(), capture_gates(model) as outer:
+        model(x)
+        with capture_gates(model):
+            pass  # an inner block without a forward leaves the outer's gates alone
+    assert torch.equal(outer["layer4.1.attention"]["channel"], first["channel"])
+    assert not any(m.record_gates or m.last_gates is not None for m in model.modules()
+                   if isinstance(m, lgam.attention.GateRecorder))
+
+
+def test_attention_gates_refuses_a_model_in_training_mode():
+    """It once ran the pass in train mode: batch statistics for the gates, running ones updated."""
+    model = lgam.create_model("resnet18_lgam", num_classes=5)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(lgam.errors.UsageError, match=r"call model.eval\(\) first"):
+        attention_gates(model, torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

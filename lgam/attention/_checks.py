@@ -1,15 +1,29 @@
 """Argument checks shared by the attention modules: one clear ``ValueError`` per mistake."""
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 
-def check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def check_positive_int(name: str, value: int) -> int:
+    """``value`` as an ``int`` (NumPy's integers too, as ``nn.Linear`` takes them); a bool, a
+    float or a value below 1 is a ``ValueError``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def check_input(x: Tensor, channels: int, module: str) -> None:
+    """A ``ValueError`` naming the expected shape unless ``x`` is ``(B, channels, H, W)``."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{module} expects (B, {channels}, H, W) input, got {tuple(x.shape)}")
 
 
 def check_divisible(channels: int, groups: int, module: str) -> None:

@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
+
 __all__ = ["GateRecorder", "capture_gates", "attention_gates", "stage_of", "stage_gate"]
 
 
@@ -42,8 +44,10 @@ class GateRecorder(nn.Module):
 def capture_gates(model: nn.Module) -> Iterator[dict[str, dict[str, Tensor]]]:
     """Inside the ``with`` block every attention module of ``model`` records the gates of its
     forward; on leaving it the yielded dict maps module names (``"layer4.1.attention"``) to their
-    last gates, and recording is off again. Costs nothing beyond keeping those references."""
+    last gates, and recording is as it was before (off, or an enclosing capture's, which then also
+    sees what this block recorded). Costs nothing beyond keeping those references."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, GateRecorder)}
+    before = {name: (m.record_gates, m.last_gates) for name, m in modules.items()}
     for m in modules.values():
         m.record_gates, m.last_gates = True, None
     captured: dict[str, dict[str, Tensor]] = {}
@@ -53,7 +57,9 @@ def capture_gates(model: nn.Module) -> Iterator[dict[str, dict[str, Tensor]]]:
         for name, m in modules.items():
             if m.last_gates is not None:
                 captured[name] = m.last_gates
-            m.record_gates, m.last_gates = False, None
+            recording, earlier = before[name]
+            m.record_gates = recording
+            m.last_gates = (m.last_gates if m.last_gates is not None else earlier) if recording else None
 
 
 def stage_of(module_name: str) -> int | None:
@@ -70,7 +76,12 @@ def stage_of(module_name: str) -> int | None:
 def attention_gates(model: nn.Module, x: Tensor) -> dict[int, dict[str, dict[str, Tensor]]]:
     """The gates of every attention module of ``model`` for the batch ``x (B, 3, H, W)``, from one
     forward pass, grouped by stage: ``{stage: {module name: {"spatial": (B, 1, h, w), ...}}}``
-    (modules in network order; see the module docstring for the keys)."""
+    (modules in network order; see the module docstring for the keys). The model must be in eval
+    mode (:class:`~lgam.errors.UsageError` otherwise: in train mode the pass would use, and update,
+    BatchNorm's batch statistics)."""
+    if model.training:
+        raise UsageError("the model is in training mode: call model.eval() first (in training mode "
+                         "the gates would use, and update, the batch's BatchNorm statistics)")
     with capture_gates(model) as captured:
         model(x)
     stages: dict[int, dict[str, dict[str, Tensor]]] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_reduction
+from ._checks import check_input, check_positive_int, check_reduction
 from ._gates import GateRecorder
 
 __all__ = ["BAM", "BAMChannelGate", "BAMSpatialGate"]
@@ -62,7 +62,7 @@ class BAM(GateRecorder):
         self, channels: int, reduction: int = 16, dilation: int = 4, combine: str = "sum"
     ) -> None:
         super().__init__()
-        check_positive_int("channels", channels)
+        self.channels = check_positive_int("channels", channels)
         check_positive_int("dilation", dilation)
         if combine not in ("sum", "product"):
             raise ValueError(f"BAM: combine must be 'sum' or 'product', got {combine!r}")
@@ -75,6 +75,7 @@ class BAM(GateRecorder):
         return f"combine={self.combine!r}"
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.channels, "BAM")
         mc, ms = self.channel_gate(x), self.spatial_gate(x)
         gate = torch.sigmoid(mc + ms if self.combine == "sum" else mc * ms)  # (B, C, H, W)
         if self.record_gates:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_reduction
+from ._checks import check_input, check_positive_int, check_reduction
 from ._gates import GateRecorder
 
 __all__ = ["CBAM", "CBAMChannelGate", "CBAMSpatialGate"]
@@ -67,7 +67,7 @@ class CBAM(GateRecorder):
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, spatial_bn: bool = True) -> None:
         super().__init__()
-        check_positive_int("channels", channels)
+        self.channels = check_positive_int("channels", channels)
         self.channel_gate = CBAMChannelGate(channels, reduction)
         self.spatial_gate = CBAMSpatialGate(kernel_size, bn=spatial_bn)
         conv = f"conv{kernel_size}x{kernel_size}([max_c, mean_c])"
@@ -75,6 +75,7 @@ class CBAM(GateRecorder):
                                  "channel-gated input")
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.channels, "CBAM")
         channel = self.channel_gate(x)
         x = x * channel
         spatial = self.spatial_gate(x)

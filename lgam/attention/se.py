@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_reduction
+from ._checks import check_input, check_positive_int, check_reduction
 from ._gates import GateRecorder
 
 __all__ = ["SE"]
@@ -17,7 +17,7 @@ class SE(GateRecorder):
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        check_positive_int("channels", channels)
+        self.channels = check_positive_int("channels", channels)
         hidden = check_reduction(channels, reduction, "SE")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(
@@ -28,6 +28,7 @@ class SE(GateRecorder):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.channels, "SE")
         b, c = x.shape[:2]
         w = self.fc(self.pool(x).view(b, c))  # squeeze, then excitation
         self._record(channel=w)

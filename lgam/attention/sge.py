@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_divisible, is_channels_last
+from ._checks import check_divisible, check_input, is_channels_last
 from ._gates import GateRecorder
 
 __all__ = ["SGE", "sge_reference"]
@@ -29,7 +29,7 @@ class SGE(GateRecorder):
     def __init__(self, channels: int, groups: int = 64, eps: float = 1e-5) -> None:
         super().__init__()
         check_divisible(channels, groups, "SGE")
-        self.groups, self.eps = groups, eps
+        self.channels, self.groups, self.eps = int(channels), groups, eps
         self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))  # gamma
         self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))  # beta
 
@@ -37,6 +37,7 @@ class SGE(GateRecorder):
         return f"groups={self.groups}, eps={self.eps}"
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.channels, "SGE")
         out, gate = SGEGate.apply(x, self.weight, self.bias, self.groups, self.eps)
         if self.record_gates:  # the grouped view's gates as (B, G, H, W)
             b, _, h, w = x.shape

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..attention import ATTENTION, attention_placement
 from ..errors import UsageError
-from .resnet import ResNet
+from .resnet import ResNet, check_num_classes
 from .resnext import ResNeXt
 from .wrn import WideResNet
 
@@ -128,6 +128,7 @@ def create_model(
         raise ValueError("lgam downloads no pretrained weights: load a trained model from a checkpoint "
                          "folder with lgam.checkpoints.load_checkpoint(directory, name)")
     name = _canonical_name(name, kwargs)
+    num_classes = check_num_classes(num_classes)  # an int (a NumPy integer would not go into JSON)
     cfg = model_config(name, num_classes=num_classes, stem=stem, **kwargs)
     model = _MODELS[name](**cfg)
     model.model_name = name

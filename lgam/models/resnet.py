@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import create_attention, residual_tail
+from ..attention._checks import check_positive_int
 
 __all__ = ["AttentionBackbone", "BasicBlock", "ResNet", "check_stem", "check_placement"]
 
@@ -32,9 +33,7 @@ def check_placement(placement: str) -> str:
 
 
 def check_num_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return num_classes
+    return check_positive_int("num_classes", num_classes)
 
 
 def init_weights(model: nn.Module) -> None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_divisible, check_reduction
+from .._checks import check_divisible, check_input, check_reduction
 from .._gates import GateRecorder
 from . import ops  # noqa: F401  (registers torch.ops.lgam.*)
 from .dispatch import fused_kernels_enabled
@@ -88,8 +88,7 @@ class LGAM(GateRecorder):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``A (B, C, H, W) -> A''``; with ``residual`` (a residual block's identity, ``A``'s
         shape) the block's output ``ReLU(A'' + residual)``, in the same pass where the op runs."""
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"LGAM expects (B, {self.channels}, H, W) input, got {tuple(x.shape)}")
+        check_input(x, self.channels, "LGAM")
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"LGAM: residual {tuple(residual.shape)} must match the input {tuple(x.shape)}")
         if fused_kernels_enabled(self, x):
