@@ -124,6 +124,9 @@ def fast_gradcam(
     Equal to ``GradCAM(model, [model.cam_target_layer()])(x, targets)`` up to float rounding.
     """
     _check_eval(model)
+    if not supports_fast_path(model):
+        raise CamError("fast_gradcam needs forward_features, then a global average pool and one nn.Linear "
+                       "(fc): use library_cam for other models (a headless num_classes=0 model has no class)")
     if targets is not None:
         targets = _target_list(targets)
         _check_targets(targets, x.shape[0], model.fc.out_features)

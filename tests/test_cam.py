@@ -573,3 +573,9 @@ def test_compare_takes_image_files_and_names_what_it_cannot(mem_engine, tmp_path
             mem_engine.compare(bad)
     with pytest.raises(ImageLoadError, match="is not an image"):
         mem_engine.compare(b"not an image at all")
+
+
+def test_fast_gradcam_names_models_without_its_head():
+    headless = lgam.create_model("resnet18", num_classes=0).eval()
+    with pytest.raises(CamError, match="use library_cam"):
+        fast_gradcam(headless, torch.randn(1, 3, 32, 32))

@@ -191,7 +191,7 @@ def test_every_resnet18_variant_trains(name):
     [
         (lambda: lgam.create_model("resnet19"), "unknown model 'resnet19'"),
         (lambda: lgam.create_model("resnet18", stem="tiny"), "stem must be one of"),
-        (lambda: lgam.create_model("resnet18", num_classes=0), "num_classes must be a positive"),
+        (lambda: lgam.create_model("resnet18", num_classes=-1), "num_classes must be an integer >= 0"),
         (lambda: lgam.create_model("resnet18_lgam", attention_kwargs={"groups": 3}),
          "not divisible by groups=3"),
         (lambda: lgam.models.WideResNet(depth=15), "WRN depth must be 6n\\+4"),
@@ -401,3 +401,31 @@ def test_branch_rms_recipe_needs_images_and_is_exclusive():
     torch.testing.assert_close(batch, init_batch(images, recipe, seed=3))  # the same on every process
     got = init_blocks(model, recipe, batch)
     assert got is not None and all(abs(r - 0.5) < 0.01 for r in got)
+
+
+@pytest.mark.parametrize("name", ["resnet18_lgam", "wrn16_10_se", "resnext29_32x4d_bam"])
+def test_timm_head_api_headless_models_and_a_new_classifier(name, tmp_path):
+    """num_classes=0, forward_head(pre_logits=True), get_classifier and reset_classifier as timm's."""
+    from lgam.checkpoints import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = lgam.create_model(name, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    headless = lgam.create_model(name, num_classes=0).eval()
+    headless.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert feats.shape == (2, model.num_features) and headless.num_classes == 0
+    torch.testing.assert_close(headless(x), feats)
+    assert model.get_classifier() is model.fc and isinstance(headless.get_classifier(), torch.nn.Identity)
+    torch.testing.assert_close(model.get_classifier()(feats), model(x))
+    headless.reset_classifier(7)
+    assert headless(x).shape == (2, 7) and headless.model_kwargs["num_classes"] == 7
+    assert (headless.fc.bias == 0).all() == name.startswith("wrn")  # WRN's head bias starts at 0
+    save_checkpoint(headless, tmp_path, classes=list("abcdefg"))
+    loaded = load_checkpoint(tmp_path, name)[0]  # float16 weights
+    assert loaded.num_classes == 7 and loaded(x).shape == (2, 7)
+    torch.testing.assert_close(loaded.fc.weight, headless.fc.weight, atol=1e-3, rtol=1e-3)
+    model.reset_classifier(0)
+    torch.testing.assert_close(model(x), feats)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
+        model.reset_classifier(-2)

@@ -8,15 +8,16 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-def check_positive_int(name: str, value: int) -> int:
+def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
     """``value`` as an ``int`` (NumPy's integers too, as ``nn.Linear`` takes them); a bool, a
-    float or a value below 1 is a ``ValueError``."""
+    float or a value below ``minimum`` is a ``ValueError``."""
     try:
         number = operator.index(value)
     except TypeError:
         number = None
-    if isinstance(value, bool) or number is None or number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or number is None or number < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     return number
 
 

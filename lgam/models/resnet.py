@@ -33,7 +33,8 @@ def check_placement(placement: str) -> str:
 
 
 def check_num_classes(num_classes: int) -> int:
-    return check_positive_int("num_classes", num_classes)
+    """``num_classes`` as an int >= 0; 0 is timm's headless model (no classifier)."""
+    return check_positive_int("num_classes", num_classes, minimum=0)
 
 
 def init_weights(model: nn.Module) -> None:
@@ -115,9 +116,37 @@ class AttentionBackbone(nn.Module):
                 x = self.stage_attention[i](x)
         return x
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        """``(B, C, h, w)`` features -> ``(B, num_classes)`` logits."""
-        return self.fc(self.avgpool(x).flatten(1))
+    #: WRN's official code starts its classifier's bias at 0
+    zero_head_bias: bool = False
+
+    def _init_head(self, num_features: int, num_classes: int) -> None:
+        """``fc``: a linear classifier, or ``nn.Identity`` for ``num_classes=0`` (timm's headless
+        model: ``forward`` returns the pooled ``(B, num_features)`` features)."""
+        self.num_features, self.num_classes = num_features, num_classes
+        self.fc = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
+        if num_classes and self.zero_head_bias:
+            nn.init.zeros_(self.fc.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier, ``fc`` (timm's name for it)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new classifier for ``num_classes`` (0: none), freshly initialised, on the model's
+        device and dtype, as timm's ``reset_classifier``; ``model_kwargs`` follows, so the model
+        still rebuilds and saves as what it now is."""
+        num_classes = check_num_classes(num_classes)
+        ref = next(self.parameters())
+        self._init_head(self.num_features, num_classes)
+        self.fc.to(device=ref.device, dtype=ref.dtype)
+        if isinstance(getattr(self, "model_kwargs", None), dict):
+            self.model_kwargs["num_classes"] = num_classes
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``(B, C, h, w)`` features -> ``(B, num_classes)`` logits; ``pre_logits=True``: the pooled
+        ``(B, num_features)`` features the classifier takes."""
+        x = self.avgpool(x).flatten(1)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -198,7 +227,7 @@ class ResNet(AttentionBackbone):
         self.layer4 = self._make_layer(512, layers[3], 2, block_att, kw)
         self._init_stage_attention(attention, placement, [64, 128, 256], kw)  # not after layer4
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * BasicBlock.expansion, num_classes)
+        self._init_head(512 * BasicBlock.expansion, num_classes)
         init_weights(self)
 
     def _make_layer(

@@ -94,7 +94,7 @@ class ResNeXt(AttentionBackbone):
         self._init_stage_attention(attention, placement, list(outs[:2]), attention_kwargs)
         self.layer4 = nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(outs[-1], num_classes)
+        self._init_head(outs[-1], num_classes)
         init_weights(self)
 
     def forward_stem(self, x: Tensor) -> Tensor:

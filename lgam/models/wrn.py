@@ -61,6 +61,8 @@ class WideResNet(AttentionBackbone):
     BN-ReLU so that ``model.layer4`` is, as in the ResNets, the last feature map before pooling.
     """
 
+    zero_head_bias = True
+
     def __init__(
         self,
         depth: int = 16,
@@ -87,9 +89,8 @@ class WideResNet(AttentionBackbone):
         self._init_stage_attention(attention, placement, widths[:2], attention_kwargs)
         self.layer4 = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=True))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1], num_classes)
+        self._init_head(widths[-1], num_classes)
         init_weights(self)
-        nn.init.zeros_(self.fc.bias)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.conv1(x))
