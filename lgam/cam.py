@@ -140,7 +140,7 @@ def fast_gradcam(
         with torch.autocast(x.device.type, enabled=False):  # the map in float32 under autocast too
             cam = torch.einsum("bc,bchw->bhw", weights, feats.float()).clamp_min_(0)
         cam_np = cam.cpu().numpy()
-    return probs, _scale(cam_np, (x.shape[-1], x.shape[-2]))
+    return probs.clone(), _scale(cam_np, (x.shape[-1], x.shape[-2]))  # a normal tensor, not an inference one
 
 
 def _method_class(method: str):

@@ -579,3 +579,12 @@ def test_fast_gradcam_names_models_without_its_head():
     headless = lgam.create_model("resnet18", num_classes=0).eval()
     with pytest.raises(CamError, match="use library_cam"):
         fast_gradcam(headless, torch.randn(1, 3, 32, 32))
+
+
+def test_fast_gradcam_probabilities_are_ordinary_tensors():
+    """They were inference tensors: a caller could not use them in autograd (e.g. as a loss weight)."""
+    probs, _ = fast_gradcam(_tiny("resnet18"), torch.randn(1, 3, 32, 32))
+    assert not probs.is_inference()
+    w = torch.ones(probs.shape[1], requires_grad=True)
+    (probs * w).sum().backward()
+    assert w.grad is not None
