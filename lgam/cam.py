@@ -83,16 +83,18 @@ def _scale(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _target_list(targets: Targets) -> list[int]:
     """``targets`` as a list of ints: a tensor or array of any shape with one index per image, or
     a sequence of ints (NumPy's and 0-d tensors included); floats are refused, not truncated."""
-    if isinstance(targets, (Tensor, np.ndarray)):
-        kind = "f" if isinstance(targets, Tensor) and targets.is_floating_point() else (
-            "i" if isinstance(targets, Tensor) else targets.dtype.kind)
-        if kind not in "iub":
-            raise CamError(f"targets must be integer class indices, got {targets.dtype} values")
-        return [int(t) for t in targets.reshape(-1).tolist()]
-    try:
-        return [operator.index(t) for t in targets]
-    except TypeError:
-        raise CamError(f"targets must be class indices, one per image, got {targets!r}") from None
+    if isinstance(targets, Tensor):
+        integer = not (targets.is_floating_point() or targets.is_complex())
+    elif isinstance(targets, np.ndarray):
+        integer = targets.dtype.kind in "iub"
+    else:
+        try:
+            return [operator.index(t) for t in targets]
+        except TypeError:
+            raise CamError(f"targets must be class indices, one per image, got {targets!r}") from None
+    if not integer:
+        raise CamError(f"targets must be integer class indices, got {targets.dtype} values")
+    return [int(t) for t in targets.reshape(-1).tolist()]
 
 
 def _check_targets(targets: Sequence[int], batch: int, num_classes: int | None) -> None:
