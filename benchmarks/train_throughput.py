@@ -118,7 +118,9 @@ def main() -> None:
     device = torch.device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         p.error("--cuda-graphs needs --device cuda (a GPU)")
-    native = "" if bf16_native(device) else " (emulated: this CPU has no native bf16; lgam train uses float32)"
+    where = "GPU (compute capability < 8.0)" if device.type == "cuda" else "CPU"
+    native = "" if bf16_native(device) else (f" (emulated: this {where} has no native bf16; lgam train "
+                                             "uses float32)")
     print(f"## Training throughput: {device_summary(device)}; batch {args.batch}, {args.size} px, "
           f"median of {args.steps} steps after {args.warmup} warm-up"
           f"{', torch.compile' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs else ''}; torch {torch.__version__}\n")

@@ -82,13 +82,16 @@ def _scale(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _target_list(targets: Targets) -> list[int]:
     """``targets`` as a list of ints: a tensor or array of any shape with one index per image, or
-    a sequence of ints (NumPy's and 0-d tensors included); floats are refused, not truncated."""
+    a sequence of ints (NumPy's and 0-d tensors included); floats and booleans (a mask passed by
+    mistake) are refused, not read as numbers."""
     if isinstance(targets, Tensor):
-        integer = not (targets.is_floating_point() or targets.is_complex())
+        integer = not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
     elif isinstance(targets, np.ndarray):
-        integer = targets.dtype.kind in "iub"
+        integer = targets.dtype.kind in "iu"
     else:
         try:
+            if any(isinstance(t, (bool, np.bool_)) for t in targets):
+                raise TypeError
             return [operator.index(t) for t in targets]
         except TypeError:
             raise CamError(f"targets must be class indices, one per image, got {targets!r}") from None
@@ -128,7 +131,7 @@ def fast_gradcam(
     _check_eval(model)
     if not supports_fast_path(model):
         raise CamError("fast_gradcam needs forward_features, then a global average pool and one nn.Linear "
-                       "(fc): use library_cam for other models (a headless num_classes=0 model has no class)")
+                       "(fc); library_cam runs pytorch-grad-cam on other classifiers")
     if targets is not None:
         targets = _target_list(targets)
         _check_targets(targets, x.shape[0], model.fc.out_features)
@@ -171,6 +174,8 @@ def library_cam(model: nn.Module, x: Tensor, targets: Targets | None, method: st
 
     cls = _method_class(method)
     _check_library_model(model)
+    if getattr(model, "num_classes", None) == 0:
+        raise CamError("the model has no classifier (num_classes=0): a CAM explains a class score")
     fc = getattr(model, "fc", None)
     if targets is not None:
         targets = _target_list(targets)

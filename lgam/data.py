@@ -267,8 +267,9 @@ def load_split(
     """Decode every image of ``split`` once. ``size``: resize each image to ``size x size`` on
     decode (default: the first image's size, others resized to it). ``limit``: at most that many
     images, spread evenly over the sorted list. ``check``: called with each class's number of
-    images (display name -> count, every class, in label order, after ``limit``) before anything
-    is decoded (image folders and shards), to refuse what would fail after minutes of decoding."""
+    images (class id, its folder name -> count; every class, in label order, after ``limit``)
+    before anything is decoded (image folders and shards), to refuse what would fail after minutes
+    of decoding. Ids, not display names: two classes may share a name (ImageNet's two cranes)."""
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of images, got {limit}")
     source = _find_source(data, split)
@@ -283,9 +284,9 @@ def load_split(
     if limit is not None:
         samples = [samples[i] for i in _spread(len(samples), limit).tolist()]
     if check is not None:
-        counts = dict.fromkeys(names, 0)
+        counts = dict.fromkeys(wnids, 0)
         for sample in samples:
-            counts[names[index[sample.wnid]]] += 1
+            counts[sample.wnid] += 1
         check(counts)
     if size is None:
         try:
@@ -315,7 +316,7 @@ def load_split(
 
 def check_holdout(counts: Mapping[str, int], per_class: int) -> None:
     """Raise :class:`DataError` unless ``per_class`` images can be held out of every class of
-    ``counts`` (class name -> images) with at least one left to train on."""
+    ``counts`` (class id -> images) with at least one left to train on."""
     if per_class < 0:
         raise DataError(f"holdout must be >= 0 images per class, got {per_class}")
     for name, n in counts.items():
@@ -329,7 +330,7 @@ def split_holdout(split: DecodedSplit, per_class: int) -> tuple[DecodedSplit, De
     evenly over each class's images in their (file-name) order, so the slice depends on the data
     alone, never on a seed: every run that holds out the same number holds out the same images.
     A slice to choose settings on (the app's input size) without looking at val."""
-    check_holdout({name: int((split.labels == c).sum()) for c, name in enumerate(split.classes)}, per_class)
+    check_holdout({cid: int((split.labels == c).sum()) for c, cid in enumerate(split.class_ids)}, per_class)
     held = torch.zeros(len(split), dtype=torch.bool)
     for c in range(len(split.classes)):
         idx = (split.labels == c).nonzero().flatten()

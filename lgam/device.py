@@ -36,6 +36,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise ValueError(f"device {str(dev)!r} requested but this machine has {count} GPU(s): "
+                             f"cuda:0 .. cuda:{count - 1}")
         problem = cuda_arch_problem(dev)
         if problem and auto:
             warnings.warn(f"{problem}; running on the CPU", RuntimeWarning, stacklevel=2)

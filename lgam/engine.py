@@ -138,7 +138,8 @@ class CamEngine:
     ``precision``: ``"bf16"`` runs the Grad-CAM fast path under bf16 autocast on channels_last
     copies of the models (:func:`inference_copy`; CAMs within ~0.02 of float32, see the tests),
     ``"float32"`` exactly as ``lgam evaluate`` computes, ``"auto"`` (default) bf16 where it is
-    native (CUDA, a CPU with AVX512-BF16/AMX: :func:`lgam.device.bf16_native`), else float32.
+    native (a GPU of compute capability 8.0 or newer, a CPU with AVX512-BF16/AMX:
+    :func:`lgam.device.bf16_native`), else float32.
     The pytorch-grad-cam methods always run in float32 on the models themselves.
     ``fast_copies`` (default: on for bf16 and for CUDA) runs the float32 fast path on the
     channels_last copies too. The engine works on frozen float32 eval-mode copies of ``models``:
@@ -178,6 +179,10 @@ class CamEngine:
             if isinstance(m, nn.Module):
                 m = inference_copy(m, channels_last=False).float().to(self.device)
                 out = getattr(getattr(m, "fc", None), "out_features", len(self.classes))
+                if getattr(m, "num_classes", None) == 0:
+                    self._slots.append(_Slot(name, label, None, "it has no classifier (num_classes=0)",
+                                             entry))
+                    continue
                 if out != len(self.classes):
                     self._slots.append(_Slot(name, label, None, (
                         f"it predicts {out} classes, the others {len(self.classes)}"), entry))

@@ -577,7 +577,7 @@ def test_compare_takes_image_files_and_names_what_it_cannot(mem_engine, tmp_path
 
 def test_fast_gradcam_names_models_without_its_head():
     headless = lgam.create_model("resnet18", num_classes=0).eval()
-    with pytest.raises(CamError, match="use library_cam"):
+    with pytest.raises(CamError, match="one nn.Linear"):
         fast_gradcam(headless, torch.randn(1, 3, 32, 32))
 
 
@@ -588,3 +588,21 @@ def test_fast_gradcam_probabilities_are_ordinary_tensors():
     w = torch.ones(probs.shape[1], requires_grad=True)
     (probs * w).sum().backward()
     assert w.grad is not None
+
+
+def test_headless_models_get_no_cam_and_no_engine_slot():
+    """A num_classes=0 model's 'classes' are its pooled features: library_cam once explained
+    feature 300, and the engine showed features as class probabilities."""
+    headless = inference_copy(lgam.create_model("resnet18", num_classes=0), channels_last=False)
+    with pytest.raises(CamError, match="no classifier"):
+        library_cam(headless, torch.randn(1, 3, 32, 32), [300], "gradcam")
+    eng = CamEngine({"headless": headless, "resnet18": _tiny("resnet18")}, list("abcde"), device="cpu",
+                    precision="float32")
+    results = {r.name: r for r in eng.compare(synthetic_image(1, (32, 32)))[0].results}
+    assert "no classifier" in results["headless"].error and results["resnet18"].ok
+
+
+@pytest.mark.parametrize("mask", [torch.tensor([True, False]), np.array([True, False]), [True, False]])
+def test_a_boolean_mask_is_not_read_as_class_indices(mask):
+    with pytest.raises(CamError, match="class indices"):
+        fast_gradcam(_tiny("resnet18"), torch.randn(2, 3, 32, 32), mask)

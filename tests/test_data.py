@@ -232,12 +232,21 @@ def test_load_split_check_sees_each_class_count_before_decoding(source, folder, 
     seen = []
     data = folder if source == "folder" else shards
     D.load_split(data, "train", check=seen.append)
-    assert seen == [{f"name {w}": 4 for w in WNIDS}]  # display names, label order
+    assert seen == [{w: 4 for w in WNIDS}]  # class ids (unique; display names may repeat), label order
     D.load_split(data, "train", limit=5, check=seen.append)
     assert list(seen[1].values()) == [2, 1, 2]  # after --limit's even spread
     monkeypatch.setattr(D, "_decode", lambda *_: pytest.fail("decoded before the check refused"))
     with pytest.raises(D.DataError, match="cannot hold out 4"):
         D.load_split(data, "train", check=lambda counts: D.check_holdout(counts, 4))
+
+
+def test_holdout_checks_every_class_when_two_share_a_display_name():
+    """ImageNet has two 'crane' classes: counted by name, the first one's 2 images were hidden by
+    the second's 10, and holding out 3 emptied it without a word."""
+    split = D.DecodedSplit(torch.zeros(22, 3, 2, 2, dtype=torch.uint8), torch.tensor([0] * 2 + [1] * 10 + [2] * 10),
+                           ["crane", "crane", "dog"], ["n02012849", "n03126707", "n02084071"])
+    with pytest.raises(D.DataError, match="class 'n02012849' has 2 images: cannot hold out 3"):
+        D.split_holdout(split, 3)
 
 
 def test_split_holdout_sets_aside_the_same_images_per_class(folder):

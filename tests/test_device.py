@@ -53,6 +53,7 @@ def fake_gpu(monkeypatch):
     the test sets: no GPU needed."""
     gpu = {"capability": (9, 0), "name": "NVIDIA H100"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90a", "sm_120"])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
     monkeypatch.setattr(lgam.device, "_compute_capability", lambda device: gpu["capability"])
@@ -74,6 +75,15 @@ def test_a_gpu_older_than_the_build_falls_back_to_the_cpu(fake_gpu):
         assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match=r"capability 7\.0\) is older"):
         resolve_device("cuda")
+
+
+def test_a_gpu_index_past_the_last_is_a_value_error(fake_gpu, monkeypatch):
+    """torch raises an AssertionError ("Invalid device id") there, which the CLIs do not catch."""
+    with pytest.raises(ValueError, match=r"'cuda:3' requested but this machine has 1 GPU\(s\): cuda:0 .. cuda:0"):
+        resolve_device("cuda:3")
+    monkeypatch.setenv("LOCAL_RANK", "2")  # torchrun with more processes than GPUs
+    with pytest.raises(ValueError, match="'cuda:2' requested"):
+        resolve_device("auto")
 
 
 def test_a_build_without_sm_archs_is_not_judged(fake_gpu, monkeypatch):

@@ -57,6 +57,19 @@ def test_a_backbone_given_an_attention_is_named_as_its_registered_variant(tmp_pa
     assert lgam.create_model("resnet18_se", attention="se").model_name == "resnet18_se"
 
 
+def test_a_model_registered_without_variants_still_takes_attention(monkeypatch):
+    """A user's register_model(...) whose builder takes attention=: not renamed to an unregistered
+    '<name>_se'."""
+    from lgam.models import registry
+    from lgam.models.resnet import ResNet
+
+    monkeypatch.setitem(registry._MODELS, "tiny_resnet", ResNet)
+    monkeypatch.setitem(registry._DEFAULTS, "tiny_resnet", {"layers": [1, 1, 1, 1], "stem": "cifar"})
+    model = lgam.create_model("tiny_resnet", num_classes=3, attention="se")
+    assert model.model_name == "tiny_resnet" and model.model_kwargs["attention"] == "se"
+    assert type(model.layer1[0].attention).__name__ == "SE"
+
+
 @pytest.mark.parametrize("name,kwargs,message", [
     ("resnet18_lgam", {"attention": "se"}, "'resnet18_lgam' has 'lgam' attention, not 'se': build 'resnet18_se'"),
     ("resnet18_lgam", {"attention": None}, "not None: build 'resnet18' instead"),

@@ -89,6 +89,8 @@ def _canonical_name(name: str, kwargs: dict[str, Any]) -> str:
             backbone = name[: -len(registered) - 1]
             raise UsageError(f"{name!r} has {registered!r} attention, not {wanted!r}: build "
                              f"{backbone + ('_' + wanted if wanted else '')!r} instead")
+        if registered is None and wanted is not None and f"{name}_{wanted}" not in _MODELS:
+            return name  # a model registered without variants: its builder takes attention= itself
         del kwargs["attention"]
         if registered is None and wanted is not None:
             name = f"{name}_{wanted}"

@@ -211,7 +211,7 @@ class ResNet(AttentionBackbone):
         skip_init: bool = False,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         self.skip_init = skip_init
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers!r}")

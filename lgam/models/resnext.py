@@ -78,7 +78,7 @@ class ResNeXt(AttentionBackbone):
         skip_init: bool = False,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         if (depth - 2) % 9 or depth < 11:
             raise ValueError(f"ResNeXt depth must be 9n+2 with n >= 1 (11, 20, 29, ...), got {depth}")
         n = (depth - 2) // 9

@@ -76,7 +76,7 @@ class WideResNet(AttentionBackbone):
         skip_init: bool = False,
     ) -> None:
         super().__init__()
-        check_num_classes(num_classes)
+        num_classes = check_num_classes(num_classes)
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
         n = (depth - 4) // 6
