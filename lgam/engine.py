@@ -40,11 +40,16 @@ PRECISIONS = ("auto", "bf16", "float32")
 # results
 
 
+def _is_one_image(source: object) -> bool:
+    """Whether ``source`` is one image (a PIL image, a path, bytes, an open file), not a list."""
+    return isinstance(source, (Image.Image, str, os.PathLike, bytes, bytearray)) or hasattr(source, "read")
+
+
 def _as_image(source: ImageSource) -> Image.Image:
     """A PIL image as given; a path or bytes loaded; anything else a :class:`CamError`."""
     if isinstance(source, Image.Image):
         return source
-    if isinstance(source, (str, os.PathLike, bytes, bytearray)) or hasattr(source, "read"):
+    if _is_one_image(source):
         return load_image(source)
     raise CamError(f"images must be PIL images or image files (paths, bytes, open files), got "
                    f"{type(source).__name__}: for a tensor, call fast_gradcam / library_cam")
@@ -300,7 +305,7 @@ class CamEngine:
         pass. Returns one :class:`ImageComparison` per image; a model that is unavailable or
         fails has ``error`` set while the others carry on.
         """
-        if isinstance(images, (Image.Image, str, os.PathLike, bytes, bytearray)) or hasattr(images, "read"):
+        if _is_one_image(images):
             images = [images]
         images = [_as_image(im) for im in images]
         if not images:
