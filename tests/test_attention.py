@@ -142,6 +142,19 @@ def test_modules_keep_shape_and_take_channels_last(name):
     torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), y)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["se", "sge", "cbam", "bam", "lgam", "lgam_g32"])
+def test_an_empty_batch_gives_an_empty_batch(name, train):
+    """Zero images in, zero out, in either mode, as torch's own layers do (LGAM in train mode
+    failed on an ambiguous reshape)."""
+    m = create_attention(name, 64).train(train)
+    x = torch.randn(0, 64, 7, 5, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("name", ["se", "sge", "cbam", "bam", "lgam"])
 def test_every_module_trains(name):
     """A conv + attention + linear head fits a tiny random batch: the module passes gradients."""

@@ -75,7 +75,7 @@ def lgam_equations(attention: Sequence[Callable[[Tensor], Tensor]], x: Tensor) -
     work = work_dtype(x.dtype)
     weights = next(attention[0].parameters()).dtype  # float32 unless the module was converted
     with torch.autocast(x.device.type, enabled=False):  # no bf16 products of 1.5**G
-        pooled = x.mean((2, 3), dtype=work).view(b, groups, -1)  # eq (1), per group
+        pooled = x.mean((2, 3), dtype=work).view(b, groups, c // groups)  # eq (1), per group
         scales = group_scales(attention, pooled.to(weights)).to(work)  # eqs (2)-(4)
         out, s = mix_and_gate(x, *ladder_weights(scales))
     return out, s, scales.view(b, c)
