@@ -12,7 +12,8 @@ the person who sent the file. It handles:
 - animations (GIF, APNG, WebP) -> the first frame;
 - EXIF orientation -> applied (the image is shown the way the camera held it);
 - CMYK, palette (with or without transparency), 16-bit / 32-bit / float grayscale, grayscale,
-  alpha (composited on white) -> RGB; 1x1 images are fine.
+  alpha or a PNG's one transparent colour (tRNS; composited on white) -> RGB; 1x1 images are
+  fine.
 """
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     integer grayscale is scaled from its full range (``I;16*``: /257; ``I``: /257 when any value is
     over 255); float grayscale is taken as [0, 1] when its maximum is <= 1, else as [0, 255]."""
     mode = img.mode
+    if "transparency" in img.info and mode in ("P", "L", "1", "RGB"):
+        return _flatten_alpha(img, background)  # palette or tRNS single-colour transparency
     if mode == "RGB":
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
@@ -96,8 +99,6 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         arr = np.nan_to_num(arr * scale, nan=0.0, posinf=255.0, neginf=0.0)
         gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
         return gray.convert("RGB")
-    if mode == "P":
-        return _flatten_alpha(img, background) if "transparency" in img.info else img.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "A" in img.getbands():
         return _flatten_alpha(img, background)
     try:
@@ -125,7 +126,9 @@ def load_image(
     data, name = _read_bytes(source, max_bytes)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels is the limit, checked below; Pillow's warning (over MAX_IMAGE_PIXELS)
+            # is not, its error (over twice that) is raised before the header can be read
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             # the header gives the size: refuse bombs before decoding any pixel
             if img.width * img.height > max_pixels:
@@ -142,10 +145,10 @@ def load_image(
             f"{name} is not an image (or not a format lgam reads: JPEG, PNG, GIF, WebP, BMP, "
             "TIFF...)"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageLoadError(
             f"{name} is too large to decode safely (possible decompression bomb); "
-            f"the limit is {max_pixels:,} pixels"
+            f"the limit is {_pixel_cap(max_pixels):,} pixels"
         ) from None
     except MemoryError:
         raise ImageLoadError(f"{name} needs too much memory to decode") from None
@@ -153,6 +156,13 @@ def load_image(
         raise ImageLoadError(_undecodable(name, e)) from None
 
     return _upright_rgb(img, name, background)
+
+
+def _pixel_cap(max_pixels: int) -> int:
+    """The pixel limit in force: ``max_pixels``, or Pillow's hard cap (twice its
+    ``MAX_IMAGE_PIXELS``, a process-wide setting) where that is lower."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    return max_pixels if pillow is None else min(max_pixels, 2 * int(pillow))
 
 
 def _upright_rgb(img: Image.Image, name: str, background: tuple[int, int, int]) -> Image.Image:

@@ -170,6 +170,17 @@ def test_pixel_limit_is_configurable():
     assert load_image(img, max_pixels=10_000).size == (100, 100)
 
 
+def test_pixel_limit_above_pillows_warning_threshold(monkeypatch):
+    """max_pixels is the limit, not Pillow's own MAX_IMAGE_PIXELS (89.5 MP): between the two, an
+    image loads; above Pillow's hard cap (twice that) the message names the cap that refused it."""
+    img = _encode(Image.new("RGB", (100, 100), (9, 8, 7)), "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6_000)  # 10,000 px: over it, under twice it
+    assert load_image(img, max_pixels=20_000).getpixel((5, 5)) == (9, 8, 7)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000)  # 10,000 px: over twice it
+    with pytest.raises(ImageLoadError, match="the limit is 8,000 pixels"):
+        load_image(img, max_pixels=20_000)
+
+
 # -- unusual but valid ---------------------------------------------------------------------------
 
 
@@ -225,6 +236,19 @@ def test_grayscale():
     data = _encode(Image.new("L", (5, 4), 77), "PNG")
     arr = _check_rgb(load_image(data), (5, 4))
     assert (arr == 77).all()
+
+
+@pytest.mark.parametrize("mode,clear,solid", [("RGB", (0, 0, 0), (20, 30, 40)), ("L", 0, 90)])
+def test_single_colour_transparency_is_composited_on_white(mode, clear, solid):
+    """A PNG's tRNS chunk on an RGB or grayscale image (what optimisers write for all-or-nothing
+    alpha) is transparency too: the same picture as RGBA gets the same white background."""
+    img = Image.new(mode, (4, 4), clear)
+    img.putpixel((1, 1), solid)
+    data = _encode(img, "PNG", transparency=clear)
+    assert Image.open(io.BytesIO(data)).info.get("transparency") == clear
+    arr = _check_rgb(load_image(data), (4, 4))
+    assert tuple(arr[0, 0]) == (255, 255, 255)
+    assert tuple(arr[1, 1]) == (solid if mode == "RGB" else (solid,) * 3)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
