@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 
@@ -44,14 +45,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "else float32; float32: exactly what `lgam evaluate` computes")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (0.0.0.0 in Docker/Spaces)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+                   help="port to listen on (default: GRADIO_SERVER_PORT, else 7860)")
     p.add_argument("--examples", default=None, help="folder of extra example images")
-    p.add_argument("--max-mb", type=float, default=MAX_BYTES / 2**20,
+    p.add_argument("--max-mb", type=_above_zero(float), default=MAX_BYTES / 2**20,
                    help="largest accepted upload in MiB (default: %(default)s)")
-    p.add_argument("--max-megapixels", type=float, default=MAX_PIXELS / 1e6,
+    p.add_argument("--max-megapixels", type=_above_zero(float), default=MAX_PIXELS / 1e6,
                    help="largest accepted image in megapixels (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests served at once")
+    p.add_argument("--concurrency", type=_above_zero(int), default=4,
+                   help="requests served at once (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def _above_zero(kind: type) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite number of ``kind`` above 0 (``--concurrency 0`` queued every
+    request forever: Gradio starts an event only while fewer than the limit run)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def startup_summary(engine: CamEngine) -> str:

@@ -760,6 +760,27 @@ def test_flags():
     assert (a.checkpoints, a.device, a.host, a.port) == ("ck", "cuda", "0.0.0.0", 1234)
 
 
+@pytest.mark.parametrize("flag,value", [("--concurrency", "0"), ("--concurrency", "-2"),
+                                        ("--max-mb", "0"), ("--max-megapixels", "-1"),
+                                        ("--max-mb", "nan"), ("--port", "http")])
+def test_flags_that_cannot_work_are_refused(flag, value, capsys):
+    """--concurrency 0 queued every request forever (Gradio starts an event only while fewer
+    than the limit run); zero or negative size limits refused every upload."""
+    with pytest.raises(SystemExit) as e:
+        app.parse_args([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_bad_port_variable_is_a_usage_error_and_a_flag_overrides_it(monkeypatch, capsys):
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
+    assert app.parse_args(["--port", "1234"]).port == 1234
+    with pytest.raises(SystemExit):
+        app.parse_args([])
+    assert "--port" in capsys.readouterr().err
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7000")
+    assert app.parse_args([]).port == 7000
+
+
 def test_api_tiles_are_jpeg_data_urls_row_by_row():
     """The API answers with the tiles themselves (no files to download or to pile up)."""
     from app import render
