@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from lgam.cam import overlay
 from lgam.engine import ImageComparison, ModelResult
-from lgam.figure import gate_place
+from lgam.figure import gate_place, squeeze_to_tile_aspect
 
 __all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "tiles_data", "gate_notes", "GRID_CSS"]
 
@@ -62,11 +62,13 @@ class Tile:
 
 
 def _shown(image: Image.Image) -> Image.Image:
+    """The photo as its tiles show it: at most :data:`TILE_PX` a side, at most 4:1 (a 10 x 10,000
+    strip drawn at its own shape made the grid ~90,000 px tall)."""
     if max(image.size) <= TILE_PX:
-        return image
+        return squeeze_to_tile_aspect(image)
     small = image.copy()
     small.thumbnail((TILE_PX, TILE_PX), Image.Resampling.BICUBIC)
-    return small
+    return squeeze_to_tile_aspect(small)
 
 
 def _blank(size: tuple[int, int]) -> Image.Image:

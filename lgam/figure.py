@@ -21,7 +21,7 @@ from .engine import PRECISIONS, ImageComparison, ModelResult
 from .errors import UsageError
 from .models import FIGURE5_MODELS
 
-__all__ = ["figure5", "save_figure5", "gate_place", "FORMATS", "VIEWS", "configure_parser", "main"]
+__all__ = ["figure5", "save_figure5", "gate_place", "squeeze_to_tile_aspect", "FORMATS", "VIEWS", "configure_parser", "main"]
 
 FORMATS = FIGURE_FORMATS
 #: the longest side of each tile's bitmap (keeps PDFs small)
@@ -75,6 +75,18 @@ def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inc
 def _tile_aspect(thumb: Image.Image) -> float:
     """The tile's height / width: the photo's, within ``1/MAX_TILE_ASPECT .. MAX_TILE_ASPECT``."""
     return min(max(thumb.height / thumb.width, 1 / MAX_TILE_ASPECT), MAX_TILE_ASPECT)
+
+
+def squeeze_to_tile_aspect(image: Image.Image) -> Image.Image:
+    """``image`` itself when its height/width is within ``1/MAX_TILE_ASPECT .. MAX_TILE_ASPECT``,
+    else a copy with its short side stretched to that bound (a 1 x 448 strip -> 112 x 448): the
+    tile shape Figure 5 draws, for bitmaps shown as they are (the app's page)."""
+    w, h = image.size
+    aspect = _tile_aspect(image)
+    if aspect == h / w:
+        return image
+    size = (max(1, round(h / aspect)), h) if h / w > aspect else (w, max(1, round(w * aspect)))
+    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def _tile(r: ModelResult, thumb: Image.Image, alpha: float, view: str):

@@ -569,6 +569,26 @@ def _comparison(*tops: tuple[str, float] | None) -> ImageComparison:
     return ImageComparison(Image.new("RGB", (4, 4)), results, "gradcam", "cpu")
 
 
+@pytest.mark.parametrize("size", [(10, 10_000), (10_000, 10), (3, 60), (600, 400), (5, 5)])
+def test_page_tiles_keep_a_readable_shape(size):
+    """A 10 x 10,000 strip made 1 x 448 tiles that the grid drew ~90,000 px tall (and its
+    transpose tiles under a pixel high): tiles are squeezed to at most 4:1, as Figure 5's are;
+    ordinary photos keep their shape."""
+    from app import render
+    from lgam.figure import MAX_TILE_ASPECT
+
+    result = ModelResult("m", "M", target_class="tench", score=0.9, cam=np.ones((7, 7), np.float32))
+    comp = ImageComparison(Image.new("RGB", size, (90, 20, 20)), [result], "gradcam", "cpu")
+    tiles = render.tiles_for(comp, "x.png", 0.5, "cam")[0]
+    for t in tiles:
+        w, h = t.image.size
+        assert max(w, h) <= render.TILE_PX and max(w / h, h / w) <= MAX_TILE_ASPECT + 0.01, t.image.size
+    w, h = size
+    if max(w / h, h / w) <= MAX_TILE_ASPECT:
+        shown = size if max(size) <= render.TILE_PX else (render.TILE_PX, round(render.TILE_PX * h / w))
+        assert tiles[0].image.size == shown
+
+
 def test_confidence_warning():
     sure = [("tench", 0.9)] * 5 + [("church", 0.8)]  # one dissenting model is normal
     assert confidence_warning(_comparison(*sure), 20) is None

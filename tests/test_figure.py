@@ -138,3 +138,13 @@ def test_cli_view_both(app_checkpoints, tmp_path, capsys):
     assert lgam_main(["figure5", str(img), "--out", str(out), "--checkpoints", str(app_checkpoints),
                       "--view", "both", "--stage", "3", "--dpi", "60"]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_squeeze_to_tile_aspect_stretches_only_strips_past_the_bound():
+    from lgam.figure import MAX_TILE_ASPECT, squeeze_to_tile_aspect
+
+    photo = Image.new("RGB", (400, 100))  # exactly 4:1: kept, the same object
+    assert squeeze_to_tile_aspect(photo) is photo
+    assert squeeze_to_tile_aspect(Image.new("RGB", (1, 448))).size == (448 / MAX_TILE_ASPECT, 448)
+    assert squeeze_to_tile_aspect(Image.new("RGB", (448, 2))).size == (448, 448 / MAX_TILE_ASPECT)
+    assert squeeze_to_tile_aspect(Image.new("RGB", (1, 2))).size == (1, 2)
