@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import subprocess
 from dataclasses import dataclass
@@ -238,6 +239,22 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_preprocessing(name: str, entry: dict[str, Any]) -> None:
+    """What the model's inputs are made with: ``input_size`` a whole number of pixels >= 1, ``mean``
+    and ``std`` three finite numbers (``std`` above 0)."""
+    size = entry["input_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CheckpointError(f"{name}: manifest field input_size must be a whole number of pixels "
+                              f">= 1, got {size!r}")
+    for key in ("mean", "std"):
+        v = entry[key]
+        ok = isinstance(v, list) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok or (key == "std" and min(v) <= 0):
+            raise CheckpointError(f"{name}: manifest field {key} must be three finite numbers (one per "
+                                  f"RGB channel{', each above 0' if key == 'std' else ''}), got {v!r}")
+
+
 def load_checkpoint(
     directory: str | Path, name: str, map_location: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -251,6 +268,7 @@ def load_checkpoint(
     if name not in models:
         raise CheckpointError(f"no model {name!r} in {directory / MANIFEST}; it has {sorted(models)}")
     entry = models[name]
+    _check_preprocessing(name, entry)
     for fname, digest in entry["sha256"].items():
         path = directory / fname
         if not path.is_file():

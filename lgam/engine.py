@@ -326,10 +326,10 @@ class CamEngine:
                 for res in per_image:
                     res.append(ModelResult(s.name, s.label, error=s.error))
                 continue
-            key = s.pre_key()
-            if key not in batches:
-                batches[key] = self.preprocess(images, *key)
             try:
+                key = s.pre_key()
+                if key not in batches:
+                    batches[key] = self.preprocess(images, *key)
                 out = self._run_model(s, batches[key], tgt, method, gates, stage)
             except Exception as e:  # noqa: BLE001 - one model failing must not stop the others
                 out = [ModelResult(s.name, s.label, error=f"{type(e).__name__}: {e}")

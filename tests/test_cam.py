@@ -342,6 +342,18 @@ def test_unavailable_models_keep_others_working(broken_checkpoints, images):
     assert "sha256" in eng.unavailable["resnet18_sge"]
 
 
+def test_a_model_whose_preprocessing_fails_fails_alone(models, images):
+    """An entry the engine cannot preprocess for (checkpoints refuse these on load; an engine
+    built from models and entries directly does not) is that model's error, not the request's:
+    warm-up ran it outside the per-model handling and stopped the app."""
+    names = ["resnet18", "resnet18_se"]
+    eng = CamEngine({n: models[n] for n in names}, CLASSES, device="cpu", precision="float32",
+                    entries={"resnet18_se": {"input_size": 0}})
+    eng.warmup()
+    out = eng.compare(images[0])[0]
+    assert out["resnet18"].ok and "ZeroDivisionError" in out["resnet18_se"].error
+
+
 def test_checkpoints_load(engine, app_checkpoints, images):
     assert engine.available == NAMES and engine.classes == CLASSES
     entry = load_manifest(app_checkpoints)["models"]["resnet18"]

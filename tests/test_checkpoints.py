@@ -134,6 +134,18 @@ def test_architecture_mismatch_is_reported(saved, tmp_path):
         load_checkpoint(tmp_path, "resnet18")
 
 
+@pytest.mark.parametrize("field,value", [("input_size", "160px"), ("input_size", 0), ("input_size", None),
+                                         ("input_size", True), ("mean", [0.5, 0.5]), ("std", [0.2, 0, 0.2]),
+                                         ("mean", "0.5"), ("std", [0.2, float("nan"), 0.2])])
+def test_preprocessing_fields_are_checked_when_the_model_loads(saved, tmp_path, field, value):
+    """A hand-edited input size or normalisation made the app exit at start-up with a traceback
+    (its warm-up preprocesses for every model outside the per-model error handling): it is this
+    model's CheckpointError, so only this model becomes unavailable."""
+    _save_with_edited_entry(saved[1], tmp_path, lambda e: e.update({field: value}))
+    with pytest.raises(CheckpointError, match=f"resnet18: manifest field {field} must be"):
+        load_checkpoint(tmp_path, "resnet18")
+
+
 def test_manifest_cannot_point_outside_its_folder(saved, tmp_path):
     _save_with_edited_entry(saved[1], tmp_path,
                             lambda e: e["sha256"].update({"../../etc/passwd": "0" * 64}))
