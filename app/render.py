@@ -81,7 +81,7 @@ def _blank(size: tuple[int, int]) -> Image.Image:
 
 def _model_tile(r: ModelResult, shown: Image.Image, alpha: float, view: str) -> Tile:
     if not r.ok:
-        return Tile(_blank(shown.size), r.label, f"unavailable: {r.error}")
+        return Tile(_blank(shown.size), r.label, r.problem)
     if view == "cam":
         return Tile(overlay(shown, r.cam, alpha), r.label, f"{r.target_class} · {r.score:.2f}")
     if r.gate is None:

@@ -283,7 +283,7 @@ def _results(engine: CamEngine, image, more_images, target, method, opacity, vie
         for r in comp.results:
             top5.append([name, r.label] + [f"{c} ({p:.2f})" for c, p in r.top5]
                         + [round(r.time_ms, 1)] if r.ok else
-                        [name, r.label, f"unavailable: {r.error}", "", "", "", "", ""])
+                        [name, r.label, r.problem, "", "", "", "", ""])
     info = _info(comps, names, total_ms, len(engine.classes))
     if v != "cam":
         info += "\n\n" + gate_notes(comps[0])

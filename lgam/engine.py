@@ -58,7 +58,8 @@ def _as_image(source: ImageSource) -> Image.Image:
 @dataclass
 class ModelResult:
     """One model on one image. ``error`` is set (and the rest is empty) when the model is
-    unavailable or failed.
+    unavailable (it did not load) or ``failed`` (it raised while running on this request, e.g.
+    out of memory: the next request tries it again).
 
     probs: ``(K,)`` float32 class probabilities; top5: ``[(class name, p)]``; target: the class
     the CAM explains; score: ``probs[target]``; cam: ``(S, S)`` float32 in [0, 1] at the model's
@@ -86,15 +87,23 @@ class ModelResult:
     gate_source: str | None = None
     gate_formula: str | None = None
     gate_note: str | None = None
+    failed: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def problem(self) -> str | None:
+        """``"unavailable: reason"``, ``"failed on this request: error"``, or ``None`` when ok."""
+        if self.ok:
+            return None
+        return f"{'failed on this request' if self.failed else 'unavailable'}: {self.error}"
+
     def caption(self) -> str:
-        """``"LGAM · tench · 0.93"`` (or ``"LGAM · unavailable: reason"``)."""
+        """``"LGAM · tench · 0.93"`` (or ``"LGAM · unavailable: reason"``, :attr:`problem`)."""
         if not self.ok:
-            return f"{self.label} · unavailable: {self.error}"
+            return f"{self.label} · {self.problem}"
         return f"{self.label} · {self.target_class} · {self.score:.2f}"
 
 
@@ -332,7 +341,7 @@ class CamEngine:
                     batches[key] = self.preprocess(images, *key)
                 out = self._run_model(s, batches[key], tgt, method, gates, stage)
             except Exception as e:  # noqa: BLE001 - one model failing must not stop the others
-                out = [ModelResult(s.name, s.label, error=f"{type(e).__name__}: {e}")
+                out = [ModelResult(s.name, s.label, error=f"{type(e).__name__}: {e}", failed=True)
                        for _ in images]
             for res, r in zip(per_image, out):
                 res.append(r)

@@ -92,7 +92,7 @@ def squeeze_to_tile_aspect(image: Image.Image) -> Image.Image:
 def _tile(r: ModelResult, thumb: Image.Image, alpha: float, view: str):
     """``(title, image or None, caption)`` of one model's tile."""
     if not r.ok:
-        return r.label, None, "unavailable"
+        return r.label, None, "failed on this run" if r.failed else "unavailable"
     if view == "cam":
         return r.label, overlay(thumb, r.cam, alpha), f"{r.target_class}\n{r.score:.2f}"
     if r.gate is None:

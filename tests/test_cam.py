@@ -354,6 +354,28 @@ def test_a_model_whose_preprocessing_fails_fails_alone(models, images):
     assert out["resnet18"].ok and "ZeroDivisionError" in out["resnet18_se"].error
 
 
+def test_a_model_that_fails_on_one_request_is_not_called_unavailable(models, images, monkeypatch):
+    """An error while a model runs (a CUDA out-of-memory under load) is this request's failure,
+    not a model that did not load: the caption says so, and the next request tries it again."""
+    eng = CamEngine({n: models[n] for n in ["resnet18", "resnet18_se"]}, CLASSES, device="cpu",
+                    precision="float32")
+    real = eng._forward
+
+    def forward(s, *args):
+        if s.name == "resnet18_se":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(s, *args)
+
+    monkeypatch.setattr(eng, "_forward", forward)
+    out = eng.compare(images[0])[0]
+    assert out["resnet18"].ok and not out["resnet18"].failed
+    se = out["resnet18_se"]
+    assert se.failed and se.caption() == "SE · failed on this request: OutOfMemoryError: CUDA out of memory"
+    assert "resnet18_se" not in eng.unavailable
+    monkeypatch.setattr(eng, "_forward", real)
+    assert eng.compare(images[0])[0]["resnet18_se"].ok
+
+
 def test_checkpoints_load(engine, app_checkpoints, images):
     assert engine.available == NAMES and engine.classes == CLASSES
     entry = load_manifest(app_checkpoints)["models"]["resnet18"]
