@@ -27,10 +27,11 @@ from PIL import Image
 from lgam._format import format_or_dash
 from lgam.cam import METHODS, CamError
 from lgam.data import IMAGE_EXTENSIONS
-from lgam.engine import CamEngine, ImageComparison
+from lgam.engine import CamEngine, ImageComparison, PreparedImage
+from lgam.figure import TILE_PIXELS
 from lgam.imageio import MAX_BYTES, MAX_PIXELS, ImageLoadError, load_image
 
-from .render import VIEWS, Tile, gate_notes, tiles_data, tiles_for, tiles_html
+from .render import TILE_PX, VIEWS, Tile, gate_notes, tiles_data, tiles_for, tiles_html
 
 __all__ = ["OWN_TOP1", "LOW_CONFIDENCE", "MIN_AGREEMENT", "EXAMPLES_DIR", "build_app",
            "run_compare", "run_export", "default_examples", "package_photos", "first_view",
@@ -48,6 +49,9 @@ ONE_IMAGE_METHODS = frozenset({"scorecam"})
 DEFAULT_OPACITY = 0.5
 DEFAULT_FORMAT = "png"
 DEFAULT_VIEW = "Grad-CAM"
+#: the largest side an upload is kept at once the models' inputs are made from it: the page's and
+#: the exported figure's tiles are no larger, so they are drawn as from the full image
+SHOWN_PX = max(TILE_PX, TILE_PIXELS)
 #: the gate-stage choice: label -> stage (None: the last stage where the model has gates)
 STAGES = {"last stage with gates": None, "stage 1": 1, "stage 2": 2, "stage 3": 3, "stage 4": 4}
 DEFAULT_STAGE = "last stage with gates"
@@ -174,8 +178,11 @@ def _example_groups(examples: Mapping[str, Sequence[str]] | Sequence[str]) -> di
     return {"Examples": list(examples)} if examples else {}
 
 
-def _load_inputs(image: str | None, files: Sequence[Any] | None, max_images: int,
-                 max_bytes: int, max_pixels: int) -> tuple[list[Image.Image], list[str]]:
+def _load_inputs(engine: CamEngine, image: str | None, files: Sequence[Any] | None,
+                 max_images: int, max_bytes: int, max_pixels: int
+                 ) -> tuple[list[PreparedImage], list[str]]:
+    """Each file read, checked and prepared for the models (:meth:`CamEngine.prepare`) before the
+    next is read: a request holds one full-size decode at a time, not up to ``max_images``."""
     paths = ([image] if image else []) + [str(getattr(f, "name", f)) for f in (files or [])]
     if not paths:
         raise _user_error("Please add an image: upload, webcam, paste, or pick an example.")
@@ -185,9 +192,11 @@ def _load_inputs(image: str | None, files: Sequence[Any] | None, max_images: int
     for p in paths:
         name = Path(p).name
         try:
-            imgs.append(load_image(p, max_bytes=max_bytes, max_pixels=max_pixels))
+            full = load_image(p, max_bytes=max_bytes, max_pixels=max_pixels)
         except ImageLoadError as e:
             raise _user_error(f"Cannot use this file: {e}") from None
+        imgs.append(engine.prepare(full, display_px=SHOWN_PX))
+        del full
         names.append(name)
     return imgs, names
 
@@ -197,7 +206,7 @@ def _compare(engine: CamEngine, image, files, target, method, max_images, max_by
              ) -> tuple[list[ImageComparison], list[str], float]:
     if not engine.available:
         raise _user_error(setup_help(engine))
-    imgs, names = _load_inputs(image, files, max_images, max_bytes, max_pixels)
+    imgs, names = _load_inputs(engine, image, files, max_images, max_bytes, max_pixels)
     if method in ONE_IMAGE_METHODS and len(imgs) > 1 and engine.device.type == "cpu":
         raise _user_error(f"{method} runs one forward pass per channel of the last feature map, for "
                           f"each image and model: one image at a time on a CPU, got {len(imgs)}.")

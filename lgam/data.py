@@ -371,7 +371,8 @@ def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float] =
     once left whole, ~600 MB as float)."""
     out = []
     for img in images:
-        img = img.convert("RGB")
+        if img.mode != "RGB":  # convert() copies even an RGB image: 143 MB for a 50-MP photo
+            img = img.convert("RGB")
         k = tuple(max(1, side // (2 * size)) for side in img.size)
         if max(k) >= 2:
             img = img.reduce(k)

@@ -30,7 +30,7 @@ from .device import bf16_native, resolve_device
 from .imageio import ImageSource, load_image
 from .models import FIGURE5_MODELS
 
-__all__ = ["CamEngine", "ModelResult", "ImageComparison", "PRECISIONS"]
+__all__ = ["CamEngine", "ModelResult", "ImageComparison", "PreparedImage", "PRECISIONS"]
 
 #: the engine's precision choices (see :class:`CamEngine`)
 PRECISIONS = ("auto", "bf16", "float32")
@@ -41,8 +41,10 @@ PRECISIONS = ("auto", "bf16", "float32")
 
 
 def _is_one_image(source: object) -> bool:
-    """Whether ``source`` is one image (a PIL image, a path, bytes, an open file), not a list."""
-    return isinstance(source, (Image.Image, str, os.PathLike, bytes, bytearray)) or hasattr(source, "read")
+    """Whether ``source`` is one image (a PIL image, a :class:`PreparedImage`, a path, bytes, an
+    open file), not a list."""
+    return (isinstance(source, (Image.Image, PreparedImage, str, os.PathLike, bytes, bytearray))
+            or hasattr(source, "read"))
 
 
 def _as_image(source: ImageSource) -> Image.Image:
@@ -53,6 +55,18 @@ def _as_image(source: ImageSource) -> Image.Image:
         return load_image(source)
     raise CamError(f"images must be PIL images or image files (paths, bytes, open files), got "
                    f"{type(source).__name__}: for a tensor, call fast_gradcam / library_cam")
+
+
+@dataclass
+class PreparedImage:
+    """An image made ready for :meth:`CamEngine.compare` by :meth:`CamEngine.prepare`, so that the
+    full-size decode need not be kept: ``inputs`` maps each ``(size, mean, std)`` the engine's
+    models use to the image's model input, ``(1, 3, size, size)`` float32 on the CPU, made from the
+    full image exactly as ``compare`` makes it; ``image`` is the picture the results carry (RGB; a
+    copy at most ``display_px`` a side when :meth:`CamEngine.prepare` was given one)."""
+
+    image: Image.Image
+    inputs: dict[tuple, Tensor]
 
 
 @dataclass
@@ -109,7 +123,8 @@ class ModelResult:
 
 @dataclass
 class ImageComparison:
-    """All models on one image: ``image`` (RGB, as given) and ``results`` in model order."""
+    """All models on one image: ``image`` (RGB, as given; a :class:`PreparedImage`'s own, small
+    copy) and ``results`` in model order."""
 
     image: Image.Image
     results: list[ModelResult]
@@ -294,6 +309,48 @@ class CamEngine:
 
         return preprocess(list(images), size, mean, std).to(self.device, non_blocking=True)
 
+    def prepare(self, source: ImageSource | Image.Image, display_px: int | None = None) -> PreparedImage:
+        """``source`` (a PIL image, or an image file as :meth:`compare` takes it) -> a
+        :class:`PreparedImage`: its model inputs, one per input size the available models use
+        (:func:`lgam.data.preprocess` on the full image: ``compare`` gives the same numbers for the
+        prepared image as for the image), and the image, shrunk to at most ``display_px`` a side
+        (``Image.thumbnail``, bicubic) when given. A caller reading many large images prepares each
+        as it is read and keeps only the small copies (eight 50-MP uploads held at once: ~1.2 GB).
+        An input that cannot be made (a manifest's bad ``mean``) is left out: the models that need
+        it fail in ``compare``, the others run."""
+        from .data import preprocess
+
+        if display_px is not None and display_px < 1:
+            raise CamError(f"display_px must be at least 1, got {display_px!r}")
+        img = _as_image(source.image if isinstance(source, PreparedImage) else source)
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        inputs = {}
+        for key in dict.fromkeys(s.pre_key() for s in self._slots if s.model is not None):
+            try:
+                inputs[key] = preprocess([img], *key)
+            except Exception:  # noqa: BLE001 - compare reports it for the models that need it
+                continue
+        if display_px is not None and max(img.size) > display_px:
+            img = img.copy()
+            img.thumbnail((display_px, display_px), Image.Resampling.BICUBIC)
+        return PreparedImage(img, inputs)
+
+    def _batch(self, items: Sequence[Image.Image | PreparedImage], key: tuple) -> Tensor:
+        """``(B, 3, S, S)`` model input for ``key`` = (size, mean, std) on the engine's device:
+        prepared images' own inputs, the others preprocessed here."""
+        from .data import preprocess
+
+        parts = []
+        for it in items:
+            if isinstance(it, PreparedImage):
+                if key not in it.inputs:
+                    raise CamError(f"the image was prepared without an input of {key[0]} px with "
+                                   f"mean {list(key[1])} and std {list(key[2])}")
+                parts.append(it.inputs[key])
+            else:
+                parts.append(preprocess([it], *key))
+        return torch.cat(parts).to(self.device, non_blocking=True)
+
     def compare(
         self,
         images: ImageSource | Sequence[ImageSource],
@@ -304,9 +361,9 @@ class CamEngine:
         gates: bool = False,
         stage: int | None = None,
     ) -> list[ImageComparison]:
-        """Run every (or the named) available model on ``images``: PIL images, or image files
+        """Run every (or the named) available model on ``images``: PIL images, image files
         (paths, bytes or open files, read by :func:`lgam.imageio.load_image`: upright RGB, its
-        size limits).
+        size limits) or :class:`PreparedImage` (:meth:`prepare`).
 
         target: ``None`` = each model's own top-1, or one class (index or name) for all models.
         method: one of :data:`lgam.cam.METHODS`. gates: also return each model's spatial attention
@@ -316,7 +373,7 @@ class CamEngine:
         """
         if _is_one_image(images):
             images = [images]
-        images = [_as_image(im) for im in images]
+        images = [im if isinstance(im, PreparedImage) else _as_image(im) for im in images]
         if not images:
             raise CamError("no images given")
         check_method(method)
@@ -325,7 +382,8 @@ class CamEngine:
         tgt = self.resolve_target(target)
         if stage is not None and stage not in (1, 2, 3, 4):
             raise CamError(f"stage must be 1, 2, 3 or 4, got {stage!r}")
-        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        images = [im if isinstance(im, PreparedImage) or im.mode == "RGB" else im.convert("RGB")
+                  for im in images]
         slots = self._slots if models is None else [self._slot(n) for n in models]
 
         batches: dict[tuple, Tensor] = {}  # preprocess once per (size, mean, std)
@@ -338,14 +396,15 @@ class CamEngine:
             try:
                 key = s.pre_key()
                 if key not in batches:
-                    batches[key] = self.preprocess(images, *key)
+                    batches[key] = self._batch(images, key)
                 out = self._run_model(s, batches[key], tgt, method, gates, stage)
             except Exception as e:  # noqa: BLE001 - one model failing must not stop the others
                 out = [ModelResult(s.name, s.label, error=f"{type(e).__name__}: {e}", failed=True)
                        for _ in images]
             for res, r in zip(per_image, out):
                 res.append(r)
-        return [ImageComparison(im, res, method, str(self.device))
+        return [ImageComparison(im.image if isinstance(im, PreparedImage) else im, res, method,
+                                str(self.device))
                 for im, res in zip(images, per_image)]
 
     def _run_model(self, s: _Slot, x: Tensor, target: int | None, method: str, gates: bool,

@@ -155,7 +155,7 @@ def load_image(
     except Exception as e:  # noqa: BLE001 - whatever a decoder raises, the user gets one message
         raise ImageLoadError(_undecodable(name, e)) from None
 
-    return _upright_rgb(img, name, background)
+    return _upright_rgb(img, name, background, owned=True)
 
 
 def _pixel_cap(max_pixels: int) -> int:
@@ -165,13 +165,17 @@ def _pixel_cap(max_pixels: int) -> int:
     return max_pixels if pillow is None else min(max_pixels, 2 * int(pillow))
 
 
-def _upright_rgb(img: Image.Image, name: str, background: tuple[int, int, int]) -> Image.Image:
-    """EXIF rotation applied (ignored when the EXIF is broken), then :func:`to_rgb`; always a new
-    image. A conversion the decoder cannot do gets the "cannot be decoded" message."""
+def _upright_rgb(img: Image.Image, name: str, background: tuple[int, int, int],
+                 owned: bool = False) -> Image.Image:
+    """EXIF rotation applied (ignored when the EXIF is broken), then :func:`to_rgb`. A caller's
+    image is left as it was (the result is a new image); one this module decoded (``owned``) is
+    rotated in place and returned when already RGB: a 50-MP photo is 143 MB, each copy as much
+    again at the peak. A conversion the decoder cannot do gets the "cannot be decoded" message."""
     try:
-        upright = ImageOps.exif_transpose(img)
-        if upright is not None:
-            img = upright
+        if owned:
+            ImageOps.exif_transpose(img, in_place=True)
+        else:
+            img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - broken EXIF must not lose the picture
         pass
     try:
@@ -180,7 +184,7 @@ def _upright_rgb(img: Image.Image, name: str, background: tuple[int, int, int]) 
         raise
     except Exception as e:  # noqa: BLE001
         raise ImageLoadError(_undecodable(name, e)) from None
-    return rgb.copy() if rgb is img else rgb
+    return rgb.copy() if rgb is img and not owned else rgb
 
 
 def _undecodable(name: str, error: BaseException) -> str:

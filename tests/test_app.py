@@ -813,3 +813,22 @@ def test_api_tiles_are_jpeg_data_urls_row_by_row():
         (0, "Input · a.png"), (0, "LGAM · tench · 0.90"), (1, "Input · b.png")]
     with Image.open(got[0]["image"]) as im:
         assert im.format == "JPEG" and im.size == (8, 6) and im.getpixel((4, 3))[0] > 150
+
+def test_uploads_are_kept_small_once_the_models_inputs_are_made(engine, tmp_path):
+    """Eight 50-MP uploads decoded and held for one request took ~1.2 GB: each is prepared for the
+    models as it is read and only a copy of at most SHOWN_PX a side is kept; the page's tiles are
+    the ones the full image gives."""
+    from app.render import tiles_data, tiles_for
+    from app.ui import SHOWN_PX, _load_inputs
+    from lgam.engine import PreparedImage
+
+    paths = []
+    for i, size in enumerate([(1400, 1000), (300, 200)]):
+        paths.append(tmp_path / f"photo{i}.png")
+        synthetic_image(80 + i, size).save(paths[-1])
+    imgs, names = _load_inputs(engine, str(paths[0]), [str(paths[1])], 8, 2**25, 10**8)
+    assert names == ["photo0.png", "photo1.png"] and all(isinstance(p, PreparedImage) for p in imgs)
+    assert max(imgs[0].image.size) == SHOWN_PX and imgs[1].image.size == (300, 200)
+    full = load_image(paths[0])
+    page = tiles_data(tiles_for(engine.compare(imgs[0])[0], "photo0.png", 0.5, "cam"))
+    assert page == tiles_data(tiles_for(engine.compare(full)[0], "photo0.png", 0.5, "cam"))

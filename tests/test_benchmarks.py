@@ -100,3 +100,13 @@ def test_lgam_replayed_as_a_cuda_graph_matches_eager_on_cuda(monkeypatch):
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.testing.assert_close(out["y"], model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs /proc/self/clear_refs (Linux)")
+def test_upload_memory_benchmark(tmp_path):
+    """Both ways run in their own process on the same request and print their peak memory."""
+    out = _run("benchmarks/upload_memory.py", "--images", "2", "--megapixels", "0.5",
+               "--checkpoints", str(tmp_path / "none"))
+    rows = [line.split(" |")[0] for line in out.splitlines() if line.startswith("| held") or line.startswith("| prepared")]
+    assert rows == ["| held", "| prepared"] and "prepared / held, peak above before: " in out

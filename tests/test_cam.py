@@ -640,3 +640,37 @@ def test_headless_models_get_no_cam_and_no_engine_slot():
 def test_a_boolean_mask_is_not_read_as_class_indices(mask):
     with pytest.raises(CamError, match="class indices"):
         fast_gradcam(_tiny("resnet18"), torch.randn(2, 3, 32, 32), mask)
+
+
+def test_a_prepared_image_gives_compare_the_same_numbers(models, mem_engine):
+    """CamEngine.prepare makes the model inputs from the full image as compare does: the numbers
+    are the same, and the result carries the small copy (the app keeps no full-size decode)."""
+    from lgam.engine import PreparedImage
+
+    big = synthetic_image(71, (1000, 900))  # large enough for preprocess's integer reduction
+    other = synthetic_image(72, (120, 90))
+    prep = mem_engine.prepare(big, display_px=64)
+    assert isinstance(prep, PreparedImage) and max(prep.image.size) == 64 and prep.image.mode == "RGB"
+    assert big.size == (1000, 900)  # the caller's image is left as it was
+    want = mem_engine.compare([big, other])
+    got = mem_engine.compare([prep, other])
+    assert got[0].image is prep.image and got[1].image.size == other.size
+    for g, w in zip(got, want):
+        for rg, rw in zip(g.results, w.results):
+            assert rg.ok and rw.ok
+            np.testing.assert_array_equal(rg.probs, rw.probs)
+            np.testing.assert_array_equal(rg.cam, rw.cam)
+    assert mem_engine.prepare(big).image.size == big.size  # no display_px: kept whole
+    assert mem_engine.compare(prep)[0].image is prep.image  # one prepared image is one image
+    with pytest.raises(CamError, match="display_px"):
+        mem_engine.prepare(big, display_px=0)
+
+
+def test_an_image_prepared_for_other_input_sizes_fails_only_the_models_that_need_them(models):
+    small = CamEngine({"resnet18": models["resnet18"]}, CLASSES, device="cpu", precision="float32",
+                      entries={"resnet18": {"input_size": 64}})
+    mixed = CamEngine({n: models[n] for n in ["resnet18", "resnet18_se"]}, CLASSES, device="cpu",
+                      precision="float32", entries={"resnet18": {"input_size": 64}})
+    out = mixed.compare(small.prepare(synthetic_image(73, (80, 60))))[0]
+    assert out["resnet18"].ok
+    assert out["resnet18_se"].failed and "prepared without an input of 224 px" in out["resnet18_se"].error

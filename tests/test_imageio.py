@@ -269,6 +269,21 @@ def test_exif_rotation():
     assert arr[2, 10, 0] > 200 and arr[-3, 10, 2] > 200  # red on top, blue at the bottom
 
 
+def test_a_callers_image_is_left_as_it_was():
+    """A decoded file is rotated in place (no second 143-MB copy of a 50-MP photo); a PIL image
+    the caller passes is not: the result is a new image, the caller's keeps its size and EXIF."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img = Image.open(io.BytesIO(_encode(Image.new("RGB", (40, 20), (0, 0, 255)), "JPEG",
+                                        exif=exif.tobytes())))
+    img.load()
+    out = load_image(img)
+    assert out is not img and out.size == (20, 40)
+    assert img.size == (40, 20) and img.getexif().get(0x0112) == 6
+    rgb = Image.new("RGB", (3, 2))
+    assert load_image(rgb) is not rgb
+
+
 def test_one_pixel(tmp_path):
     p = tmp_path / "px.png"
     Image.new("RGB", (1, 1), (1, 2, 3)).save(p)
