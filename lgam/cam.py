@@ -159,7 +159,8 @@ def _method_class(method: str):
     }[method]
 
 
-def library_cam(model: nn.Module, x: Tensor, targets: Targets | None, method: str) -> np.ndarray:
+def library_cam(model: nn.Module, x: Tensor, targets: Targets | None = None,
+                method: str = "gradcam") -> np.ndarray:
     """pytorch-grad-cam's ``method`` on ``model.cam_target_layer()`` (the last feature map) in
     float32: ``(B, H, W)`` in [0, 1]. x: ``(B, 3, H, W)``; targets: one class index per image, or
     ``None`` (each image's top-1, as pytorch-grad-cam chooses it).

@@ -50,6 +50,7 @@ from .attention import fused_kernels_setting
 from .checkpoints import git_revision
 from .device import bf16_native, device_summary, resolve_device
 from .models import create_model, init_residual_bn, list_models, match_branch_rms, model_config, zero_init_residual
+from .models.branch_init import residual_bns
 from .recipes import RECIPES, Recipe, TrainError, lr_at, make_recipe, param_groups, train_size_at
 from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, generator_states, load_state, load_weights, read_log,
                        restore_generators, save_state)
@@ -266,11 +267,26 @@ def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Tr
     return _Trainee(name, model, optimizer, directory, _settings(run, name, stem), _Stopwatch(run.device))
 
 
+def check_branch_init(model: nn.Module, recipe: Recipe) -> None:
+    """:class:`TrainError` when ``recipe`` sets the residual branches' last BN and ``model`` has
+    none to set (pre-activation blocks, e.g. WRN's): the recipe would be applied in name only."""
+    off = {"zero_init_residual": "false", "residual_bn_scale": "1", "branch_rms": "0"}
+    asked = [k for k, on in (("zero_init_residual", recipe.zero_init_residual),
+                             ("residual_bn_scale", recipe.residual_bn_scale != 1.0),
+                             ("branch_rms", bool(recipe.branch_rms))) if on]
+    if asked and not residual_bns(model):
+        name = getattr(model, "model_name", type(model).__name__)
+        raise TrainError(f"the recipe sets {asked[0]}, the scale of each residual branch's last BatchNorm, "
+                         f"and {name}'s blocks have none (pre-activation blocks): choose a recipe without "
+                         f"it (e.g. --recipe paper) or override it (--set {asked[0]}={off[asked[0]]})")
+
+
 def init_blocks(model: nn.Module, recipe: Recipe, images: Tensor | None = None) -> list[float] | None:
     """Apply ``recipe``'s initialisation of the residual branches' last BN (``zero_init_residual``,
     ``residual_bn_scale``, ``branch_rms``) to a freshly built ``model``; ``branch_rms`` needs
     ``images`` ``(B, 3, H, W)``, normalised (:func:`init_batch`), and returns the branches'
     output RMS after it."""
+    check_branch_init(model, recipe)
     if recipe.zero_init_residual:
         zero_init_residual(model)
     elif recipe.residual_bn_scale != 1.0:

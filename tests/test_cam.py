@@ -583,6 +583,8 @@ def test_library_cam_without_targets_uses_each_images_top1_and_names_a_bad_metho
                                library_cam(model, x, probs.argmax(1).tolist(), "gradcam++"), atol=1e-6)
     with pytest.raises(CamError, match="unknown CAM method 'gradcamx'; choose one of gradcam, "):
         library_cam(model, x, [0, 1], "gradcamx")
+    # targets and method default as fast_gradcam's do: each image's top-1, Grad-CAM
+    np.testing.assert_allclose(library_cam(model, x), library_cam(model, x, None, "gradcam"), atol=1e-6)
 
 
 def test_overlay_takes_a_batch_of_one_and_names_other_shapes():

@@ -1,5 +1,7 @@
 """Registry, backbones, exact parameter counts, attention placement, safetensors round trip."""
 import re
+import subprocess
+import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,8 +28,38 @@ def test_registry_names():
 def test_create_model_takes_timms_pretrained_false_and_says_there_are_no_weights():
     assert count_params(lgam.create_model("resnet18", pretrained=False)) == count_params(
         lgam.create_model("resnet18"))
-    with pytest.raises(ValueError, match="no pretrained weights.*load_checkpoint"):
+    with pytest.raises(UsageError, match=r"no pretrained weights.*model, entry = lgam.checkpoints.load_checkpoint"):
         lgam.create_model("resnet18", pretrained=True)
+
+
+def test_the_submodules_the_docs_name_are_reached_from_import_lgam():
+    """The pretrained=True message says lgam.checkpoints.load_checkpoint: after a bare ``import
+    lgam`` that was an AttributeError (only .attention and .models were imported)."""
+    code = ("import sys, lgam; assert 'lgam.checkpoints' not in sys.modules; "
+            "assert callable(lgam.checkpoints.load_checkpoint) and callable(lgam.cam.fast_gradcam); "
+            "assert {'engine', 'data', 'checkpoints'} <= set(dir(lgam)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-1500:]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lgam.nope  # noqa: B018
+
+
+def test_a_registered_builder_without_a_stem_builds_and_rebuilds():
+    """create_model recorded cfg['stem'] for every model: a KeyError for a builder that has none."""
+    from lgam.models import registry
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, num_classes: int = 10, width: int = 4) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(width, num_classes)
+
+    registry.register_model("tiny_test_net", Tiny, width=3)
+    try:
+        m = lgam.create_model("tiny_test_net", num_classes=2)
+        assert m.fc.in_features == 3 and m.model_kwargs == {"num_classes": 2}
+        assert lgam.create_model(m.model_name, **m.model_kwargs).fc.out_features == 2
+    finally:
+        registry._MODELS.pop("tiny_test_net"), registry._DEFAULTS.pop("tiny_test_net")
 
 
 def test_an_attention_given_to_a_backbone_goes_where_its_registered_name_puts_it():
@@ -442,3 +474,7 @@ def test_timm_head_api_headless_models_and_a_new_classifier(name, tmp_path):
     torch.testing.assert_close(model(x), feats)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):
         model.reset_classifier(-2)
+    model.reset_classifier(3, "avg")  # timm's global_pool argument: these models pool by average
+    assert model(x).shape == (2, 3)
+    with pytest.raises(UsageError, match="global_pool must be None or 'avg'.*forward_features"):
+        model.reset_classifier(0, "")

@@ -501,3 +501,20 @@ def test_holdout_and_batch_size_are_refused_before_decoding(tiny_data, tmp_path,
     monkeypatch.setattr(lgam.data, "_decode", no_decoding)
     assert _train(tiny_data, tmp_path, "--model", "resnet18", *args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["branch_rms=0.5", "zero_init_residual=true", "residual_bn_scale=0.5"])
+def test_a_branch_init_on_blocks_without_a_last_bn_is_refused_not_skipped(setting):
+    """WRN's pre-activation blocks name no last BN: the cpu recipe's branch_rms was skipped there
+    without a word (a WRN LGAM then trains from the init that stalls at chance)."""
+    from lgam.recipes import TrainError
+    from lgam.train import init_blocks, make_recipe
+
+    recipe = make_recipe("paper", [setting])
+    wrn = lgam.create_model("wrn16_10_lgam", num_classes=3)
+    images = torch.randn(4, 3, 32, 32)
+    with pytest.raises(TrainError, match=rf"sets {setting.split('=')[0]}.*wrn16_10_lgam's blocks have none"):
+        init_blocks(wrn, recipe, images)
+    assert init_blocks(wrn, make_recipe("paper", []), images) is None  # nothing asked: fine
+    resnet = lgam.create_model("resnet18_lgam", num_classes=3)
+    init_blocks(resnet, recipe, torch.randn(4, 3, 32, 32))  # ResNet blocks have one

@@ -42,7 +42,8 @@ ATTENTION_KWARGS: dict[tuple[str, str], dict[str, Any]] = {("wrn16_10", "sge"): 
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], **defaults: Any) -> None:
-    """Register ``builder(**defaults, **overrides)`` under ``name``."""
+    """Register ``builder(**defaults, **overrides)`` under ``name``: a call, not a decorator as
+    timm's ``@register_model`` (``register_model("mynet", MyNet, depth=18)``)."""
     if name in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
     _MODELS[name] = builder
@@ -127,12 +128,14 @@ def create_model(
     (:func:`lgam.checkpoints.load_checkpoint`).
     """
     if kwargs.pop("pretrained", False):
-        raise ValueError("lgam downloads no pretrained weights: load a trained model from a checkpoint "
-                         "folder with lgam.checkpoints.load_checkpoint(directory, name)")
+        raise UsageError("lgam downloads no pretrained weights: load a trained model from a checkpoint "
+                         "folder with `model, entry = lgam.checkpoints.load_checkpoint(directory, name)` "
+                         "(entry: its manifest entry, with the input_size, mean and std it was trained on)")
     name = _canonical_name(name, kwargs)
     num_classes = check_num_classes(num_classes)  # an int (a NumPy integer would not go into JSON)
     cfg = model_config(name, num_classes=num_classes, stem=stem, **kwargs)
     model = _MODELS[name](**cfg)
     model.model_name = name
-    model.model_kwargs = {"num_classes": num_classes, "stem": cfg["stem"], **kwargs}
+    model.model_kwargs = {"num_classes": num_classes, **({"stem": cfg["stem"]} if "stem" in cfg else {}),
+                          **kwargs}
     return model

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..attention import create_attention, residual_tail
 from ..attention._checks import check_positive_int
+from ..errors import UsageError
 
 __all__ = ["AttentionBackbone", "BasicBlock", "ResNet", "check_stem", "check_placement"]
 
@@ -131,10 +132,15 @@ class AttentionBackbone(nn.Module):
         """The classifier, ``fc`` (timm's name for it)."""
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new classifier for ``num_classes`` (0: none), freshly initialised, on the model's
         device and dtype, as timm's ``reset_classifier``; ``model_kwargs`` follows, so the model
-        still rebuilds and saves as what it now is."""
+        still rebuilds and saves as what it now is. ``global_pool``: timm's argument; these models
+        pool by average only (``None`` or ``"avg"``); for the unpooled ``(B, C, h, w)`` features,
+        call ``forward_features``."""
+        if global_pool not in (None, "avg"):
+            raise UsageError(f"global_pool must be None or 'avg' (the average pool these models have), "
+                             f"got {global_pool!r}: forward_features(x) gives the unpooled (B, C, h, w) features")
         num_classes = check_num_classes(num_classes)
         ref = next(self.parameters())
         self._init_head(self.num_features, num_classes)
