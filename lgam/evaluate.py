@@ -224,16 +224,19 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
 
     configs = [_finished_run_config(run) for run in runs]  # before minutes of decoding
     val = load_split(data, "val")
-    held: dict[int, DecodedSplit] = {}
+    held: dict[tuple, DecodedSplit] = {}
     rows = []
     for run, config in zip(runs, configs):
         if config.get("classes") is not None:
             _check_same_classes(str(run), config["classes"], val.class_ids)
-        n = int(config.get("args", {}).get("holdout") or 0)
-        if n and n not in held:
-            held[n] = split_holdout(load_split(data, "train"), n)[1]
+        args = config.get("args", {})
+        n = int(args.get("holdout") or 0)
+        # the images the run held out: its train split as it read it (--limit, --skip-corrupt)
+        key = (n, args.get("limit"), bool(args.get("skip_corrupt")))
+        if n and key not in held:
+            held[key] = split_holdout(load_split(data, "train", limit=key[1], skip_corrupt=key[2]), n)[1]
         metrics = {"model": config["model"], "seed": config["seed"], "holdout_per_class": n,
-                   **evaluate_run(run, val, held.get(n), sizes)}
+                   **evaluate_run(run, val, held.get(key), sizes)}
         atomic_write_json(run / "metrics.json", metrics)
         rows.append(metrics)
         print(f"{run}: " + ", ".join(f"{s} px {metrics[f'val_top1_err_{s}']:.2f}%" for s in sorted(sizes)), flush=True)

@@ -524,6 +524,10 @@ def test_model_table_shows_the_error_at_the_size_each_model_is_fed(engine, app_c
     size = entry["input_size"]
     assert rows[0][:2] == ["ResNet18", "trained (epochs not recorded)"] and rows[0][2] == "11.187"
     assert rows[0][4] == size and rows[0][5] == f"{entry['metrics'][f'val_top1_err_{size}']:.2f}"
+    # the fixture's errors are 95.0 at every size: here 160 and 224 differ, and the table is fed 160
+    fed = CamEngine({"resnet18": engine.model("resnet18")}, engine.classes, device="cpu", entries={
+        "resnet18": {"input_size": 160, "metrics": {"val_top1_err_160": 22.55, "val_top1_err_224": 28.98}}})
+    assert model_rows(fed)[0][4:6] == [160, "22.55"]
     assert rows[0][6] == "—"  # the fixture's manifest does not say on how many images
     broken = {r[0]: r for r in model_rows(CamEngine.from_checkpoints(broken_checkpoints,
                                                                      device="cpu"))}

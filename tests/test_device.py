@@ -40,9 +40,14 @@ def test_no_cpuinfo_means_no_native_bf16(tmp_path):
     assert cpu_has_native_bf16(str(tmp_path / "absent"), "x86_64") is False
 
 
-def test_fast_path_and_summary():
+def test_fast_path_and_summary(monkeypatch):
+    import lgam.device
+
     cpu = torch.device("cpu")
-    assert bf16_native(cpu) is cpu_has_native_bf16()
+    for native in (True, False):  # the CPU's answer is its flags' (read from /proc/cpuinfo)
+        monkeypatch.setattr(lgam.device, "cpu_has_native_bf16", lambda *a, native=native: native)
+        assert bf16_native(cpu) is native
+    monkeypatch.undo()
     assert bf16_native(torch.device("meta")) is False
     assert device_summary(cpu).startswith("cpu: ") and "bf16" in device_summary(cpu)
 

@@ -145,6 +145,42 @@ def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys)
     _evaluate_runs_refusals(out / "resnet18", data, tmp_path, capsys)
 
 
+def test_evaluate_runs_holds_out_what_a_limited_run_held_out(tmp_path, monkeypatch):
+    """A run trained with --limit held out images of its limited train split; --runs reloaded the
+    full split and scored other images, some of them trained on."""
+    import lgam.data
+    import lgam.evaluate
+    from lgam.cli import run_module
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for name in CLASSES:
+        for split, n in (("train", 8), ("val", 2)):
+            (data / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                    data / split / name / f"{i}.png")
+    held = []
+    real = lgam.data.split_holdout
+
+    def recording(split, per_class):
+        rest, out = real(split, per_class)
+        held.append(out.images.clone())
+        return rest, out
+
+    monkeypatch.setattr(lgam.data, "split_holdout", recording)
+    monkeypatch.setattr(lgam.evaluate, "split_holdout", recording)
+    out = tmp_path / "run"
+    assert run_module("lgam.train", [
+        "--data", str(data), "--out", str(out), "--model", "resnet18", "--stem", "cifar", "--epochs", "1",
+        "--holdout", "3", "--limit", str(5 * len(CLASSES)), "--val-every", "0", "--no-progress",
+        "--device", "cpu", "--recipe", "fast", "--set", "batch_size=2", "--set", "train_size=16",
+        "--set", "bf16=false", "--set", "channels_last=false"]) == 0
+    assert run_module("lgam.evaluate", ["--runs", str(out / "resnet18"), "--data", str(data), "--sizes", "16"]) == 0
+    assert len(held) == 2 and held[0].shape[0] == 3 * len(CLASSES)
+    assert torch.equal(held[0], held[1]), "evaluate scored other images than the run held out"
+
+
 def _evaluate_runs_refusals(run, data, tmp_path, capsys):
     """What ``--runs`` once let through: options it ignored (--limit scored every image, --out
     wrote nothing), an unfinished run (its numbers would enter Table 4), other classes (labels
