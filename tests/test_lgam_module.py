@@ -133,7 +133,7 @@ def test_equations_on_a_hand_computed_case(lgam_path):
         for k, att in enumerate(m.channel_attention):
             lin1, lin2 = att.mlp[0], att.mlp[2]
             lin1.weight.fill_(1.0), lin1.bias.fill_(0.0)
-            lin2.weight.fill_(2.0 if k == 0 else -1.0), lin2.bias.fill_(0.0)
+            lin2.weight.fill_(2.0 if k == 0 else 0.5), lin2.bias.fill_(0.0)
     x = torch.tensor([[[[1.0, 3.0]], [[-1.0, 1.0]]]])  # (1, 2, 1, 2)
     sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     eps = m.channel_attention[0].bn.eps
@@ -141,9 +141,11 @@ def test_equations_on_a_hand_computed_case(lgam_path):
     # group 1: s = 2, MLP = 2*relu(2) = 4, M = sig(relu(bn(4)))
     m1 = sig(max(bn(4.0), 0.0))
     y1 = [(1 + m1) * 1.0, (1 + m1) * 3.0]
-    # group 2: z = x2 + y1, s = mean(z), MLP = -relu(s) <= 0 -> relu -> M = sig(0) = 0.5
+    # group 2: z = x2 + y1 (eq (4)), s = mean(z) (pooling x2 alone would give 0 and M = 0.5),
+    # MLP = 0.5*relu(s), M = sig(relu(bn(MLP)))
     z = [-1.0 + y1[0], 1.0 + y1[1]]
-    y2 = [1.5 * v for v in z]
+    m2 = sig(max(bn(0.5 * max(sum(z) / 2, 0.0)), 0.0))
+    y2 = [(1 + m2) * v for v in z]
     c = [y1[i] + y2[i] for i in range(2)]  # eq (5): channel sum
     ms = [sig(max(v, 0.0)) for v in c]  # eq (6)
     expected = torch.tensor([[[[y1[i] * ms[i] + [1.0, 3.0][i] for i in range(2)]],
