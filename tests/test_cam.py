@@ -612,9 +612,15 @@ def test_compare_takes_image_files_and_names_what_it_cannot(mem_engine, tmp_path
 
 
 def test_fast_gradcam_names_models_without_its_head():
+    """A headless model was told to try library_cam, which then refused it too: both now say the
+    model has no classifier and how to give it one."""
     headless = lgam.create_model("resnet18", num_classes=0).eval()
-    with pytest.raises(CamError, match="one nn.Linear"):
+    with pytest.raises(CamError, match=r"no classifier \(num_classes=0\).*reset_classifier"):
         fast_gradcam(headless, torch.randn(1, 3, 32, 32))
+    other = lgam.create_model("resnet18", num_classes=3).eval()
+    other.fc = torch.nn.Sequential(torch.nn.Linear(512, 3))  # a head the fast path cannot read
+    with pytest.raises(CamError, match="one nn.Linear"):
+        fast_gradcam(other, torch.randn(1, 3, 32, 32))
 
 
 def test_fast_gradcam_probabilities_are_ordinary_tensors():
