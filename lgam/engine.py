@@ -67,6 +67,8 @@ class PreparedImage:
 
     image: Image.Image
     inputs: dict[tuple, Tensor]
+    #: input key -> why that input could not be made (its models fail in ``compare``, with this)
+    failed: dict[tuple, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -316,24 +318,50 @@ class CamEngine:
         prepared image as for the image), and the image, shrunk to at most ``display_px`` a side
         (``Image.thumbnail``, bicubic) when given. A caller reading many large images prepares each
         as it is read and keeps only the small copies (eight 50-MP uploads held at once: ~1.2 GB).
-        An input that cannot be made (a manifest's bad ``mean``) is left out: the models that need
-        it fail in ``compare``, the others run."""
+        An input that cannot be made (a bad ``mean`` in an entry, out of memory) is left out, with
+        why: the models that need it fail in ``compare``, the others run. A :class:`PreparedImage`
+        is returned as it is (its image may be the small copy: never prepared again from that)."""
         from .data import preprocess
 
         if display_px is not None and display_px < 1:
             raise CamError(f"display_px must be at least 1, got {display_px!r}")
-        img = _as_image(source.image if isinstance(source, PreparedImage) else source)
+        if isinstance(source, PreparedImage):
+            return self._prepared_already(source)
+        img = _as_image(source)
         img = img if img.mode == "RGB" else img.convert("RGB")
-        inputs = {}
-        for key in dict.fromkeys(s.pre_key() for s in self._slots if s.model is not None):
+        inputs: dict[tuple, Tensor] = {}
+        failed: dict[tuple, str] = {}
+        for key in self._input_keys():
             try:
                 inputs[key] = preprocess([img], *key)
-            except Exception:  # noqa: BLE001 - compare reports it for the models that need it
-                continue
+            except Exception as e:  # noqa: BLE001 - compare reports it for the models that need it
+                failed[key] = f"{type(e).__name__}: {e}"
         if display_px is not None and max(img.size) > display_px:
             img = img.copy()
             img.thumbnail((display_px, display_px), Image.Resampling.BICUBIC)
-        return PreparedImage(img, inputs)
+        return PreparedImage(img, inputs, failed)
+
+    def _input_keys(self) -> list[tuple]:
+        """The ``(size, mean, std)`` of every available model, once each; a model whose entry
+        gives none is left out (``compare`` raises its error for that model alone)."""
+        keys = []
+        for s in self._slots:
+            try:
+                key = s.pre_key() if s.model is not None else None
+            except Exception:  # noqa: BLE001
+                continue
+            if key is not None and key not in keys:
+                keys.append(key)
+        return keys
+
+    def _prepared_already(self, prep: PreparedImage) -> PreparedImage:
+        """``prep`` as it is when it has every input this engine's models take; its image may be
+        the small copy, so it is never prepared again from that."""
+        missing = [k for k in self._input_keys() if k not in prep.inputs and k not in prep.failed]
+        if missing:
+            raise CamError(f"the image was prepared without an input of {missing[0][0]} px that this "
+                           "engine's models take: prepare the original image")
+        return prep
 
     def _batch(self, items: Sequence[Image.Image | PreparedImage], key: tuple) -> Tensor:
         """``(B, 3, S, S)`` model input for ``key`` = (size, mean, std) on the engine's device:
@@ -343,6 +371,8 @@ class CamEngine:
         parts = []
         for it in items:
             if isinstance(it, PreparedImage):
+                if key in it.failed:
+                    raise CamError(f"its input could not be made from the image: {it.failed[key]}")
                 if key not in it.inputs:
                     raise CamError(f"the image was prepared without an input of {key[0]} px with "
                                    f"mean {list(key[1])} and std {list(key[2])}")

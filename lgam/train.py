@@ -258,7 +258,8 @@ def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Tr
     """Model ``name`` drawn from the seed's random stream (the same for every model), its optimiser."""
     torch.manual_seed(run.seed)
     model = create_model(name, num_classes=len(run.classes), stem=stem, **model_kwargs(run.recipe)).to(run.device)
-    init_blocks(model, run.recipe, _init_batch(run))
+    # a resumed run's saved weights replace the init: one begun before the check still finishes
+    init_blocks(model, run.recipe, _init_batch(run), check=not (directory / STATE_JSON).exists())
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     r = run.recipe
@@ -281,12 +282,15 @@ def check_branch_init(model: nn.Module, recipe: Recipe) -> None:
                          f"it (e.g. --recipe paper) or override it (--set {asked[0]}={off[asked[0]]})")
 
 
-def init_blocks(model: nn.Module, recipe: Recipe, images: Tensor | None = None) -> list[float] | None:
+def init_blocks(model: nn.Module, recipe: Recipe, images: Tensor | None = None,
+                check: bool = True) -> list[float] | None:
     """Apply ``recipe``'s initialisation of the residual branches' last BN (``zero_init_residual``,
     ``residual_bn_scale``, ``branch_rms``) to a freshly built ``model``; ``branch_rms`` needs
     ``images`` ``(B, 3, H, W)``, normalised (:func:`init_batch`), and returns the branches'
-    output RMS after it."""
-    check_branch_init(model, recipe)
+    output RMS after it. ``check``: refuse a setting the model has no BN for
+    (:func:`check_branch_init`); off for a model whose saved state replaces it (a resume)."""
+    if check:
+        check_branch_init(model, recipe)
     if recipe.zero_init_residual:
         zero_init_residual(model)
     elif recipe.residual_bn_scale != 1.0:

@@ -682,3 +682,38 @@ def test_an_image_prepared_for_other_input_sizes_fails_only_the_models_that_need
     out = mixed.compare(small.prepare(synthetic_image(73, (80, 60))))[0]
     assert out["resnet18"].ok
     assert out["resnet18_se"].failed and "prepared without an input of 224 px" in out["resnet18_se"].error
+
+
+def test_a_model_whose_input_cannot_be_made_fails_alone_in_a_prepared_image(models, monkeypatch):
+    """prepare once called every model's pre_key outside any try (an entry without a usable mean
+    failed the whole image) and dropped the reason an input could not be made."""
+    import lgam.data
+
+    eng = CamEngine({n: models[n] for n in ["resnet18", "resnet18_se", "resnet18_cbam"]}, CLASSES,
+                    device="cpu", precision="float32",
+                    entries={"resnet18": {"mean": None}, "resnet18_se": {"input_size": 64}})
+    img = synthetic_image(74, (90, 70))
+    out = eng.compare(eng.prepare(img))[0]
+    assert out["resnet18"].failed and out["resnet18_se"].ok and out["resnet18_cbam"].ok
+    real = lgam.data.preprocess
+
+    def no_memory_at_64(images, size, *a):
+        if size == 64:
+            raise MemoryError("cannot allocate")
+        return real(images, size, *a)
+
+    monkeypatch.setattr(lgam.data, "preprocess", no_memory_at_64)
+    prep = eng.prepare(img)
+    out = eng.compare(prep)[0]
+    assert out["resnet18_se"].failed and "MemoryError: cannot allocate" in out["resnet18_se"].error
+    assert out["resnet18_cbam"].ok
+
+
+def test_a_prepared_image_is_not_prepared_again_from_its_small_copy(models, mem_engine):
+    big = synthetic_image(75, (600, 500))
+    prep = mem_engine.prepare(big, display_px=32)
+    assert mem_engine.prepare(prep) is prep  # not remade from the 32-px copy
+    other = CamEngine({"resnet18": models["resnet18"]}, CLASSES, device="cpu", precision="float32",
+                      entries={"resnet18": {"input_size": 64}})
+    with pytest.raises(CamError, match="prepared without an input of 64 px.*prepare the original"):
+        other.prepare(prep)

@@ -518,3 +518,20 @@ def test_a_branch_init_on_blocks_without_a_last_bn_is_refused_not_skipped(settin
     assert init_blocks(wrn, make_recipe("paper", []), images) is None  # nothing asked: fine
     resnet = lgam.create_model("resnet18_lgam", num_classes=3)
     init_blocks(resnet, recipe, torch.randn(4, 3, 32, 32))  # ResNet blocks have one
+
+
+@pytest.mark.slow
+def test_a_run_begun_before_the_branch_init_check_still_resumes(tiny_data, tmp_path, monkeypatch, capsys):
+    """The check once ran on --resume too: a WRN run started with branch_rms (then skipped without
+    a word) could not be finished, and --set branch_rms=0 changes the settings a resume checks."""
+    import lgam.train
+
+    args = ("--model", "wrn16_10", "--stem", "cifar", "--epochs", "2", "--set", "branch_rms=0.5")
+    monkeypatch.setattr(lgam.train, "check_branch_init", lambda model, recipe: None)  # the old code
+    assert _train(tiny_data, tmp_path, *args, "--stop-after", "1") == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert _train(tiny_data, tmp_path / "fresh", *args) == 2  # a fresh run is refused
+    assert "sets branch_rms" in capsys.readouterr().err
+    assert _train(tiny_data, tmp_path, *args, "--resume") == 0
+    assert len(_log(tmp_path / "wrn16_10")) == 2
