@@ -129,9 +129,7 @@ def fast_gradcam(
     Equal to ``GradCAM(model, [model.cam_target_layer()])(x, targets)`` up to float rounding.
     """
     _check_eval(model)
-    if getattr(model, "num_classes", None) == 0:
-        raise CamError("the model has no classifier (num_classes=0): a CAM explains a class score; "
-                       "model.reset_classifier(K) gives it one")
+    _check_classifier(model)
     if not supports_fast_path(model):
         raise CamError("fast_gradcam needs forward_features, then a global average pool and one nn.Linear "
                        "(fc); library_cam runs pytorch-grad-cam on other classifiers")
@@ -178,9 +176,7 @@ def library_cam(model: nn.Module, x: Tensor, targets: Targets | None = None,
 
     cls = _method_class(method)
     _check_library_model(model)
-    if getattr(model, "num_classes", None) == 0:
-        raise CamError("the model has no classifier (num_classes=0): a CAM explains a class score; "
-                       "model.reset_classifier(K) gives it one")
+    _check_classifier(model)
     fc = getattr(model, "fc", None)
     if targets is not None:
         targets = _target_list(targets)
@@ -196,6 +192,12 @@ def library_cam(model: nn.Module, x: Tensor, targets: Targets | None = None,
     finally:
         model.train(was_training)
     return np.asarray(out, dtype=np.float32)
+
+
+def _check_classifier(model: nn.Module) -> None:
+    if getattr(model, "num_classes", None) == 0:
+        raise CamError("the model has no classifier (num_classes=0): a CAM explains a class score; "
+                       "model.reset_classifier(K) gives it one")
 
 
 def _check_library_model(model: nn.Module) -> None:

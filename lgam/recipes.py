@@ -79,6 +79,14 @@ class Recipe:
     residual_bn_scale: float = 1.0
     branch_rms: float = 0.0
 
+    @property
+    def branch_inits(self) -> list[str]:
+        """The fields that are on among those that set how the residual branches start (at most
+        one: :meth:`__post_init__` refuses more)."""
+        return [name for name, on in (("zero_init_residual", self.zero_init_residual), ("skip_init", self.skip_init),
+                                      ("residual_bn_scale", self.residual_bn_scale != 1.0),
+                                      ("branch_rms", self.branch_rms != 0.0)) if on]
+
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine"):
             raise TrainError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
@@ -89,9 +97,7 @@ class Recipe:
             raise TrainError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if self.train_size_start < 0 or self.size_hold_epochs < 0:
             raise TrainError("train_size_start and size_hold_epochs must be >= 0")
-        inits = [name for name, on in (("zero_init_residual", self.zero_init_residual), ("skip_init", self.skip_init),
-                                       ("residual_bn_scale", self.residual_bn_scale != 1.0),
-                                       ("branch_rms", self.branch_rms != 0.0)) if on]
+        inits = self.branch_inits
         if len(inits) > 1:
             raise TrainError(f"{' and '.join(inits)} each set how the residual branches start: choose one")
         if self.branch_rms < 0:

@@ -271,15 +271,13 @@ def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Tr
 def check_branch_init(model: nn.Module, recipe: Recipe) -> None:
     """:class:`TrainError` when ``recipe`` sets the residual branches' last BN and ``model`` has
     none to set (pre-activation blocks, e.g. WRN's): the recipe would be applied in name only."""
-    off = {"zero_init_residual": "false", "residual_bn_scale": "1", "branch_rms": "0"}
-    asked = [k for k, on in (("zero_init_residual", recipe.zero_init_residual),
-                             ("residual_bn_scale", recipe.residual_bn_scale != 1.0),
-                             ("branch_rms", bool(recipe.branch_rms))) if on]
+    asked = [k for k in recipe.branch_inits if k != "skip_init"]  # SkipInit adds its own gains
     if asked and not residual_bns(model):
         name = getattr(model, "model_name", type(model).__name__)
+        off = str(Recipe.__dataclass_fields__[asked[0]].default).lower()
         raise TrainError(f"the recipe sets {asked[0]}, the scale of each residual branch's last BatchNorm, "
                          f"and {name}'s blocks have none (pre-activation blocks): choose a recipe without "
-                         f"it (e.g. --recipe paper) or override it (--set {asked[0]}={off[asked[0]]})")
+                         f"it (e.g. --recipe paper) or override it (--set {asked[0]}={off})")
 
 
 def init_blocks(model: nn.Module, recipe: Recipe, images: Tensor | None = None,
