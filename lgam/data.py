@@ -40,7 +40,7 @@ from .errors import LgamError
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
     "preprocess", "resize_normalize", "read_classes_tsv", "fetch", "DATASETS", "split_holdout",
-    "check_holdout",
+    "check_holdout", "read_classes_column", "image_groups",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,16 +78,27 @@ class DecodedSplit:
 
 def read_classes_tsv(path: str | Path) -> tuple[list[str], list[str]]:
     """``(wnids, names)`` from a ``classes.tsv`` with a header ``index wnid name ...``."""
+    return read_classes_column(path, "wnid"), read_classes_column(path, "name")
+
+
+def read_classes_column(path: str | Path, column: str) -> list[str]:
+    """One column of a ``classes.tsv`` (header ``index wnid name ...``, e.g. ``source``), in index
+    order: ``[value of class 0, value of class 1, ...]``."""
     rows = [line.rstrip("\n").split("\t") for line in Path(path).read_text().splitlines() if line.strip()]
     header, body = rows[0], rows[1:]
     try:
         i_idx, i_wnid, i_name = header.index("index"), header.index("wnid"), header.index("name")
     except ValueError:
         raise DataError(f"{path}: expected a header with columns index, wnid, name; got {header}") from None
+    if column not in header:
+        raise DataError(f"{path} has no column {column!r}; its columns: {', '.join(header)}")
+    i_col = header.index(column)
+    if any(len(r) <= max(i_idx, i_wnid, i_name, i_col) for r in body):
+        raise DataError(f"{path}: a row has fewer fields than the header {header}")
     body.sort(key=lambda r: int(r[i_idx]))
     if [int(r[i_idx]) for r in body] != list(range(len(body))):
         raise DataError(f"{path}: indices must be 0..{len(body) - 1}")
-    return [r[i_wnid] for r in body], [r[i_name] for r in body]
+    return [r[i_col] for r in body]
 
 
 def _class_list(found: Iterable[str], tsv: Path | None) -> tuple[list[str], list[str]]:
@@ -255,6 +266,33 @@ def _spread(n: int, limit: int) -> Tensor:
     return torch.linspace(0, n - 1, limit).round().long()
 
 
+def _ordered_samples(source: tuple, data: object, split: str, limit: int | None
+                     ) -> tuple[list[_Sample], list[str], list[str], dict[str, int]]:
+    """A ``"samples"`` source's images in label order, then file order (every reader's order),
+    ``limit`` spread over them: ``(samples, wnids, names, wnid -> label)``."""
+    _, samples, tsv, seen = source
+    if not samples:
+        raise DataError(f"no {split!r} images found in {data}")
+    wnids, names = _class_list(seen or (s.wnid for s in samples), tsv)
+    index = {w: i for i, w in enumerate(wnids)}
+    samples.sort(key=lambda s: (index[s.wnid], s.key))
+    if limit is not None:
+        samples = [samples[i] for i in _spread(len(samples), limit).tolist()]
+    return samples, wnids, names, index
+
+
+def image_groups(data: str | Path | Sequence[str | Path], split: str, column: str) -> list[str]:
+    """Each image's value of ``column`` in the ``classes.tsv`` beside the data (e.g. ``source``:
+    which dataset a class came from; ``name``: the class), in :func:`load_split`'s order, with no
+    image decoded: one entry per image, to break a result on the split down by that column."""
+    source = _find_source(data, split)
+    if source[0] == "cifar" or source[2] is None or not source[2].is_file():
+        raise DataError(f"no classes.tsv beside {data}: nothing to group its images by")
+    samples, *_ = _ordered_samples(source, data, split, None)
+    values = dict(zip(read_classes_column(source[2], "wnid"), read_classes_column(source[2], column)))
+    return [values[s.wnid] for s in samples]
+
+
 def load_split(
     data: str | Path | Sequence[str | Path],
     split: str = "train",
@@ -275,14 +313,7 @@ def load_split(
     source = _find_source(data, split)
     if source[0] == "cifar":
         return _load_cifar(source[1], split, size, limit)
-    _, samples, tsv, seen = source
-    if not samples:
-        raise DataError(f"no {split!r} images found in {data}")
-    wnids, names = _class_list(seen or (s.wnid for s in samples), tsv)
-    index = {w: i for i, w in enumerate(wnids)}
-    samples.sort(key=lambda s: (index[s.wnid], s.key))
-    if limit is not None:
-        samples = [samples[i] for i in _spread(len(samples), limit).tolist()]
+    samples, wnids, names, index = _ordered_samples(source, data, split, limit)
     if check is not None:
         counts = dict.fromkeys(wnids, 0)
         for sample in samples:

@@ -15,11 +15,14 @@ The input size is chosen on the training images every run held out (the lowest m
 ``--checkpoints DIR`` makes that size the shipped checkpoints' ``input_size`` (the app's). Below
 the table, one row per run: its val and held-out errors at every size, its last epoch's train
 loss, its training minutes (wall and CPU time, from its ``log.jsonl``) and the commit it ran (its
-``config.json``), so no number of a run is copied by hand. ``--schedule N`` adds the schedule
-test: the runs of another length, ``RUNS/MODEL/seedK-Nep/`` (which the table leaves out), beside
-the table's runs of the same seeds.
+``config.json``), so no number of a run is copied by hand. ``--by COLUMN --data DATA`` breaks
+the table down by a column of the data's ``classes.tsv`` (``source``: Imagenette's classes vs
+Imagewoof's dog breeds), from each run's val misses. ``--schedule N`` adds the schedule test: the
+runs of another length, ``RUNS/MODEL/seedK-Nep/`` (which the table leaves out), beside the
+table's runs of the same seeds.
 
-    lgam table4 checkpoints/runs --out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints
+    lgam table4 checkpoints/runs --by source --data ../shared/data/imagenet20 \\
+        --out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
+
 from ._format import DASH, format_or_dash
 from .errors import UsageError
 from .evaluate import PAPER_TOP1_ERR, unpack_mask
@@ -39,7 +44,7 @@ from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "t975", "read_runs", "evaluated_sizes", "choose_size", "SeedSummary",
            "summarise", "paired_difference", "mcnemar", "format_table4", "format_runs",
-           "format_schedule", "seed_dir_name", "seeds_label", "table4_figure", "ship_input_size",
+           "format_schedule", "by_group", "format_by_group", "seed_dir_name", "seeds_label", "table4_figure", "ship_input_size",
            "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..30; :func:`t975` beyond)
@@ -168,7 +173,7 @@ def _shipped_mcnemar(runs: Runs, model: str, base: str, size: int, seed: int) ->
     a, b = runs[model].get(seed), runs[base].get(seed)
     key = f"val_misses_{size}"
     if not a or not b or key not in a or key not in b:
-        return "—"
+        return DASH
     n = a["val_images"]
     only_model, only_base, p = mcnemar(unpack_mask(a[key], n).tolist(), unpack_mask(b[key], n).tolist())
     return f"{only_model} / {only_base}, p = {p:.2g}"
@@ -185,18 +190,61 @@ def format_table4(runs: Runs, size: int, base: str = "resnet18", shipped_seed: i
         paper = PAPER_TOP1_ERR.get(model)
         ours = f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
         per_seed = " / ".join(f"{e:.2f}" for e in s.errors.values())
-        if model == base or base not in runs or not set(runs[model]) & set(runs[base]):
-            delta, test = "—", "—"  # no seed in common: nothing to pair
-        else:
-            _, mean, half = paired_difference(runs, model, base, size)
-            delta = f"{mean:+.2f}" + ("" if half is None else f" [{mean - half:+.2f}, {mean + half:+.2f}]")
-            test = _shipped_mcnemar(runs, model, base, size, shipped_seed)
+        delta = _delta(runs, model, base, size)
+        test = DASH if delta == DASH else _shipped_mcnemar(runs, model, base, size, shipped_seed)
         lines.append(f"| {label} | {'—' if paper is None else f'{paper:.2f}'} | {ours} | {s.n} | {per_seed} "
                      f"| {delta} | {test} |")
     n_val = next(iter(next(iter(runs.values())).values())).get("val_images")
     lines.append(f"\nVal images: {n_val}. Std over seeds is the sample std; the interval is Student's t "
                  "over the per-seed paired differences.")
     return "\n".join(lines)
+
+
+def by_group(runs: Runs, size: int, groups: Sequence[str]) -> dict[str, Runs]:
+    """The runs' val errors at ``size`` within each group of val images: ``{group: runs}``, each
+    run's ``val_top1_err_{size}`` the share (%) of that group's images it gets wrong, from its
+    ``val_misses_{size}``. ``groups``: each val image's group, in the order the runs were
+    evaluated in (:func:`lgam.data.image_groups`)."""
+    key = f"val_misses_{size}"
+    members = {g: torch.tensor([x == g for x in groups]) for g in dict.fromkeys(groups)}
+    out: dict[str, Runs] = {g: {} for g in members}
+    for model, seeds in runs.items():
+        for seed, m in seeds.items():
+            if key not in m:
+                raise UsageError(f"{model} seed {seed} has no {key} (lgam evaluate --runs writes it)")
+            if m["val_images"] != len(groups):
+                raise UsageError(f"{model} seed {seed} was evaluated on {m['val_images']} val images, the "
+                                 f"data given has {len(groups)}: not the data these runs were evaluated on")
+            wrong = unpack_mask(m[key], len(groups))
+            for g, inside in members.items():
+                n = int(inside.sum())
+                out[g].setdefault(model, {})[seed] = {f"val_top1_err_{size}": 100.0 * int(wrong[inside].sum()) / n,
+                                                      "val_images": n}
+    return out
+
+
+def format_by_group(grouped: dict[str, Runs], size: int, base: str = "resnet18") -> str:
+    """Markdown: one row per group and model (:func:`by_group`): the group's images, the model's
+    error in it as mean ± std over its seeds, per seed, and its paired difference to ``base`` on
+    those images with the 95 % t interval, as in :func:`format_table4`."""
+    lines = [f"| group | images | model | {size} px: mean ± std (%) | per seed (%) | "
+             f"Δ vs {base}: mean [95 % CI] (pt) |", "|---|---:|---|---:|---:|---:|"]
+    for group, runs in grouped.items():
+        for model, s in summarise(runs, size).items():
+            n = next(iter(runs[model].values()))["val_images"]
+            ours = f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
+            lines.append(f"| {group} | {n} | {FIGURE5_MODELS.get(model, model)} | {ours} | "
+                         + " / ".join(f"{e:.2f}" for e in s.errors.values()) + f" | {_delta(runs, model, base, size)} |")
+    return "\n".join(lines)
+
+
+def _delta(runs: Runs, model: str, base: str, size: int) -> str:
+    """``mean [lo, hi]`` of the paired difference to ``base``, or a dash (the base itself, or no
+    seed in common)."""
+    if model == base or base not in runs or not set(runs[model]) & set(runs[base]):
+        return DASH
+    _, mean, half = paired_difference(runs, model, base, size)
+    return f"{mean:+.2f}" + ("" if half is None else f" [{mean - half:+.2f}, {mean + half:+.2f}]")
 
 
 def _errors(metrics: dict[str, Any], split: str, sizes: Sequence[int]) -> str:
@@ -325,6 +373,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", type=int, metavar="EPOCHS",
                    help="also compare the runs of another schedule length, RUNS/MODEL/seedK-{EPOCHS}ep "
                         "(scripts/fair_runs.py --epochs EPOCHS), with the table's runs of the same seeds")
+    p.add_argument("--by", metavar="COLUMN",
+                   help="also break the table down by a column of the data's classes.tsv (e.g. source: "
+                        "Imagenette vs Imagewoof; name: each class), from each run's val misses; needs --data")
+    p.add_argument("--data", help="the data the runs were evaluated on, for --by (its val split's order)")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     p.add_argument("--figure", type=Path, help="write the error-bar plot here (PNG/PDF/SVG)")
     p.add_argument("--checkpoints", type=Path, metavar="DIR",
@@ -335,7 +387,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ._fileio import save_figure
+    from .data import image_groups
 
+    if args.by and not args.data:
+        raise UsageError("--by needs --data: the data the runs were evaluated on")
     runs = read_runs(args.runs)
     if args.base not in runs:
         raise UsageError(f"no runs of --base {args.base} under {args.runs}; it has {list(runs)}")
@@ -355,6 +410,9 @@ def main(args: argparse.Namespace) -> int:
                  "minutes: the process's CPU time over all its threads, pauses excluded, logged since "
                  "2026-12-06):\n")
     lines.append(format_runs(runs, args.runs))
+    if args.by:
+        lines.append(f"\nBy {args.by}, a column of the data's classes.tsv (val, {size} px):\n")
+        lines.append(format_by_group(by_group(runs, size, image_groups(args.data, "val", args.by)), size, args.base))
     if args.schedule:
         longer = read_runs(args.runs, epochs=args.schedule)
         lines.append(f"\nSchedule test: {args.schedule} epochs against the table's runs of the same seeds "

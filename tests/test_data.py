@@ -240,6 +240,42 @@ def test_load_split_check_sees_each_class_count_before_decoding(source, folder, 
         D.load_split(data, "train", check=lambda counts: D.check_holdout(counts, 4))
 
 
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_image_groups_follow_load_splits_order_without_decoding(source, folder, shards, tmp_path, monkeypatch):
+    data = tmp_path / source
+    if source == "folder":
+        (data / "val").mkdir(parents=True)
+        for w in WNIDS:
+            (data / "val" / w).symlink_to(folder / "val" / w)
+    else:
+        data.mkdir()
+        for f in shards.glob("val-*.tar.gz"):
+            (data / f.name).symlink_to(f)
+    # the index order differs from the sorted wnids: the labels, and so the groups, follow the index
+    (data / "classes.tsv").write_text("index\twnid\tname\tsource\n0\tn003\tc\tdogs\n1\tn001\ta\tthings\n"
+                                      "2\tn002\tb\tdogs\n")
+    labels = D.load_split(data, "val").labels.tolist()
+    by_label = D.read_classes_column(data / "classes.tsv", "source")
+    assert by_label == ["dogs", "things", "dogs"]
+    monkeypatch.setattr(D, "_decode", lambda *_: pytest.fail("image_groups decoded an image"))
+    groups = D.image_groups(data, "val", "source")
+    assert groups == [by_label[k] for k in labels] == ["dogs"] * 2 + ["things"] * 2 + ["dogs"] * 2
+    assert D.image_groups(data, "val", "name") == ["c", "c", "a", "a", "b", "b"]
+    with pytest.raises(D.DataError, match="no column 'breed'; its columns: index, wnid, name, source"):
+        D.image_groups(data, "val", "breed")
+    (data / "classes.tsv").unlink()
+    with pytest.raises(D.DataError, match="no classes.tsv beside"):
+        D.image_groups(data, "val", "source")
+
+
+def test_a_classes_tsv_row_short_of_the_header_is_named(tmp_path):
+    tsv = tmp_path / "classes.tsv"
+    tsv.write_text("index\twnid\tname\tsource\n0\tn001\ta\tx\n1\tn002\tb\n")
+    assert D.read_classes_tsv(tsv) == (["n001", "n002"], ["a", "b"])
+    with pytest.raises(D.DataError, match="fewer fields than the header"):
+        D.read_classes_column(tsv, "source")
+
+
 def test_holdout_checks_every_class_when_two_share_a_display_name():
     """ImageNet has two 'crane' classes: counted by name, the first one's 2 images were hidden by
     the second's 10, and holding out 3 emptied it without a word."""

@@ -204,3 +204,47 @@ def test_cli_refuses_a_base_or_size_the_runs_lack(runs, capsys, extra, message):
     assert main(["table4", str(runs), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.fixture()
+def val_data(tmp_path):
+    """A val folder of N_VAL images in two classes of two sources, never decoded by --by."""
+    root = tmp_path / "data"
+    for w in ("n001", "n002"):
+        (root / "val" / w).mkdir(parents=True)
+        for i in range(N_VAL // 2):
+            (root / "val" / w / f"{i:02d}.png").write_bytes(b"not decoded")
+    (root / "classes.tsv").write_text("index\twnid\tname\tsource\n0\tn001\ttench\tnette\n1\tn002\tbeagle\twoof\n")
+    return root
+
+
+def test_errors_within_each_group_of_val_images(runs):
+    from lgam.table4 import by_group
+
+    groups = ["a"] * 20 + ["b"] * 20
+    grouped = by_group(read_runs(runs), 160, groups)
+    assert list(grouped) == ["a", "b"]
+    # plain misses images 0-9 (all in a), SE 0-7 and 30 (one in b), on every seed
+    assert grouped["a"]["resnet18"][1] == {"val_top1_err_160": 50.0, "val_images": 20}
+    assert grouped["a"]["resnet18_se"][2]["val_top1_err_160"] == 40.0
+    assert grouped["b"]["resnet18"][0]["val_top1_err_160"] == 0.0
+    assert grouped["b"]["resnet18_se"][0]["val_top1_err_160"] == 5.0
+    assert paired_difference(grouped["b"], "resnet18_se", "resnet18", 160)[1] == pytest.approx(5.0)
+    with pytest.raises(UsageError, match="evaluated on 40 val images, the data given has 39"):
+        by_group(read_runs(runs), 160, groups[:-1])
+    with pytest.raises(UsageError, match="has no val_misses_192"):
+        by_group(read_runs(runs), 192, groups)
+
+
+def test_cli_breaks_the_table_down_by_a_classes_tsv_column(runs, val_data, capsys):
+    assert main(["table4", str(runs), "--by", "source", "--data", str(val_data)]) == 0
+    out = capsys.readouterr().out
+    assert "By source, a column of the data's classes.tsv (val, 160 px)" in out
+    assert "| nette | 20 | ResNet18 | 50.00 ± 0.00 | 50.00 / 50.00 / 50.00 | — |" in out
+    assert "| woof | 20 | SE | 5.00 ± 0.00 | 5.00 / 5.00 / 5.00 | +5.00 [+5.00, +5.00] |" in out
+    assert main(["table4", str(runs), "--by", "name", "--data", str(val_data)]) == 0
+    assert "| beagle | 20 | ResNet18 | 0.00 ± 0.00 |" in capsys.readouterr().out
+    assert main(["table4", str(runs), "--by", "source"]) == 2
+    assert "--by needs --data" in capsys.readouterr().err
+    assert main(["table4", str(runs), "--by", "breed", "--data", str(val_data)]) == 2
+    assert "no column 'breed'" in capsys.readouterr().err
