@@ -85,7 +85,7 @@ def read_classes_column(path: str | Path, column: str) -> list[str]:
     """One column of a ``classes.tsv`` (header ``index wnid name ...``, e.g. ``source``), in index
     order: ``[value of class 0, value of class 1, ...]``."""
     rows = [line.rstrip("\n").split("\t") for line in Path(path).read_text().splitlines() if line.strip()]
-    header, body = rows[0], rows[1:]
+    header, body = (rows[0], rows[1:]) if rows else ([], [])
     try:
         i_idx, i_wnid, i_name = header.index("index"), header.index("wnid"), header.index("name")
     except ValueError:
@@ -95,9 +95,13 @@ def read_classes_column(path: str | Path, column: str) -> list[str]:
     i_col = header.index(column)
     if any(len(r) <= max(i_idx, i_wnid, i_name, i_col) for r in body):
         raise DataError(f"{path}: a row has fewer fields than the header {header}")
+    if not all(r[i_idx].isdigit() for r in body):
+        raise DataError(f"{path}: an index is not a whole number: {[r[i_idx] for r in body][:5]}")
     body.sort(key=lambda r: int(r[i_idx]))
     if [int(r[i_idx]) for r in body] != list(range(len(body))):
         raise DataError(f"{path}: indices must be 0..{len(body) - 1}")
+    if len({r[i_wnid] for r in body}) != len(body):
+        raise DataError(f"{path}: a wnid is listed twice")
     return [r[i_col] for r in body]
 
 

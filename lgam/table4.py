@@ -233,9 +233,14 @@ def format_by_group(grouped: dict[str, Runs], size: int, base: str = "resnet18")
         for model, s in summarise(runs, size).items():
             n = next(iter(runs[model].values()))["val_images"]
             ours = f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
-            lines.append(f"| {group} | {n} | {FIGURE5_MODELS.get(model, model)} | {ours} | "
+            lines.append(f"| {_cell(group)} | {n} | {FIGURE5_MODELS.get(model, model)} | {ours} | "
                          + " / ".join(f"{e:.2f}" for e in s.errors.values()) + f" | {_delta(runs, model, base, size)} |")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A classes.tsv value as a Markdown table cell: ``|`` escaped, an empty one a dash."""
+    return text.replace("|", "\\|") or DASH
 
 
 def _delta(runs: Runs, model: str, base: str, size: int) -> str:
@@ -389,8 +394,8 @@ def main(args: argparse.Namespace) -> int:
     from ._fileio import save_figure
     from .data import image_groups
 
-    if args.by and not args.data:
-        raise UsageError("--by needs --data: the data the runs were evaluated on")
+    if bool(args.by) != bool(args.data):
+        raise UsageError("--by needs --data (the data the runs were evaluated on), and --data is only for --by")
     runs = read_runs(args.runs)
     if args.base not in runs:
         raise UsageError(f"no runs of --base {args.base} under {args.runs}; it has {list(runs)}")

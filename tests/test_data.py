@@ -268,6 +268,19 @@ def test_image_groups_follow_load_splits_order_without_decoding(source, folder, 
         D.image_groups(data, "val", "source")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("", "expected a header"),
+    ("index\twnid\tname\n0\tn001\ta\n0\tn002\tb\n", "indices must be 0..1"),
+    ("index\twnid\tname\nzero\tn001\ta\n", "not a whole number"),
+    ("index\twnid\tname\n0\tn001\ta\n1\tn001\tb\n", "a wnid is listed twice"),
+])
+def test_a_malformed_classes_tsv_is_a_data_error(tmp_path, text, message):
+    tsv = tmp_path / "classes.tsv"
+    tsv.write_text(text)
+    with pytest.raises(D.DataError, match=message):
+        D.read_classes_column(tsv, "name")
+
+
 def test_a_classes_tsv_row_short_of_the_header_is_named(tmp_path):
     tsv = tmp_path / "classes.tsv"
     tsv.write_text("index\twnid\tname\tsource\n0\tn001\ta\tx\n1\tn002\tb\n")

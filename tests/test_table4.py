@@ -230,6 +230,10 @@ def test_errors_within_each_group_of_val_images(runs):
     assert grouped["b"]["resnet18"][0]["val_top1_err_160"] == 0.0
     assert grouped["b"]["resnet18_se"][0]["val_top1_err_160"] == 5.0
     assert paired_difference(grouped["b"], "resnet18_se", "resnet18", 160)[1] == pytest.approx(5.0)
+    interleaved = by_group(read_runs(runs), 160, ["even", "odd"] * 20)  # as Imagenette/Imagewoof classes are
+    assert interleaved["odd"]["resnet18"][0]["val_top1_err_160"] == 25.0  # 1, 3, 5, 7, 9 of 20
+    assert interleaved["odd"]["resnet18_se"][0]["val_top1_err_160"] == 20.0  # 1, 3, 5, 7
+    assert interleaved["even"]["resnet18_se"][0]["val_top1_err_160"] == 25.0  # 0, 2, 4, 6, 30
     with pytest.raises(UsageError, match="evaluated on 40 val images, the data given has 39"):
         by_group(read_runs(runs), 160, groups[:-1])
     with pytest.raises(UsageError, match="has no val_misses_192"):
@@ -246,5 +250,15 @@ def test_cli_breaks_the_table_down_by_a_classes_tsv_column(runs, val_data, capsy
     assert "| beagle | 20 | ResNet18 | 0.00 ± 0.00 |" in capsys.readouterr().out
     assert main(["table4", str(runs), "--by", "source"]) == 2
     assert "--by needs --data" in capsys.readouterr().err
+    assert main(["table4", str(runs), "--data", str(val_data)]) == 2
+    assert "--data is only for --by" in capsys.readouterr().err
     assert main(["table4", str(runs), "--by", "breed", "--data", str(val_data)]) == 2
     assert "no column 'breed'" in capsys.readouterr().err
+
+
+def test_a_group_name_cannot_break_the_markdown_table(runs):
+    from lgam.table4 import by_group, format_by_group
+
+    text = format_by_group(by_group(read_runs(runs), 160, ["a|b"] * 20 + [""] * 20), 160)
+    rows = [line for line in text.splitlines() if line.startswith("| a\\|b | 20 |") or line.startswith("| — | 20 |")]
+    assert len(rows) == 4 and all(line.count(" | ") == 5 for line in rows)
