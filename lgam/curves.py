@@ -5,7 +5,7 @@ Reads ``RUNS/MODEL/log.jsonl`` for every model folder under each ``RUNS`` (a tra
 checkpoints folder's ``runs/``); PNG, PDF or SVG by the output's suffix.
 
     lgam curves checkpoints/runs --seed 0 --out docs/val_curves.png
-    lgam curves checkpoints/runs --seed 0 1 2 --out curves.png   # mean over seeds, each seed thin
+    lgam curves checkpoints/runs --seed 0 1 --out curves.png   # mean over seeds, each seed thin
 """
 from __future__ import annotations
 

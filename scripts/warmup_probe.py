@@ -3,8 +3,11 @@ every few steps, on a subset of the training images. How the ``cpu`` recipe's bl
 was chosen (docs/results/recipe-screen.md): whether a model trains, stalls at chance (loss ~3.0
 with 20 classes and label smoothing) or diverges (NaN) while the learning rate ramps up.
 
-    python scripts/warmup_probe.py --model resnet18_lgam --set zero_init_residual=false \
+    python scripts/warmup_probe.py --model resnet18_lgam --set branch_rms=0 \
         --set skip_init=true --set skip_gain_lr=1.0 --steps 150
+
+(``branch_rms=0``: the ``cpu`` recipe now starts its branches with ``branch_rms=0.5``, and a
+recipe takes one way to start them; the screen ran on its earlier form, ``zero_init_residual``.)
 """
 from __future__ import annotations
 

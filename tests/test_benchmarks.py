@@ -30,9 +30,18 @@ def test_attention_cost_benchmark():
 
 def test_attention_cost_ratio_table_of_chosen_models():
     out = _run("benchmarks/attention_cost.py", "--models", "resnet18_lgam", "--ratio-sizes", "32",
-               "--ratio-batch", "2", "--rounds", "1", "--steps", "1", "--modes", "fwd", "--skip-growth")
+               "--ratio-batch", "2", "--rounds", "1", "--steps", "1", "--modes", "fwd", "--skip-latency",
+               "--skip-growth")
     rows = [line.split(" |")[0] for line in out.splitlines() if line.startswith("| resnet18")]
     assert rows == ["| resnet18 img/s", "| resnet18", "| resnet18_lgam"]  # plain always, the rest as asked
+
+
+def test_attention_cost_skip_growth_keeps_the_latency_table():
+    """--skip-growth returned before the latency table, which only --skip-latency should skip."""
+    out = _run("benchmarks/attention_cost.py", "--ratio-sizes", "--reps", "1", "--batches", "1", "--size", "32",
+               "--skip-growth")
+    assert "fwd+bwd b1" in out and "| resnet18_lgam |" in out
+    assert "activation growth" not in out
 
 
 @pytest.mark.slow

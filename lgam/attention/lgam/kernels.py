@@ -1,7 +1,8 @@
 """LGAM's C++ kernels (``kernels.cpp``): built, loaded, and called through one checked boundary.
 
 The source is compiled on first use with the system's C++ compiler (``$CXX`` or ``g++``; about
-two seconds) into a per-user cache (``$LGAM_KERNEL_CACHE``, else ``~/.cache/lgam/kernels``) and
+two seconds) into a per-user cache (``$LGAM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/lgam/kernels``,
+``~/.cache/lgam/kernels`` without it) and
 loaded with :mod:`ctypes`: no Python or torch headers, no ninja, nothing downloaded
 (``torch.utils.cpp_extension`` would need all three and a minute's build). :func:`call` is the
 only way in: every pointer it passes comes from :func:`arg`, which checks the tensor's device,
