@@ -44,8 +44,8 @@ from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "t975", "read_runs", "evaluated_sizes", "choose_size", "SeedSummary",
            "summarise", "paired_difference", "mcnemar", "format_table4", "format_runs",
-           "format_schedule", "by_group", "format_by_group", "seed_dir_name", "seeds_label", "table4_figure", "ship_input_size",
-           "configure_parser", "main"]
+           "format_schedule", "by_group", "format_by_group", "seed_dir_name", "seeds_label",
+           "table4_figure", "ship_input_size", "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..30; :func:`t975` beyond)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -188,11 +188,9 @@ def format_table4(runs: Runs, size: int, base: str = "resnet18", shipped_seed: i
     for model, s in summary.items():
         label = FIGURE5_MODELS.get(model, model)
         paper = PAPER_TOP1_ERR.get(model)
-        ours = f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
-        per_seed = " / ".join(f"{e:.2f}" for e in s.errors.values())
         delta = _delta(runs, model, base, size)
         test = DASH if delta == DASH else _shipped_mcnemar(runs, model, base, size, shipped_seed)
-        lines.append(f"| {label} | {'—' if paper is None else f'{paper:.2f}'} | {ours} | {s.n} | {per_seed} "
+        lines.append(f"| {label} | {format_or_dash(paper, '.2f')} | {_mean_std(s)} | {s.n} | {_per_seed(s)} "
                      f"| {delta} | {test} |")
     n_val = next(iter(next(iter(runs.values())).values())).get("val_images")
     lines.append(f"\nVal images: {n_val}. Std over seeds is the sample std; the interval is Student's t "
@@ -232,10 +230,17 @@ def format_by_group(grouped: dict[str, Runs], size: int, base: str = "resnet18")
     for group, runs in grouped.items():
         for model, s in summarise(runs, size).items():
             n = next(iter(runs[model].values()))["val_images"]
-            ours = f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
-            lines.append(f"| {_cell(group)} | {n} | {FIGURE5_MODELS.get(model, model)} | {ours} | "
-                         + " / ".join(f"{e:.2f}" for e in s.errors.values()) + f" | {_delta(runs, model, base, size)} |")
+            lines.append(f"| {_cell(group)} | {n} | {FIGURE5_MODELS.get(model, model)} | {_mean_std(s)} | "
+                         f"{_per_seed(s)} | {_delta(runs, model, base, size)} |")
     return "\n".join(lines)
+
+
+def _mean_std(s: SeedSummary) -> str:
+    return f"{s.mean:.2f}" + ("" if s.std is None else f" ± {s.std:.2f}")
+
+
+def _per_seed(s: SeedSummary) -> str:
+    return " / ".join(f"{e:.2f}" for e in s.errors.values())
 
 
 def _cell(text: str) -> str:
