@@ -78,22 +78,29 @@ class DecodedSplit:
 
 def read_classes_tsv(path: str | Path) -> tuple[list[str], list[str]]:
     """``(wnids, names)`` from a ``classes.tsv`` with a header ``index wnid name ...``."""
-    return read_classes_column(path, "wnid"), read_classes_column(path, "name")
+    wnids, names = _read_classes_columns(path, "wnid", "name")
+    return wnids, names
 
 
 def read_classes_column(path: str | Path, column: str) -> list[str]:
     """One column of a ``classes.tsv`` (header ``index wnid name ...``, e.g. ``source``), in index
     order: ``[value of class 0, value of class 1, ...]``."""
+    return _read_classes_columns(path, column)[0]
+
+
+def _read_classes_columns(path: str | Path, *columns: str) -> list[list[str]]:
+    """Several columns of a ``classes.tsv`` from one read, each in index order (checked as above)."""
     rows = [line.rstrip("\n").split("\t") for line in Path(path).read_text().splitlines() if line.strip()]
     header, body = (rows[0], rows[1:]) if rows else ([], [])
     try:
         i_idx, i_wnid, i_name = header.index("index"), header.index("wnid"), header.index("name")
     except ValueError:
         raise DataError(f"{path}: expected a header with columns index, wnid, name; got {header}") from None
-    if column not in header:
-        raise DataError(f"{path} has no column {column!r}; its columns: {', '.join(header)}")
-    i_col = header.index(column)
-    if any(len(r) <= max(i_idx, i_wnid, i_name, i_col) for r in body):
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path} has no column {missing[0]!r}; its columns: {', '.join(header)}")
+    i_cols = [header.index(c) for c in columns]
+    if any(len(r) <= max(i_idx, i_wnid, i_name, *i_cols) for r in body):
         raise DataError(f"{path}: a row has fewer fields than the header {header}")
     if not all(r[i_idx].isdigit() for r in body):
         raise DataError(f"{path}: an index is not a whole number: {[r[i_idx] for r in body][:5]}")
@@ -102,7 +109,7 @@ def read_classes_column(path: str | Path, column: str) -> list[str]:
         raise DataError(f"{path}: indices must be 0..{len(body) - 1}")
     if len({r[i_wnid] for r in body}) != len(body):
         raise DataError(f"{path}: a wnid is listed twice")
-    return [r[i_col] for r in body]
+    return [[r[i] for r in body] for i in i_cols]
 
 
 def _class_list(found: Iterable[str], tsv: Path | None) -> tuple[list[str], list[str]]:
@@ -293,7 +300,7 @@ def image_groups(data: str | Path | Sequence[str | Path], split: str, column: st
     if source[0] == "cifar" or source[2] is None or not source[2].is_file():
         raise DataError(f"no classes.tsv beside {data}: nothing to group its images by")
     samples, *_ = _ordered_samples(source, data, split, None)
-    values = dict(zip(read_classes_column(source[2], "wnid"), read_classes_column(source[2], column)))
+    values = dict(zip(*_read_classes_columns(source[2], "wnid", column)))
     return [values[s.wnid] for s in samples]
 
 
