@@ -71,10 +71,27 @@ def test_table4_doc_is_what_lgam_table4_writes_from_the_runs(tmp_path):
     out, doc = tmp_path / "table4.md", (ROOT / "docs" / "results" / "table4.md").read_text()
     data = SHARED_DATA / "imagenet20"
     by_source = ["--by", "source", "--data", str(data)] if (data / "classes.tsv").exists() else []
-    assert main(["table4", str(RUNS), "--out", str(out), *by_source]) == 0
-    assert out.read_text() == (doc if by_source else _without_by_section(doc)), (
-        "regenerate: lgam table4 checkpoints/runs --by source --data ../shared/data/imagenet20 "
-        "--out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints")
+    schedules = _schedules(RUNS)
+    assert len(schedules) <= 1, f"lgam table4 compares one other schedule length; runs have {schedules}"
+    schedule = [arg for n in schedules for arg in ("--schedule", str(n))]
+    assert main(["table4", str(RUNS), "--out", str(out), *by_source, *schedule]) == 0
+    assert out.read_text() == (doc if by_source else _without_by_section(doc)), "regenerate: " + " ".join(
+        ["lgam table4 checkpoints/runs --by source --data ../shared/data/imagenet20", *schedule,
+         "--out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints"])
+
+
+def _schedules(runs: Path) -> list[int]:
+    """The other schedule lengths committed runs were trained for (their ``seedK-Nep`` folders)."""
+    return sorted({int(m[1]) for p in runs.glob("*/seed*/metrics.json")
+                   if (m := re.fullmatch(r"seed\d+-(\d+)ep", p.parent.name))})
+
+
+def test_schedules_are_read_from_the_seed_folders(tmp_path):
+    for folder in ("resnet18/seed0", "resnet18/seed0-40ep", "resnet18_lgam/seed1-40ep", "resnet18/seed1-x"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "metrics.json").write_text("{}")
+    (tmp_path / "resnet18" / "seed1-60ep").mkdir()  # no metrics.json: not a run yet
+    assert _schedules(tmp_path) == [40]
 
 
 def _without_by_section(doc: str) -> str:
