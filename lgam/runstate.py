@@ -12,13 +12,16 @@ no pickle anywhere.
 On ``--resume`` :func:`check_settings` compares every saved setting with the new run's and raises
 :class:`lgam.recipes.TrainError` naming each one that differs with both values, before any tensor is
 loaded. States written before ``state.json`` held its settings are checked against its recipe and
-seed and the run's ``config.json``.
+seed and the run's ``config.json``. :func:`check_log` refuses a log that does not hold epochs
+``1..e`` of a state after epoch ``e``; :func:`run_lock` keeps a second process off a run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -29,10 +32,15 @@ from ._fileio import atomic_write, atomic_write_json
 from .models import model_config
 from .recipes import TrainError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
-    "STATE_TENSORS", "STATE_JSON", "LOG", "CONFIG", "RUNS", "SETTINGS", "generator_states",
+    "STATE_TENSORS", "STATE_JSON", "LOG", "CONFIG", "LOCK", "RUNS", "SETTINGS", "generator_states",
     "restore_generators", "save_state", "load_state", "read_state_meta", "load_weights", "read_log",
-    "check_settings",
+    "check_log", "run_lock", "check_settings",
 ]
 
 STATE_TENSORS = "state.safetensors"
@@ -40,6 +48,7 @@ STATE_JSON = "state.json"
 STATE_META = "lgam_state"  # state.safetensors' metadata key holding state.json's content
 LOG = "log.jsonl"  # one line per finished epoch
 CONFIG = "config.json"  # the run's settings, command line, versions and machine
+LOCK = ".lock"  # held by the process training the run (:func:`run_lock`)
 RUNS = "runs"  # checkpoints/runs/MODEL/seedK/{config.json,log.jsonl,metrics.json}: every run's record
 
 #: the settings that shape the weights -> how the user sets them; besides these, every field of the
@@ -130,11 +139,57 @@ def load_weights(directory: Path, device: str = "cpu") -> dict[str, Tensor]:
 
 def read_log(directory: Path, epochs: int | None = None) -> list[dict[str, Any]]:
     """The log records of the first ``epochs`` epochs (all without it; none without a log): a line
-    of an epoch whose state was never written (killed in between) is dropped."""
+    of an epoch whose state was never written (killed in between) is dropped, and with ``epochs``
+    so is a torn last line (killed mid-append). Any other line that is not JSON is a
+    :class:`TrainError` naming the file and line."""
     log = directory / LOG
     if not log.exists():
         return []
-    return [r for r in map(json.loads, log.read_text().splitlines()) if epochs is None or r["epoch"] <= epochs]
+    lines = log.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if epochs is not None and number == len(lines):
+                break
+            raise TrainError(f"{log}, line {number}, is not a JSON record ({e.msg}): mend or remove "
+                             "that line") from None
+    return [r for r in records if epochs is None or r["epoch"] <= epochs]
+
+
+def check_log(directory: Path, records: list[dict[str, Any]], epochs: int) -> None:
+    """Raise :class:`TrainError` unless ``records`` (:func:`read_log`'s) are epochs ``1..epochs``,
+    each once, in order: a resume from a log that lost or repeated lines would carry on with a
+    record that no longer says what the saved state went through."""
+    found = [r.get("epoch") for r in records]
+    if found != list(range(1, epochs + 1)):
+        shown = found if len(found) <= 12 else [*found[:6], "...", *found[-5:]]
+        raise TrainError(f"cannot resume {directory}: its state is after epoch {epochs}, but {LOG} holds "
+                         f"the lines of epochs {shown}; restore {LOG} or start again with a new --out")
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on run folder ``directory`` (its :data:`LOCK` file) while training
+    it: a second ``lgam train`` on the same folder would append to the same log and overwrite the
+    state, so it is refused with :class:`TrainError`. The lock is the process's (``flock``): a
+    killed run leaves none behind. Where there is no ``fcntl`` (Windows) nothing is locked."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK, "a+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise TrainError(f"{directory} is being trained by another process (pid "
+                                 f"{f.read().strip() or 'unknown'}): wait for it, stop it, or choose "
+                                 "another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 # ------------------------------------------------------------------------------ settings

@@ -17,9 +17,11 @@ slice (no SyncBatchNorm), so N processes train like one process with ``--set acc
 Outputs in ``OUT/MODEL/``: ``config.json`` (recipe, seed, command line, versions, device),
 ``log.jsonl`` (one line per epoch), ``state.safetensors`` + ``state.json`` (weights, optimiser and
 random-generator states after the last finished epoch; no pickle). ``--resume`` continues from
-there and gives the same weights as an uninterrupted run on CPU; it refuses settings that would
-give other weights, naming each one. The recipes live in :mod:`lgam.recipes`, the resume state in
-:mod:`lgam.runstate`; this module holds the loop (:func:`train`) and the command.
+there and gives the same weights as an uninterrupted run on CPU (warning when torch, the
+threads or LGAM's kernels changed); it refuses settings that would give other weights, naming each
+one, a log that lost or repeated epochs, and a run folder another process is training. The recipes
+live in :mod:`lgam.recipes`, the resume state in :mod:`lgam.runstate`; this module holds the loop
+(:func:`train`) and the command.
 
     lgam train --model resnet18 resnet18_lgam --data DATA --recipe fast --out runs/fast
     torchrun --nproc_per_node 2 -m lgam.train --model resnet18 --data DATA --out runs/ddp
@@ -45,15 +47,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ._fileio import atomic_write_json
+from ._fileio import atomic_write, atomic_write_json
 from .attention import fused_kernels_setting
 from .checkpoints import git_revision
 from .device import bf16_native, device_summary, resolve_device
 from .models import create_model, init_residual_bn, list_models, match_branch_rms, model_config, zero_init_residual
 from .models.branch_init import residual_bns
 from .recipes import RECIPES, Recipe, TrainError, lr_at, make_recipe, param_groups, train_size_at
-from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, generator_states, load_state, load_weights, read_log,
-                       restore_generators, save_state)
+from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, check_log, generator_states, load_state, load_weights,
+                       read_log, restore_generators, run_lock, save_state)
 
 __all__ = [  # the recipe names are lgam.recipes', kept here for `from lgam.train import ...`
     "Recipe", "RECIPES", "TrainError", "make_recipe", "lr_at", "train_size_at", "param_groups", "train",
@@ -91,28 +93,45 @@ def train(
     """
     # -- device, precision, data and random streams (the same on every rank) --
     run = _setup_run(train_split, val_split, recipe, torch.device(device), seed, val_size)
+    last = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
+    with contextlib.ExitStack() as locks:
+        if run.rank == 0:  # the rank that writes the files holds each run folder
+            for name in dict.fromkeys(models):
+                locks.enter_context(run_lock(Path(out) / name))
+        trainees = _trainees(run, models, Path(out), stem, resume, compile)
+        # -- config.json and the log so far (a run with nothing left to train keeps its own) --
+        if run.rank == 0:
+            for tr in trainees:
+                if tr.epoch < last or tr.epoch == 0:
+                    _start_files(tr, _config(run, tr, models, stem, config_extra))
+        _train_epochs(run, trainees, last, val_every, progress)
+    if run.world > 1:
+        dist.barrier()
+    return {t.name: t.records for t in trainees}
 
-    # -- models from the same random stream, optimisers, resume states --
+
+def _trainees(run: _Run, models: Sequence[str], out: Path, stem: str | None, resume: bool,
+              compile: bool) -> list[_Trainee]:
+    """The models, from the same random stream, with their optimisers and resume states; the
+    random streams as they were after the least-trained model's last epoch."""
     trainees: list[_Trainee] = []
     saved_generators: dict[int, dict[str, list[int]]] = {}  # finished epoch -> generator states
     for name in dict.fromkeys(models):
-        tr = _new_trainee(run, name, Path(out) / name, stem)
+        tr = _new_trainee(run, name, out / name, stem)
         generators = _resume(run, tr, resume)
         if generators is not None:
             saved_generators[tr.epoch] = generators
         _wrap(run, tr, compile)
         trainees.append(tr)
     start = min(t.epoch for t in trainees)
-    if start > 0:  # random streams as they were after the least-trained model's last epoch
+    if start > 0:
         restore_generators(saved_generators[start], run.shuffle_gen, run.aug_gen)
+    return trainees
 
-    # -- config.json and the log so far --
-    if run.rank == 0:
-        for tr in trainees:
-            _start_files(tr, _config(run, tr, models, stem, config_extra))
 
-    last = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
-    for epoch in range(start, last):
+def _train_epochs(run: _Run, trainees: list[_Trainee], last: int, val_every: int, progress: bool) -> None:
+    """Train up to epoch ``last``, each epoch every model that has not done it."""
+    for epoch in range(min(t.epoch for t in trainees), last):
         # -- one pass over the data for every model that has not done this epoch --
         active = [t for t in trainees if t.epoch == epoch]
         t0 = time.perf_counter(), time.process_time()
@@ -121,16 +140,13 @@ def train(
 
         # -- validation, log line, resume state --
         evaluate = run.val is not None and val_every > 0 and (
-            (epoch + 1) % val_every == 0 or epoch + 1 == recipe.epochs)
+            (epoch + 1) % val_every == 0 or epoch + 1 == run.recipe.epochs)
         for tr in active:
             record = _epoch_record(run, tr, epoch, lr, train_size, evaluate, t0)
             tr.epoch += 1
             tr.records.append(record)
             if run.rank == 0:
                 _write_epoch(run, tr, record, generators)
-    if run.world > 1:
-        dist.barrier()
-    return {t.name: t.records for t in trainees}
 
 
 # ------------------------------------------------------------------------------ setup
@@ -347,6 +363,7 @@ def _resume(run: _Run, tr: _Trainee, resume: bool) -> dict[str, list[int]] | Non
         return None
     tr.epoch, generators = load_state(tr.directory, tr.model, tr.optimizer, tr.settings, run.device)
     tr.records = read_log(tr.directory, tr.epoch)
+    check_log(tr.directory, tr.records, tr.epoch)
     return generators
 
 
@@ -381,23 +398,41 @@ def _config(run: _Run, tr: _Trainee, models: Sequence[str], stem: str | None,
 PROVENANCE = ("git_commit", "git_dirty", "argv", "torch", "hardware", "lgam_fused_kernels", "resumed_from_epoch")
 
 
-def _earlier_sessions(config_path: Path) -> list[dict[str, Any]]:
+#: what, if it changed between sessions, makes a resumed run's weights differ in their last bits
+#: from an uninterrupted run's (the thread count is in the hardware line)
+BIT_EXACT = ("torch", "hardware", "lgam_fused_kernels")
+
+
+def _earlier_sessions(old: dict[str, Any]) -> list[dict[str, Any]]:
     """The provenance of every session that trained a resumed run before this one, oldest first:
-    the run's previous ``config.json``'s own list plus that config's :data:`PROVENANCE`."""
-    old = json.loads(config_path.read_text())
+    the run's previous ``config.json`` (``old``)'s own list plus that config's :data:`PROVENANCE`."""
     return [*old.get("earlier_sessions", []), {k: old[k] for k in PROVENANCE if k in old}]
+
+
+def _warn_if_not_bit_exact(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Say so when a resumed run continues on other software or hardware (:data:`BIT_EXACT`)."""
+    changed = [f"{k} was {old[k]!r}, now {new[k]!r}" for k in BIT_EXACT if k in old and old[k] != new[k]]
+    if changed:
+        print(f"warning: resuming {directory} with {'; '.join(changed)}: its weights will differ slightly "
+              "from an uninterrupted run's", file=sys.stderr, flush=True)
 
 
 def _start_files(tr: _Trainee, config: dict[str, Any]) -> None:
     """Write ``config.json`` and ``log.jsonl`` with the epochs already done (none, or a resumed
-    run's, dropping the line of an epoch whose state was never written). A resumed run's
+    run's, dropping the line of an epoch whose state was never written), each in one atomic
+    replace, and remove the temporary files of writes a kill cut short. A resumed run's
     ``config.json`` keeps, under ``earlier_sessions``, which commit and command ran its earlier
     epochs."""
     tr.directory.mkdir(parents=True, exist_ok=True)
+    for tmp in tr.directory.glob(".*.tmp"):  # atomic_write's, left by a SIGKILL (the run is locked)
+        tmp.unlink()
     if tr.epoch > 0 and (tr.directory / CONFIG).exists():
-        config = {**config, "earlier_sessions": _earlier_sessions(tr.directory / CONFIG)}
+        old = json.loads((tr.directory / CONFIG).read_text())
+        _warn_if_not_bit_exact(tr.directory, old, config)
+        config = {**config, "earlier_sessions": _earlier_sessions(old)}
     atomic_write_json(tr.directory / CONFIG, config)
-    (tr.directory / LOG).write_text("".join(json.dumps(r) + "\n" for r in tr.records))
+    log = "".join(json.dumps(r) + "\n" for r in tr.records)
+    atomic_write(tr.directory / LOG, lambda tmp: Path(tmp).write_text(log))
 
 
 # ------------------------------------------------------------------------------ one epoch

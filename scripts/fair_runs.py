@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lgam._fileio import atomic_write
 from lgam.recipes import RECIPES
 from lgam.table4 import seed_dir_name
 
@@ -70,8 +71,8 @@ def one(model: str, seed: int, data: str, runs: Path, epochs: int | None, extra:
     run([sys.executable, "-m", "lgam", "evaluate", "--runs", str(out / model), "--data", data])
     dest = record_dir(model, seed, epochs)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "log.jsonl", "metrics.json"):
-        shutil.copyfile(out / model / name, dest / name)
+    for name in ("config.json", "log.jsonl", "metrics.json"):  # metrics.json last: it marks the run done
+        atomic_write(dest / name, lambda tmp: shutil.copyfile(out / model / name, tmp))
     print(f"done: {model} seed {seed} -> {dest.relative_to(ROOT)}", flush=True)
 
 

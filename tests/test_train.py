@@ -21,6 +21,7 @@ import lgam.data
 import lgam.errors
 import lgam.train
 from lgam.recipes import RECIPES, TrainError, lr_at, make_recipe, param_groups, train_size_at
+from lgam.runstate import LOCK
 
 CLASSES = ("red", "green", "blue")
 # tiny and quick: CIFAR stem, 16 px, global batch 8, learning-rate warm-up over the first epoch;
@@ -233,6 +234,27 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
         assert [r["val_top1_err"] is not None for r in _log(split / name)] == [False, True, True]
 
 
+def test_resume_matches_uninterrupted_run_on_the_cpu_recipes_path(tiny_data, tmp_path, monkeypatch):
+    """The path the seed runs take (the test above is float32): the cpu recipe's bf16 autocast,
+    channels_last and branch_rms, and a crop size that grows across the resume."""
+    monkeypatch.setattr(lgam.train, "bf16_native", lambda device: True)  # oneDNN emulates it elsewhere
+    args = ["--data", str(tiny_data), "--stem", "cifar", "--val-size", "16", "--no-progress", "--device", "cpu",
+            "--recipe", "cpu", "--set", "batch_size=8", "--set", "lr=0.02", "--set", "train_size=32",
+            "--set", "train_size_start=16", "--set", "size_hold_epochs=1", "--model", "resnet18",
+            "--epochs", "3", "--val-every", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_module("lgam.train", [*args, "--out", str(straight)]) == 0
+    assert run_module("lgam.train", [*args, "--out", str(split), "--stop-after", "1"]) == 0
+    assert run_module("lgam.train", [*args, "--out", str(split), "--resume"]) == 0
+    config = json.loads((split / "resnet18" / "config.json").read_text())
+    assert config["bf16_autocast"] and config["channels_last"] and config["recipe"]["branch_rms"] > 0
+    a, b = _weights(straight / "resnet18"), _weights(split / "resnet18")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = _log(straight / "resnet18"), _log(split / "resnet18")
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+    assert logs[1][0]["train_size"] < logs[1][1]["train_size"]  # the size grew at the resume
+
+
 def test_a_kill_between_the_state_files_cannot_pair_one_epochs_json_with_the_next_weights(tmp_path):
     """state.json is written after state.safetensors: a kill between the two left epoch 1's JSON
     (epoch, generators, optimiser scalars) beside epoch 2's weights, and load_state took the pair
@@ -361,21 +383,93 @@ def test_resume_names_the_autocast_dtype(tiny_data, tmp_path, capsys, monkeypatc
     assert "the autocast dtype (--set bf16, on a device with native bf16) was 'float32', now 'bfloat16'" in err
 
 
-def test_resume_keeps_which_commit_ran_the_earlier_epochs(one_epoch_run, tiny_data, tmp_path, monkeypatch):
+def test_resume_keeps_which_commit_ran_the_earlier_epochs(tiny_data, tmp_path, monkeypatch):
     """config.json is rewritten on --resume; the commit and command of the epochs before it must
     survive (a run spread over sessions ran on more than one commit)."""
-    run = tmp_path / "run"
-    shutil.copytree(one_epoch_run, run)
+    run, args = tmp_path / "run", ("--model", "resnet18", "--epochs", "3", "--val-every", "0")
+    assert _train(tiny_data, run, *args, "--stop-after", "1") == 0
     first = json.loads((run / "resnet18" / "config.json").read_text())
     monkeypatch.setattr(lgam.train, "git_revision", lambda: {"git_commit": "f" * 40, "git_dirty": False})
-    assert _train(tiny_data, run, *ONE_EPOCH, "--resume") == 0
-    assert _train(tiny_data, run, *ONE_EPOCH, "--resume") == 0
+    assert _train(tiny_data, run, *args, "--stop-after", "2", "--resume") == 0
+    assert _train(tiny_data, run, *args, "--resume") == 0
     config = json.loads((run / "resnet18" / "config.json").read_text())
-    assert config["git_commit"] == "f" * 40 and config["resumed_from_epoch"] == 1
+    assert config["git_commit"] == "f" * 40 and config["resumed_from_epoch"] == 2
     sessions = config["earlier_sessions"]
     assert [s["resumed_from_epoch"] for s in sessions] == [0, 1]  # oldest first, none dropped
     assert sessions[0]["git_commit"] == first["git_commit"] and sessions[0]["argv"] == first["argv"]
     assert "earlier_sessions" not in sessions[1]  # a flat list, not nested configs
+
+
+def test_resuming_a_finished_run_leaves_its_files_alone(one_epoch_run, tiny_data, tmp_path, monkeypatch):
+    """A resume with nothing left to train (fair_runs.py again after a kill during lgam evaluate)
+    rewrote config.json: its commit then named a session that trained no epoch."""
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    def files() -> dict[str, bytes]:  # but the lock, which names the process holding it
+        return {f.name: f.read_bytes() for f in (run / "resnet18").iterdir() if f.name != LOCK}
+
+    before = files()
+    monkeypatch.setattr(lgam.train, "git_revision", lambda: {"git_commit": "f" * 40, "git_dirty": False})
+    assert _train(tiny_data, run, *ONE_EPOCH, "--resume") == 0
+    assert files() == before and "config.json" in before
+
+
+def test_resume_refuses_a_log_that_lost_or_repeated_epochs(tiny_data, tmp_path, capsys):
+    """The log is rewritten at every resume; a kill in that rewrite (or a second process) could
+    leave it short or doubled, and the resume carried on from it: the run's record lost epochs."""
+    run, args = tmp_path / "run", ("--model", "resnet18", "--epochs", "3", "--val-every", "0")
+    assert _train(tiny_data, run, *args, "--stop-after", "2") == 0
+    log = run / "resnet18" / "log.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    for broken, shown in ((lines[1:], "[2]"), ([*lines, lines[1]], "[1, 2, 2]"), ([], "[]")):
+        log.write_text("".join(broken))
+        assert _train(tiny_data, run, *args, "--resume") == 2
+        err = capsys.readouterr().err
+        assert f"its state is after epoch 2, but log.jsonl holds the lines of epochs {shown}" in err, err
+    log.write_text("".join(lines) + lines[0][:20])  # torn last line: a kill mid-append of epoch 3
+    assert _train(tiny_data, run, *args, "--resume") == 0
+    assert [r["epoch"] for r in _log(run / "resnet18")] == [1, 2, 3]
+
+
+def test_a_line_of_a_log_that_is_not_json_is_named(tmp_path):
+    """A torn line blocked a resume with json's bare message, naming no file."""
+    from lgam.runstate import read_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": \n{"epoch": 3}\n')
+    with pytest.raises(TrainError, match=r"log.jsonl, line 2, is not a JSON record"):
+        read_log(tmp_path, 3)
+    log.write_text('{"epoch": 1}\n{"epo')
+    assert read_log(tmp_path, 1) == [{"epoch": 1}]  # a resume: the torn last line's epoch is not saved
+    with pytest.raises(TrainError, match=r"line 2, is not a JSON record"):
+        read_log(tmp_path)  # a finished run's whole log
+
+
+def test_a_run_being_trained_is_refused_to_a_second_process(tiny_data, tmp_path, capsys):
+    """Two fair_runs.py on one run folder appended to one log and overwrote each other's state."""
+    from lgam.runstate import run_lock
+
+    run = tmp_path / "run"
+    with run_lock(run / "resnet18"):
+        assert _train(tiny_data, run, *ONE_EPOCH) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'resnet18'} is being trained by another process (pid {os.getpid()})" in err
+    assert not (run / "resnet18" / "state.json").exists()
+    assert _train(tiny_data, run, *ONE_EPOCH) == 0  # released when its holder ends
+
+
+def test_resume_on_other_software_or_hardware_warns(tiny_data, tmp_path, capsys, monkeypatch):
+    """The same weights as an uninterrupted run need the same torch, thread count and kernels."""
+    run, args = tmp_path / "run", ("--model", "resnet18", "--epochs", "2", "--val-every", "0")
+    assert _train(tiny_data, run, *args, "--stop-after", "1") == 0
+    (run / "resnet18" / ".state.safetensors.x1y2.tmp").write_bytes(b"half a state")
+    capsys.readouterr()
+    monkeypatch.setattr(lgam.train, "device_summary", lambda device: "cpu: another CPU, 64 threads")
+    assert _train(tiny_data, run, *args, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "warning: resuming" in err and "now 'cpu: another CPU, 64 threads'" in err
+    assert "its weights will differ slightly from an uninterrupted run's" in err
+    assert not list((run / "resnet18").glob(".*.tmp"))  # a kill's leftovers removed
 
 
 def test_resume_lists_every_changed_setting(one_epoch_run, tiny_data, capsys):
