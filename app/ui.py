@@ -12,20 +12,22 @@ the models' classes, shipped in ``app/examples/``), compared once when the page 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import types
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 import gradio as gr
 from PIL import Image
 
 from lgam._format import format_or_dash
-from lgam.cam import METHODS, CamError
+from lgam.cam import METHODS, SLOW_METHODS, CamError
 from lgam.data import IMAGE_EXTENSIONS
 from lgam.engine import CamEngine, ImageComparison, PreparedImage
 from lgam.figure import TILE_PIXELS
@@ -36,16 +38,15 @@ from .render import TILE_PX, VIEWS, Tile, gate_notes, tiles_data, tiles_for, til
 __all__ = ["OWN_TOP1", "LOW_CONFIDENCE", "MIN_AGREEMENT", "EXAMPLES_DIR", "build_app",
            "run_compare", "run_export", "default_examples", "package_photos", "first_view",
            "raw_image", "model_rows", "setup_help", "classes_note", "confidence_warning",
-           "training_status", "run_page", "page_or_cleared", "ONE_IMAGE_METHODS"]
+           "training_status", "run_page", "page_or_cleared"]
 
 log = logging.getLogger("lgam.app")
 
 #: the target-class choice meaning "each model explains its own prediction"
 OWN_TOP1 = "each model's own top-1"
 DEFAULT_METHOD = "gradcam"
-#: methods that take a CPU minutes per image (every request waits for the models' locks): one
-#: image per request there
-ONE_IMAGE_METHODS = frozenset({"scorecam"})
+#: held by the one SLOW_METHODS request a CPU runs at a time (:func:`_slow_run`)
+_SLOW_RUN = threading.Lock()
 DEFAULT_OPACITY = 0.5
 DEFAULT_FORMAT = "png"
 DEFAULT_VIEW = "Grad-CAM"
@@ -178,16 +179,20 @@ def _example_groups(examples: Mapping[str, Sequence[str]] | Sequence[str]) -> di
     return {"Examples": list(examples)} if examples else {}
 
 
-def _load_inputs(engine: CamEngine, image: str | None, files: Sequence[Any] | None,
-                 max_images: int, max_bytes: int, max_pixels: int
-                 ) -> tuple[list[PreparedImage], list[str]]:
-    """Each file read, checked and prepared for the models (:meth:`CamEngine.prepare`) before the
-    next is read: a request holds one full-size decode at a time, not up to ``max_images``."""
+def _input_paths(image: str | None, files: Sequence[Any] | None, max_images: int) -> list[str]:
+    """The request's files (the image, then "more images"), their number checked before any is read."""
     paths = ([image] if image else []) + [str(getattr(f, "name", f)) for f in (files or [])]
     if not paths:
         raise _user_error("Please add an image: upload, webcam, paste, or pick an example.")
     if len(paths) > max_images:
         raise _user_error(f"At most {max_images} images at once, got {len(paths)}.")
+    return paths
+
+
+def _load_inputs(engine: CamEngine, paths: Sequence[str], max_bytes: int, max_pixels: int
+                 ) -> tuple[list[PreparedImage], list[str]]:
+    """Each file read, checked and prepared for the models (:meth:`CamEngine.prepare`) before the
+    next is read: a request holds one full-size decode at a time, not up to ``max_images``."""
     imgs, names = [], []
     for p in paths:
         name = Path(p).name
@@ -201,22 +206,39 @@ def _load_inputs(engine: CamEngine, image: str | None, files: Sequence[Any] | No
     return imgs, names
 
 
+@contextlib.contextmanager
+def _slow_run(method: str, n_images: int) -> Iterator[None]:
+    """One :data:`SLOW_METHODS` request at a time on a CPU, of one image: each takes minutes (on
+    private copies of the models, so Grad-CAM requests go on beside it); another is answered at
+    once, before any file is read, rather than queued for minutes."""
+    if n_images > 1:
+        raise _user_error(f"{method} runs one forward pass per channel of the last feature map, for "
+                          f"each image and model: one image at a time on a CPU, got {n_images}.")
+    if not _SLOW_RUN.acquire(blocking=False):
+        raise _user_error(f"{method} is already running for another request (it takes minutes on a "
+                          "CPU): try again in a few minutes, or choose another CAM method.")
+    try:
+        yield
+    finally:
+        _SLOW_RUN.release()
+
+
 def _compare(engine: CamEngine, image, files, target, method, max_images, max_bytes, max_pixels,
              view: str = "cam", stage: int | None = None
              ) -> tuple[list[ImageComparison], list[str], float]:
     if not engine.available:
         raise _user_error(setup_help(engine))
-    imgs, names = _load_inputs(engine, image, files, max_images, max_bytes, max_pixels)
-    if method in ONE_IMAGE_METHODS and len(imgs) > 1 and engine.device.type == "cpu":
-        raise _user_error(f"{method} runs one forward pass per channel of the last feature map, for "
-                          f"each image and model: one image at a time on a CPU, got {len(imgs)}.")
-    tgt = None if target in (None, "", OWN_TOP1) else target
-    t0 = time.perf_counter()
-    try:
-        comps = engine.compare(imgs, target=tgt, method=method or DEFAULT_METHOD,
-                               gates=view != "cam", stage=stage)
-    except CamError as e:
-        raise _user_error(str(e)) from None
+    method = method or DEFAULT_METHOD
+    paths = _input_paths(image, files, max_images)
+    slow = method in SLOW_METHODS and engine.device.type == "cpu"
+    with _slow_run(method, len(paths)) if slow else contextlib.nullcontext():
+        imgs, names = _load_inputs(engine, paths, max_bytes, max_pixels)
+        tgt = None if target in (None, "", OWN_TOP1) else target
+        t0 = time.perf_counter()
+        try:
+            comps = engine.compare(imgs, target=tgt, method=method, gates=view != "cam", stage=stage)
+        except CamError as e:
+            raise _user_error(str(e)) from None
     return comps, names, (time.perf_counter() - t0) * 1000
 
 

@@ -28,13 +28,15 @@ from torch import Tensor, nn
 
 from .errors import LgamError
 
-__all__ = ["METHODS", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
+__all__ = ["METHODS", "SLOW_METHODS", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
            "inference_copy", "supports_fast_path"]
 
 #: CAM method names (``gradcam`` uses the no-backward fast path)
 METHODS: tuple[str, ...] = (
     "gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "hirescam", "scorecam",
 )
+#: methods that run one forward pass per channel of the last feature map: minutes a model on a CPU
+SLOW_METHODS = frozenset({"scorecam"})
 
 
 #: class indices, one per image: a ``(B,)`` integer tensor or array, or a sequence of ints

@@ -2,10 +2,11 @@
 share (the app holds no model math; this module holds no app text).
 
 :class:`CamEngine` holds the loaded models (or, per model, the reason it is unavailable), the
-device and one lock per model. :meth:`CamEngine.compare` preprocesses the images once per input
-size, runs every model and returns, per image and model, the class probabilities, the top-5, the
-CAM (:mod:`lgam.cam`) for the target (each model's own top-1, or one class for all) and the time it
-took. One model failing leaves the others' results intact.
+device and one lock per model (a :data:`lgam.cam.SLOW_METHODS` CAM runs on a private copy instead,
+so that it holds no other request up). :meth:`CamEngine.compare` preprocesses the images once per
+input size, runs every model and returns, per image and model, the class probabilities, the top-5,
+the CAM (:mod:`lgam.cam`) for the target (each model's own top-1, or one class for all) and the
+time it took. One model failing leaves the others' results intact.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .attention import GateRecorder, capture_gates, stage_gate
-from .cam import CamError, check_method, fast_gradcam, inference_copy, library_cam, supports_fast_path
+from .cam import (SLOW_METHODS, CamError, check_method, fast_gradcam, inference_copy, library_cam,
+                  supports_fast_path)
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .device import bf16_native, resolve_device
 from .imageio import ImageSource, load_image
@@ -440,10 +442,15 @@ class CamEngine:
     def _run_model(self, s: _Slot, x: Tensor, target: int | None, method: str, gates: bool,
                    stage: int | None) -> list[ModelResult]:
         B = x.shape[0]
-        with s.lock:
+        if method in SLOW_METHODS:  # on its own copy: holding the model's lock for minutes would
+            with s.lock:            # hold every other request up behind it
+                model, lock = inference_copy(s.model, channels_last=False), nullcontext()
+        else:
+            model, lock = s.model, s.lock
+        with lock:
             t0 = time.perf_counter()
             targets = None if target is None else torch.full((B,), target, dtype=torch.long)
-            probs, cams, captured = self._forward(s, x, targets, method, gates)
+            probs, cams, captured = self._forward(s, model, x, targets, method, gates)
             tgt = probs.argmax(1) if targets is None else targets
             probs_np, tgt_list = probs.cpu().numpy(), [int(t) for t in tgt.tolist()]
             gate_maps = _gate_maps(s, captured, stage, x.shape[-2:]) if gates else None
@@ -464,12 +471,10 @@ class CamEngine:
             out.append(r)
         return out
 
-    def _forward(self, s: _Slot, x: Tensor, targets: Tensor | None, method: str, gates: bool
-                 ) -> tuple[Tensor, np.ndarray, dict[str, dict[str, Tensor]]]:
+    def _forward(self, s: _Slot, model: nn.Module, x: Tensor, targets: Tensor | None, method: str,
+                 gates: bool) -> tuple[Tensor, np.ndarray, dict[str, dict[str, Tensor]]]:
         """``(probs, cams, captured gates)`` from one forward pass (plus the CAM method's own
-        passes for the pytorch-grad-cam methods)."""
-        model = s.model
-        assert model is not None
+        passes for the pytorch-grad-cam methods); ``model``: ``s.model`` or a private copy of it."""
         fast = method == "gradcam" and supports_fast_path(model)
         net = s.fast if fast and s.fast is not None else model
         with (capture_gates(net) if gates else nullcontext({})) as captured:

@@ -363,11 +363,29 @@ def test_more_images_are_judged_by_their_bytes_not_their_extension(client, files
         _compare(client, files[0], more=[str(note)])
 
 
-def test_scorecam_takes_one_image_at_a_time_on_a_cpu(engine, files):
-    """ScoreCAM holds every model's lock for minutes an image on a CPU: eight would stall every
-    other user for ~10 minutes."""
+def test_scorecam_takes_one_image_at_a_time_on_a_cpu(engine, files, tmp_path):
+    """ScoreCAM takes minutes an image and model on a CPU: eight images would take an hour. The
+    check comes before any file is read (it once decoded all eight first)."""
+    never_read = tmp_path / "never_read.png"  # not an image: reading it would say so instead
+    never_read.write_text("not an image")
+    with pytest.raises(gr.Error, match="one image at a time"):
+        run_compare(engine, files[0], [str(never_read)], method="scorecam")
+
+
+def test_a_second_scorecam_on_a_cpu_is_answered_at_once(engine, files):
+    """One ScoreCAM runs at a time on a CPU; another waited minutes in the queue for it."""
+    from app import ui
+
+    assert ui._SLOW_RUN.acquire(blocking=False)  # a ScoreCAM request is running
+    try:
+        with pytest.raises(gr.Error, match="scorecam is already running for another request"):
+            run_compare(engine, files[0], method="scorecam")
+    finally:
+        ui._SLOW_RUN.release()
     with pytest.raises(gr.Error, match="one image at a time"):
         run_compare(engine, files[0], [files[1]], method="scorecam")
+    assert ui._SLOW_RUN.acquire(blocking=False)  # a refused request does not keep it
+    ui._SLOW_RUN.release()
 
 
 def test_a_failed_page_run_clears_the_previous_results(engine, files, tmp_path):

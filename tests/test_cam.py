@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -445,6 +446,33 @@ def test_concurrent_requests_equal_sequential(mem_engine, images):
             assert gm[0] == wm[0]
             np.testing.assert_allclose(gm[1], wm[1], atol=1e-6)
             np.testing.assert_allclose(gm[2], wm[2], atol=1e-5)
+
+
+def test_a_slow_cam_holds_no_other_request_up(mem_engine, images, monkeypatch):
+    """ScoreCAM held each model's lock for its whole run (minutes a model on a CPU): a Grad-CAM
+    request followed it from model to model and ended when it did."""
+    import lgam.engine
+
+    entered, release, done = threading.Event(), threading.Event(), []
+
+    def held(model, x, targets, method, cam=library_cam):  # ScoreCAM, as long as the test wants
+        entered.set()
+        release.wait(60)
+        return cam(model, x, targets, "eigencam")
+
+    monkeypatch.setattr(lgam.engine, "library_cam", held)
+    slow = threading.Thread(target=mem_engine.compare, args=(images[0], None, "scorecam"))
+    slow.start()
+    try:
+        assert entered.wait(60)
+        quick = threading.Thread(target=lambda: done.append(mem_engine.compare(images[1], None, "gradcam")))
+        quick.start()
+        quick.join(20)
+        assert done and all(r.ok for r in done[0][0].results), "Grad-CAM waited for the ScoreCAM"
+        assert slow.is_alive()  # still in its first model
+    finally:
+        release.set()
+        slow.join(60)
 
 
 def _rss_mb() -> float:
