@@ -60,7 +60,7 @@ def one_request(way: str, checkpoints: str, photos: list[str], max_pixels: int) 
     if way == "held":
         images = [load_image(p, max_pixels=max_pixels) for p in photos]
     else:
-        images, _ = _load_inputs(engine, photos[0], photos[1:], len(photos), MAX_BYTES, max_pixels)
+        images, _ = _load_inputs(engine, photos, MAX_BYTES, max_pixels)
     comps = engine.compare(images)
     assert all(r.ok for c in comps for r in c.results)
     return {"before_mb": before, "peak_mb": _status_mb("VmHWM")}

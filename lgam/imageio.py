@@ -8,7 +8,8 @@ the person who sent the file. It handles:
   support -> a clear error (whatever exception the decoder raises: one "cannot be decoded"
   message);
 - files over ``max_bytes`` and images over ``max_pixels`` (decompression bombs) -> an error, checked
-  from the header *before* any pixel is decoded;
+  from the header *before* any pixel is decoded (only :data:`READ_FORMATS` are opened: formats
+  whose header says the size; a HEIC photo gets its own message);
 - animations (GIF, APNG, WebP) -> the first frame;
 - EXIF orientation -> applied (the image is shown the way the camera held it);
 - CMYK, palette (with or without transparency), 16-bit / 32-bit / float grayscale, grayscale,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -28,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import LgamError
 
-__all__ = ["ImageLoadError", "load_image", "to_rgb", "MAX_BYTES", "MAX_PIXELS"]
+__all__ = ["ImageLoadError", "load_image", "to_rgb", "MAX_BYTES", "MAX_PIXELS", "READ_FORMATS"]
 
 #: default upload limit (bytes)
 MAX_BYTES = 25 * 1024 * 1024
@@ -74,9 +76,40 @@ def _read_bytes(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
 
 
 def _flatten_alpha(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    rgba = img.convert("RGBA")
-    base = Image.new("RGBA", rgba.size, background + (255,))
-    return Image.alpha_composite(base, rgba).convert("RGB")
+    """``img`` pasted on ``background`` through its alpha into one new RGB image (an RGBA
+    composite took three full-size RGBA copies)."""
+    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, background)
+    out.paste(rgba, mask=rgba)  # Pillow pastes RGBA onto RGB as it is, through its alpha band
+    return out
+
+
+#: rows of a grayscale image converted at a time (:func:`_gray_to_rgb`): memory stays near the
+#: image's own, not several float64 copies of it
+_ROWS = 256
+
+
+def _gray_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float grayscale -> RGB (:func:`to_rgb` says how it is scaled),
+    a band of rows at a time."""
+    w, h = img.size
+    bands = [(y, min(y + _ROWS, h)) for y in range(0, h, _ROWS)]
+
+    def rows(y0: int, y1: int) -> np.ndarray:
+        return np.array(img.crop((0, y0, w, y1)), dtype=np.float32)  # a writable copy
+
+    top = max((np.nanmax(rows(*b), initial=0.0) for b in bands), default=0.0)
+    if img.mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        scale = 1.0 / 257.0 if img.mode.startswith("I;16") or top > 255 else 1.0
+    out = np.empty((h, w), np.uint8)
+    for y0, y1 in bands:
+        arr = rows(y0, y1)
+        arr *= scale
+        np.nan_to_num(arr, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        out[y0:y1] = np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
+    return Image.fromarray(out, "L").convert("RGB")
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -89,16 +122,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     if mode == "RGB":
         return img
     if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            scale = 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else 1.0
-        elif mode.startswith("I;16") or np.nanmax(arr, initial=0.0) > 255:
-            scale = 1.0 / 257.0
-        else:
-            scale = 1.0
-        arr = np.nan_to_num(arr * scale, nan=0.0, posinf=255.0, neginf=0.0)
-        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-        return gray.convert("RGB")
+        return _gray_to_rgb(img)
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "A" in img.getbands():
         return _flatten_alpha(img, background)
     try:
@@ -125,26 +149,17 @@ def load_image(
 
     data, name = _read_bytes(source, max_bytes)
     try:
-        with warnings.catch_warnings():
-            # max_pixels is the limit, checked below; Pillow's warning (over MAX_IMAGE_PIXELS)
-            # is not, its error (over twice that) is raised before the header can be read
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            # the header gives the size: refuse bombs before decoding any pixel
-            if img.width * img.height > max_pixels:
-                raise ImageLoadError(_too_many_pixels(name, img.size, max_pixels))
-            if img.width < 1 or img.height < 1:
-                raise ImageLoadError(f"{name} has no pixels ({img.width}x{img.height})")
-            if getattr(img, "is_animated", False):
-                img.seek(0)
-            img.load()
+        img = _open(data)
+        # the header gives the size: refuse bombs before decoding any pixel
+        _check_size(img, name, max_pixels)
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        img.load()
+        _check_size(img, name, max_pixels)  # a format whose frame's size the header did not say
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(
-            f"{name} is not an image (or not a format lgam reads: JPEG, PNG, GIF, WebP, BMP, "
-            "TIFF...)"
-        ) from None
+        raise ImageLoadError(_not_an_image(name, data)) from None
     except Image.DecompressionBombError:
         raise ImageLoadError(
             f"{name} is too large to decode safely (possible decompression bomb); "
@@ -156,6 +171,44 @@ def load_image(
         raise ImageLoadError(_undecodable(name, e)) from None
 
     return _upright_rgb(img, name, background, owned=True)
+
+
+#: the formats :func:`load_image` opens (Pillow's names): photos' and common images' formats whose
+#: header gives the size before any pixel is decoded (Pillow's ICO/CUR plugins decode the largest
+#: frame while opening; FITS, PSD, EPS and the rest are left out)
+READ_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "DIB", "TIFF", "PPM", "TGA",
+                "JPEG2000", "QOI", "DDS")  # JPEG includes MPO (a camera's multi-picture JPEG)
+#: ``Image.open`` under a warnings filter: ``catch_warnings`` swaps the process's filter list, so
+#: two threads opening at once could leave another's filter in place for good
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(data: bytes) -> Image.Image:
+    """``Image.open`` of ``data`` among :data:`READ_FORMATS`, the header only. ``max_pixels`` is the
+    limit, checked after; Pillow's warning (over MAX_IMAGE_PIXELS) is not, and its error (over
+    twice that) is raised before the header can be read."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=READ_FORMATS)
+
+
+def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:
+    if img.width * img.height > max_pixels:
+        raise ImageLoadError(_too_many_pixels(name, img.size, max_pixels))
+    if img.width < 1 or img.height < 1:
+        raise ImageLoadError(f"{name} has no pixels ({img.width}x{img.height})")
+
+
+#: ISO base-media brands of HEIF/HEIC photos (an iPhone's default), which Pillow cannot read
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
+
+
+def _not_an_image(name: str, data: bytes) -> str:
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return (f"{name} is a HEIC/HEIF photo, which lgam cannot read: export or share it as JPEG "
+                "(on an iPhone: Settings > Camera > Formats > Most Compatible)")
+    return (f"{name} is not an image (or not a format lgam reads: JPEG, PNG, GIF, WebP, AVIF, BMP, "
+            "TIFF...)")
 
 
 def _pixel_cap(max_pixels: int) -> int:
@@ -182,6 +235,8 @@ def _upright_rgb(img: Image.Image, name: str, background: tuple[int, int, int],
         rgb = to_rgb(img, background)
     except ImageLoadError:
         raise
+    except MemoryError:
+        raise ImageLoadError(f"{name} needs too much memory to convert to RGB") from None
     except Exception as e:  # noqa: BLE001
         raise ImageLoadError(_undecodable(name, e)) from None
     return rgb.copy() if rgb is img and not owned else rgb

@@ -848,7 +848,7 @@ def test_uploads_are_kept_small_once_the_models_inputs_are_made(engine, tmp_path
     for i, size in enumerate([(1400, 1000), (300, 200)]):
         paths.append(tmp_path / f"photo{i}.png")
         synthetic_image(80 + i, size).save(paths[-1])
-    imgs, names = _load_inputs(engine, str(paths[0]), [str(paths[1])], 8, 2**25, 10**8)
+    imgs, names = _load_inputs(engine, [str(paths[0]), str(paths[1])], 2**25, 10**8)
     assert names == ["photo0.png", "photo1.png"] and all(isinstance(p, PreparedImage) for p in imgs)
     assert max(imgs[0].image.size) == SHOWN_PX and imgs[1].image.size == (300, 200)
     full = load_image(paths[0])

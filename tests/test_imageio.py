@@ -232,6 +232,54 @@ def test_float_grayscale():
     assert arr[0, :, 0].tolist() == [0, 128, 255]
 
 
+def test_a_tall_float_image_is_scaled_by_its_whole_range():
+    """Grayscale is converted a band of rows at a time (several float64 copies of a 50-MP image
+    took ~1.5 GB): the scale is still the whole image's, here set by a value in the last band."""
+    a = np.full((700, 2), 0.5, np.float32)
+    a[-1] = (200.0, np.nan)  # > 1: the whole image is [0, 255]; NaN is black
+    arr = _check_rgb(load_image(Image.fromarray(a, "F")), (2, 700))
+    assert (arr[:-1] == 0).all() or (arr[:-1] == 1).all()  # 0.5 on [0, 255], not 128 on [0, 1]
+    assert arr[-1, :, 0].tolist() == [200, 0]
+    i16 = np.tile(np.arange(0, 65536, 257, dtype=np.uint16)[:, None], (3, 5))  # 768 rows
+    arr = _check_rgb(load_image(_encode(Image.fromarray(i16), "PNG")), (5, 768))
+    assert arr[:256, 0, 0].tolist() == list(range(256))
+
+
+def test_semi_transparent_pixels_are_blended_as_an_alpha_composite():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA")
+    white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    want = np.asarray(Image.alpha_composite(white, img).convert("RGB"))
+    assert np.array_equal(_check_rgb(load_image(_encode(img, "PNG")), (40, 30)), want)
+
+
+def _ico_around(png: bytes) -> bytes:
+    """An ICO whose one entry says 16x16 and holds ``png``: Pillow's ICO plugin decodes it while
+    opening, before its size can be checked."""
+    return (struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22)
+            + png)
+
+
+def test_a_format_that_decodes_while_opening_is_not_opened(monkeypatch):
+    """An ICO around a large PNG was decoded whole inside Image.open (~700 MB for a 200-KB
+    upload) before the pixel limit was looked at."""
+    data = _ico_around(_encode(Image.new("RGBA", (300, 300)), "PNG"))
+    decoded = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or real(self))
+    with pytest.raises(ImageLoadError, match="not an image \\(or not a format lgam reads"):
+        load_image(data, max_pixels=10_000)
+    assert not decoded
+
+
+def test_a_heic_photo_is_named_as_such(tmp_path):
+    """An iPhone's photo got "not an image"; Pillow cannot read HEIC, but the person can export it."""
+    photo = tmp_path / "IMG_0042.HEIC"
+    photo.write_bytes(struct.pack(">I", 24) + b"ftypheic" + struct.pack(">I", 0) + b"mif1heic" + bytes(64))
+    with pytest.raises(ImageLoadError, match=r"^IMG_0042.HEIC is a HEIC/HEIF photo.*share it as JPEG"):
+        load_image(photo)
+
+
 def test_grayscale():
     data = _encode(Image.new("L", (5, 4), 77), "PNG")
     arr = _check_rgb(load_image(data), (5, 4))
