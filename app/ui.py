@@ -12,8 +12,11 @@ the models' classes, shipped in ``app/examples/``), compared once when the page 
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -114,12 +117,38 @@ def _quiet_checks(comp: _C) -> _C:
 
 
 def _raw_preprocess(self: gr.Image, payload: Any) -> str | None:
-    """``gr.Image.preprocess`` replacement: the uploaded file's path, untouched."""
+    """``gr.Image.preprocess`` replacement: the uploaded file's path, untouched; an image sent
+    as a ``data:`` URL (an API caller's) written to a file as it is (:func:`_data_url_file`)."""
     if payload is None:
         return None
     if getattr(payload, "path", None):
         return str(payload.path)
-    return gr.Image.preprocess(self, payload)  # data: URLs (webcam streams)
+    url = str(getattr(payload, "url", None) or "")
+    if url.startswith("data:"):
+        return _data_url_file(url, self.GRADIO_CACHE)
+    raise _user_error("The request's image has neither a file nor a data: URL.")
+
+
+#: the name a data: URL's image gets (messages about it name it)
+DATA_URL_NAME = "image-from-data-url"
+
+
+def _data_url_file(url: str, cache_dir: str) -> str:
+    """The bytes of base64 ``data:`` URL ``url``, untouched, in a new file in ``cache_dir`` (which
+    Gradio's ``delete_cache`` empties): :func:`lgam.imageio.load_image` then judges them as it
+    judges an upload. Gradio decoded them itself, with no limits of ours, re-encoded them as lossy
+    WebP, and answered a bad one with no message."""
+    head, comma, body = url.partition(",")
+    if not comma or not head.endswith(";base64"):
+        raise _user_error("The image's data: URL is not base64-encoded (data:image/png;base64,...).")
+    try:
+        data = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise _user_error("The image's data: URL is not valid base64.") from None
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=cache_dir)) / DATA_URL_NAME
+    path.write_bytes(data)
+    return str(path)
 
 
 def raw_image(**kwargs: Any) -> gr.Image:
@@ -270,13 +299,23 @@ def confidence_warning(comp: ImageComparison, n_classes: int) -> str | None:
             f"{n_classes} classes")
 
 
+#: what makes markup in the middle of a line (links, emphasis, code, HTML, tables, strikethrough)
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>|~])")
+
+
+def markdown_text(text: str) -> str:
+    """``text`` (a file name, a message naming one), mid-line, shown as it is in Markdown: a
+    name such as ``[x](y).png`` was rendered as a link, ``*a*.jpg`` in italics."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
 def _info(comps: list[ImageComparison], names: list[str], total_ms: float, n_classes: int) -> str:
     """The run-info Markdown: a warning per doubtful image, then device, method and times."""
     lines = []
     for comp, name in zip(comps, names):
         warning = confidence_warning(comp, n_classes)
         if warning:
-            lines.append(f"{warning} ({name})" if len(comps) > 1 else warning)
+            lines.append(f"{warning} ({markdown_text(name)})" if len(comps) > 1 else warning)
     times = " · ".join(f"{r.label} {r.time_ms:.0f} ms" for r in comps[0].results if r.ok)
     lines.append(f"**Device:** `{comps[0].device}` · **method:** {comps[0].method} · "
                  f"**{len(comps)} image(s), total {total_ms:.0f} ms** (per model and image: {times})")
@@ -344,9 +383,13 @@ def run_compare(engine: CamEngine, image: str | None, more_images: Sequence[Any]
     gets a grey tile with the reason. The info starts with a warning for each image the models are unsure about
     (:func:`confidence_warning`)."""
     limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
-    rows, _, top5, info = _guarded("compare", _results, engine, image, more_images, target,
-                                   method, opacity, view, stage, limits)
-    return tiles_data(rows), top5, info
+
+    def answer() -> tuple[list[tuple[str, str]], list[list[Any]], str]:
+        rows, _, top5, info = _results(engine, image, more_images, target, method, opacity, view,
+                                       stage, limits)
+        return tiles_data(rows), top5, info
+
+    return _guarded("compare", answer)
 
 
 def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None = None,
@@ -357,9 +400,13 @@ def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | 
     """The page's handler: like :func:`run_compare`, with the tiles as one HTML grid
     (:func:`app.render.tiles_html`) instead of files."""
     limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
-    rows, titles, top5, info = _guarded("compare", _results, engine, image, more_images, target,
-                                        method, opacity, view, stage, limits)
-    return tiles_html(rows, titles), top5, info
+
+    def answer() -> tuple[str, list[list[Any]], str]:
+        rows, titles, top5, info = _results(engine, image, more_images, target, method, opacity,
+                                            view, stage, limits)
+        return tiles_html(rows, titles), top5, info
+
+    return _guarded("compare", answer)
 
 
 def page_or_cleared(engine: CamEngine, image: str | None, more_images: Sequence[Any] | None,
@@ -373,7 +420,7 @@ def page_or_cleared(engine: CamEngine, image: str | None, more_images: Sequence[
         return run_page(engine, image, more_images, *settings, **limits)
     except gr.Error as e:
         gr.Warning(e.message)
-        return "", [], f"⚠ {e.message}"
+        return "", [], f"⚠ {markdown_text(e.message)}"
 
 
 def first_view(engine: CamEngine, image: str | None, *, max_images: int = 8,

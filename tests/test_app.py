@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 import app  # noqa: E402
 from app.server import app_process, free_port  # noqa: E402
 from app.ui import (  # noqa: E402
-    EXAMPLES_DIR, EXTRA_EXAMPLES, FIGURE_LABEL, IN_CLASS_EXAMPLES, INFO_LABEL, LOW_CONFIDENCE,
+    DATA_URL_NAME, EXAMPLES_DIR, EXTRA_EXAMPLES, FIGURE_LABEL, IN_CLASS_EXAMPLES, INFO_LABEL, LOW_CONFIDENCE,
     MIN_AGREEMENT, OUT_OF_CLASS_EXAMPLES, OWN_TOP1, TILES_LABEL, TOP5_LABEL, build_app,
     classes_note, confidence_warning, default_examples, model_rows, run_compare, training_status,
 )
@@ -350,6 +350,45 @@ def test_user_errors_leave_no_traceback_in_the_log(client, files, tmp_path, capf
         assert "Something went wrong" not in out + err, what
 
 
+def _data_url(data: bytes, head: str = "data:image/png;base64") -> str:
+    return f"{head},{base64.b64encode(data).decode()}"
+
+
+def test_an_image_sent_as_a_data_url_reaches_the_loader_as_it_is(files):
+    """Gradio decoded a data: URL itself (no limits of ours) and re-encoded it as lossy WebP."""
+    from types import SimpleNamespace
+
+    from app.ui import raw_image
+
+    comp, png = raw_image(), Path(files[0]).read_bytes()
+    path = Path(comp.preprocess(SimpleNamespace(path=None, url=_data_url(png))))
+    assert path.name == DATA_URL_NAME and path.read_bytes() == png
+    for url, message in [(_data_url(png, "data:image/png"), "not base64-encoded"),
+                         ("data:image/png;base64,!!!", "not valid base64")]:
+        with pytest.raises(gr.Error, match=message):
+            comp.preprocess(SimpleNamespace(path=None, url=url))
+
+
+def test_a_bad_data_url_is_answered_with_a_message_and_no_traceback(server, capfd):
+    """A bad data: URL was answered with error null and a ComponentProcessingError traceback."""
+    import json
+    import urllib.request
+
+    from app.ui import DEFAULT_STAGE, DEFAULT_VIEW
+
+    for url, message in [("data:image/png;base64,!!!", "not valid base64"),
+                         (_data_url(b"hello"), f"{DATA_URL_NAME} is not an image")]:
+        image = {"url": url, "meta": {"_type": "gradio.FileData"}}
+        payload = {"data": [image, [], OWN_TOP1, "gradcam", 0.5, DEFAULT_VIEW, DEFAULT_STAGE]}
+        request = urllib.request.Request(server + "gradio_api/call/compare", json.dumps(payload).encode(),
+                                         {"Content-Type": "application/json"})
+        event = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+        answer = urllib.request.urlopen(f"{server}gradio_api/call/compare/{event}", timeout=60).read().decode()
+        assert "event: error" in answer and message in answer, answer
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+
+
 def test_more_images_are_judged_by_their_bytes_not_their_extension(client, files, tmp_path):
     """Gradio's file_types filter refused an extensionless photo (IMG_0001) with a traceback in
     the log; the app's loader reads it, and names a real non-image."""
@@ -386,6 +425,29 @@ def test_a_second_scorecam_on_a_cpu_is_answered_at_once(engine, files):
         run_compare(engine, files[0], [files[1]], method="scorecam")
     assert ui._SLOW_RUN.acquire(blocking=False)  # a refused request does not keep it
     ui._SLOW_RUN.release()
+
+
+def test_a_file_name_is_shown_as_it_is_not_as_markdown(engine, tmp_path):
+    """Uploaded names went into the run info's Markdown raw: a name could render as a link."""
+    from app.ui import page_or_cleared
+
+    bad = tmp_path / "[click](example.com) *me* <b>.png"
+    bad.write_text("not an image")
+    _, _, info = page_or_cleared(engine, str(bad), None)
+    assert r"\[click\](example.com) \*me\* \<b\>.png is not an image" in info
+
+
+def test_a_failure_while_encoding_the_tiles_is_reported_not_raised(engine, files, monkeypatch):
+    """The tiles were encoded outside the guard: an encoder error reached Gradio as a traceback."""
+    import app.ui
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("encoder broke")
+
+    for handler, encoder in ((run_compare, "tiles_data"), (app.ui.run_page, "tiles_html")):
+        monkeypatch.setattr(app.ui, encoder, broken)
+        with pytest.raises(gr.Error, match="Something went wrong: RuntimeError: encoder broke"):
+            handler(engine, files[0])
 
 
 def test_a_failed_page_run_clears_the_previous_results(engine, files, tmp_path):
