@@ -23,7 +23,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -98,24 +98,42 @@ def _gray_to_rgb(img: Image.Image) -> Image.Image:
     def rows(y0: int, y1: int) -> np.ndarray:
         return np.array(img.crop((0, y0, w, y1)), dtype=np.float32)  # a writable copy
 
-    top = max((np.nanmax(rows(*b), initial=0.0) for b in bands), default=0.0)
-    if img.mode == "F":
-        scale = 255.0 if top <= 1.0 else 1.0
-    else:
-        scale = 1.0 / 257.0 if img.mode.startswith("I;16") or top > 255 else 1.0
+    lo, hi = _finite_range(rows(*b) for b in bands)
+    offset = 0.0
+    if img.mode.startswith("I;16") or (img.mode == "I" and 255 < hi <= 65535 and lo >= 0):
+        scale = 1.0 / 257.0
+    elif img.mode == "F" and 0 <= lo and hi <= 1:
+        scale = 255.0
+    elif 0 <= lo and hi <= 255:
+        scale = 1.0
+    else:  # another range (a 12-bit float TIFF, a signed one): its own, stretched to 0..255
+        scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
     out = np.empty((h, w), np.uint8)
     for y0, y1 in bands:
         arr = rows(y0, y1)
+        arr -= offset
         arr *= scale
         np.nan_to_num(arr, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         out[y0:y1] = np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
     return Image.fromarray(out, "L").convert("RGB")
 
 
+def _finite_range(parts: Iterable[np.ndarray]) -> tuple[float, float]:
+    """The smallest and largest finite value over ``parts`` (0, 0 when there is none)."""
+    lo, hi = np.inf, -np.inf
+    for arr in parts:
+        finite = arr[np.isfinite(arr)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (0.0, 0.0) if lo > hi else (lo, hi)
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL mode -> 8-bit ``RGB``. Alpha is composited on ``background``; 16-bit and 32-bit
-    integer grayscale is scaled from its full range (``I;16*``: /257; ``I``: /257 when any value is
-    over 255); float grayscale is taken as [0, 1] when its maximum is <= 1, else as [0, 255]."""
+    """Any PIL mode -> 8-bit ``RGB``. Alpha is composited on ``background``. 16-bit grayscale
+    (``I;16*``) is divided by 257; 32-bit integer (``I``) and float (``F``) grayscale are taken
+    as they are when within [0, 255], an ``I`` within [0, 65535] as 16-bit, an ``F`` within
+    [0, 1] times 255, and any other range (a 12-bit or signed image) is stretched from its own
+    smallest to largest finite value; NaN is black."""
     mode = img.mode
     if "transparency" in img.info and mode in ("P", "L", "1", "RGB"):
         return _flatten_alpha(img, background)  # palette or tRNS single-colour transparency

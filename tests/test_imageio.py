@@ -245,6 +245,22 @@ def test_a_tall_float_image_is_scaled_by_its_whole_range():
     assert arr[:256, 0, 0].tolist() == list(range(256))
 
 
+@pytest.mark.parametrize("values, want", [
+    ([0.0, 2048.0, 4095.0], [0, 128, 255]),  # a 12-bit float TIFF was all white past 255
+    ([-1.0, 0.0, 1.0], [0, 128, 255]),  # a signed one lost its negative half to black
+    ([0.0, 0.5, 1.0], [0, 128, 255]),
+    ([0.0, 100.0, 255.0], [0, 100, 255]),
+])
+def test_float_grayscale_of_another_range_keeps_its_contrast(values, want):
+    arr = _check_rgb(load_image(Image.fromarray(np.array([values], np.float32), "F")), (3, 1))
+    assert arr[0, :, 0].tolist() == want
+
+
+def test_32bit_grayscale_beyond_16_bits_keeps_its_contrast():
+    img = Image.fromarray(np.array([[0, 600_000, 1_000_000]], np.int32), "I")
+    assert _check_rgb(load_image(img), (3, 1))[0, :, 0].tolist() == [0, 153, 255]
+
+
 def test_semi_transparent_pixels_are_blended_as_an_alpha_composite():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA")
