@@ -426,18 +426,20 @@ def test_overlay_is_the_blend_with_matplotlibs_colormap():
 
 
 def _sig(comps):
-    return [[(r.target, r.probs, r.cam) for r in c.results] for c in comps]
+    return [[(r.target, r.probs, r.cam, r.gate) for r in c.results] for c in comps]
 
 
 def test_concurrent_requests_equal_sequential(mem_engine, images):
-    jobs = [(images[i % len(images)], None if i % 2 else i, "gradcam") for i in range(8)]
-    jobs[3] = (images[3], 4, "gradcam++")
-    sequential = [_sig(mem_engine.compare(img, t, m)) for img, t, m in jobs]
+    """Gate capture switches recorders on the shared models: requests with and without gates
+    mixed must not see each other's."""
+    jobs = [(images[i % len(images)], None if i % 2 else i, "gradcam", i % 3 == 0) for i in range(8)]
+    jobs[3] = (images[3], 4, "gradcam++", True)
+    sequential = [_sig(mem_engine.compare(img, t, m, gates=g)) for img, t, m, g in jobs]
     results: list = [None] * len(jobs)
 
     def work(i):
-        img, t, m = jobs[i]
-        results[i] = _sig(mem_engine.compare(img, t, m))
+        img, t, m, g = jobs[i]
+        results[i] = _sig(mem_engine.compare(img, t, m, gates=g))
 
     errors = run_in_threads(work, len(jobs))
     assert not errors
@@ -446,6 +448,10 @@ def test_concurrent_requests_equal_sequential(mem_engine, images):
             assert gm[0] == wm[0]
             np.testing.assert_allclose(gm[1], wm[1], atol=1e-6)
             np.testing.assert_allclose(gm[2], wm[2], atol=1e-5)
+            assert (gm[3] is None) == (wm[3] is None)
+            if wm[3] is not None:
+                np.testing.assert_allclose(gm[3], wm[3], atol=1e-5)
+    assert any(r[3] is not None for r in sequential[0][0])  # some model drew its gate
 
 
 def test_a_slow_cam_holds_no_other_request_up(mem_engine, images, monkeypatch):
