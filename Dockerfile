@@ -12,11 +12,13 @@
 # the weights (checkpoints/), then the code, so that a code change re-sends neither packages nor
 # weights. Code, weights and packages belong to root: the app's user can read, not change, them.
 # `python -m app` handles SIGTERM, so `docker stop` returns at once.
-ARG BASE_IMAGE=python:3.11-slim
+# a Debian release named, so that a rebuild gets the g++ and glibc the kernels were checked with
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 # gpu: torch from PyPI (CUDA libraries included, ~5 GB; runs on a CPU as well)
-# cpu: torch from PyPI's sibling index of CPU-only wheels (~1 GB image)
+# cpu: torch and torchvision from PyTorch's index of CPU-only wheels (without their dependencies,
+#      which come from PyPI with the rest: that index need not carry them at these versions; ~1 GB)
 ARG TORCH=gpu
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG VERSION=0.1.0
@@ -41,11 +43,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /
 COPY requirements.txt /opt/lgam-requirements.txt
 RUN python3 -m venv /opt/venv \
     && if [ "$TORCH" = cpu ]; then \
-         pip install --index-url "$TORCH_CPU_INDEX" "$(grep -E '^torch==' /opt/lgam-requirements.txt)" \
+         pip install --no-deps --index-url "$TORCH_CPU_INDEX" \
+           "$(grep -E '^torch==' /opt/lgam-requirements.txt)" \
            "$(grep -E '^torchvision==' /opt/lgam-requirements.txt)"; \
        elif [ "$TORCH" != gpu ]; then echo "TORCH must be cpu or gpu, got '$TORCH'" >&2; exit 2; fi \
     && pip install -r /opt/lgam-requirements.txt \
-    && python -c "import torch, torchvision, pytorch_grad_cam, gradio, cv2; print('torch', torch.__version__)"
+    && python -c "import sys, torch, torchvision, pytorch_grad_cam, gradio, cv2; print('torch', torch.__version__); \
+sys.exit('$TORCH' == 'cpu' and torch.version.cuda is not None and 'TORCH=cpu installed a CUDA torch')"
 
 RUN useradd --create-home --uid 1000 user
 ENV HOME=/home/user \
@@ -56,8 +60,8 @@ ENV HOME=/home/user \
     LGAM_CHECKPOINTS=/home/user/app/checkpoints
 WORKDIR /home/user/app
 
-# the weights (their own layer; an empty folder when the build context has none: the page then
-# says how to get them, or mount them at run time), then the code
+# the weights (their own layer; the build context needs the folder, but with no weights in it the
+# page says how to get them, or mount them at run time), then the code
 COPY checkpoints/ checkpoints/
 COPY lgam/ lgam/
 COPY app/ app/

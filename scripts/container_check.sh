@@ -2,7 +2,7 @@
 # Build the app's image, run it, call /compare through gradio_client, check what the runtime user
 # may change, and stop it; prints the image size and the stop time.
 #
-#   scripts/container_check.sh                                  # GPU image, python:3.11-slim base
+#   scripts/container_check.sh                                  # GPU image, python:3.11-slim-bookworm base
 #   scripts/container_check.sh --build-arg TORCH=cpu            # CPU image
 #   BASE_IMAGE=localhost/debian-python:bookworm scripts/container_check.sh   # no registry reachable
 #
@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+command -v curl >/dev/null || { echo "curl is needed on the host" >&2; exit 3; }
 ENGINE=${ENGINE:-$(command -v podman || command -v docker || true)}
 [ -n "$ENGINE" ] || { echo "no container engine (podman or docker) found" >&2; exit 3; }
 TAG=${TAG:-lgam-app:check}
@@ -21,17 +22,20 @@ BUILD_ARGS=()
 [ "$(basename "$ENGINE")" = podman ] && BUILD_ARGS+=(--format docker)
 
 t0=$(date +%s)
-"$ENGINE" build -t "$TAG" "${BUILD_ARGS[@]}" "$@" .
+# (an empty array expanded under `set -u` aborts bash before 4.4, macOS's /bin/bash among them)
+"$ENGINE" build -t "$TAG" ${BUILD_ARGS[@]+"${BUILD_ARGS[@]}"} "$@" .
 echo "build: $(( $(date +%s) - t0 )) s"
 "$ENGINE" image inspect "$TAG" --format 'image size: {{.Size}} bytes'
 
 cid=$("$ENGINE" run -d -p "127.0.0.1:$PORT:$PORT" -e "GRADIO_SERVER_PORT=$PORT" "$TAG")
 trap '"$ENGINE" rm -f "$cid" >/dev/null 2>&1 || true' EXIT
+serving=
 for _ in $(seq 1 120); do
-  curl -fs "http://127.0.0.1:$PORT/" >/dev/null 2>&1 && break
+  curl -fs "http://127.0.0.1:$PORT/" >/dev/null 2>&1 && { serving=1; break; }
   sleep 1
 done
 "$ENGINE" logs "$cid" 2>&1 | tail -5
+[ -n "$serving" ] || { echo "FAIL: the app did not answer on port $PORT within 120 s" >&2; exit 1; }
 if [ "$(basename "$ENGINE")" = podman ]; then  # the image's HEALTHCHECK, run now
   "$ENGINE" healthcheck run "$cid" && echo "healthcheck: healthy" \
     || { echo "FAIL: the HEALTHCHECK reports unhealthy" >&2; exit 1; }

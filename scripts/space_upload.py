@@ -172,14 +172,18 @@ def dry_run_report(root: Path, files: Sequence[str]) -> str:
 
 
 def upload(repo_id: str, files: Sequence[str], root: Path = REPO, private: bool = False,
-           message: str = "Upload lgam (scripts/space_upload.py)") -> str:
-    """Create the Docker Space ``repo_id`` if it does not exist, then upload ``files`` to it
-    (deleting the Space's other files); returns the commit's URL."""
+           message: str = "Upload lgam (scripts/space_upload.py)", torch: str = "cpu") -> str:
+    """Create the Docker Space ``repo_id`` if it does not exist, set its ``TORCH`` variable (the
+    Dockerfile's build argument: ``cpu`` for CPU hardware, a ~1 GB image; ``gpu`` for a GPU, the
+    CUDA image), then upload ``files`` to it (deleting the Space's other files); returns the
+    commit's URL. A new Space runs on CPU hardware: without the variable it built the 6.8 GB CUDA
+    image there."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="space", space_sdk="docker", private=private,
                     exist_ok=True)
+    api.add_space_variable(repo_id, "TORCH", torch, description="Dockerfile build argument: cpu or gpu")
     info = api.upload_folder(folder_path=root, repo_id=repo_id, repo_type="space",
                              commit_message=message, delete_patterns="*",
                              **upload_patterns(files))
@@ -192,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="print the files and their total size, check them, send nothing")
     p.add_argument("--private", action="store_true", help="create the Space private")
+    p.add_argument("--torch", choices=("cpu", "gpu"), default="cpu",
+                   help="the Space's TORCH variable, the image's torch build: cpu (CPU hardware, the "
+                        "default) or gpu (CUDA, for GPU hardware)")
     args = p.parse_args(argv)
     if not args.dry_run and not args.repo_id:
         p.error("name the Space (USER/NAME), or pass --dry-run")
@@ -207,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if problems or args.dry_run:
         return 2 if problems else 0
-    print(upload(args.repo_id, files, private=args.private))
+    print(upload(args.repo_id, files, private=args.private, torch=args.torch))
     return 0
 
 

@@ -97,3 +97,54 @@ def test_an_installed_package_carries_every_non_python_file_lgam_reads():
         rel = src.relative_to(REPO)
         package, name = ".".join(rel.parent.parts), rel.name
         assert any(fnmatch.fnmatchcase(name, pat) for pat in data.get(package, [])), rel
+
+
+def _requirements(*files: str) -> set[str]:
+    """The distributions the requirements files name (normalised: lower case, ``-`` for ``_``)."""
+    names = set()
+    for file in files:
+        for line in (REPO / file).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-"):
+                names.add(re.split(r"[<>=!~\[ ;]", line)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_every_package_the_code_imports_is_a_declared_requirement():
+    """The tests imported httpx and huggingface_hub and a benchmark certifi, none of them declared:
+    they came with gradio and selenium, and a release of either that dropped one would have broken
+    CI with no commit here."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    declared = _requirements("requirements.txt", "requirements-test.txt")
+    dists = packages_distributions()
+    local = {"lgam", "app", "_helpers", "conftest"} | {p.stem for d in ("tests", "benchmarks", "scripts")
+                                                      for p in (REPO / d).glob("*.py")}
+    undeclared = {}
+    for folder in ("lgam", "app", "tests", "benchmarks", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.split(".")[0] for n in names} - local - set(sys.stdlib_module_names):
+                    if not {d.lower().replace("_", "-") for d in dists.get(top, [top])} & declared:
+                        undeclared.setdefault(top, path.relative_to(REPO).as_posix())
+    assert not undeclared, f"imported but not in requirements*.txt: {undeclared}"
+
+
+def test_the_python_floor_is_the_one_torch_needs():
+    """The README and pyproject said Python >= 3.10; the pinned torch needs 3.11, and the
+    README's first command failed on 3.10 with 'no matching distribution'."""
+    from importlib.metadata import metadata
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    floor = re.search(r">=\s*(\d+)\.(\d+)", metadata("torch")["Requires-Python"]).groups()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert project == f">={floor[0]}.{floor[1]}"
+    assert f"Python ≥ {floor[0]}.{floor[1]}" in (REPO / "README.md").read_text()
+    assert f"sys.version_info < ({floor[0]}, {floor[1]})" in (REPO / ".ci" / "run").read_text()

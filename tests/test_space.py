@@ -72,6 +72,9 @@ def test_upload_creates_a_docker_space_and_sends_the_list(space, files, monkeypa
         def create_repo(self, repo_id, **kwargs):
             calls["create_repo"] = (repo_id, kwargs)
 
+        def add_space_variable(self, repo_id, key, value, **kwargs):
+            calls.setdefault("variables", []).append((repo_id, key, value))
+
         def upload_folder(self, **kwargs):
             calls["upload_folder"] = kwargs
             return "https://huggingface.co/spaces/me/lgam/commit/abc"
@@ -87,6 +90,10 @@ def test_upload_creates_a_docker_space_and_sends_the_list(space, files, monkeypa
     assert (up["folder_path"], up["repo_id"], up["repo_type"]) == (REPO, "me/lgam", "space")
     assert up["allow_patterns"] == space.upload_patterns(files)["allow_patterns"]
     assert up["delete_patterns"] == "*"  # the Space mirrors the list (.gitattributes is kept)
+    # a new Space runs on CPU hardware: it built the 6.8 GB CUDA image there without TORCH=cpu
+    assert calls["variables"] == [("me/lgam", "TORCH", "cpu")]
+    space.upload("me/lgam", files, torch="gpu")
+    assert calls["variables"][-1] == ("me/lgam", "TORCH", "gpu")
 
 
 def test_every_binary_is_covered_by_an_lfs_pattern(space, files):
