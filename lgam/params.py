@@ -39,7 +39,8 @@ def count_macs(model: nn.Module, image_size: int = 224, channels: int = 3) -> in
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else "cpu"
-        x = torch.zeros(1, channels, image_size, image_size, device=device)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        x = torch.zeros(1, channels, image_size, image_size, device=device, dtype=dtype)
         with FlopCounterMode(display=False) as counter:
             model(x)
         return counter.get_total_flops() // 2

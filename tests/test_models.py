@@ -241,6 +241,18 @@ def test_every_resnet18_variant_trains(name):
          "not divisible by groups=3"),
         (lambda: lgam.models.WideResNet(depth=15), "WRN depth must be 6n\\+4"),
         (lambda: lgam.models.ResNeXt(depth=30), "ResNeXt depth must be 9n\\+2"),
+        # another architecture under a registered name (its checkpoint would overwrite the real one's)
+        (lambda: lgam.create_model("resnet18", layers=[3, 4, 6, 3]), "'resnet18' is layers=\\[2, 2, 2, 2\\]"),
+        (lambda: lgam.create_model("resnext29_32x4d", cardinality=8, base_width=64),
+         "is cardinality=32, base_width=4: another value builds another architecture"),
+        (lambda: lgam.create_model("wrn16_10", depth=28), "'wrn16_10' is depth=16"),
+        (lambda: lgam.create_model("resnet18", attention="se", placement="stage"), "is placement='block'"),
+        # a keyword nothing takes: a bare TypeError from the class before
+        (lambda: lgam.create_model("resnet18", depht=3), "takes no depht; it accepts: .*skip_init"),
+        (lambda: lgam.create_model("resnet18_se", attention_kwargs={"groups": 8}),
+         "the 'se' module takes no groups; it accepts: reduction"),
+        (lambda: lgam.create_model("ResNet18"), "unknown model 'ResNet18'.*'resnet18'"),
+        (lambda: lgam.create_model("resnet50"), "unknown model 'resnet50'.*'resnet34'"),
     ],
 )
 def test_bad_model_arguments(call, match):
@@ -248,13 +260,48 @@ def test_bad_model_arguments(call, match):
         call()
 
 
-def test_macs_match_known_resnet18_cost():
-    # torchvision's resnet18 at 224 px: 1.814 GMACs (1000 classes); the head is negligible
-    macs = count_macs(lgam.create_model("resnet18", num_classes=1000), 224)
-    assert abs(macs / 1e9 - 1.8186) < 0.005
-    # attention adds matmul/conv MACs for SE/CBAM, none counted for elementwise-only parts
-    assert count_macs(lgam.create_model("resnet18_cbam", 20), 224) > count_macs(
-        lgam.create_model("resnet18", 20), 224)
+#: MACs each module adds to ResNet18 at 224 px (20 classes): its convolutions and matrix
+#: multiplies (SGE has none; LGAM's group MLPs through its op's registered formula)
+MODULE_MACS = {"resnet18_se": 87_040, "resnet18_sge": 0, "resnet18_cbam": 990_420,
+               "resnet18_bam": 5_150_656, "resnet18_lgam": 21_760}
+
+
+def test_macs_are_torchvisions_and_each_modules_own():
+    """The bound was 1.8186 +- 0.005 GMACs around a wrong value (1.8141 is right): it would not
+    have seen LGAM's 21,760 MACs vanish, nor most of BAM's."""
+    import torchvision
+
+    assert count_macs(lgam.create_model("resnet18", num_classes=1000), 224) == 1_814_073_344
+    assert count_macs(torchvision.models.resnet18(), 224) == 1_814_073_344
+    plain = count_macs(lgam.create_model("resnet18", 20), 224)
+    for name, macs in MODULE_MACS.items():
+        assert count_macs(lgam.create_model(name, 20), 224) - plain == macs, name
+
+
+def test_macs_of_a_bfloat16_model():
+    """The input was always float32: a bf16 model failed with a dtype mismatch."""
+    model = lgam.create_model("resnet18", num_classes=20).to(torch.bfloat16)
+    assert count_macs(model, 64) == count_macs(lgam.create_model("resnet18", num_classes=20), 64)
+
+
+@pytest.mark.parametrize("name, reference", [("resnet18", "resnet18"), ("resnet34", "resnet34")])
+def test_resnets_are_torchvisions(name, reference):
+    import torchvision
+
+    ours = lgam.create_model(name, num_classes=1000).state_dict()
+    theirs = getattr(torchvision.models, reference)().state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert count_params(lgam.create_model(name)) == {"resnet18": 11_689_512, "resnet34": 21_797_672}[name]
+
+
+def test_wrn_and_resnext_have_their_papers_sizes():
+    """WRN-16-10 17.1M (Zagoruyko & Komodakis); ResNeXt-29 8x64d 34.4M and 16x64d 68.1M (Xie et
+    al.), all at CIFAR-10; our registered ResNeXt-29 is 32x4d."""
+    assert count_params(lgam.create_model("wrn16_10", num_classes=10)) == 17_116_634
+    assert count_params(lgam.create_model("resnext29_32x4d", num_classes=10)) == 4_775_754
+    for cardinality, want in ((8, 34_426_698), (16, 68_155_210)):
+        model = lgam.models.ResNeXt(depth=29, cardinality=cardinality, base_width=64, num_classes=10)
+        assert count_params(model) == want
 
 
 def test_param_table_and_cli(capsys):
@@ -399,6 +446,18 @@ def test_residual_bn_scale_is_checked():
     with pytest.raises(TrainError, match=">= 0"):
         make_recipe("paper", ["residual_bn_scale=-1"])
     assert make_recipe("paper").residual_bn_scale == 1.0  # the standard init
+
+
+def test_match_branch_rms_refuses_branches_that_output_zero():
+    """After zero_init_residual the last BNs' weights are 0: scaling 0 kept them 0, and the
+    function returned RMS 0 as if it had matched."""
+    from lgam.errors import UsageError
+    from lgam.models import match_branch_rms, zero_init_residual
+
+    model = lgam.create_model("resnet18_se", num_classes=5)
+    zero_init_residual(model)
+    with pytest.raises(UsageError, match=r"residual branches \[0, 1, 2, 3, 4, 5, 6, 7\] output 0"):
+        match_branch_rms(model, torch.randn(4, 3, 32, 32), 0.5)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet18_se", "resnet18_cbam", "resnet18_lgam", "resnext29_32x4d_sge"])

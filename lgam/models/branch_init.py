@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
+
 __all__ = ["init_residual_bn", "match_branch_rms", "residual_bns", "zero_init_residual"]
 
 
@@ -46,6 +48,16 @@ def zero_init_residual(model: nn.Module) -> int:
     return init_residual_bn(model, 0.0)
 
 
+def _check_measurable(measured: dict[int, float]) -> None:
+    """A branch whose output is 0 cannot be rescaled to an RMS (its last BN's weight stayed 0, and
+    the function returned RMS 0 as if matched)."""
+    dead = [i for i, v in sorted(measured.items()) if not v > 1e-12]
+    if dead:
+        raise UsageError(f"residual branches {dead} output 0 (their last BN's weight is 0, as "
+                         "zero_init_residual leaves it): there is no scale to match; match the branch "
+                         "RMS instead of zero_init_residual, not after it")
+
+
 @torch.no_grad()
 def match_branch_rms(model: nn.Module, images: Tensor, rms: float, steps: int = 3) -> list[float]:
     """Rescale each residual branch's last BN so that the branch's output after its attention
@@ -75,9 +87,11 @@ def match_branch_rms(model: nn.Module, images: Tensor, rms: float, steps: int = 
         for step in range(steps + 1):
             measured.clear()
             model(images)
+            if step == 0:
+                _check_measurable(measured)
             if step < steps:
                 for i, (_, bn) in enumerate(blocks):
-                    bn.weight.mul_(rms / max(measured[i], 1e-12))
+                    bn.weight.mul_(rms / measured[i])
     finally:
         for h in handles:
             h.remove()

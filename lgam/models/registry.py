@@ -6,7 +6,9 @@ Names are ``<backbone>`` or ``<backbone>_<attention>``: backbones ``resnet18``, 
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import inspect
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -69,10 +71,44 @@ def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
 
 def _check_known(name: str) -> None:
     if name not in _MODELS:
-        close = [n for n in _MODELS if n.startswith(name.split("_")[0])][:8]
+        close = difflib.get_close_matches(name.lower(), _MODELS, n=6, cutoff=0.6)
+        close += [n for n in _MODELS if n.startswith(name.lower().split("_")[0]) and n not in close]
         raise UsageError(
-            f"unknown model {name!r}; see lgam.list_models()" + (f" (e.g. {close})" if close else "")
+            f"unknown model {name!r}; see lgam.list_models()" + (f" (e.g. {close[:8]})" if close else "")
         )
+
+
+#: the builder arguments that make a registered name what it is: another value would build
+#: another architecture under that name (and its checkpoint would overwrite the real one's)
+ARCHITECTURE_KEYS = ("layers", "depth", "widen", "cardinality", "base_width", "placement")
+
+
+def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """:class:`UsageError` for a keyword the builder (or the attention module, for
+    ``attention_kwargs``) does not take, listing those it does, and for one of
+    :data:`ARCHITECTURE_KEYS` given another value than the name's."""
+    defaults = _DEFAULTS[name]
+    fixed = [k for k in ARCHITECTURE_KEYS if k in kwargs and k in defaults and kwargs[k] != defaults[k]]
+    if fixed:
+        raise UsageError(f"{name!r} is {', '.join(f'{k}={defaults[k]!r}' for k in fixed)}: another value "
+                         "builds another architecture under its name; register one "
+                         "(lgam.register_model('mynet', builder, ...)) or build the class itself")
+    _check_accepted(f"create_model({name!r})", _MODELS[name], set(kwargs),
+                    {"num_classes", "stem", "attention"} | (set(defaults) - {"attention_kwargs"}))
+    attention = defaults.get("attention")
+    if attention in ATTENTION and kwargs.get("attention_kwargs"):
+        _check_accepted(f"the {attention!r} module", ATTENTION[attention], set(kwargs["attention_kwargs"]),
+                        {"channels"})
+
+
+def _check_accepted(what: str, fn: Callable[..., Any], given: set[str], supplied: set[str]) -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(given - set(params))
+    if unknown:
+        accepted = sorted(set(params) - supplied)
+        raise UsageError(f"{what} takes no {', '.join(unknown)}; it accepts: {', '.join(accepted)}")
 
 
 def _canonical_name(name: str, kwargs: dict[str, Any]) -> str:
@@ -132,6 +168,7 @@ def create_model(
                          "folder with `model, entry = lgam.checkpoints.load_checkpoint(directory, name)` "
                          "(entry: its manifest entry, with the input_size, mean and std it was trained on)")
     name = _canonical_name(name, kwargs)
+    _check_kwargs(name, kwargs)
     num_classes = check_num_classes(num_classes)  # an int (a NumPy integer would not go into JSON)
     cfg = model_config(name, num_classes=num_classes, stem=stem, **kwargs)
     model = _MODELS[name](**cfg)
