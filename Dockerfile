@@ -39,15 +39,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # as plain tensor ops
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
-# runtime requirements only (tests and their tools stay out of the image)
+# runtime requirements only (tests and their tools stay out of the image), at the tested versions
 COPY requirements.txt /opt/lgam-requirements.txt
+COPY constraints.txt /opt/lgam-constraints.txt
 RUN python3 -m venv /opt/venv \
     && if [ "$TORCH" = cpu ]; then \
          pip install --no-deps --index-url "$TORCH_CPU_INDEX" \
            "$(grep -E '^torch==' /opt/lgam-requirements.txt)" \
            "$(grep -E '^torchvision==' /opt/lgam-requirements.txt)"; \
        elif [ "$TORCH" != gpu ]; then echo "TORCH must be cpu or gpu, got '$TORCH'" >&2; exit 2; fi \
-    && pip install -r /opt/lgam-requirements.txt \
+    && pip install -c /opt/lgam-constraints.txt -r /opt/lgam-requirements.txt \
     && python -c "import sys, torch, torchvision, pytorch_grad_cam, gradio, cv2; print('torch', torch.__version__); \
 sys.exit('$TORCH' == 'cpu' and torch.version.cuda is not None and 'TORCH=cpu installed a CUDA torch')"
 

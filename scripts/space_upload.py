@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: .dockerignore of its build; .gitattributes, for whoever clones the Space) and every path the
 #: Dockerfile COPYs
 SPACE_PATTERNS = ("README.md", "Dockerfile", ".dockerignore", ".gitattributes", "requirements.txt",
-                  "LICENSE", "lgam/*", "app/*", "checkpoints/*",
+                  "constraints.txt", "LICENSE", "lgam/*", "app/*", "checkpoints/*",
                   "docs/*")  # README's figures and links (the image leaves them out: .dockerignore)
 #: never sent, even where a pattern above matches: the training runs' logs, Python's caches
 SPACE_IGNORE = ("checkpoints/runs/*", "*__pycache__*", "*.pyc")

@@ -148,3 +148,28 @@ def test_the_python_floor_is_the_one_torch_needs():
     assert project == f">={floor[0]}.{floor[1]}"
     assert f"Python ≥ {floor[0]}.{floor[1]}" in (REPO / "README.md").read_text()
     assert f"sys.version_info < ({floor[0]}, {floor[1]})" in (REPO / ".ci" / "run").read_text()
+
+
+def _pins() -> dict[str, str]:
+    """constraints.txt: distribution (normalised) -> version."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_every_requirement_is_pinned_and_every_install_uses_the_pins():
+    """Requirements with lower bounds only took whatever was newest at each install (opencv 5
+    arrived under '>=4.8'): constraints.txt pins the tested set, and each install path uses it."""
+    pins = _pins()
+    missing = _requirements("requirements.txt", "requirements-test.txt") - set(pins)
+    assert not missing, f"not in constraints.txt (regenerate it with pip freeze): {sorted(missing)}"
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("pip install -c constraints.txt -r requirements") == 2  # set-up commands 1, 2
+    assert "pip_install -c constraints.txt -r requirements-test.txt" in (REPO / ".ci" / "run").read_text()
+    assert "pip install -c /opt/lgam-constraints.txt -r /opt/lgam-requirements.txt" in _dockerfile()
+
