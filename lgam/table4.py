@@ -416,7 +416,8 @@ def main(args: argparse.Namespace) -> int:
                      + ", ".join(f"{s} px {e:.2f}%" for s, e in sorted(means.items())) + ").\n")
     lines.append(format_table4(runs, size, args.base, args.shipped_seed))
     lines.append("\nEvery run (train loss: the mean over the last epoch's augmented batches; train minutes: "
-                 "wall time on the machine it ran on, pauses included; CPU "
+                 "wall time of its finished epochs on the machine it ran on, pauses included (an epoch a "
+                 "kill cut short, and trained again, counts once); CPU "
                  "minutes: the process's CPU time over all its threads, pauses excluded, logged since "
                  "2026-12-06):\n")
     lines.append(format_runs(runs, args.runs))
