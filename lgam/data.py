@@ -2,17 +2,23 @@
 
 Sources :func:`load_split` reads (every image decoded once into a ``(N, 3, S, S)`` uint8 tensor):
 
-- an ImageFolder tree: ``ROOT/<split>/<class>/<image>`` (or ``ROOT/<class>/<image>``);
+- an ImageFolder tree: ``ROOT/<split>/<class>/<image>`` (or ``ROOT/<class>/<image>``, read as the
+  training split only: asked for val, it is a :class:`DataError`, not the training images again);
 - gzipped or plain tar shards holding ``<split>/<class>/<image>`` members: a folder of
   ``<split>-*.tar.gz`` shards (the layout of ``shared/data/imagenet20``) or a list of shard paths;
+  dot-files and dot-folders (``.ipynb_checkpoints``, macOS's ``._*``) are left out of both;
 - torchvision's CIFAR-10/100 python format (``cifar-10-batches-py``, ``cifar-100-python``).
 
 Class order is the sorted class-folder (wnid) order, the same for every split; a ``classes.tsv``
 (``index wnid name ...``) beside the data fixes the order and gives display names. A corrupt image
 raises :class:`DataError` naming the file, or is skipped and listed with ``skip_corrupt=True``.
 
-:func:`preprocess` (PIL images -> normalised batch) is what the app and ``lgam evaluate`` use;
-:class:`DeviceAugment` does random-resized-crop + flip + normalise on the tensor's device.
+:func:`preprocess` (PIL images -> normalised batch) is what the app uses; ``lgam evaluate`` and
+training's validation resize the decoded tensors with :func:`resize_normalize`, the same
+computation when the images are decoded at their own size (every ImageNet-20 val image is
+224x224; images of mixed sizes are first decoded to one size, the first image's or
+``--decode-size``). :class:`DeviceAugment` does random-resized-crop + flip + normalise on the
+tensor's device.
 """
 from __future__ import annotations
 
@@ -139,9 +145,29 @@ def _is_shard(p: Path) -> bool:
     return p.name.endswith((".tar", ".tar.gz", ".tgz"))
 
 
+#: every split folder name: a member under another split's folder is not this split's
+_SPLIT_FOLDERS = frozenset(a for aliases in SPLIT_ALIASES.values() for a in aliases)
+
+
+def _hidden(parts: Sequence[str]) -> bool:
+    """A dot-file or dot-folder (``.ipynb_checkpoints``, macOS's ``._photo.jpg`` in a tar)."""
+    return any(part.startswith(".") and part not in (".", "..") for part in parts)
+
+
+def _member_class(parts: Sequence[str], wanted: Sequence[str]) -> tuple[str, str] | None:
+    """``(class, key)`` of a tar member under ``SPLIT/<class>/...`` (any depth below the class, as
+    a folder's), or under ``<class>/<image>`` when its path has no split folder; ``None`` when it
+    is another split's."""
+    for i, part in enumerate(parts[:-2]):
+        if part in _SPLIT_FOLDERS:
+            return (parts[i + 1], "/".join(parts[i + 1:])) if part in wanted else None
+    return parts[-2], "/".join(parts[-2:])
+
+
 def _tar_samples(shards: Sequence[Path], split: str) -> list[_Sample]:
     """All ``<split>/<class>/<image>`` members (``<class>/<image>`` when the shard has no split
-    folder); the bytes are read eagerly, once, since gzip streams cannot seek cheaply."""
+    folder; dot-files left out); the bytes are read eagerly, once, since gzip streams cannot seek
+    cheaply."""
     samples = []
     wanted = SPLIT_ALIASES.get(split, (split,))
     for shard in shards:
@@ -149,27 +175,32 @@ def _tar_samples(shards: Sequence[Path], split: str) -> list[_Sample]:
             with tarfile.open(shard, "r:*") as tar:
                 for m in tar:
                     parts = Path(m.name).parts
-                    if not m.isfile() or not m.name.lower().endswith(IMAGE_EXTENSIONS):
-                        continue
-                    if len(parts) >= 3 and parts[-3] not in wanted:
+                    if not m.isfile() or not m.name.lower().endswith(IMAGE_EXTENSIONS) or _hidden(parts):
                         continue
                     if len(parts) < 2:
                         raise DataError(f"{shard}: member {m.name} is not inside a class folder")
+                    found = _member_class(parts, wanted)
+                    if found is None:
+                        continue
                     f = tar.extractfile(m)
                     data = f.read() if f else b""
-                    samples.append(_Sample(f"{shard.name}:{m.name}", parts[-2], lambda d=data: d,
-                                           "/".join(parts[-2:])))
+                    samples.append(_Sample(f"{shard.name}:{m.name}", found[0], lambda d=data: d, found[1]))
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"cannot read tar shard {shard}: {e}") from e
     return samples
 
 
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not _hidden([p.name]))
+
+
 def _folder_samples(root: Path) -> list[_Sample]:
     samples = []
-    for cls in sorted(p for p in root.iterdir() if p.is_dir()):
+    for cls in _class_folders(root):
         for f in sorted(cls.rglob("*")):
-            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS):
-                samples.append(_Sample(str(f), cls.name, f.read_bytes, f.relative_to(root).as_posix()))
+            rel = f.relative_to(root)
+            if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(rel.parts):
+                samples.append(_Sample(str(f), cls.name, f.read_bytes, rel.as_posix()))
     return samples
 
 
@@ -200,18 +231,35 @@ def _find_source(data: str | Path | Sequence[str | Path], split: str):
     if split_dirs:
         # every split's class folders, so labels agree across splits even if one lacks a class
         seen = {p.name for s in ("train", "val", "test") if (root / s).is_dir()
-                for p in (root / s).iterdir() if p.is_dir()}
+                for p in _class_folders(root / s)}
         return "samples", _folder_samples(split_dirs[0]), root / "classes.tsv", seen
-    if any(p.is_dir() for p in root.iterdir()):
+    folders = _class_folders(root)
+    if folders and split == "train" and not any(p.name in _SPLIT_FOLDERS for p in folders):
         return "samples", _folder_samples(root), root / "classes.tsv", None
+    flat = (f"; a folder of class folders without split folders ({root}/<class>/<image>) is read as "
+            "the training split only (train with --val-every 0, or add val/)"
+            if folders and split != "train" and not any(p.name in _SPLIT_FOLDERS for p in folders) else "")
     raise DataError(
         f"no {split!r} data in {root}: expected {split}/<class>/<image> folders, "
-        f"{split}-*.tar.gz shards, or a CIFAR python folder"
+        f"{split}-*.tar.gz shards, or a CIFAR python folder{flat}"
     )
 
 
 # ------------------------------------------------------------------------------------------------
 # decoding
+
+
+def _first_size(samples: Sequence[_Sample], skip_corrupt: bool) -> int:
+    """The height of the first image that decodes (with ``skip_corrupt``, past unreadable ones):
+    every image is decoded to that size when no size is given."""
+    for sample in samples:
+        try:
+            return _decode(sample, None).shape[1]
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            if not skip_corrupt:
+                raise DataError(f"cannot read image {sample.name}: {e} (pass skip_corrupt=True / "
+                                "--skip-corrupt to skip unreadable images)") from e
+    raise DataError("no image could be read")
 
 
 def _decode(sample: _Sample, size: int | None) -> np.ndarray:
@@ -331,10 +379,7 @@ def load_split(
             counts[sample.wnid] += 1
         check(counts)
     if size is None:
-        try:
-            size = _decode(samples[0], None).shape[1]
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"cannot read image {samples[0].name}: {e}") from e
+        size = _first_size(samples, skip_corrupt)
 
     def decode(s: _Sample) -> np.ndarray | str:
         try:
@@ -424,8 +469,12 @@ def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float] =
 
 
 class DeviceAugment:
-    """Augmentation on the images' device. ``train=True``: random-resized-crop (scale, ratio as
-    torchvision) + horizontal flip; ``train=False``: :func:`resize_normalize`.
+    """Augmentation on the images' device. ``train=True``: random-resized-crop + horizontal flip;
+    ``train=False``: :func:`resize_normalize`. The crop's area share is uniform in ``scale`` and
+    its aspect ratio log-uniform in ``ratio``, as torchvision's ``RandomResizedCrop`` draws them,
+    but one draw per image: a side that would overrun the image is clamped to it (torchvision
+    draws again, up to ten times, then takes a centre crop), so large crops are somewhat more
+    frequent. The crop is resampled bilinearly without antialiasing (torchvision antialiases).
 
     ``__call__(images uint8 (B, 3, S, S), generator) -> float32 (B, 3, out_size, out_size)``;
     the randomness comes only from ``generator`` (on the images' device), so runs are repeatable.
@@ -483,7 +532,10 @@ def extract(archive: str | Path, root: str | Path) -> None:
         for m in tar.getmembers():
             if not (root / m.name).resolve().is_relative_to(root) or m.issym() or m.islnk():
                 raise DataError(f"{archive}: unsafe member {m.name!r}")
-        tar.extractall(root, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+: the stdlib's own check, as well
+            tar.extractall(root, filter="data")
+        else:
+            tar.extractall(root)  # every member was checked above
 
 
 def fetch(name: str, root: str | Path) -> Path:

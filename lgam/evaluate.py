@@ -142,7 +142,9 @@ def evaluate_checkpoints(
     rows = []
     for name in names:
         model, entry = load_checkpoint(directory, name, map_location=device)
-        _check_same_classes(name, entry["classes"], split.classes)
+        # by class id where the entry has them: two classes may share a display name
+        wnids = (entry.get("extra") or {}).get("wnids")
+        _check_same_classes(name, *((wnids, split.class_ids) if wnids else (entry["classes"], split.classes)))
         metrics: dict[str, Any] = {
             f"val_top1_err_{s}": round(top1_error(model, split, s, entry["mean"], entry["std"],
                                                   batch_size), 2)

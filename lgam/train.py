@@ -178,8 +178,12 @@ class _Run:
 def _setup_run(train_split: Any, val_split: Any | None, recipe: Recipe, device: torch.device, seed: int,
                val_size: int) -> _Run:
     """Precision, batch geometry, seeded random streams, the data on the device."""
-    from .data import DeviceAugment
+    from .data import DataError, DeviceAugment
 
+    if val_split is not None and list(val_split.class_ids) != list(train_split.class_ids):
+        raise DataError(f"the val data's classes {list(val_split.class_ids)[:4]}... are not the training "
+                        f"data's {list(train_split.class_ids)[:4]}... (labels would not match): shards of "
+                        "splits with different classes need a classes.tsv listing every class")
     rank, world = _dist_info()
     autocast, channels_last = _precision(recipe, device, rank)
     steps, local, micro = _batch_geometry(recipe, int(train_split.images.shape[0]), world)
@@ -318,8 +322,8 @@ def init_blocks(model: nn.Module, recipe: Recipe, images: Tensor | None = None,
 
 def init_batch(images: Tensor, recipe: Recipe, seed: int) -> Tensor:
     """The batch :func:`init_blocks` measures on: ``batch_size`` of the uint8 training ``images``
-    ``(N, 3, S, S)`` drawn by ``seed`` (the same on every process), centre-cropped to the first
-    epoch's size and normalised, float32."""
+    ``(N, 3, S, S)`` drawn by ``seed`` (the same on every process), each whole image resized to
+    the first epoch's size (no crop) and normalised, float32."""
     from .data import DeviceAugment
 
     idx = torch.randperm(int(images.shape[0]), generator=torch.Generator().manual_seed(seed))[:recipe.batch_size]

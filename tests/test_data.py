@@ -73,6 +73,65 @@ def test_labels_agree_across_splits_when_one_split_lacks_a_class(tmp_path):
     assert val.wnids == WNIDS and val.labels.tolist() == [1, 2]
 
 
+def _flat(root: Path, wnids=WNIDS) -> Path:
+    for c, w in enumerate(wnids):
+        (root / w).mkdir(parents=True)
+        _image(c, 0).save(root / w / "a.png")
+    return root
+
+
+def test_a_folder_without_split_folders_is_the_training_split_only(tmp_path):
+    """ROOT/<class>/<image> gave the same images for val as for train: lgam train scored its own
+    training images as validation without a word."""
+    flat = _flat(tmp_path / "flat")
+    assert D.load_split(flat, "train").wnids == WNIDS
+    for split in ("val", "test"):
+        with pytest.raises(D.DataError, match=r"read as the training split only .*--val-every 0"):
+            D.load_split(flat, split)
+    only_train = _flat(tmp_path / "only_train" / "train")
+    with pytest.raises(D.DataError, match="no 'val' data"):  # it was one class called "train"
+        D.load_split(only_train.parent, "val")
+    only_val = _flat(tmp_path / "only_val" / "val")
+    with pytest.raises(D.DataError, match="no 'train' data"):  # one class called "val"
+        D.load_split(only_val.parent, "train")
+
+
+def test_dot_files_and_folders_are_not_classes_or_images(tmp_path):
+    """An empty .ipynb_checkpoints became a class (every label shifted by one); macOS's ._a.png
+    in a tar stopped the load."""
+    root = _flat(tmp_path / "d" / "train")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / WNIDS[0] / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    with tarfile.open(tmp_path / "train-00.tar", "w") as tar:
+        for f in sorted(root.rglob("*")):
+            tar.add(f, arcname=f"train/{f.relative_to(root).as_posix()}", recursive=False)
+    for source in (root.parent, tmp_path / "train-00.tar"):
+        split = D.load_split(source, "train")
+        assert split.wnids == WNIDS and len(split) == 3, source
+
+
+def test_a_nested_folder_below_a_class_is_read_from_a_tar_as_from_a_folder(tmp_path):
+    """Folders read class/sub/image (rglob); a shard skipped it without a word."""
+    root = _flat(tmp_path / "d" / "train")
+    (root / WNIDS[1] / "more").mkdir()
+    _image(1, 5).save(root / WNIDS[1] / "more" / "b.png")
+    with tarfile.open(tmp_path / "train-00.tar", "w") as tar:
+        for f in sorted(root.rglob("*.png")):
+            tar.add(f, arcname=f"train/{f.relative_to(root).as_posix()}")
+    a, b = D.load_split(root.parent, "train"), D.load_split(tmp_path / "train-00.tar", "train")
+    assert len(a) == len(b) == 4 and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_skip_corrupt_also_skips_an_unreadable_first_image(tmp_path):
+    """Without a size the first image sets it; when it was unreadable the load stopped, skipping on."""
+    root = _flat(tmp_path / "d" / "train")
+    (root / WNIDS[0] / "0_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(D.DataError, match="0_broken.png.*--skip-corrupt"):
+        D.load_split(root.parent, "train")
+    split = D.load_split(root.parent, "train", skip_corrupt=True)
+    assert len(split) == 3 and split.images.shape[-1] == 16
+
+
 def test_size_limit_and_spread(folder):
     s = D.load_split(folder, "train", size=8, limit=6)
     assert s.images.shape == (6, 3, 8, 8) and s.labels.bincount().tolist() == [2, 2, 2]

@@ -90,6 +90,21 @@ def test_class_list_mismatch_is_an_error(setup):
         evaluate_checkpoints(ckpt, data, sizes=(32,), latency_reps=1)
 
 
+def test_a_checkpoint_with_class_ids_is_checked_by_id_not_by_name(setup, tmp_path):
+    """Display names were compared: two classes sharing a name in swapped order passed, and a
+    model whose names were its ids was refused on the same data with a classes.tsv."""
+    data, _ = setup
+    model = lgam.create_model("resnet18", num_classes=3, stem="cifar").eval()
+    for wnids, ok in ((CLASSES, True), (["b", "a", "c"], False)):
+        ckpt = tmp_path / f"ckpt_{ok}"
+        save_checkpoint(model, ckpt, "m", classes=["same name"] * 3, input_size=32, extra={"wnids": wnids})
+        if ok:
+            evaluate_checkpoints(ckpt, data, sizes=(32,), latency_reps=1)
+        else:
+            with pytest.raises(DataError, match="labels would not match"):
+                evaluate_checkpoints(ckpt, data, sizes=(32,), latency_reps=1)
+
+
 def test_pack_mask_round_trip():
     from lgam.evaluate import pack_mask, unpack_mask
 

@@ -544,6 +544,24 @@ def test_throughput_benchmark_runs():
     assert all(float(row.split("|")[3]) > 0 for row in rows)
 
 
+def test_val_shards_with_other_classes_are_refused(tiny_data, tmp_path, capsys):
+    """Without a classes.tsv each split's shards give their own class list: a val split lacking a
+    class labelled its classes one off from training's, and the val error was wrong, silently."""
+    import tarfile
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    for split, classes in (("train", CLASSES), ("val", CLASSES[1:])):
+        with tarfile.open(data / f"{split}-00.tar", "w") as tar:
+            for c in classes:
+                for f in sorted((tiny_data / split / c).iterdir()):
+                    tar.add(f, arcname=f"{split}/{c}/{f.name}")
+    assert run_module("lgam.train", ["--data", str(data), "--out", str(tmp_path / "out"), *TINY,
+                                     *ONE_EPOCH, "--val-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "data error: the val data's classes ['blue', 'green']... are not the training data's" in err
+
+
 def test_holdout_and_skip_init_reach_config_and_checkpoint(tiny_data, tmp_path):
     """--holdout N trains on the rest (same images set aside for every seed) and says so in the
     run's files and the manifest; a skip_init recipe's gains are in the saved architecture."""
