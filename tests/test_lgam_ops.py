@@ -261,6 +261,32 @@ def test_the_blocks_hand_their_identity_to_lgam():
     lgam_block(torch.randn(2, 64, 8, 8))
     assert seen[0]["residual"].shape == (2, 64, 8, 8)
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("where", ["input, vector part", "input, leftover part", "weight"])
+def test_a_nan_is_a_nan_on_both_paths(fused, where, train):
+    """The kernels' vectorised gate sent NaN to 0.5 (``s > 0 ? -s : 0``) and their ReLUs to 0:
+    a diverged model trained on with finite outputs on the CPU, and gave NaN on a GPU (the
+    equations). The same NaNs, forward and backward, as the equations give."""
+    torch.manual_seed(0)
+    m = LGAM(64, groups=4, reduction=2).train(train)
+    x = torch.randn(2, 64, 4, 5)  # 20 positions: 16 in vectors of float, 4 left over
+    if where == "weight":
+        with torch.no_grad():
+            m.channel_attention[1].mlp[2].weight[3, 0] = float("nan")
+    else:
+        x[0, 7, *divmod(3 if where == "input, vector part" else 18, 5)] = float("nan")
+    out = {}
+    for path in (True, False):
+        module, xin = copy.deepcopy(m), _cl(x).clone().requires_grad_(True)
+        with fused_kernels(path):
+            y = module(xin, residual=_cl(x))
+            y.sum().backward()
+        out[path] = y.detach(), xin.grad
+    for (a, b), what in zip(zip(out[True], out[False]), ("output", "input gradient")):
+        assert torch.equal(a.isnan(), b.isnan()), (what, int(a.isnan().sum()), int(b.isnan().sum()))
+    assert out[True][0].isnan().any()
+
+
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_a_network_is_as_accurate_on_both_paths(fused, train):

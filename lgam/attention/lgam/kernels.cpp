@@ -136,7 +136,7 @@ inline vec<W> gate(vec<W> s) {
   constexpr W ln2_lo = f32 ? W(-2.12194440e-4) : W(1.90821492927058770002e-10);
   constexpr int terms = f32 ? 8 : 13;  // r^terms / terms! below the precision
   const vec<W> zero = {};
-  vec<W> x = s > 0 ? -s : zero;
+  vec<W> x = s <= 0 ? zero : -s;  // NaN stays NaN, as in gate() above (s > 0 ? ... sent it to 0.5)
   x = x < W(f32 ? -80 : -700) ? zero + W(f32 ? -80 : -700) : x;  // e^x is 0 in 1 + e^x below
   using I = typename Vec<W>::ints;
   const I n = __builtin_convertvector(x * W(1.4426950408889634) - W(0.5), I);  // round(x / ln2)
@@ -195,7 +195,7 @@ template <bool RES, class W>
 inline vec<W> tail(vec<W> a2, vec<W> id) {
   if constexpr (RES) {
     const vec<W> o = a2 + id;
-    return o > 0 ? o : vec<W>{};
+    return o <= 0 ? vec<W>{} : o;  // NaN stays NaN, as std::max above
   }
   return a2;
 }
@@ -303,7 +303,7 @@ inline W grad_at(const Maps<T>& m, int64_t o, bool keep) {
   if constexpr (!RES) {
     return load<W>(m.g + o);
   } else {
-    const W g = load<W>(m.y + o) > 0 ? load<W>(m.g + o) : W(0);
+    const W g = load<W>(m.y + o) <= 0 ? W(0) : load<W>(m.g + o);  // as ReLU's backward: NaN passes
     if (keep) store(m.did + o, g);
     return g;
   }
@@ -313,7 +313,7 @@ inline vec<W> gradv_at(const Maps<T>& m, int64_t o, bool keep) {
   if constexpr (!RES) {
     return loadv<W>(m.g + o);
   } else {
-    const vec<W> g = loadv<W>(m.y + o) > 0 ? loadv<W>(m.g + o) : vec<W>{};
+    const vec<W> g = loadv<W>(m.y + o) <= 0 ? vec<W>{} : loadv<W>(m.g + o);
     if (keep) storev<T, W>(m.did + o, g);
     return g;
   }
@@ -336,7 +336,7 @@ inline void backward_one(Maps<T> m, int64_t cs, Weights<W> w, W s, W* dl, W* u, 
     u[c] = load<W>(m.x + c * cs) * w.q[c] + (c >= Cg ? u[c - Cg] : W(0));
     dm += grad_at<RES, T, W>(m, c * cs, false) * u[c] * w.p[c];
   }
-  const W ds = s > 0 ? dm * gate_ * (1 - gate_) : W(0);  // through eq (6)
+  const W ds = s <= 0 ? W(0) : dm * gate_ * (1 - gate_);  // through eq (6); NaN passes, as ReLU's backward
   for (int64_t i = 0; i < Cg; ++i) {
     W r = 0;  // groups last to first
     for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
@@ -368,7 +368,7 @@ inline void backward_rows(Maps<T> m, Weights<W> w, const W* s, W* dl, W* u, int6
         dmv += gradv_at<RES, T, W>(m, o + c, false) * uv * loadv<W>(w.p + c);
       }
     }
-    const W ds = s[t] > 0 ? hsum<W>(dmv) * gates[t] * (1 - gates[t]) : W(0);
+    const W ds = s[t] <= 0 ? W(0) : hsum<W>(dmv) * gates[t] * (1 - gates[t]);
     for (int64_t i = 0; i < Cg; i += L<W>) {
       vec<W> r = {};
       for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
@@ -394,7 +394,7 @@ inline void backward_columns(Maps<T> m, Weights<W> w, const W* s, vec<W>* dl, ve
     u[c] = loadv<W>(m.x + c * P) * w.q[c] + (c >= Cg ? u[c - Cg] : zero);
     dm += gradv_at<RES, T, W>(m, c * P, false) * u[c] * w.p[c];
   }
-  const vec<W> ds = sv > 0 ? dm * gates * (1 - gates) : zero;
+  const vec<W> ds = sv <= 0 ? zero : dm * gates * (1 - gates);
   for (int64_t i = 0; i < Cg; ++i) {
     vec<W> r = {};
     for (int64_t c = C - Cg + i; c >= 0; c -= Cg) {
@@ -621,7 +621,7 @@ void scales_backward(const W* d_scales, const W* scale, W* const* w, W* const* s
         W d = d_scales[c];
         if (k + 1 < G) d += ds[b * Cg + i] * sv.s[b * Cg + i];  // s_{k+1} = x + scale_k s_k
         const W m = scale[c] - 1;  // M = sigmoid(ReLU(bn))
-        dbn[b * Cg + i] = sv.bn[b * Cg + i] > 0 ? d * m * (1 - m) : W(0);
+        dbn[b * Cg + i] = sv.bn[b * Cg + i] <= 0 ? W(0) : d * m * (1 - m);
       }
     }
     for (int64_t i = 0; i < Cg; ++i) {  // BatchNorm1d backward
@@ -644,7 +644,7 @@ void scales_backward(const W* d_scales, const W* scale, W* const* w, W* const* s
       for (int64_t j = 0; j < H; ++j) {
         W d = 0;
         for (int64_t i = 0; i < Cg; ++i) d += dbn[b * Cg + i] * gr.w2[i * H + j];
-        dz1[b * H + j] = sv.z1[b * H + j] > 0 ? d : W(0);
+        dz1[b * H + j] = sv.z1[b * H + j] <= 0 ? W(0) : d;
       }
     }
     linear_grads(dz1.data(), [&](int64_t b, int64_t i) { return sv.s[b * Cg + i]; }, dw1, db1, B, H,
