@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -143,6 +144,7 @@ def _train_epochs(run: _Run, trainees: list[_Trainee], last: int, val_every: int
             (epoch + 1) % val_every == 0 or epoch + 1 == run.recipe.epochs)
         for tr in active:
             record = _epoch_record(run, tr, epoch, lr, train_size, evaluate, t0)
+            _check_finite(tr, record)
             tr.epoch += 1
             tr.records.append(record)
             if run.rank == 0:
@@ -512,6 +514,15 @@ def _epoch_record(run: _Run, tr: _Trainee, epoch: int, lr: float, train_size: in
         "time": time.perf_counter() - t0[0],
         "cpu_time": time.process_time() - t0[1],
     }
+
+
+def _check_finite(tr: _Trainee, record: dict[str, Any]) -> None:
+    """:class:`TrainError` when an epoch's loss is not finite: the run diverged, and training on
+    would spend hours on NaN weights. The state of the epoch before stays on disk."""
+    if not math.isfinite(record["loss"]):
+        raise TrainError(f"{tr.name}: the training loss is {record['loss']} in epoch {record['epoch']}: "
+                         f"the run diverged; {tr.directory} keeps the state after epoch {tr.epoch} "
+                         "(a lower --set lr, or another seed, may train)")
 
 
 def _write_epoch(run: _Run, tr: _Trainee, record: dict[str, Any], generators: dict[str, list[int]]) -> None:

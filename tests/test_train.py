@@ -544,6 +544,15 @@ def test_throughput_benchmark_runs():
     assert all(float(row.split("|")[3]) > 0 for row in rows)
 
 
+def test_a_diverged_run_stops_without_saving_a_nan_state(tiny_data, tmp_path, capsys):
+    """A NaN loss trained on for the rest of the schedule without a word."""
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, "--model", "resnet18", "--epochs", "3", "--val-every", "0",
+                  "--set", "lr=1e30") == 2
+    assert "resnet18: the training loss is nan in epoch 1: the run diverged" in capsys.readouterr().err
+    assert not (run / "resnet18" / "state.safetensors").exists()
+
+
 def test_val_shards_with_other_classes_are_refused(tiny_data, tmp_path, capsys):
     """Without a classes.tsv each split's shards give their own class list: a val split lacking a
     class labelled its classes one off from training's, and the val error was wrong, silently."""
