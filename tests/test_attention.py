@@ -182,7 +182,9 @@ def test_every_module_trains(name):
     "build, match",
     [
         (lambda: LGAM(10, groups=4), "not divisible by groups=4"),
-        (lambda: LGAM(64, groups=4, reduction=32), "reduction=32 is larger"),
+        (lambda: SGE(64, eps=0.0), "SGE: eps must be positive"),  # a constant group gave 0 / 0
+        (lambda: LGAM(64)(torch.randn(1, 64, 4, 4)), "LGAM in train mode needs at least 2 images"),
+        (lambda: BAM(64)(torch.randn(1, 64, 4, 4)), "BAM in train mode needs at least 2 images"),
         (lambda: LGAM(64, groups=0), "groups must be a positive integer"),
         (lambda: LGAM(64, groups=4, reduction=0), "reduction must be a positive integer"),
         (lambda: SE(8, reduction=16), "use reduction <= 8"),
@@ -198,6 +200,22 @@ def test_every_module_trains(name):
 def test_bad_arguments_say_what_to_change(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_lgam_hidden_width_is_at_least_one():
+    """DESIGN.md: h = max(1, C'/r); a reduction wider than a group was refused."""
+    m = LGAM(64, groups=8, reduction=16)  # C' = 8
+    assert [ca.mlp[0].out_features for ca in m.channel_attention] == [1] * 8
+    assert LGAM(64, groups=4, reduction=8).channel_attention[0].mlp[0].out_features == 2
+    assert LGAM(64).eval()(torch.randn(1, 64, 4, 4)).shape == (1, 64, 4, 4)  # one image, eval mode
+
+
+def test_an_unknown_lgam_fused_value_is_said_not_silently_ignored():
+    from lgam.attention.lgam.dispatch import _env_setting
+
+    assert (_env_setting("0"), _env_setting(" 1 "), _env_setting("")) == (False, True, None)
+    with pytest.warns(UserWarning, match="LGAM_FUSED='on' is not 0 or 1: ignored"):
+        assert _env_setting("on") is None
 
 
 def test_lgam_rejects_wrong_input_channels():

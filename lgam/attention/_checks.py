@@ -27,6 +27,14 @@ def check_input(x: Tensor, channels: int, module: str) -> None:
         raise ValueError(f"{module} expects (B, {channels}, H, W) input, got {tuple(x.shape)}")
 
 
+def check_batch(x: Tensor, training: bool, module: str) -> None:
+    """A ``ValueError`` for one image in train mode, for the modules whose BatchNorm1d normalises
+    pooled vectors over the batch (torch's own message names neither the module nor the fix)."""
+    if training and x.shape[0] == 1:  # none is fine: an empty batch gives an empty batch
+        raise ValueError(f"{module} in train mode needs at least 2 images a batch (its BatchNorm1d "
+                         "normalises pooled vectors over the batch): call .eval() for one image")
+
+
 def check_divisible(channels: int, groups: int, module: str) -> None:
     check_positive_int("channels", channels)
     check_positive_int("groups", groups)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_input, check_positive_int, check_reduction
+from ._checks import check_batch, check_input, check_positive_int, check_reduction
 from ._gates import GateRecorder
 
 __all__ = ["BAM", "BAMChannelGate", "BAMSpatialGate"]
@@ -51,8 +51,12 @@ class BAMSpatialGate(nn.Module):
 class BAM(GateRecorder):
     """``F + F * sigmoid(Mc(F) + Ms(F))``. Input and output ``(B, C, H, W)``.
 
-    ``combine="sum"`` is the BAM paper's equation (the default); the official code multiplies
-    ``Mc * Ms`` instead, available as ``combine="product"``.
+    The branches are the official code's (Jongchan/attention-module): BatchNorm inside each, none
+    at their outputs (the paper's equations end both in a BN), and PyTorch's default bias init
+    (the official code zeroes the biases). ``combine="sum"`` (the default) adds them as the
+    paper's equation does; the official code multiplies ``Mc * Ms`` instead, available as
+    ``combine="product"``. So the default is neither source exactly: the official branches under
+    the paper's combination.
     """
 
     placement = "stage"  # the BAM paper puts it at the bottlenecks between stages
@@ -76,6 +80,7 @@ class BAM(GateRecorder):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.channels, "BAM")
+        check_batch(x, self.training, "BAM")
         mc, ms = self.channel_gate(x), self.spatial_gate(x)
         gate = torch.sigmoid(mc + ms if self.combine == "sum" else mc * ms)  # (B, C, H, W)
         if self.record_gates:

@@ -29,6 +29,8 @@ class SGE(GateRecorder):
     def __init__(self, channels: int, groups: int = 64, eps: float = 1e-5) -> None:
         super().__init__()
         check_divisible(channels, groups, "SGE")
+        if not eps > 0:  # a constant group's std is 0: 0 / (0 + eps) must not be 0 / 0
+            raise ValueError(f"SGE: eps must be positive, got {eps}")
         self.channels, self.groups, self.eps = int(channels), groups, eps
         self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))  # gamma
         self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))  # beta

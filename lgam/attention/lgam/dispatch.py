@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -23,7 +24,19 @@ if TYPE_CHECKING:
 
 __all__ = ["fused_kernels", "fused_kernels_enabled", "fused_kernels_setting", "set_fused_kernels"]
 
-_setting: bool | None = {"0": False, "1": True}.get(os.environ.get("LGAM_FUSED", "").strip().lower())
+
+def _env_setting(value: str) -> bool | None:
+    """``LGAM_FUSED``: 0 (the equations), 1 (the kernels, or an error where they cannot build),
+    unset or empty (auto); anything else is ignored, with a warning, rather than read as auto
+    without a word."""
+    value = value.strip().lower()
+    if value not in ("", "0", "1"):
+        warnings.warn(f"LGAM_FUSED={value!r} is not 0 or 1: ignored (the kernels where they build)",
+                      stacklevel=2)
+    return {"0": False, "1": True}.get(value)
+
+
+_setting: bool | None = _env_setting(os.environ.get("LGAM_FUSED", ""))
 
 
 @torch.compiler.assume_constant_result

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_divisible, check_input, check_reduction
+from .._checks import check_batch, check_divisible, check_input, check_positive_int
 from .._gates import GateRecorder
 from . import ops  # noqa: F401  (registers torch.ops.lgam.*)
 from .dispatch import fused_kernels_enabled
@@ -58,7 +58,7 @@ class LGAM(GateRecorder):
         groups: ``G``; ``C`` must be divisible by it. The paper does not state it: the default
             ``G=4`` keeps activations bounded (the ladder scales group ``k`` by ``>=1.5**(k-1)``);
             ``G=32, r=2`` reproduces the paper's parameter counts.
-        reduction: ``r``; the hidden width of each group's MLP is ``C' // r``.
+        reduction: ``r``; the hidden width of each group's MLP is ``max(1, C' // r)`` (DESIGN.md).
 
     On CPU maps where LGAM's C++ kernels build it runs the op ``torch.ops.lgam.lgam``
     (:mod:`.ops`), eager or compiled alike; elsewhere the same equations as plain tensor ops
@@ -74,7 +74,7 @@ class LGAM(GateRecorder):
         super().__init__()
         check_divisible(channels, groups, "LGAM")
         width = channels // groups
-        hidden = check_reduction(width, reduction, "LGAM", what="channels per group C/G")
+        hidden = max(1, width // check_positive_int("reduction", reduction))  # h = max(1, C'/r)
         self.channels, self.groups, self.reduction = channels, groups, reduction
         self.channel_attention = nn.ModuleList(ChannelAttention(width, hidden) for _ in range(groups))
 
@@ -89,6 +89,7 @@ class LGAM(GateRecorder):
         """``A (B, C, H, W) -> A''``; with ``residual`` (a residual block's identity, ``A``'s
         shape) the block's output ``ReLU(A'' + residual)``, in the same pass where the op runs."""
         check_input(x, self.channels, "LGAM")
+        check_batch(x, self.training, "LGAM")
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"LGAM: residual {tuple(residual.shape)} must match the input {tuple(x.shape)}")
         if fused_kernels_enabled(self, x):
