@@ -6,7 +6,8 @@ Sources :func:`load_split` reads (every image decoded once into a ``(N, 3, S, S)
   training split only: asked for val, it is a :class:`DataError`, not the training images again);
 - gzipped or plain tar shards holding ``<split>/<class>/<image>`` members: a folder of
   ``<split>-*.tar.gz`` shards (the layout of ``shared/data/imagenet20``) or a list of shard paths;
-  dot-files and dot-folders (``.ipynb_checkpoints``, macOS's ``._*``) are left out of both;
+  dot-files and dot-folders (``.ipynb_checkpoints``, macOS's ``._*``) are left out of both; shards
+  with a ``SHA256SUMS`` beside them are checked against it before they are read;
 - torchvision's CIFAR-10/100 python format (``cifar-10-batches-py``, ``cifar-100-python``).
 
 Class order is the sorted class-folder (wnid) order, the same for every split; a ``classes.tsv``
@@ -23,6 +24,7 @@ tensor's device.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
 import os
@@ -46,7 +48,7 @@ from .errors import LgamError
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
     "preprocess", "resize_normalize", "read_classes_tsv", "fetch", "DATASETS", "split_holdout",
-    "check_holdout", "read_classes_column", "image_groups",
+    "check_holdout", "read_classes_column", "image_groups", "check_sums", "CHECKSUMS",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,6 +206,38 @@ def _folder_samples(root: Path) -> list[_Sample]:
     return samples
 
 
+#: beside shards: ``<sha256>  <file name>`` per line (``sha256sum``'s output), checked before reading
+CHECKSUMS = "SHA256SUMS"
+
+
+def check_sums(files: Sequence[Path]) -> None:
+    """:class:`DataError` for a file whose SHA-256 differs from its line in the ``SHA256SUMS``
+    beside it (files without one, or without a line in it, are not checked): a truncated plain
+    tar otherwise reads as a shorter archive, and its missing images go unnoticed."""
+    for folder in {f.parent for f in files}:
+        sums = folder / CHECKSUMS
+        if not sums.is_file():
+            continue
+        expected = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines()
+                        if len(line.split(None, 1)) == 2)
+        for f in files:
+            want = expected.get(f.name) or expected.get("*" + f.name)  # sha256sum -b marks binaries
+            if f.parent == folder and want is not None:
+                got = _sha256(f)
+                if got != want.strip().lower():
+                    raise DataError(f"{f} does not match {sums} (sha256 {got[:12]}..., expected "
+                                    f"{want.strip()[:12]}...): the file is damaged or another version; "
+                                    "download it again")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _find_source(data: str | Path | Sequence[str | Path], split: str):
     """-> ("cifar", dir) | ("samples", samples, classes.tsv or None, all class names seen)."""
     if isinstance(data, (list, tuple)):
@@ -211,6 +245,7 @@ def _find_source(data: str | Path | Sequence[str | Path], split: str):
         missing = [str(p) for p in shards if not p.is_file()]
         if missing:
             raise DataError(f"shard files not found: {missing}")
+        check_sums(shards)
         samples = _tar_samples(shards, split)
         return "samples", samples, shards[0].parent / "classes.tsv", None
     root = Path(data)
@@ -226,6 +261,7 @@ def _find_source(data: str | Path | Sequence[str | Path], split: str):
     wanted = SPLIT_ALIASES.get(split, (split,))
     shards = sorted(p for p in root.iterdir() if _is_shard(p) and p.name.split("-")[0] in wanted)
     if shards:
+        check_sums(shards)
         return "samples", _tar_samples(shards, split), root / "classes.tsv", None
     split_dirs = [root / s for s in wanted if (root / s).is_dir()]
     if split_dirs:

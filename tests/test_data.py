@@ -401,3 +401,23 @@ def test_images_are_decoded_into_one_tensor_in_file_order(folder, monkeypatch):
     got = D.load_split(folder, "train", workers=4)
     assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
     assert got.images.is_contiguous()
+
+
+def test_shards_are_checked_against_sha256sums(shards, tmp_path):
+    """A truncated plain tar reads as a shorter archive: its missing images went unnoticed. The
+    shared data ships SHA256SUMS; a shard that does not match it is refused before reading."""
+    import hashlib
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shards, root)
+    names = sorted(p.name for p in root.glob("*.tar.gz"))
+    sums = "".join(f"{hashlib.sha256((root / n).read_bytes()).hexdigest()}  {n}\n" for n in names)
+    (root / D.CHECKSUMS).write_text(sums.replace("  val-01", " *val-01"))  # sha256sum -b's form too
+    assert len(D.load_split(root, "train")) == 12 and len(D.load_split(root, "val")) == 6
+    damaged = root / "val-01-of-02.tar.gz"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    assert len(D.load_split(root, "train")) == 12  # another split's shard is not read, nor checked
+    for source in (root, sorted(root.glob("val-*.tar.gz"))):
+        with pytest.raises(D.DataError, match=r"val-01-of-02.tar.gz does not match .*SHA256SUMS"):
+            D.load_split(source, "val")
