@@ -36,6 +36,14 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """A command's ``--out`` text file: its folder made, then written in one replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
 def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=indent) + "\n"))
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,7 @@ def save_checkpoint(
     manifest = load_manifest(directory) if manifest_path.exists() else {"format": FORMAT, "models": {}}
     manifest["models"][name] = entry
     atomic_write_json(manifest_path, manifest)
+    _remove_stale(directory, name, set(hashed))
     return entry
 
 
@@ -179,8 +181,6 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, name: str,
     they exceed ``max_part_bytes``; returns the weight files and the index (or ``None``)."""
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     meta = {"format": "pt", "arch": arch}
-    for old in directory.glob(f"{name}-*-of-*.safetensors"):  # stale parts of an earlier save
-        old.unlink()
     if total + _HEADER_ALLOWANCE <= max_part_bytes:
         files = [f"{name}.safetensors"]
         atomic_write(directory / files[0], lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -193,8 +193,17 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, name: str,
     weight_map = {k: fname for fname, part in zip(files, parts) for k in part}
     atomic_write_json(directory / index,
                       {"metadata": {"total_size": total, "arch": arch}, "weight_map": weight_map}, 1)
-    (directory / f"{name}.safetensors").unlink(missing_ok=True)
     return files, index
+
+
+def _remove_stale(directory: Path, name: str, keep: set[str]) -> None:
+    """Delete model ``name``'s weight files of an earlier save that this save did not write (its
+    single file, numbered parts, index), once the manifest names the new ones. Exactly its own:
+    a glob ``NAME-*-of-*`` also took the parts of a model named ``NAME-ft``."""
+    own = re.compile(re.escape(name) + r"(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+    for f in directory.iterdir():
+        if own.fullmatch(f.name) and f.name not in keep:
+            f.unlink()
 
 
 def _permission_message(path: Path) -> str:
@@ -364,7 +373,7 @@ def update_metrics(directory: str | Path, name: str, metrics: dict[str, Any],
     manifest = load_manifest(directory)
     if name not in manifest["models"]:
         raise CheckpointError(f"no model {name!r} in {directory / MANIFEST}")
-    manifest["models"][name]["metrics"].update(metrics)
+    manifest["models"][name].setdefault("metrics", {}).update(metrics)  # an entry may have none
     if input_size is not None:
         manifest["models"][name]["input_size"] = int(input_size)
     atomic_write_json(directory / MANIFEST, manifest)

@@ -108,6 +108,18 @@ def _version() -> str:
     return f"lgam {__version__}"
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (a batch size, an image size, a dpi, a count); 0 or
+    a negative one is argparse's usage error, not a traceback from deep inside the command."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run_module(module: str, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` with ``module``'s ``configure_parser`` and call its ``main``."""
     mod = importlib.import_module(module)
@@ -118,8 +130,8 @@ def run_module(module: str, argv: list[str] | None = None, prog: str | None = No
     args = parser.parse_args(argv)
     try:
         return mod.main(args) or 0
-    except LgamError as e:  # the user's input or files: the message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (LgamError, OSError) as e:  # the user's input or files (a folder given for an output
+        print(f"error: {e}", file=sys.stderr)  # file, no permission): the message, no traceback
         return 2
 
 

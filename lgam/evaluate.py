@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._fileio import write_text
 from ._format import format_or_dash
 from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update_metrics
+from .cli import positive_int
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, load_split, resize_normalize, split_holdout
 from .models import create_model
 from .device import resolve_device
@@ -199,17 +201,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="val data: ImageFolder root, folder of val-*.tar.gz shards, or CIFAR folder")
     p.add_argument("--models", nargs="+", help="models to evaluate (default: all in the manifest)")
-    p.add_argument("--sizes", nargs="+", type=int, default=list(SIZES),
+    p.add_argument("--sizes", nargs="+", type=positive_int, default=list(SIZES),
                    help=f"input sizes (default {' '.join(map(str, SIZES))}; the app's size is added)")
     p.add_argument("--choose-input-size", action="store_true",
                    help="set the evaluated models' input_size (the app's) to the size among --sizes "
                         "with the lowest mean val error: chosen on val, the val numbers then favour it "
                         "(with held-out runs, lgam table4 RUNS --checkpoints DIR chooses on those)")
-    p.add_argument("--limit", type=int,
+    p.add_argument("--limit", type=positive_int,
                    help="evaluate on at most N val images (spread over classes); the manifest is "
                         "then left as it is")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--latency-reps", type=int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--latency-reps", type=positive_int, default=10)
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N: device for the error "
                    "computation (latency is CPU)")
     p.add_argument("--out", type=Path, help="also write the Markdown table to this file")
@@ -300,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
     table = format_table(rows, args.sizes)
     print(table)
     if args.out:
-        args.out.write_text(table + "\n")
+        write_text(args.out, table + "\n")
     return 0
 
 

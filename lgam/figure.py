@@ -17,6 +17,7 @@ from PIL import Image
 
 from ._fileio import FIGURE_FORMATS, save_figure
 from .cam import METHODS, overlay
+from .cli import positive_int
 from .engine import PRECISIONS, ImageComparison, ModelResult
 from .errors import UsageError
 from .models import FIGURE5_MODELS
@@ -152,7 +153,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="float32: the numbers lgam evaluate computes; auto/bf16: the app's fast path")
-    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--dpi", type=positive_int, default=150)
 
 
 def main(args: argparse.Namespace) -> int:

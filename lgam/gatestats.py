@@ -34,9 +34,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._fileio import write_text
 from ._format import DASH, format_or_dash
 from .attention import capture_gates, fuses_residual, stage_of
 from .checkpoints import load_checkpoint, load_manifest
+from .cli import positive_int
 from .data import DecodedSplit, load_split, resize_normalize
 from .models import FIGURE5_MODELS
 from .models.branch_init import residual_bns
@@ -203,8 +205,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", metavar="NAME",
                    help="models (default: the models of Figure 5 in the manifest; plain ResNet18 in "
                         "the branch table only)")
-    p.add_argument("--limit", type=int, default=500, help="val images, spread over the classes")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=positive_int, default=500, help="val images, spread over the classes")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", type=Path, help="also write the Markdown tables to this file")
 
 
@@ -224,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
             + format_branch_table(branches))
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        write_text(args.out, text + "\n")
     return 0
 
 

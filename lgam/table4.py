@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ._fileio import write_text
 from ._format import DASH, format_or_dash
 from .errors import UsageError
 from .evaluate import PAPER_TOP1_ERR, unpack_mask
@@ -435,7 +436,7 @@ def main(args: argparse.Namespace) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        write_text(args.out, text + "\n")
     if args.figure:
         save_figure(table4_figure(runs, size), args.figure)
     if args.checkpoints:

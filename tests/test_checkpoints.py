@@ -96,6 +96,23 @@ def test_small_checkpoint_is_one_file_and_parts_follow_the_limit(tmp_path):
     assert set(load_manifest(tmp_path)["models"]) == {"resnext29_32x4d", "r18_parts"}
 
 
+def test_saving_a_model_leaves_another_models_files_alone(tmp_path):
+    """Saving "m" deleted every m-*-of-*.safetensors: the parts of a model saved as "m-ft" too.
+    A model saved again in another number of parts keeps only the new files, once the manifest
+    names them (a stale index was left when parts became one file)."""
+    model = lgam.create_model("resnet18", num_classes=20)
+    save_checkpoint(model, tmp_path, "m-ft", classes=CLASSES, max_part_bytes=5 * 2**20)
+    save_checkpoint(model, tmp_path, "m", classes=CLASSES, max_part_bytes=5 * 2**20)
+    e = save_checkpoint(model, tmp_path, "m", classes=CLASSES, max_part_bytes=10 * 2**20)
+    load_checkpoint(tmp_path, "m-ft")
+    load_checkpoint(tmp_path, "m")
+    own = sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("m-0") or f.name.startswith("m."))
+    assert own == sorted([*e["files"], e["index"]]) and len(e["files"]) == 3
+    e = save_checkpoint(model, tmp_path, "m", classes=CLASSES, max_part_bytes=100 * 2**20)
+    assert e["files"] == ["m.safetensors"] and e["index"] is None and not (tmp_path / "m.safetensors.index.json").exists()
+    assert not list(tmp_path.glob("m-0*")) and len(list(tmp_path.glob("m-ft-*"))) == 5
+
+
 def test_tampered_file_is_rejected(saved, tmp_path):
     d, model, _ = saved
     part = tmp_path / save_checkpoint(model, tmp_path, classes=CLASSES)["files"][-1]
@@ -158,6 +175,11 @@ def test_update_metrics_and_bad_save_arguments(saved, tmp_path):
     save_checkpoint(model, tmp_path, classes=CLASSES)
     update_metrics(tmp_path, "resnet18", {"val_top1_err_160": 20.0})
     assert load_manifest(tmp_path)["models"]["resnet18"]["metrics"] == {"val_top1_err_160": 20.0}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["models"]["resnet18"]["metrics"]  # a hand-written entry: update_metrics raised KeyError
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    update_metrics(tmp_path, "resnet18", {"val_top1_err_160": 19.0})
+    assert load_manifest(tmp_path)["models"]["resnet18"]["metrics"] == {"val_top1_err_160": 19.0}
     with pytest.raises(CheckpointError, match="3 class names given for a model with 20 classes"):
         save_checkpoint(model, tmp_path, classes=["a", "b", "c"])
     with pytest.raises(CheckpointError, match="lgam.create_model"):
