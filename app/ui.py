@@ -227,8 +227,8 @@ def _load_inputs(engine: CamEngine, paths: Sequence[str], max_bytes: int, max_pi
         name = Path(p).name
         try:
             full = load_image(p, max_bytes=max_bytes, max_pixels=max_pixels)
-        except ImageLoadError as e:
-            raise _user_error(f"Cannot use this file: {e}") from None
+        except ImageLoadError as e:  # the name shown as it is in the page's Markdown
+            raise _user_error(f"Cannot use this file: {str(e).replace(name, markdown_text(name))}") from None
         imgs.append(engine.prepare(full, display_px=SHOWN_PX))
         del full
         names.append(name)
@@ -420,7 +420,7 @@ def page_or_cleared(engine: CamEngine, image: str | None, more_images: Sequence[
         return run_page(engine, image, more_images, *settings, **limits)
     except gr.Error as e:
         gr.Warning(e.message)
-        return "", [], f"⚠ {markdown_text(e.message)}"
+        return "", [], f"⚠ {e.message}"
 
 
 def first_view(engine: CamEngine, image: str | None, *, max_images: int = 8,

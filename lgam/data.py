@@ -2,8 +2,8 @@
 
 Sources :func:`load_split` reads (every image decoded once into a ``(N, 3, S, S)`` uint8 tensor):
 
-- an ImageFolder tree: ``ROOT/<split>/<class>/<image>`` (or ``ROOT/<class>/<image>``, read as the
-  training split only: asked for val, it is a :class:`DataError`, not the training images again);
+- an ImageFolder tree: ``ROOT/<split>/<class>/<image>`` (or ``ROOT/<class>/<image>``, the same
+  images for every split: :func:`is_flat_tree`, which ``lgam train`` refuses to validate on);
 - gzipped or plain tar shards holding ``<split>/<class>/<image>`` members: a folder of
   ``<split>-*.tar.gz`` shards (the layout of ``shared/data/imagenet20``) or a list of shard paths;
   dot-files and dot-folders (``.ipynb_checkpoints``, macOS's ``._*``) are left out of both; shards
@@ -34,7 +34,7 @@ import tarfile
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -48,7 +48,7 @@ from .errors import LgamError
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
     "preprocess", "resize_normalize", "read_classes_tsv", "fetch", "DATASETS", "split_holdout",
-    "check_holdout", "read_classes_column", "image_groups", "check_sums", "CHECKSUMS",
+    "check_holdout", "read_classes_column", "image_groups", "check_sums", "CHECKSUMS", "is_flat_tree",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,12 +177,12 @@ def _tar_samples(shards: Sequence[Path], split: str) -> list[_Sample]:
             with tarfile.open(shard, "r:*") as tar:
                 for m in tar:
                     parts = Path(m.name).parts
-                    if not m.isfile() or not m.name.lower().endswith(IMAGE_EXTENSIONS) or _hidden(parts):
+                    if not m.isfile() or not m.name.lower().endswith(IMAGE_EXTENSIONS):
                         continue
                     if len(parts) < 2:
                         raise DataError(f"{shard}: member {m.name} is not inside a class folder")
                     found = _member_class(parts, wanted)
-                    if found is None:
+                    if found is None or _hidden(found[1].split("/")):  # from the class folder down
                         continue
                     f = tar.extractfile(m)
                     data = f.read() if f else b""
@@ -218,16 +218,37 @@ def check_sums(files: Sequence[Path]) -> None:
         sums = folder / CHECKSUMS
         if not sums.is_file():
             continue
-        expected = dict(reversed(line.split(None, 1)) for line in sums.read_text().splitlines()
-                        if len(line.split(None, 1)) == 2)
+        expected = _read_sums(sums)
         for f in files:
-            want = expected.get(f.name) or expected.get("*" + f.name)  # sha256sum -b marks binaries
+            want = expected.get(f.name)
             if f.parent == folder and want is not None:
                 got = _sha256(f)
                 if got != want.strip().lower():
                     raise DataError(f"{f} does not match {sums} (sha256 {got[:12]}..., expected "
                                     f"{want.strip()[:12]}...): the file is damaged or another version; "
                                     "download it again")
+
+
+def _read_sums(sums: Path) -> dict[str, str]:
+    """``SHA256SUMS``: file name (its last part; ``sha256sum -b``'s ``*`` dropped) -> hash."""
+    expected = {}
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")
+        if digest and name:
+            expected[PurePosixPath(name).name] = digest.lower()
+    return expected
+
+
+def _missing_listed_shards(root: Path, split: str) -> list[str]:
+    """The shards of ``split`` that ``root``'s ``SHA256SUMS`` lists and the folder lacks: a
+    deleted shard otherwise only means fewer images."""
+    sums = root / CHECKSUMS
+    if not sums.is_file():
+        return []
+    wanted = SPLIT_ALIASES.get(split, (split,))
+    return sorted(name for name in _read_sums(sums) if _is_shard(Path(name))
+                  and name.split("-")[0] in wanted and not (root / name).is_file())
 
 
 def _sha256(path: Path) -> str:
@@ -260,6 +281,9 @@ def _find_source(data: str | Path | Sequence[str | Path], split: str):
             return ("cifar", root / sub)
     wanted = SPLIT_ALIASES.get(split, (split,))
     shards = sorted(p for p in root.iterdir() if _is_shard(p) and p.name.split("-")[0] in wanted)
+    missing = _missing_listed_shards(root, split)
+    if missing:
+        raise DataError(f"{root / CHECKSUMS} lists {missing}, which {root} lacks: download them again")
     if shards:
         check_sums(shards)
         return "samples", _tar_samples(shards, split), root / "classes.tsv", None
@@ -269,16 +293,25 @@ def _find_source(data: str | Path | Sequence[str | Path], split: str):
         seen = {p.name for s in ("train", "val", "test") if (root / s).is_dir()
                 for p in _class_folders(root / s)}
         return "samples", _folder_samples(split_dirs[0]), root / "classes.tsv", seen
-    folders = _class_folders(root)
-    if folders and split == "train" and not any(p.name in _SPLIT_FOLDERS for p in folders):
+    if is_flat_tree(root):
         return "samples", _folder_samples(root), root / "classes.tsv", None
-    flat = (f"; a folder of class folders without split folders ({root}/<class>/<image>) is read as "
-            "the training split only (train with --val-every 0, or add val/)"
-            if folders and split != "train" and not any(p.name in _SPLIT_FOLDERS for p in folders) else "")
     raise DataError(
         f"no {split!r} data in {root}: expected {split}/<class>/<image> folders, "
-        f"{split}-*.tar.gz shards, or a CIFAR python folder{flat}"
+        f"{split}-*.tar.gz shards, or a CIFAR python folder"
     )
+
+
+def is_flat_tree(data: str | Path | Sequence[str | Path]) -> bool:
+    """Whether ``data`` is a folder of class folders with no split folders or shards
+    (``ROOT/<class>/<image>``): every split reads the same images from it, so training must not
+    take its validation images from there. A folder whose subfolders are split names (only
+    ``train/``, say) is not one: its other splits have no data."""
+    if isinstance(data, (list, tuple)) or not Path(data).is_dir():
+        return False
+    root = Path(data)
+    folders = _class_folders(root)
+    return (bool(folders) and not any(p.name in _SPLIT_FOLDERS for p in folders)
+            and not any(_is_shard(p) for p in root.iterdir()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,10 +494,6 @@ def split_holdout(split: DecodedSplit, per_class: int) -> tuple[DecodedSplit, De
     alone, never on a seed: every run that holds out the same number holds out the same images.
     A slice to choose settings on (the app's input size) without looking at val."""
     check_holdout({cid: int((split.labels == c).sum()) for c, cid in enumerate(split.class_ids)}, per_class)
-    if per_class == 0:  # nothing held out: the split itself, not a copy of its images
-        none = torch.zeros(len(split), dtype=torch.bool)
-        return split, DecodedSplit(split.images[none], split.labels[none], split.classes, split.wnids,
-                                   split.skipped)
     held = torch.zeros(len(split), dtype=torch.bool)
     for c in range(len(split.classes)):
         idx = (split.labels == c).nonzero().flatten()
@@ -473,7 +502,8 @@ def split_holdout(split: DecodedSplit, per_class: int) -> tuple[DecodedSplit, De
     def part(mask: Tensor) -> DecodedSplit:
         return DecodedSplit(split.images[mask], split.labels[mask], split.classes, split.wnids, split.skipped)
 
-    return part(~held), part(held)
+    # nothing held out: the split itself, not a copy of its images through a mask
+    return (split if per_class == 0 else part(~held)), part(held)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -207,7 +207,14 @@ def _open(data: bytes) -> Image.Image:
     twice that) is raised before the header can be read."""
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data), formats=READ_FORMATS)
+        return Image.open(io.BytesIO(data), formats=_readable_formats())
+
+
+def _readable_formats() -> tuple[str, ...]:
+    """:data:`READ_FORMATS` this Pillow reads (AVIF from 11.2: naming a format Pillow lacks made
+    ``Image.open`` raise KeyError for every file the formats before it did not take)."""
+    Image.init()
+    return tuple(f for f in READ_FORMATS if f in Image.OPEN)
 
 
 def _check_size(img: Image.Image, name: str, max_pixels: int) -> None:

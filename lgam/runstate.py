@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -185,6 +186,9 @@ def run_lock(directory: Path) -> Iterator[None]:
                 raise TrainError(f"{directory} is being trained by another process (pid "
                                  f"{f.read().strip() or 'unknown'}): wait for it, stop it, or choose "
                                  "another --out") from None
+            except OSError as e:  # a file system without flock (some NFS/SMB/FUSE mounts)
+                print(f"warning: {directory} cannot be locked ({e}): nothing keeps a second process "
+                      "off it", file=sys.stderr, flush=True)
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -106,6 +106,9 @@ def train(
                 if tr.epoch < last or tr.epoch == 0:
                     _start_files(tr, _config(run, tr, models, stem, config_extra))
         _train_epochs(run, trainees, last, val_every, progress)
+    diverged = [t.diverged for t in trainees if t.diverged]
+    if diverged:  # the same on every rank: the losses are all-reduced
+        raise TrainError("; ".join(diverged))
     if run.world > 1:
         dist.barrier()
     return {t.name: t.records for t in trainees}
@@ -134,7 +137,9 @@ def _train_epochs(run: _Run, trainees: list[_Trainee], last: int, val_every: int
     """Train up to epoch ``last``, each epoch every model that has not done it."""
     for epoch in range(min(t.epoch for t in trainees), last):
         # -- one pass over the data for every model that has not done this epoch --
-        active = [t for t in trainees if t.epoch == epoch]
+        active = [t for t in trainees if t.epoch == epoch and t.diverged is None]
+        if not active:
+            continue
         t0 = time.perf_counter(), time.process_time()
         lr, train_size = _train_epoch(run, active, epoch, progress)
         generators = generator_states(run.shuffle_gen, run.aug_gen)
@@ -144,7 +149,9 @@ def _train_epochs(run: _Run, trainees: list[_Trainee], last: int, val_every: int
             (epoch + 1) % val_every == 0 or epoch + 1 == run.recipe.epochs)
         for tr in active:
             record = _epoch_record(run, tr, epoch, lr, train_size, evaluate, t0)
-            _check_finite(tr, record)
+            if not math.isfinite(record["loss"]):
+                tr.diverged = _divergence(tr, record)  # the others train on; its state is not saved
+                continue
             tr.epoch += 1
             tr.records.append(record)
             if run.rank == 0:
@@ -274,6 +281,7 @@ class _Trainee:
     epoch: int = 0  # finished epochs
     records: list[dict[str, Any]] = field(default_factory=list)
     loss_sum: Tensor | None = None
+    diverged: str | None = None  # why it stopped training (its loss was not finite)
 
 
 def _new_trainee(run: _Run, name: str, directory: Path, stem: str | None) -> _Trainee:
@@ -516,13 +524,14 @@ def _epoch_record(run: _Run, tr: _Trainee, epoch: int, lr: float, train_size: in
     }
 
 
-def _check_finite(tr: _Trainee, record: dict[str, Any]) -> None:
-    """:class:`TrainError` when an epoch's loss is not finite: the run diverged, and training on
-    would spend hours on NaN weights. The state of the epoch before stays on disk."""
-    if not math.isfinite(record["loss"]):
-        raise TrainError(f"{tr.name}: the training loss is {record['loss']} in epoch {record['epoch']}: "
-                         f"the run diverged; {tr.directory} keeps the state after epoch {tr.epoch} "
-                         "(a lower --set lr, or another seed, may train)")
+def _divergence(tr: _Trainee, record: dict[str, Any]) -> str:
+    """What to tell about a model whose epoch's loss was not finite: the run diverged, and
+    training on would spend hours on NaN weights. Its state of the epoch before stays on disk."""
+    kept = (f"{tr.directory} keeps the state after epoch {tr.epoch}" if tr.epoch
+            else "no state was saved")
+    return (f"{tr.name}: the training loss is {record['loss']} in epoch {record['epoch']}: the run "
+            f"diverged ({kept}; the other models trained on); start it again with a new --out and a "
+            "lower --set lr or another --seed")
 
 
 def _write_epoch(run: _Run, tr: _Trainee, record: dict[str, Any], generators: dict[str, list[int]]) -> None:
@@ -632,7 +641,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .data import DataError, check_holdout, load_split, split_holdout
+    from .data import DataError, check_holdout, is_flat_tree, load_split, split_holdout
 
     try:
         recipe = make_recipe(args.recipe, args.overrides, args.epochs)
@@ -659,6 +668,10 @@ def main(args: argparse.Namespace) -> int:
                 check_holdout(counts, args.holdout)
                 _batch_geometry(recipe, sum(counts.values()) - args.holdout * len(counts), world)
 
+            if args.val_every and is_flat_tree(args.data):
+                raise DataError(f"{args.data} is a folder of class folders without val/: its val split would "
+                                "be the training images themselves; add val/ (and train/), or pass "
+                                "--val-every 0")
             train_split = load_split(args.data, "train", size=args.decode_size,
                                      skip_corrupt=args.skip_corrupt, limit=args.limit, check=before_decoding)
             train_split = split_holdout(train_split, args.holdout)[0]

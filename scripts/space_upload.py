@@ -183,7 +183,9 @@ def upload(repo_id: str, files: Sequence[str], root: Path = REPO, private: bool 
     api = HfApi()
     api.create_repo(repo_id, repo_type="space", space_sdk="docker", private=private,
                     exist_ok=True)
-    api.add_space_variable(repo_id, "TORCH", torch, description="Dockerfile build argument: cpu or gpu")
+    variable = api.get_space_variables(repo_id).get("TORCH")
+    if getattr(variable, "value", None) != torch:  # setting it rebuilds the Space: only on a change
+        api.add_space_variable(repo_id, "TORCH", torch, description="Dockerfile build argument: cpu or gpu")
     info = api.upload_folder(folder_path=root, repo_id=repo_id, repo_type="space",
                              commit_message=message, delete_patterns="*",
                              **upload_patterns(files))

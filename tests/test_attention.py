@@ -203,7 +203,8 @@ def test_bad_arguments_say_what_to_change(build, match):
 
 
 def test_lgam_hidden_width_is_at_least_one():
-    """DESIGN.md: h = max(1, C'/r); a reduction wider than a group was refused."""
+    """The design notes (../shared/DESIGN.md): h = max(1, C'/r); a reduction wider than a group
+    was refused."""
     m = LGAM(64, groups=8, reduction=16)  # C' = 8
     assert [ca.mlp[0].out_features for ca in m.channel_attention] == [1] * 8
     assert LGAM(64, groups=4, reduction=8).channel_attention[0].mlp[0].out_features == 2

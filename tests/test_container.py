@@ -99,15 +99,20 @@ def test_an_installed_package_carries_every_non_python_file_lgam_reads():
         assert any(fnmatch.fnmatchcase(name, pat) for pat in data.get(package, [])), rel
 
 
-def _requirements(*files: str) -> set[str]:
-    """The distributions the requirements files name (normalised: lower case, ``-`` for ``_``)."""
-    names = set()
+def _requirement_lines(*files: str) -> list[str]:
+    """The requirement lines of the requirements files (no comments, no ``-r`` includes)."""
+    lines = []
     for file in files:
         for line in (REPO / file).read_text().splitlines():
             line = line.split("#")[0].strip()
             if line and not line.startswith("-"):
-                names.add(re.split(r"[<>=!~\[ ;]", line)[0].lower().replace("_", "-"))
-    return names
+                lines.append(line)
+    return lines
+
+
+def _requirements(*files: str) -> set[str]:
+    """The distributions the requirements files name (normalised: lower case, ``-`` for ``_``)."""
+    return {re.split(r"[<>=!~\[ ;]", line)[0].lower().replace("_", "-") for line in _requirement_lines(*files)}
 
 
 def test_every_package_the_code_imports_is_a_declared_requirement():
@@ -165,9 +170,15 @@ def _pins() -> dict[str, str]:
 def test_every_requirement_is_pinned_and_every_install_uses_the_pins():
     """Requirements with lower bounds only took whatever was newest at each install (opencv 5
     arrived under '>=4.8'): constraints.txt pins the tested set, and each install path uses it."""
+    from packaging.requirements import Requirement
+
     pins = _pins()
     missing = _requirements("requirements.txt", "requirements-test.txt") - set(pins)
     assert not missing, f"not in constraints.txt (regenerate it with pip freeze): {sorted(missing)}"
+    for line in _requirement_lines("requirements.txt", "requirements-test.txt"):
+        req = Requirement(line)  # a requirement bumped without regenerating the pins: pip refuses
+        pin = pins[req.name.lower().replace("_", "-")]
+        assert req.specifier.contains(pin, prereleases=True), f"constraints.txt pins {req.name} {pin}: not {req}"
     readme = (REPO / "README.md").read_text()
     assert readme.count("pip install -c constraints.txt -r requirements") == 2  # set-up commands 1, 2
     assert "pip_install -c constraints.txt -r requirements-test.txt" in (REPO / ".ci" / "run").read_text()

@@ -80,19 +80,19 @@ def _flat(root: Path, wnids=WNIDS) -> Path:
     return root
 
 
-def test_a_folder_without_split_folders_is_the_training_split_only(tmp_path):
-    """ROOT/<class>/<image> gave the same images for val as for train: lgam train scored its own
-    training images as validation without a word."""
+def test_a_folder_of_class_folders_is_every_split_and_says_so(tmp_path):
+    """ROOT/<class>/<image> gives the same images to every split (evaluating on such a folder is
+    fine; training's validation on it is refused by lgam train: test_train); a root with only
+    train/ gave val one class called "train", and one with only val/ gave train one called "val"."""
     flat = _flat(tmp_path / "flat")
-    assert D.load_split(flat, "train").wnids == WNIDS
-    for split in ("val", "test"):
-        with pytest.raises(D.DataError, match=r"read as the training split only .*--val-every 0"):
-            D.load_split(flat, split)
+    assert D.is_flat_tree(flat)
+    assert D.load_split(flat, "train").wnids == D.load_split(flat, "val").wnids == WNIDS
     only_train = _flat(tmp_path / "only_train" / "train")
-    with pytest.raises(D.DataError, match="no 'val' data"):  # it was one class called "train"
+    assert not D.is_flat_tree(only_train.parent)
+    with pytest.raises(D.DataError, match="no 'val' data"):
         D.load_split(only_train.parent, "val")
     only_val = _flat(tmp_path / "only_val" / "val")
-    with pytest.raises(D.DataError, match="no 'train' data"):  # one class called "val"
+    with pytest.raises(D.DataError, match="no 'train' data"):
         D.load_split(only_val.parent, "train")
 
 
@@ -105,7 +105,11 @@ def test_dot_files_and_folders_are_not_classes_or_images(tmp_path):
     with tarfile.open(tmp_path / "train-00.tar", "w") as tar:
         for f in sorted(root.rglob("*")):
             tar.add(f, arcname=f"train/{f.relative_to(root).as_posix()}", recursive=False)
-    for source in (root.parent, tmp_path / "train-00.tar"):
+    (tmp_path / "dotted").mkdir()
+    with tarfile.open(tmp_path / "dotted" / "train-00.tar", "w") as tar:  # made from a dot-folder
+        for f in sorted(root.rglob("*")):
+            tar.add(f, arcname=f".data/train/{f.relative_to(root).as_posix()}", recursive=False)
+    for source in (root.parent, tmp_path / "train-00.tar", tmp_path / "dotted" / "train-00.tar"):
         split = D.load_split(source, "train")
         assert split.wnids == WNIDS and len(split) == 3, source
 
@@ -421,3 +425,22 @@ def test_shards_are_checked_against_sha256sums(shards, tmp_path):
     for source in (root, sorted(root.glob("val-*.tar.gz"))):
         with pytest.raises(D.DataError, match=r"val-01-of-02.tar.gz does not match .*SHA256SUMS"):
             D.load_split(source, "val")
+
+
+def test_a_shard_that_sha256sums_lists_must_be_there(shards, tmp_path):
+    """A deleted shard only meant fewer images; lines naming a path (./x, data/x) matched nothing."""
+    import hashlib
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shards, root)
+    names = sorted(p.name for p in root.glob("*.tar.gz"))
+    (root / D.CHECKSUMS).write_text("".join(
+        f"{hashlib.sha256((root / n).read_bytes()).hexdigest()}  ./{n}\n" for n in names))
+    (root / "val-01-of-02.tar.gz").write_bytes(b"damaged")
+    with pytest.raises(D.DataError, match="val-01-of-02.tar.gz does not match"):
+        D.load_split(root, "val")
+    (root / "val-01-of-02.tar.gz").unlink()
+    with pytest.raises(D.DataError, match=r"lists \['val-01-of-02.tar.gz'\], which .* lacks"):
+        D.load_split(root, "val")
+    assert len(D.load_split(root, "train")) == 12

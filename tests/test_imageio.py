@@ -261,6 +261,24 @@ def test_32bit_grayscale_beyond_16_bits_keeps_its_contrast():
     assert _check_rgb(load_image(img), (3, 1))[0, :, 0].tolist() == [0, 153, 255]
 
 
+@pytest.mark.parametrize("mode", ["F", "I;16"])
+def test_grayscale_is_converted_without_whole_image_float_copies(mode):
+    """Several float64 copies of the whole image (a 10-MP 16-bit PNG took +295 MiB): now a band of
+    rows at a time, so numpy's peak stays near the 1-byte-a-pixel result, not 8+ bytes a pixel."""
+    import tracemalloc
+
+    h, w = 4000, 1000  # bands of 256 rows: a small share of the image
+    a = np.linspace(0, 1 if mode == "F" else 65535, h * w).reshape(h, w)
+    img = Image.fromarray(a.astype(np.float32 if mode == "F" else np.uint16))
+    tracemalloc.start()
+    try:
+        load_image(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * h * w, f"{peak / (h * w):.1f} bytes a pixel"
+
+
 def test_semi_transparent_pixels_are_blended_as_an_alpha_composite():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA")
@@ -286,6 +304,17 @@ def test_a_format_that_decodes_while_opening_is_not_opened(monkeypatch):
     with pytest.raises(ImageLoadError, match="not an image \\(or not a format lgam reads"):
         load_image(data, max_pixels=10_000)
     assert not decoded
+
+
+def test_a_pillow_without_a_listed_format_still_opens_the_others(monkeypatch):
+    """Pillow reads AVIF from 11.2 (requirements allow 10): naming a format it lacks made
+    Image.open raise KeyError for every BMP, TIFF, ... and non-image."""
+    Image.init()
+    monkeypatch.setattr(Image, "OPEN", {k: v for k, v in Image.OPEN.items() if k != "AVIF"})
+    bmp = _encode(Image.new("RGB", (3, 2), (1, 2, 3)), "BMP")
+    assert _check_rgb(load_image(bmp), (3, 2))[0, 0].tolist() == [1, 2, 3]
+    with pytest.raises(ImageLoadError, match="not an image"):
+        load_image(b"plain text, no pixels")
 
 
 def test_a_heic_photo_is_named_as_such(tmp_path):

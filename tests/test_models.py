@@ -243,6 +243,7 @@ def test_every_resnet18_variant_trains(name):
         (lambda: lgam.models.ResNeXt(depth=30), "ResNeXt depth must be 9n\\+2"),
         # another architecture under a registered name (its checkpoint would overwrite the real one's)
         (lambda: lgam.create_model("resnet18", layers=[3, 4, 6, 3]), "'resnet18' is layers=\\[2, 2, 2, 2\\]"),
+        (lambda: lgam.create_model("resnet18", layers=(2, 2, 3, 2)), "'resnet18' is layers="),
         (lambda: lgam.create_model("resnext29_32x4d", cardinality=8, base_width=64),
          "is cardinality=32, base_width=4: another value builds another architecture"),
         (lambda: lgam.create_model("wrn16_10", depth=28), "'wrn16_10' is depth=16"),
@@ -276,6 +277,12 @@ def test_macs_are_torchvisions_and_each_modules_own():
     plain = count_macs(lgam.create_model("resnet18", 20), 224)
     for name, macs in MODULE_MACS.items():
         assert count_macs(lgam.create_model(name, 20), 224) - plain == macs, name
+
+
+def test_a_registered_architecture_given_again_is_accepted():
+    """The check compared with !=: layers=(2, 2, 2, 2), resnet18's own, was refused as a tuple."""
+    assert lgam.create_model("resnet18", layers=(2, 2, 2, 2), num_classes=3).model_name == "resnet18"
+    assert lgam.create_model("resnet18_se", placement="block", num_classes=3).model_name == "resnet18_se"
 
 
 def test_macs_of_a_bfloat16_model():

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,6 +73,9 @@ def test_upload_creates_a_docker_space_and_sends_the_list(space, files, monkeypa
         def create_repo(self, repo_id, **kwargs):
             calls["create_repo"] = (repo_id, kwargs)
 
+        def get_space_variables(self, repo_id):
+            return {k: SimpleNamespace(value=v) for (_, k, v) in calls.get("variables", [])[-1:]}
+
         def add_space_variable(self, repo_id, key, value, **kwargs):
             calls.setdefault("variables", []).append((repo_id, key, value))
 
@@ -92,6 +96,8 @@ def test_upload_creates_a_docker_space_and_sends_the_list(space, files, monkeypa
     assert up["delete_patterns"] == "*"  # the Space mirrors the list (.gitattributes is kept)
     # a new Space runs on CPU hardware: it built the 6.8 GB CUDA image there without TORCH=cpu
     assert calls["variables"] == [("me/lgam", "TORCH", "cpu")]
+    space.upload("me/lgam", files)  # unchanged: not set again (setting a variable rebuilds the Space)
+    assert len(calls["variables"]) == 1
     space.upload("me/lgam", files, torch="gpu")
     assert calls["variables"][-1] == ("me/lgam", "TORCH", "gpu")
 

@@ -458,6 +458,18 @@ def test_a_run_being_trained_is_refused_to_a_second_process(tiny_data, tmp_path,
     assert _train(tiny_data, run, *ONE_EPOCH) == 0  # released when its holder ends
 
 
+def test_a_file_system_without_locks_trains_unlocked_and_says_so(tiny_data, tmp_path, capsys, monkeypatch):
+    """Where flock fails (some NFS/SMB mounts: ENOLCK) the run stopped with a bare OS error."""
+    import lgam.runstate
+
+    def no_locks(*args):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(lgam.runstate.fcntl, "flock", no_locks)
+    assert _train(tiny_data, tmp_path / "run", *ONE_EPOCH) == 0
+    assert "cannot be locked ([Errno 37] No locks available)" in capsys.readouterr().err
+
+
 def test_resume_on_other_software_or_hardware_warns(tiny_data, tmp_path, capsys, monkeypatch):
     """The same weights as an uninterrupted run need the same torch, thread count and kernels."""
     run, args = tmp_path / "run", ("--model", "resnet18", "--epochs", "2", "--val-every", "0")
@@ -549,8 +561,36 @@ def test_a_diverged_run_stops_without_saving_a_nan_state(tiny_data, tmp_path, ca
     run = tmp_path / "run"
     assert _train(tiny_data, run, "--model", "resnet18", "--epochs", "3", "--val-every", "0",
                   "--set", "lr=1e30") == 2
-    assert "resnet18: the training loss is nan in epoch 1: the run diverged" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resnet18: the training loss is nan in epoch 1: the run diverged (no state was saved" in err
     assert not (run / "resnet18" / "state.safetensors").exists()
+
+
+def test_the_other_models_train_on_when_one_diverges(tiny_data, tmp_path, capsys, monkeypatch):
+    record = lgam.train._epoch_record
+
+    def nan_for_lgam_from_epoch_2(run, tr, epoch, *args):
+        r = record(run, tr, epoch, *args)
+        return {**r, "loss": float("nan")} if tr.name == "resnet18_lgam" and epoch >= 1 else r
+
+    monkeypatch.setattr(lgam.train, "_epoch_record", nan_for_lgam_from_epoch_2)
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, "--model", "resnet18", "resnet18_lgam", "--epochs", "3",
+                  "--val-every", "0") == 2
+    err = capsys.readouterr().err
+    assert f"resnet18_lgam: the training loss is nan in epoch 2: the run diverged ({run / 'resnet18_lgam'} " \
+           "keeps the state after epoch 1" in err
+    assert [r["epoch"] for r in _log(run / "resnet18")] == [1, 2, 3]
+    assert [r["epoch"] for r in _log(run / "resnet18_lgam")] == [1]
+
+
+def test_validation_on_a_folder_of_class_folders_is_refused(tiny_data, tmp_path, capsys):
+    """ROOT/<class>/<image> gives val the training images themselves: lgam train scored its own
+    training set as validation without a word."""
+    flat = tiny_data / "train"
+    assert _train(flat, tmp_path / "out", *ONE_EPOCH, "--val-every", "1") == 2
+    assert "its val split would be the training images themselves" in capsys.readouterr().err
+    assert _train(flat, tmp_path / "out", *ONE_EPOCH) == 0  # --val-every 0: no validation
 
 
 def test_val_shards_with_other_classes_are_refused(tiny_data, tmp_path, capsys):

@@ -67,9 +67,10 @@ def match_branch_rms(model: nn.Module, images: Tensor, rms: float, steps: int = 
 
     A block's attention module is measured on its own (its ``forward(bn_out)``, without the
     identity, bypassing hooks); LGAM's output is not linear in its input's scale (its spatial
-    gate, eqs (5)-(6)), so each step rescales by the ratio still missing. The model's mode and every buffer (the BN
-    running statistics, the attention modules' BNs included) are restored: only the scales of
-    the branches' last BNs change."""
+    gate, eqs (5)-(6)), so each step rescales by the ratio still missing. The model's mode and
+    every buffer (the BN running statistics, the attention modules' BNs included) are restored:
+    only the scales of the branches' last BNs change. A branch that outputs 0 (its last BN's weight zeroed, as
+    :func:`zero_init_residual` leaves it) has no scale to match: :class:`~lgam.errors.UsageError`."""
     blocks = residual_bns(model)
     measured: dict[int, float] = {}
 

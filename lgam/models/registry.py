@@ -88,7 +88,11 @@ def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     ``attention_kwargs``) does not take, listing those it does, and for one of
     :data:`ARCHITECTURE_KEYS` given another value than the name's."""
     defaults = _DEFAULTS[name]
-    fixed = [k for k in ARCHITECTURE_KEYS if k in kwargs and k in defaults and kwargs[k] != defaults[k]]
+
+    def same(a: Any, b: Any) -> bool:  # layers=(2, 2, 2, 2) is resnet18's [2, 2, 2, 2]
+        return (list(a) == list(b)) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+
+    fixed = [k for k in ARCHITECTURE_KEYS if k in kwargs and k in defaults and not same(kwargs[k], defaults[k])]
     if fixed:
         raise UsageError(f"{name!r} is {', '.join(f'{k}={defaults[k]!r}' for k in fixed)}: another value "
                          "builds another architecture under its name; register one "

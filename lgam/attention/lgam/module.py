@@ -58,7 +58,8 @@ class LGAM(GateRecorder):
         groups: ``G``; ``C`` must be divisible by it. The paper does not state it: the default
             ``G=4`` keeps activations bounded (the ladder scales group ``k`` by ``>=1.5**(k-1)``);
             ``G=32, r=2`` reproduces the paper's parameter counts.
-        reduction: ``r``; the hidden width of each group's MLP is ``max(1, C' // r)`` (DESIGN.md).
+        reduction: ``r``; the hidden width of each group's MLP is ``max(1, C' // r)`` (the
+            project's design notes: a group narrower than ``r`` keeps one hidden unit).
 
     On CPU maps where LGAM's C++ kernels build it runs the op ``torch.ops.lgam.lgam``
     (:mod:`.ops`), eager or compiled alike; elsewhere the same equations as plain tensor ops
