@@ -98,9 +98,10 @@ def _gray_to_rgb(img: Image.Image) -> Image.Image:
     def rows(y0: int, y1: int) -> np.ndarray:
         return np.array(img.crop((0, y0, w, y1)), dtype=np.float32)  # a writable copy
 
-    lo, hi = _finite_range(rows(*b) for b in bands)
+    sixteen = img.mode.startswith("I;16")  # always /257: no pass over the image for its range
+    lo, hi = (0.0, 65535.0) if sixteen else _finite_range(rows(*b) for b in bands)
     offset = 0.0
-    if img.mode.startswith("I;16") or (img.mode == "I" and 255 < hi <= 65535 and lo >= 0):
+    if sixteen or (img.mode == "I" and 255 < hi <= 65535 and lo >= 0):
         scale = 1.0 / 257.0
     elif img.mode == "F" and 0 <= lo and hi <= 1:
         scale = 255.0
