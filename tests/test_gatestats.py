@@ -11,7 +11,7 @@ from lgam.attention import attention_gates
 from lgam.attention.lgam import lgam_reference
 from lgam.cli import main as lgam_main
 from lgam.data import IMAGENET_MEAN, IMAGENET_STD, DecodedSplit, resize_normalize
-from lgam.gatestats import branch_statistics, format_branch_table, gate_statistics
+from lgam.gatestats import SATURATED, _Moments, branch_statistics, format_branch_table, format_gate_table, gate_statistics
 
 
 def _split(n: int = 6, size: int = 48) -> DecodedSplit:
@@ -171,3 +171,12 @@ def test_branch_includes_skipinit_gain_and_preactivation_blocks_have_none():
     table = format_branch_table({"resnet18_se": stats, "wrn16_10": {}})
     assert "| wrn16_10 | — | — |" in table
     assert "| resnet18_se | 0.00 / 0.00" in table
+
+
+def test_table_header_says_the_inclusive_thresholds_the_counts_use():
+    """A gate exactly at 0.99 / 0.01 counts as open / closed: the header says >= / <=, not > / <."""
+    moments = _Moments()
+    moments.add(torch.tensor([[SATURATED, 1 - SATURATED, 0.5, 0.7]]))
+    assert moments.counts.tolist() == [1, 1, 1]
+    header = format_gate_table({}, 0).splitlines()[0]
+    assert "≥ 0.99 (%)" in header and "≤ 0.01 (%)" in header
