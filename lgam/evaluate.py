@@ -27,14 +27,15 @@ from ._fileio import write_text
 from ._format import format_or_dash
 from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update_metrics
 from .cli import positive_int
+from .attention import fused_kernels_setting
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, load_split, resize_normalize, split_holdout
 from .models import create_model
-from .device import resolve_device
+from .device import cpu_name, resolve_device
 from .errors import UsageError
 from .params import cost_metrics
 
 __all__ = ["PAPER_TOP1_ERR", "SIZES", "top1_error", "misses", "pack_mask", "unpack_mask", "load_run_model",
-           "evaluate_run", "cpu_latency_ms", "evaluate_checkpoints",
+           "evaluate_run", "cpu_latency_ms", "latency_setup", "evaluate_checkpoints",
            "best_input_size", "format_table", "configure_parser", "main"]
 
 #: input sizes evaluated by default (the app's ``input_size`` is added to them)
@@ -121,6 +122,13 @@ def cpu_latency_ms(model: nn.Module, size: int = 224, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def latency_setup() -> str:
+    """What a CPU latency depends on besides the model, in words, recorded beside the number:
+    threads, the CPU and LGAM's path (its C++ kernels or the equations)."""
+    return (f"{torch.get_num_threads()} threads, {cpu_name()}, "
+            f"LGAM kernels {fused_kernels_setting('cpu')}")
+
+
 def evaluate_checkpoints(
     directory: str | Path,
     data: str | Path | Sequence[str | Path],
@@ -154,6 +162,7 @@ def evaluate_checkpoints(
         }
         metrics.update(cost_metrics(model))
         metrics["cpu_latency_ms_224"] = round(cpu_latency_ms(model, 224, latency_reps), 2)
+        metrics["cpu_latency_setup"] = latency_setup()
         metrics["val_images"] = len(split)
         if update and limit is None:
             update_metrics(directory, name, metrics)
@@ -193,6 +202,9 @@ def format_table(rows: list[dict[str, Any]], sizes: Sequence[int] = SIZES) -> st
     n = rows[0].get("val_images") if rows else None
     lines.append(f"\nVal images: {n}. One seed per model: differences below ~1 point are within "
                  "seed-to-seed noise and do not rank the modules.")
+    setups = sorted({r["cpu_latency_setup"] for r in rows if r.get("cpu_latency_setup")})
+    if setups:
+        lines.append(f"CPU ms measured with {' / '.join(setups)}.")
     return "\n".join(lines)
 
 

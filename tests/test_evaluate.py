@@ -8,7 +8,7 @@ import lgam
 from lgam.checkpoints import load_manifest, save_checkpoint
 from lgam.cli import main
 from lgam.data import DataError
-from lgam.evaluate import best_input_size, evaluate_checkpoints, format_table
+from lgam.evaluate import best_input_size, evaluate_checkpoints, format_table, latency_setup
 
 CLASSES = ["a", "b", "c"]
 
@@ -40,6 +40,9 @@ def test_known_error_and_manifest_update(setup):
     assert m["train_img_per_s"] == 123.0 and m["val_images"] == 6 and m["cpu_latency_ms_224"] > 0
     table = format_table(rows, (32, 16))
     assert "| always_a | 32 | 83.33 | 83.33 | 83.33 | — | 11.170 |" in table and "| 123 |" in table
+    # a latency says what it ran with: threads, CPU, LGAM's path
+    assert m["cpu_latency_setup"] == latency_setup() and f"{torch.get_num_threads()} threads" in m["cpu_latency_setup"]
+    assert f"CPU ms measured with {latency_setup()}." in table
 
 
 def test_the_app_size_is_always_evaluated(setup):
