@@ -4,11 +4,12 @@
 their sha256, the architecture (``arch`` + ``arch_kwargs`` for :func:`lgam.create_model`), the class
 list, input size and normalisation, the training recipe, seed, epochs, git commit and metrics
 (``val_top1_err_<size>`` in percent at each evaluated size, ``params``, ``gmacs_224``,
-``cpu_latency_ms_224`` with ``cpu_latency_setup`` (threads, CPU, LGAM path), ``train_img_per_s``).
-A checkpoint over :data:`PART_LIMIT` (9 MiB) is stored as ``NAME-00001-of-0000N.safetensors``
-parts of at most that size plus ``NAME.safetensors.index.json``, loaded as one. (The parts do not spare a Hugging Face Space Git
-LFS: the Hub refuses binary files pushed without LFS/Xet whatever their size, so
-``scripts/space_upload.py`` uploads them through its API, and ``.gitattributes`` puts them in LFS.)
+``cpu_latency_ms_224`` with ``cpu_latency_setup`` (threads, CPU, LGAM path), ``train_img_per_s``). A
+checkpoint over :data:`PART_LIMIT` (9 MiB) is stored as ``NAME-00001-of-0000N.safetensors`` parts of
+at most that size plus ``NAME.safetensors.index.json``, loaded as one. (The parts do not spare a
+Hugging Face Space Git LFS: the Hub refuses binary files pushed without LFS/Xet whatever their size,
+so ``scripts/space_upload.py`` uploads them through its API, and ``.gitattributes`` puts them in
+LFS.)
 Loading verifies every sha256 and the architecture, and raises :class:`CheckpointError` with a
 message that says what is wrong and what to do.
 """
