@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from lgam.cam import overlay
 from lgam.engine import ImageComparison, ModelResult
-from lgam.figure import gate_place, squeeze_to_tile_aspect
+from lgam.figure import cam_caption, gate_place, squeeze_to_tile_aspect
 
 __all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "tiles_data", "gate_notes", "GRID_CSS"]
 
@@ -79,11 +79,11 @@ def _blank(size: tuple[int, int]) -> Image.Image:
     return tile
 
 
-def _model_tile(r: ModelResult, shown: Image.Image, alpha: float, view: str) -> Tile:
+def _model_tile(r: ModelResult, shown: Image.Image, alpha: float, view: str, method: str) -> Tile:
     if not r.ok:
         return Tile(_blank(shown.size), r.label, r.problem)
     if view == "cam":
-        return Tile(overlay(shown, r.cam, alpha), r.label, f"{r.target_class} · {r.score:.2f}")
+        return Tile(overlay(shown, r.cam, alpha), r.label, cam_caption(r, method))
     if r.gate is None:
         return Tile(_blank(shown.size), r.label, r.gate_note or "no gate")
     return Tile(overlay(shown, r.gate, alpha), r.label, f"gate, {gate_place(r.gate_source)}")
@@ -97,7 +97,7 @@ def tiles_for(comp: ImageComparison, name: str, alpha: float, view: str) -> list
     rows = []
     for v in views:
         head = Tile(shown, "Input", name if v == "cam" else f"{name} · attention gates")
-        rows.append([head] + list(_POOL.map(lambda r: _model_tile(r, shown, alpha, v), comp.results)))
+        rows.append([head] + list(_POOL.map(lambda r: _model_tile(r, shown, alpha, v, comp.method), comp.results)))
     return rows
 
 

@@ -30,7 +30,7 @@ import gradio as gr
 from PIL import Image
 
 from lgam._format import format_or_dash
-from lgam.cam import METHODS, SLOW_METHODS, CamError
+from lgam.cam import METHOD_LABELS, METHODS, SLOW_METHODS, CamError
 from lgam.data import IMAGE_EXTENSIONS
 from lgam.engine import CamEngine, ImageComparison, PreparedImage
 from lgam.figure import TILE_PIXELS
@@ -317,7 +317,7 @@ def _info(comps: list[ImageComparison], names: list[str], total_ms: float, n_cla
         if warning:
             lines.append(f"{warning} ({markdown_text(name)})" if len(comps) > 1 else warning)
     times = " · ".join(f"{r.label} {r.time_ms:.0f} ms" for r in comps[0].results if r.ok)
-    lines.append(f"**Device:** `{comps[0].device}` · **method:** {comps[0].method} · "
+    lines.append(f"**Device:** `{comps[0].device}` · **method:** {METHOD_LABELS[comps[0].method]} · "
                  f"**{len(comps)} image(s), total {total_ms:.0f} ms** (per model and image: {times})")
     return "\n\n".join(lines)
 
@@ -561,8 +561,9 @@ def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
             [OWN_TOP1] + list(engine.classes), value=OWN_TOP1, label="Target class",
             elem_id="target"))
         method = _quiet_checks(gr.Dropdown(
-            list(METHODS), value=DEFAULT_METHOD, label="CAM method",
-            info="gradcam: one forward pass; scorecam is slow on a CPU"))
+            [(METHOD_LABELS[m], m) for m in METHODS], value=DEFAULT_METHOD, label="CAM method",
+            info="Grad-CAM: one forward pass; Score-CAM is slow on a CPU; EigenCAM's map is the same "
+                 "for every class"))
         stage = _quiet_checks(gr.Dropdown(list(STAGES), value=DEFAULT_STAGE, label="Gate stage"))
         opacity = _quiet_checks(gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05,
                                           label="Heatmap opacity"))

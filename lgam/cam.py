@@ -10,8 +10,9 @@ exactly as pytorch-grad-cam does (:func:`pytorch_grad_cam.utils.image.scale_cam_
 check it equals pytorch-grad-cam's ``GradCAM`` to 1e-5.
 
 Other methods (``gradcam++ xgradcam layercam eigencam scorecam hirescam``) run pytorch-grad-cam in
-float32 on ``model.cam_target_layer()``, one CAM object per call inside ``with`` (its hooks are
-always released). pytorch-grad-cam objects keep activations on themselves: callers serialise calls
+float32 on ``model.cam_target_layer()``, one CAM object per call (its hooks are always released;
+its exceptions are raised, not printed and swallowed as its ``with`` block does with an
+IndexError). pytorch-grad-cam objects keep activations on themselves: callers serialise calls
 per model (the engine holds a lock per model).
 """
 from __future__ import annotations
@@ -28,15 +29,23 @@ from torch import Tensor, nn
 
 from .errors import LgamError
 
-__all__ = ["METHODS", "SLOW_METHODS", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
+__all__ = ["METHODS", "METHOD_LABELS", "SLOW_METHODS", "CLASS_AGNOSTIC", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
            "inference_copy", "supports_fast_path"]
 
 #: CAM method names (``gradcam`` uses the no-backward fast path)
 METHODS: tuple[str, ...] = (
     "gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "hirescam", "scorecam",
 )
+#: each method's name as its paper writes it
+METHOD_LABELS: dict[str, str] = {
+    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
+    "eigencam": "EigenCAM", "hirescam": "HiResCAM", "scorecam": "Score-CAM",
+}
 #: methods that run one forward pass per channel of the last feature map: minutes a model on a CPU
 SLOW_METHODS = frozenset({"scorecam"})
+#: methods whose map does not depend on the class (EigenCAM: the features' first principal
+#: component); a caption must not say the map explains a class
+CLASS_AGNOSTIC = frozenset({"eigencam"})
 
 
 #: class indices, one per image: a ``(B,)`` integer tensor or array, or a sequence of ints
@@ -113,10 +122,26 @@ def _check_targets(targets: Sequence[int], batch: int, num_classes: int | None) 
         raise CamError(f"class index {bad[0]} is out of range 0{top}")
 
 
+#: modules whose output depends on their train/eval mode
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
 def _check_eval(model: nn.Module) -> None:
-    if model.training:
-        raise CamError("the model is in training mode: call model.eval() first (a CAM in training "
+    """The model and every BatchNorm and dropout in eval mode: a BatchNorm left in training mode
+    under an eval-mode model would use, and update, the batch's statistics."""
+    training = [name or "the model" for name, m in model.named_modules()
+                if m.training and (m is model or isinstance(m, _MODE_DEPENDENT))]
+    if training:
+        raise CamError(f"{training[0]} is in training mode: call model.eval() first (a CAM in training "
                        "mode would use, and update, the batch's BatchNorm statistics)")
+
+
+def _check_images(x: Tensor) -> None:
+    """:class:`CamError` unless ``x`` is a non-empty ``(B, C, H, W)`` batch."""
+    if x.ndim != 4:
+        raise CamError(f"images must be a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise CamError("no images: the batch is empty")
 
 
 def fast_gradcam(
@@ -130,6 +155,7 @@ def fast_gradcam(
     Returns ``(probs (B, K) float32 on x's device, cams (B, H, W) float32 numpy in [0, 1])``.
     Equal to ``GradCAM(model, [model.cam_target_layer()])(x, targets)`` up to float rounding.
     """
+    _check_images(x)
     _check_eval(model)
     _check_classifier(model)
     if not supports_fast_path(model):
@@ -171,29 +197,46 @@ def library_cam(model: nn.Module, x: Tensor, targets: Targets | None = None,
     The model must be float32 with frozen weights (``requires_grad=False``: the input carries the
     gradient, and no ``.grad`` of the caller's is touched; :func:`inference_copy` makes such a
     twin), and this cannot run under ``torch.inference_mode``: :class:`CamError` says so, as for
-    a target out of range. The model's train/eval mode is restored (pytorch-grad-cam sets eval).
+    a target out of range. Every module's train/eval mode is restored (pytorch-grad-cam sets eval).
     The caller holds the model's lock; the CAM object's hooks are released on exit, also on errors.
     """
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     cls = _method_class(method)
+    _check_images(x)
     _check_library_model(model)
     _check_classifier(model)
     fc = getattr(model, "fc", None)
     if targets is not None:
         targets = _target_list(targets)
         _check_targets(targets, x.shape[0], fc.out_features if isinstance(fc, nn.Linear) else None)
-    xin = x.detach().float().clone().requires_grad_(True)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
+    cam = cls(model=model, target_layers=[model.cam_target_layer()])
+    # the input carries the gradient of the methods that take one (the weights are frozen); the
+    # others (ScoreCAM, EigenCAM) would only keep the first pass's graph alive
+    xin = x.detach().float().clone().requires_grad_(cam.uses_gradients)
     try:
-        with torch.enable_grad(), cls(model=model, target_layers=[model.cam_target_layer()]) as cam:
-            if method == "scorecam":
-                cam.batch_size = 64
-            wanted = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
-            out = cam(input_tensor=xin, targets=wanted)
-    finally:
-        model.train(was_training)
+        if method == "scorecam":
+            cam.batch_size = 64
+        with torch.enable_grad():
+            out = cam(input_tensor=xin, targets=None if targets is None else [_Target(t) for t in targets])
+    finally:  # not cam's own ``with``: its __exit__ prints and swallows any IndexError
+        cam.activations_and_grads.release()
+        for m, training in modes:
+            m.training = training
     return np.asarray(out, dtype=np.float32)
+
+
+class _Target:
+    """pytorch-grad-cam's ``ClassifierOutputTarget`` that checks the class against the logits'
+    width (a head other than one ``nn.Linear`` gives no class count before the forward pass)."""
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+    def __call__(self, model_output: Tensor) -> Tensor:
+        k = model_output.shape[-1]
+        if self.category >= k:
+            raise CamError(f"class index {self.category} is out of range 0..{k - 1}")
+        return model_output[..., self.category]
 
 
 def _check_classifier(model: nn.Module) -> None:

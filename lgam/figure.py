@@ -16,7 +16,7 @@ from typing import Sequence
 from PIL import Image
 
 from ._fileio import FIGURE_FORMATS, save_figure
-from .cam import METHODS, overlay
+from .cam import CLASS_AGNOSTIC, METHOD_LABELS, METHODS, overlay
 from .cli import positive_int
 from .engine import PRECISIONS, ImageComparison, ModelResult
 from .errors import UsageError
@@ -66,8 +66,9 @@ def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inc
     axes = fig.subplots(len(rows), n_cols, squeeze=False, height_ratios=aspects)
     for i, (comp, v) in enumerate(rows):
         thumb = thumbs[id(comp)]
-        tiles = [("Input", thumb, "" if view != "both" else ("Grad-CAM" if v == "cam" else "gates"))]
-        tiles += [_tile(r, thumb, alpha, v) for r in comp.results]
+        row = METHOD_LABELS[comp.method] if v == "cam" else "gates"
+        tiles = [("Input", thumb, "" if view != "both" else row)]
+        tiles += [_tile(r, thumb, alpha, v, comp.method) for r in comp.results]
         for j, (label, img, caption) in enumerate(tiles):
             _draw(axes[i][j], img, label if i == 0 else None, caption, aspects[i])
     return fig
@@ -90,15 +91,22 @@ def squeeze_to_tile_aspect(image: Image.Image) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def _tile(r: ModelResult, thumb: Image.Image, alpha: float, view: str):
+def _tile(r: ModelResult, thumb: Image.Image, alpha: float, view: str, method: str):
     """``(title, image or None, caption)`` of one model's tile."""
     if not r.ok:
         return r.label, None, "failed on this run" if r.failed else "unavailable"
     if view == "cam":
-        return r.label, overlay(thumb, r.cam, alpha), f"{r.target_class}\n{r.score:.2f}"
+        return r.label, overlay(thumb, r.cam, alpha), cam_caption(r, method, "\n")
     if r.gate is None:
         return r.label, None, r.gate_note or "no gate"
     return r.label, overlay(thumb, r.gate, alpha), gate_place(r.gate_source)
+
+
+def cam_caption(r: ModelResult, method: str, sep: str = " · ") -> str:
+    """A CAM tile's caption: the class and its probability, and, for a method whose map is the
+    same for every class (:data:`lgam.cam.CLASS_AGNOSTIC`), that the map does not explain it."""
+    text = f"{r.target_class}{sep}{r.score:.2f}"
+    return text + f"{sep}map not class-specific" if method in CLASS_AGNOSTIC else text
 
 
 def gate_place(module: str) -> str:

@@ -673,6 +673,15 @@ def test_page_tiles_keep_a_readable_shape(size):
         assert tiles[0].image.size == shown
 
 
+def test_page_captions_say_when_a_map_is_the_same_for_every_class():
+    from app import render
+
+    result = ModelResult("m", "M", target_class="tench", score=0.9, cam=np.ones((7, 7), np.float32))
+    for method, caption in [("gradcam", "tench · 0.90"), ("eigencam", "tench · 0.90 · map not class-specific")]:
+        comp = ImageComparison(Image.new("RGB", (32, 32)), [result], method, "cpu")
+        assert render.tiles_for(comp, "x.png", 0.5, "cam")[0][1].caption == caption
+
+
 def test_confidence_warning():
     sure = [("tench", 0.9)] * 5 + [("church", 0.8)]  # one dissenting model is normal
     assert confidence_warning(_comparison(*sure), 20) is None

@@ -319,6 +319,58 @@ def test_cam_functions_refuse_models_they_would_change_or_cannot_run():
         library_cam(_tiny("resnet18"), x, [1], "gradcam")
 
 
+def test_a_head_other_than_one_linear_checks_its_class_against_the_logits():
+    """With fc not an nn.Linear the class count is unknown before the forward pass: the IndexError
+    pytorch-grad-cam printed and swallowed then surfaced as an UnboundLocalError."""
+    model = _tiny("resnet18")
+    model.fc = torch.nn.Sequential(model.fc)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(CamError, match=r"class index 5 is out of range 0\.\.4"):
+        library_cam(model, x, [5], "gradcam++")
+    assert _hooks(model) == 0
+    assert library_cam(model, x, [4], "gradcam++").shape == (1, 32, 32)
+
+
+def test_each_modules_mode_is_restored_and_every_module_must_be_in_eval():
+    """pytorch-grad-cam sets eval; restoring only the top module's mode switched a frozen BN of a
+    fine-tuned model back to training. fast_gradcam looked only at the top module's mode."""
+    model = _tiny("resnet18")
+    model.train()
+    model.bn1.eval()
+    library_cam(model, torch.randn(1, 3, 32, 32), [1], "gradcam")
+    assert model.training and not model.bn1.training and model.layer1.training
+    model.eval()
+    model.layer2[0].bn1.train()
+    before = model.layer2[0].bn1.running_mean.clone()
+    with pytest.raises(CamError, match=r"layer2\.0\.bn1 is in training mode"):
+        fast_gradcam(model, torch.randn(2, 3, 32, 32))
+    assert torch.equal(before, model.layer2[0].bn1.running_mean)
+
+
+@pytest.mark.parametrize("shape, message", [((0, 3, 32, 32), "empty"), ((3, 32, 32), r"\(B, 3, H, W\)")])
+def test_cam_functions_refuse_an_empty_or_unbatched_input(shape, message):
+    model = _tiny("resnet18")
+    for run in (lambda: fast_gradcam(model, torch.randn(shape)),
+                lambda: library_cam(model, torch.randn(shape), None, "gradcam++")):
+        with pytest.raises(CamError, match=message):
+            run()
+
+
+@pytest.mark.parametrize("method", ["scorecam", "eigencam"])
+def test_methods_without_a_backward_keep_no_graph(models, method, monkeypatch):
+    """ScoreCAM and EigenCAM take no gradient: an input that required one kept the first pass's
+    graph alive for the whole (minutes-long, for ScoreCAM) run."""
+    import pytorch_grad_cam.activations_and_gradients as ag
+
+    seen = []
+    original = ag.ActivationsAndGradients.__call__
+    monkeypatch.setattr(ag.ActivationsAndGradients, "__call__",
+                        lambda self, x: seen.append(x.requires_grad) or original(self, x))
+    library_cam(_tiny("resnet18"), torch.randn(1, 3, 32, 32), [0], method)
+    library_cam(_tiny("resnet18"), torch.randn(1, 3, 32, 32), [0], "gradcam++")
+    assert seen[0] is False and seen[-1] is True
+
+
 def test_engine_other_method(mem_engine, images):
     out = mem_engine.compare(images[0], method="gradcam++", models=["resnet18", "resnet18_se"])[0]
     assert [r.ok for r in out.results] == [True, True]

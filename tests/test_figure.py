@@ -22,6 +22,19 @@ def test_grid_layout(engine, images):
         assert len(ax.get_images()) == 1
 
 
+def test_labels_name_the_method_and_a_class_agnostic_map_says_so(engine, images):
+    """The row said "Grad-CAM" whatever the method, and an EigenCAM tile read as the map of its
+    class (EigenCAM's map is the same for every class)."""
+    comps = engine.compare(images[0], method="eigencam", gates=True, models=["resnet18", "resnet18_se"])
+    axes = figure5(comps, view="both").get_axes()
+    assert axes[0].get_xlabel() == "EigenCAM"
+    r = comps[0].results[0]
+    assert axes[1].get_xlabel() == f"{r.target_class}\n{r.score:.2f}\nmap not class-specific"
+    gradcam = engine.compare(images[0], method="gradcam++", models=["resnet18"])
+    assert figure5(gradcam, view="both").get_axes()[0].get_xlabel() == "Grad-CAM++"
+    assert "\nmap not" not in figure5(gradcam).get_axes()[1].get_xlabel()
+
+
 def test_unavailable_tile(broken_checkpoints, images):
     from lgam.engine import CamEngine
 
