@@ -36,6 +36,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,13 +143,16 @@ def _train_epochs(run: _Run, trainees: list[_Trainee], last: int, val_every: int
             continue
         t0 = time.perf_counter(), time.process_time()
         lr, train_size = _train_epoch(run, active, epoch, progress)
+        wall, cpu = time.perf_counter() - t0[0], time.process_time() - t0[1]
+        own = [tr.watch.seconds() for tr in active]
         generators = generator_states(run.shuffle_gen, run.aug_gen)
 
         # -- validation, log line, resume state --
         evaluate = run.val is not None and val_every > 0 and (
             (epoch + 1) % val_every == 0 or epoch + 1 == run.recipe.epochs)
-        for tr in active:
-            record = _epoch_record(run, tr, epoch, lr, train_size, evaluate, t0)
+        for tr, seconds, share in zip(active, own, training_shares(own, wall)):
+            record = _epoch_record(run, tr, epoch, lr, train_size, evaluate, seconds,
+                                   (share * wall, share * cpu))
             if not math.isfinite(record["loss"]):
                 tr.diverged = _divergence(tr, record)  # the others train on; its state is not saved
                 continue
@@ -507,21 +511,35 @@ def _train_step(run: _Run, tr: _Trainee, x: Tensor, y: Tensor, lr: float) -> Non
 
 
 def _epoch_record(run: _Run, tr: _Trainee, epoch: int, lr: float, train_size: int, evaluate: bool,
-                  t0: tuple[float, float]) -> dict[str, Any]:
-    """``tr``'s log line for ``epoch``: loss and speed over all ranks, validation error if ``evaluate``;
-    ``t0``: the wall clock and this process's CPU time at the epoch's start. The CPU seconds (all
-    of this process's threads) do not count time the process was stopped or waiting for the
-    cores, so they compare runs that the wall time, with pauses in it, cannot."""
+                  seconds: float, train_time: tuple[float, float]) -> dict[str, Any]:
+    """``tr``'s log line for ``epoch``: loss and speed over all ranks, validation error if
+    ``evaluate``; ``seconds``: its own training steps' time; ``train_time``: its share of the
+    epoch's training pass, wall clock and this process's CPU time (:func:`training_shares`), to
+    which its own validation is added (not the other models'). The CPU seconds (all of this
+    process's threads) do not count time the process was stopped or waiting for the cores, so
+    they compare runs that the wall time, with pauses in it, cannot."""
     loss_sum, = _all_reduce([float(tr.loss_sum)])
-    seconds, = _all_reduce([tr.watch.seconds()], op="max")
+    seconds, = _all_reduce([seconds], op="max")
+    v0 = time.perf_counter(), time.process_time()
+    val_err = _top1_err(run, tr.model) if evaluate else None
     return {
         "epoch": epoch + 1, "loss": loss_sum / run.world / run.steps, "lr": lr, "train_size": train_size,
         "train_img_per_s": run.steps * run.recipe.batch_size / seconds,
-        "val_top1_err": _top1_err(run, tr.model) if evaluate else None,
+        "val_top1_err": val_err,
         "val_size": run.val_size if evaluate else None,
-        "time": time.perf_counter() - t0[0],
-        "cpu_time": time.process_time() - t0[1],
+        "time": train_time[0] + time.perf_counter() - v0[0],
+        "cpu_time": train_time[1] + time.process_time() - v0[1],
     }
+
+
+def training_shares(own: list[float], wall: float) -> list[float]:
+    """Each model's share of a training pass that trained several side by side: its own steps'
+    time ``own[i]`` plus an equal part of the rest (loading, augmenting), over the pass's ``wall``
+    time; the shares sum to 1, and one model's share is 1."""
+    n = len(own)
+    common = max(0.0, wall - sum(own))
+    total = sum(own) + common
+    return [(s + common / n) / total if total > 0 else 1 / n for s in own]
 
 
 def _divergence(tr: _Trainee, record: dict[str, Any]) -> str:
@@ -589,14 +607,15 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 # ------------------------------------------------------------------------------ the command
 
 def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Checkpoint metrics from a model's log: ``train_img_per_s`` (mean over the epochs after the
-    first, which includes warm-up and compilation), ``train_wall_min`` (the epochs' wall time,
+    """Checkpoint metrics from a model's log: ``train_img_per_s`` (the images over the training
+    steps' time of the epochs after the first, which includes warm-up and compilation: the harmonic
+    mean of their rates, as every epoch trains as many images), ``train_wall_min`` (the epochs' wall time,
     in-training validation included), ``train_cpu_min`` (their CPU time, pauses excluded; only
     when every epoch logged it) and the last ``val_top1_err_<size>``."""
     speeds = [r["train_img_per_s"] for r in records]
     metrics: dict[str, float] = {}
     if speeds:
-        metrics["train_img_per_s"] = float(np.mean(speeds[1:] if len(speeds) > 1 else speeds))
+        metrics["train_img_per_s"] = float(statistics.harmonic_mean(speeds[1:] if len(speeds) > 1 else speeds))
         metrics["train_wall_min"] = float(sum(r["time"] for r in records) / 60)
     if records and all("cpu_time" in r for r in records):
         metrics["train_cpu_min"] = float(sum(r["cpu_time"] for r in records) / 60)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,43 @@ def test_summary_minutes_wall_and_cpu():
                  "val_top1_err_160": 30.0}
     del records[0]["cpu_time"]
     assert "train_cpu_min" not in summary_metrics(records)
+
+
+def test_summary_speed_is_images_over_time_not_the_mean_of_rates():
+    """Every epoch trains as many images: 100 and 50 img/s are 66.7 img/s over both (the mean of
+    the rates, 75, overstated the speed of a run whose epochs grow)."""
+    from lgam.train import summary_metrics
+
+    records = [{"epoch": e, "train_img_per_s": r, "time": 1.0, "val_top1_err": None}
+               for e, r in enumerate((10.0, 100.0, 50.0), 1)]
+    assert summary_metrics(records)["train_img_per_s"] == pytest.approx(200 / 3)
+
+
+def test_training_shares():
+    from lgam.train import training_shares
+
+    assert training_shares([3.0], 5.0) == [1.0]
+    assert training_shares([1.0, 3.0], 6.0) == pytest.approx([2 / 6, 4 / 6])  # 2 s shared, 1 s each
+    assert training_shares([0.0, 0.0], 0.0) == [0.5, 0.5]
+
+
+def test_side_by_side_models_time_only_their_own_work(tiny_data, tmp_path, monkeypatch):
+    """Each model's epoch time counted every model's training and the earlier models' validation
+    and state saving: train min of a side-by-side run was the whole run's for every model."""
+    top1, calls = lgam.train._top1_err, []
+
+    def slow_for_the_first(run, model):  # the first model's validation takes 2 s longer
+        calls.append(model)
+        if len(calls) == 1:
+            time.sleep(2.0)
+        return top1(run, model)
+
+    monkeypatch.setattr(lgam.train, "_top1_err", slow_for_the_first)
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, "--model", "resnet18", "resnet18_se", "--epochs", "1",
+                  "--val-every", "1") == 0
+    a, b = _log(run / "resnet18")[0]["time"], _log(run / "resnet18_se")[0]["time"]
+    assert a > 2.0 and b < a - 1.5
 
 
 def test_lr_schedules():
