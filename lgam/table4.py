@@ -109,14 +109,16 @@ def choose_size(runs: Runs, sizes: Sequence[int] | None = None) -> tuple[int, di
     """The size with the lowest mean held-out error over every run (among ``sizes``, default every
     size the runs were evaluated at), and each size's mean."""
     sizes = evaluated_sizes(runs) if sizes is None else sizes
-    means = {}
-    for s in sizes:
-        values = [m[f"holdout_top1_err_{s}"] for seeds in runs.values() for m in seeds.values()
-                  if f"holdout_top1_err_{s}" in m]
-        if values:
-            means[s] = statistics.fmean(values)
-    if not means:
+    every = [m for seeds in runs.values() for m in seeds.values()]
+    have = {s: [m for m in every if f"holdout_top1_err_{s}" in m] for s in sizes}
+    have = {s: ms for s, ms in have.items() if ms}
+    if not have:
         raise UsageError("no held-out errors in these runs (train with --holdout N): pass --size")
+    if len({len(ms) for ms in have.values()}) > 1:  # sizes averaged over other runs do not compare
+        counts = ", ".join(f"{s} px: {len(ms)}" for s, ms in sorted(have.items()))
+        raise UsageError(f"the runs have held-out errors at different sizes (runs per size: {counts} of "
+                         f"{len(every)}): evaluate every run at every size, or pass --size")
+    means = {s: statistics.fmean(m[f"holdout_top1_err_{s}"] for m in ms) for s, ms in have.items()}
     return min(means, key=lambda s: (means[s], s)), means
 
 
@@ -176,6 +178,8 @@ def _shipped_mcnemar(runs: Runs, model: str, base: str, size: int, seed: int) ->
     if not a or not b or key not in a or key not in b:
         return DASH
     n = a["val_images"]
+    if b["val_images"] != n:  # masks over other images: McNemar would pair unrelated predictions
+        return DASH
     only_model, only_base, p = mcnemar(unpack_mask(a[key], n).tolist(), unpack_mask(b[key], n).tolist())
     return f"{only_model} / {only_base}, p = {p:.2g}"
 

@@ -59,6 +59,30 @@ def test_size_is_chosen_on_held_out_images_not_val(runs):
     assert choose_size(read_runs(runs), (128, 160))[0] == 128
 
 
+def test_size_is_not_chosen_over_different_runs_per_size(runs):
+    """A size only some runs were evaluated at was averaged over those runs alone (the better
+    models' size could win); now that is refused with the counts."""
+    d = runs / "resnet18" / "seed0" / "metrics.json"
+    m = json.loads(d.read_text())
+    del m["holdout_top1_err_128"]
+    d.write_text(json.dumps(m))
+    with pytest.raises(UsageError, match=r"128 px: 5, 160 px: 6 of 6"):
+        choose_size(read_runs(runs), (128, 160))
+    assert choose_size(read_runs(runs), (160,))[0] == 160
+
+
+def test_mcnemar_needs_both_runs_on_the_same_images(runs):
+    from lgam.table4 import format_table4
+
+    row = lambda: [l for l in format_table4(read_runs(runs), 160).splitlines() if l.startswith("| SE ")][0]
+    assert "1 / 2, p = " in row()  # only SE wrong: 1 image, only plain wrong: 2
+    d = runs / "resnet18" / "seed0" / "metrics.json"
+    m = json.loads(d.read_text())
+    m["val_images"] = N_VAL - 8  # evaluated on a --limit: its mask covers other images
+    d.write_text(json.dumps(m))
+    assert "p = " not in row()
+
+
 def test_mcnemar_exact():
     # 2 discordant one way, 8 the other: p = 2 * P(X <= 2 | n=10, 1/2) = 2 * 56/1024
     a = [True] * 2 + [False] * 8 + [True] * 5
