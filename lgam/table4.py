@@ -44,7 +44,7 @@ from .evaluate import PAPER_TOP1_ERR, unpack_mask
 from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "t975", "read_runs", "evaluated_sizes", "choose_size", "SeedSummary",
-           "summarise", "paired_difference", "mcnemar", "format_table4", "format_runs",
+           "summarise", "paired_difference", "gap_difference", "mcnemar", "format_table4", "format_runs",
            "format_schedule", "by_group", "format_by_group", "seed_dir_name", "seeds_label",
            "table4_figure", "ship_input_size", "configure_parser", "main"]
 
@@ -237,6 +237,38 @@ def format_by_group(grouped: dict[str, Runs], size: int, base: str = "resnet18")
             n = next(iter(runs[model].values()))["val_images"]
             lines.append(f"| {_cell(group)} | {n} | {FIGURE5_MODELS.get(model, model)} | {_mean_std(s)} | "
                          f"{_per_seed(s)} | {_delta(runs, model, base, size)} |")
+    if len(grouped) == 2:
+        lines += ["", _format_gap_difference(grouped, size, base)]
+    return "\n".join(lines)
+
+
+def gap_difference(grouped: dict[str, Runs], model: str, base: str, size: int
+                   ) -> tuple[list[float], float, float | None]:
+    """Whether ``model``'s gap to ``base`` differs between two groups: per seed (those all four
+    runs share), its paired difference in the second group minus that in the first; their mean
+    and the 95 % t interval's half-width (None with one seed)."""
+    (_, first), (_, second) = grouped.items()
+    seeds = sorted(set(first[model]) & set(first[base]) & set(second[model]) & set(second[base]))
+    if not seeds:
+        raise UsageError(f"{model} and {base} share no seed in both groups")
+    key = f"val_top1_err_{size}"
+    diffs = [(second[model][k][key] - second[base][k][key]) - (first[model][k][key] - first[base][k][key])
+             for k in seeds]
+    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return diffs, statistics.fmean(diffs), half
+
+
+def _format_gap_difference(grouped: dict[str, Runs], size: int, base: str) -> str:
+    first, second = (_cell(g) for g in grouped)
+    lines = [f"| model | Δ in {second} − Δ in {first}: mean [95 % CI] (pt) | per seed (pt) |", "|---|---:|---:|"]
+    runs = next(iter(grouped.values()))
+    for model in runs:
+        if model == base or base not in runs:
+            continue
+        diffs, mean, half = gap_difference(grouped, model, base, size)
+        ci = "" if half is None else f" [{mean - half:+.2f}, {mean + half:+.2f}]"
+        lines.append(f"| {FIGURE5_MODELS.get(model, model)} | {mean:+.2f}{ci} | "
+                     f"{' / '.join(f'{d:+.2f}' for d in diffs)} |")
     return "\n".join(lines)
 
 

@@ -264,12 +264,29 @@ def test_errors_within_each_group_of_val_images(runs):
         by_group(read_runs(runs), 192, groups)
 
 
+def test_the_gap_difference_between_two_groups_is_paired_by_seed(runs):
+    """"Trails plain by more in group b" is a claim about (gap in b) - (gap in a), seed by seed:
+    the two groups' intervals side by side do not test it."""
+    from lgam.table4 import by_group, gap_difference
+
+    grouped = by_group(read_runs(runs), 160, ["a"] * 20 + ["b"] * 20)
+    diffs, mean, half = gap_difference(grouped, "resnet18_se", "resnet18", 160)
+    assert diffs == [15.0, 15.0, 15.0] and half == 0.0  # b: 5 - 0, a: 40 - 50
+    grouped["b"]["resnet18_se"][1]["val_top1_err_160"] = 8.0
+    diffs, mean, half = gap_difference(grouped, "resnet18_se", "resnet18", 160)
+    assert diffs == [15.0, 18.0, 15.0] and mean == pytest.approx(16.0)
+    assert half == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3))
+    del grouped["a"]["resnet18_se"][1]  # a seed missing in one group is left out
+    assert gap_difference(grouped, "resnet18_se", "resnet18", 160)[0] == [15.0, 15.0]
+
+
 def test_cli_breaks_the_table_down_by_a_classes_tsv_column(runs, val_data, capsys):
     assert main(["table4", str(runs), "--by", "source", "--data", str(val_data)]) == 0
     out = capsys.readouterr().out
     assert "By source, a column of the data's classes.tsv (val, 160 px)" in out
     assert "| nette | 20 | ResNet18 | 50.00 ± 0.00 | 50.00 / 50.00 / 50.00 | — |" in out
     assert "| woof | 20 | SE | 5.00 ± 0.00 | 5.00 / 5.00 / 5.00 | +5.00 [+5.00, +5.00] |" in out
+    assert "| SE | +15.00 [+15.00, +15.00] | +15.00 / +15.00 / +15.00 |" in out  # two groups: their gaps compared
     assert main(["table4", str(runs), "--by", "name", "--data", str(val_data)]) == 0
     assert "| beagle | 20 | ResNet18 | 0.00 ± 0.00 |" in capsys.readouterr().out
     assert main(["table4", str(runs), "--by", "source"]) == 2
