@@ -120,7 +120,8 @@ RECIPES: dict[str, Recipe] = {
     "fast": Recipe(epochs=16, batch_size=256, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-5,
                    schedule="cosine", step_epochs=30, gamma=0.1, warmup_epochs=2.0, label_smoothing=0.1,
                    train_size=160, crop_scale_min=0.25, bf16=True, channels_last=True, accum_steps=1),
-    # each ResNet18 variant on ImageNet-20 within an hour of a 2-core CPU with native bf16
+    # each ResNet18 variant on ImageNet-20 in about an hour of a 2-core CPU with native bf16 (1-2 h
+    # measured with other work beside it: docs/training.md)
     # (AVX512-BF16): progressive resizing 96 -> 128 px (FFCV), evaluated at a larger size (FixRes),
     # label smoothing, no decay on BN/bias; every residual branch starts with its output after the
     # attention module at RMS 0.5 (branch_rms, LSUV-style): the same start whatever the module does

@@ -96,7 +96,7 @@ def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     if fixed:
         raise UsageError(f"{name!r} is {', '.join(f'{k}={defaults[k]!r}' for k in fixed)}: another value "
                          "builds another architecture under its name; register one "
-                         "(lgam.register_model('mynet', builder, ...)) or build the class itself")
+                         "(lgam.models.register_model('mynet', builder, ...)) or build the class itself")
     _check_accepted(f"create_model({name!r})", _MODELS[name], set(kwargs),
                     {"num_classes", "stem", "attention"} | (set(defaults) - {"attention_kwargs"}))
     attention = defaults.get("attention")
