@@ -247,6 +247,8 @@ def test_every_resnet18_variant_trains(name):
         (lambda: lgam.create_model("resnext29_32x4d", cardinality=8, base_width=64),
          "is cardinality=32, base_width=4: another value builds another architecture"),
         (lambda: lgam.create_model("wrn16_10", depth=28), "'wrn16_10' is depth=16"),
+        # the way out it names exists (lgam.register_model did not)
+        (lambda: lgam.create_model("wrn16_10", depth=28), r"register one \(lgam\.models\.register_model\("),
         (lambda: lgam.create_model("resnet18", attention="se", placement="stage"), "is placement='block'"),
         # a keyword nothing takes: a bare TypeError from the class before
         (lambda: lgam.create_model("resnet18", depht=3), "takes no depht; it accepts: .*skip_init"),
