@@ -5,28 +5,28 @@ readable: its caption fully visible (not clipped), the photo's aspect ratio kept
 wide on the desktop. Screenshots go to ``$LGAM_SCREENSHOTS`` (default: the test's temp folder)."""
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from _helpers import synthetic_image
 
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or shutil.which(
-    "chromium-browser")
-CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN") or shutil.which("chromedriver")
+_spec = importlib.util.spec_from_file_location(
+    "app_screenshot", Path(__file__).resolve().parents[1] / "scripts" / "app_screenshot.py")
+shots = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(shots)  # the browser and the wait condition, one home for both
+GRID_STATE, _tiles_of = shots.GRID_STATE, shots.tiles_of
 
 pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
+    not (shots.CHROMIUM and shots.CHROMEDRIVER),
     reason="needs Chromium and chromedriver (Debian: apt-get install -y chromium chromium-driver)",
 )
 
@@ -49,21 +49,9 @@ def server(engine, app_checkpoints):
 
 @pytest.fixture()
 def browser(request):
-    profile = tempfile.mkdtemp(prefix="lgam_chromium_")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--no-first-run", f"--user-data-dir={profile}", "--hide-scrollbars"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     width, height = request.param
-    driver.set_window_size(width, height)
-    try:
+    with shots.chromium(width, height) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 # per tile: widths, the image's natural and rendered aspect, whether the caption is clipped
@@ -77,21 +65,6 @@ return Array.from(document.querySelectorAll('#results figure')).map(f => {
                    || c.right > window.innerWidth + 1 || c.width < 20};
 });
 """
-
-
-# the number of tiles and the first one's caption (read at once: the grid may be re-rendered)
-GRID_STATE = """
-const f = document.querySelectorAll('#results figure');
-return [f.length, f.length ? f[0].querySelector('figcaption').innerText : ''];
-"""
-
-
-def _tiles_of(name: str):
-    """A wait condition: seven tiles or more, the first of them the input ``name``."""
-    def shown(d) -> bool:
-        count, caption = d.execute_script(GRID_STATE)
-        return count >= 7 and name in caption
-    return shown
 
 
 @pytest.mark.slow
@@ -137,3 +110,17 @@ def test_first_view_then_upload_alone_shows_seven_readable_tiles(server, browser
         assert cap.startswith(label) and (" · 0." in cap or " · 1.00" in cap), cap
     info = browser.find_element(By.ID, "run-info").text
     assert "Device" in info and "cpu" in info
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_saves_the_first_view(server, tmp_path):
+    """``scripts/app_screenshot.py`` (the README's picture) waits for the first example's seven
+    tiles and saves the whole page at the width asked."""
+    from PIL import Image
+
+    from app.ui import IN_CLASS_EXAMPLES, default_examples
+
+    first = os.path.basename(default_examples()[IN_CLASS_EXAMPLES][0])
+    out = shots.shoot(server, tmp_path / "app.jpg", first, width=1000)
+    with Image.open(out) as img:
+        assert img.format == "JPEG" and img.width == 1000 and img.height > 800
