@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .errors import LgamError
 
-__all__ = ["METHODS", "METHOD_LABELS", "SLOW_METHODS", "CLASS_AGNOSTIC", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
+__all__ = ["CMAP", "METHODS", "METHOD_LABELS", "SLOW_METHODS", "CLASS_AGNOSTIC", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
            "inference_copy", "supports_fast_path"]
 
 #: CAM method names (``gradcam`` uses the no-backward fast path)
@@ -47,6 +47,9 @@ SLOW_METHODS = frozenset({"scorecam"})
 #: component); a caption must not say the map explains a class
 CLASS_AGNOSTIC = frozenset({"eigencam"})
 
+
+#: the heatmaps' matplotlib colormap (0 blue, 1 red), as pytorch-grad-cam's
+CMAP = "jet"
 
 #: class indices, one per image: a ``(B,)`` integer tensor or array, or a sequence of ints
 Targets = Union[Tensor, np.ndarray, Sequence[int]]
@@ -260,7 +263,7 @@ def _check_library_model(model: nn.Module) -> None:
 # drawing
 
 
-def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
+def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> Image.Image:
     """Heatmap of ``cam`` (``(h, w)`` in [0, 1], resized to the image) blended over ``image``:
     ``(1 - alpha) * image + alpha * colormap(cam)`` in 8-bit colour. Returns an RGB image of
     ``image``'s size."""

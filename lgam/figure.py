@@ -16,7 +16,7 @@ from typing import Sequence
 from PIL import Image
 
 from ._fileio import FIGURE_FORMATS, save_figure
-from .cam import CLASS_AGNOSTIC, METHOD_LABELS, METHODS, overlay
+from .cam import CLASS_AGNOSTIC, CMAP, METHOD_LABELS, METHODS, overlay
 from .cli import positive_int
 from .engine import PRECISIONS, ImageComparison, ModelResult
 from .errors import UsageError
@@ -61,7 +61,7 @@ def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inc
     n_cols = 1 + len(comparisons[0].results)
     thumbs = {id(comp): _thumb(comp.image) for comp in comparisons}
     aspects = [_tile_aspect(thumbs[id(comp)]) for comp, _ in rows]
-    fig = Figure(figsize=(tile_inches * n_cols, sum(tile_inches * a + 0.45 for a in aspects) + 0.3),
+    fig = Figure(figsize=(tile_inches * n_cols, sum(tile_inches * a + 0.45 for a in aspects) + 0.8),
                  layout="constrained")
     axes = fig.subplots(len(rows), n_cols, squeeze=False, height_ratios=aspects)
     for i, (comp, v) in enumerate(rows):
@@ -71,7 +71,28 @@ def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inc
         tiles += [_tile(r, thumb, alpha, v, comp.method) for r in comp.results]
         for j, (label, img, caption) in enumerate(tiles):
             _draw(axes[i][j], img, label if i == 0 else None, caption, aspects[i])
+    _colour_bar(fig, axes, view)
     return fig
+
+
+#: what the colours mean, by view
+_SCALES = {
+    "cam": "CAM, each map min-max scaled to 0-1",
+    "gates": "gate value (what the module multiplies by)",
+    "both": "CAM rows: each map min-max scaled to 0-1 · gate rows: the gate's value",
+}
+
+
+def _colour_bar(fig, axes, view: str) -> None:
+    """One horizontal colour bar under the grid, 0 to 1, saying what the colours measure."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap=CMAP), ax=axes, orientation="horizontal",
+                       fraction=0.04, aspect=50, pad=0.02, shrink=0.6)
+    bar.set_ticks([0.0, 0.5, 1.0])
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(_SCALES[view], fontsize=8)
 
 
 def _tile_aspect(thumb: Image.Image) -> float:

@@ -14,7 +14,8 @@ def test_grid_layout(engine, images):
     comps = engine.compare(images[:2], target=2)
     fig = figure5(comps)
     axes = fig.get_axes()
-    assert len(axes) == 2 * 7
+    assert len(axes) == 2 * 7 + 1  # the tiles, then the colour bar
+    assert axes[-1].get_xlabel() == "CAM, each map min-max scaled to 0-1"
     titles = [ax.get_title() for ax in axes[:7]]
     assert titles == ["Input", "ResNet18", "SE", "SGE", "CBAM", "BAM", "LGAM"]
     for ax, r in zip(axes[8:14], comps[1].results):
@@ -107,12 +108,13 @@ def test_cli_errors(app_checkpoints, tmp_path, capsys):
 def test_gates_and_both_views(engine, images):
     comps = engine.compare(images[:2], gates=True)
     axes = figure5(comps, view="gates").get_axes()
-    assert len(axes) == 2 * 7
+    assert len(axes) == 2 * 7 + 1
+    assert axes[-1].get_xlabel() == "gate value (what the module multiplies by)"
     assert axes[1].get_xlabel() == "no attention module" and not axes[1].get_images()
     assert axes[6].get_xlabel() == "stage 4 · layer4.1" and len(axes[6].get_images()) == 1
     assert axes[5].get_xlabel() == "after stage 3"  # BAM sits between stages
     both = figure5(comps, view="both").get_axes()
-    assert len(both) == 4 * 7  # per image: a CAM row, then a gates row
+    assert len(both) == 4 * 7 + 1  # per image: a CAM row, then a gates row; the colour bar
     assert [both[0].get_xlabel(), both[7].get_xlabel()] == ["Grad-CAM", "gates"]
     with pytest.raises(ValueError, match="view"):
         figure5(comps, view="attention")
@@ -137,7 +139,7 @@ def test_a_strip_image_gives_a_figure_of_bounded_size(engine, tmp_path):
 
     strip = Image.new("RGB", (1, 1000), (90, 120, 30))
     fig = figure5(engine.compare(strip), tile_inches=1.7)
-    assert fig.get_size_inches()[1] <= 1.7 * MAX_TILE_ASPECT + 1
+    assert fig.get_size_inches()[1] <= 1.7 * MAX_TILE_ASPECT + 1.3  # a row, its caption, the colour bar
     out = save_figure5(engine.compare([strip, strip.transpose(Image.Transpose.ROTATE_90)]),
                        tmp_path / "strip.png", dpi=50)
     with Image.open(out) as im:
