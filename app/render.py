@@ -20,11 +20,11 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from lgam.cam import overlay
+from lgam.cam import colormap_lut, overlay
 from lgam.engine import ImageComparison, ModelResult
-from lgam.figure import cam_caption, gate_place, squeeze_to_tile_aspect
+from lgam.figure import SCALE_LABELS, cam_caption, gate_place, squeeze_to_tile_aspect
 
-__all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "tiles_data", "gate_notes", "GRID_CSS"]
+__all__ = ["Tile", "VIEWS", "tiles_for", "tiles_html", "scale_html", "tiles_data", "gate_notes", "GRID_CSS"]
 
 #: the view switch: label -> what the model tiles show
 VIEWS = {"Grad-CAM": "cam", "attention gates": "gates", "both": "both"}
@@ -49,6 +49,8 @@ GRID_CSS = f"""
   overflow-wrap: anywhere; }}
 .lgam-grid figcaption b {{ display: block; }}
 .lgam-row-title {{ margin: 12px 0 4px; font-weight: 600; }}
+.lgam-scale {{ display: flex; align-items: center; gap: 6px; margin-top: 10px; font-size: 0.85rem; }}
+.lgam-scale .bar {{ width: 180px; height: 10px; border-radius: 2px; flex: none; }}
 """
 
 
@@ -112,8 +114,18 @@ def _data_urls(rows: Sequence[Sequence[Tile]]):
     return iter(_POOL.map(_data_url, [t.image for row in rows for t in row]))
 
 
-def tiles_html(rows: Sequence[Sequence[Tile]], titles: Sequence[str] = ()) -> str:
-    """The page's result grid: one block per row of tiles, each with an optional title."""
+def scale_html(view: str) -> str:
+    """The heatmaps' colour key: 0 to 1 in the overlays' colormap, and what it measures in
+    ``view`` (``"cam"``, ``"gates"`` or ``"both"``)."""
+    lut = colormap_lut()
+    stops = ", ".join("#%02x%02x%02x" % tuple(lut[round(k * (len(lut) - 1) / 8)]) for k in range(9))
+    return (f'<div class="lgam-scale">0<span class="bar" style="background: linear-gradient(to right, '
+            f'{stops})"></span>1 <span>· {html.escape(SCALE_LABELS[view])}</span></div>')
+
+
+def tiles_html(rows: Sequence[Sequence[Tile]], titles: Sequence[str] = (), view: str | None = None) -> str:
+    """The page's result grid: one block per row of tiles, each with an optional title; with
+    ``view``, the colour key (:func:`scale_html`) under it."""
     parts = [f"<style>{GRID_CSS}</style>"]  # with the grid: styled however the page is launched
     urls = _data_urls(rows)
     for k, row in enumerate(rows):
@@ -125,6 +137,8 @@ def tiles_html(rows: Sequence[Sequence[Tile]], titles: Sequence[str] = ()) -> st
             f"{html.escape(t.caption)}</figcaption></figure>"
             for t in row)
         parts.append(f'<div class="lgam-grid">{cells}</div>')
+    if view is not None:
+        parts.append(scale_html(view))
     return "\n".join(parts)
 
 

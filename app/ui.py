@@ -404,7 +404,7 @@ def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | 
     def answer() -> tuple[str, list[list[Any]], str]:
         rows, titles, top5, info = _results(engine, image, more_images, target, method, opacity,
                                             view, stage, limits)
-        return tiles_html(rows, titles), top5, info
+        return tiles_html(rows, titles, _view(view)), top5, info
 
     return _guarded("compare", answer)
 

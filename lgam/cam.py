@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .errors import LgamError
 
 __all__ = ["CMAP", "METHODS", "METHOD_LABELS", "SLOW_METHODS", "CLASS_AGNOSTIC", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
-           "inference_copy", "supports_fast_path"]
+           "inference_copy", "supports_fast_path", "colormap_lut"]
 
 #: CAM method names (``gradcam`` uses the no-backward fast path)
 METHODS: tuple[str, ...] = (
@@ -280,13 +280,13 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5, cmap: str =
         raise CamError(f"overlay needs one (h, w) map, got shape {c.shape} (index a batch: cams[i])")
     if c.shape != (h, w):
         c = cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR)
-    lut = _colormap_lut(cmap)
+    lut = colormap_lut(cmap)
     heat = lut[np.clip(c * len(lut), 0, len(lut) - 1).astype(np.intp)]  # matplotlib's binning
     return Image.fromarray(cv2.addWeighted(rgb, 1.0 - float(alpha), heat, float(alpha), 0.0), "RGB")
 
 
 @functools.lru_cache(maxsize=8)
-def _colormap_lut(cmap: str) -> np.ndarray:
+def colormap_lut(cmap: str = CMAP) -> np.ndarray:
     """Matplotlib colormap ``cmap`` as its ``(N, 3)`` uint8 colour table, looked up once (calling
     the colormap per tile and blending in float32 was 8 ms of a 448-px tile; this is ~1 ms)."""
     from matplotlib import colormaps

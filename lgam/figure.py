@@ -75,8 +75,8 @@ def figure5(comparisons: Sequence[ImageComparison], alpha: float = 0.5, tile_inc
     return fig
 
 
-#: what the colours mean, by view
-_SCALES = {
+#: what the heatmaps' colours measure, by view
+SCALE_LABELS = {
     "cam": "CAM, each map min-max scaled to 0-1",
     "gates": "gate value (what the module multiplies by)",
     "both": "CAM rows: each map min-max scaled to 0-1 · gate rows: the gate's value",
@@ -92,7 +92,7 @@ def _colour_bar(fig, axes, view: str) -> None:
                        fraction=0.04, aspect=50, pad=0.02, shrink=0.6)
     bar.set_ticks([0.0, 0.5, 1.0])
     bar.ax.tick_params(labelsize=7)
-    bar.set_label(_SCALES[view], fontsize=8)
+    bar.set_label(SCALE_LABELS[view], fontsize=8)
 
 
 def _tile_aspect(thumb: Image.Image) -> float:

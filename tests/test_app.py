@@ -741,7 +741,11 @@ def test_page_grid_views(engine, files):
     html, _, _ = run_page(engine, files[0])
     assert html.count("<figure>") == 7 and html.count("data:image/jpeg;base64,") == 7
     assert "SE</b>" in html and "· 0." in html and "<style>" in html
+    # a colour key under the grid: the overlays' colormap from 0 (dark blue) to 1 (dark red)
+    assert 'class="lgam-scale">0<span class="bar"' in html and "#000080" in html and "#800000" in html
+    assert "· CAM, each map min-max scaled to 0-1</span>" in html
     html, _, info = run_page(engine, files[0], view="attention gates", stage="stage 3")
+    assert "· gate value (what the module multiplies by)</span>" in html
     assert "<b>LGAM</b>gate, stage 3 · layer3.1</figcaption>" in html
     assert "<b>ResNet18</b>no attention module</figcaption>" in html
     assert "What the gate maps are" in info and "eqs (5)-(6)" in info
