@@ -70,6 +70,9 @@ class DecodedSplit:
     classes: list[str]  # display names, index = label
     wnids: list[str]  # folder names / ids, index = label
     skipped: list[str] = field(default_factory=list)  # unreadable files (skip_corrupt=True)
+    # images not stored at S x S, resized to it by load_split (split_holdout's parts do not keep it)
+    resized: int = 0
+
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -323,7 +326,7 @@ def _first_size(samples: Sequence[_Sample], skip_corrupt: bool) -> int:
     every image is decoded to that size when no size is given."""
     for sample in samples:
         try:
-            return _decode(sample, None).shape[1]
+            return _decode(sample, None)[0].shape[1]
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if not skip_corrupt:
                 raise DataError(f"cannot read image {sample.name}: {e} (pass skip_corrupt=True / "
@@ -331,13 +334,15 @@ def _first_size(samples: Sequence[_Sample], skip_corrupt: bool) -> int:
     raise DataError("no image could be read")
 
 
-def _decode(sample: _Sample, size: int | None) -> np.ndarray:
+def _decode(sample: _Sample, size: int | None) -> tuple[np.ndarray, bool]:
+    """``(image (3, S, S) uint8, whether it was resized to S x S)``."""
     with Image.open(io.BytesIO(sample.read())) as img:
         img.load()
         rgb = img.convert("RGB")
-    if size is not None and rgb.size != (size, size):
+    resized = size is not None and rgb.size != (size, size)
+    if resized:
         rgb = rgb.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1), resized
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -455,9 +460,11 @@ def load_split(
     images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
     rows = images.numpy()  # the same memory
 
+    resized = [False] * len(samples)
+
     def decode(i: int) -> str | None:
         try:
-            rows[i] = _decode(samples[i], size)
+            rows[i], resized[i] = _decode(samples[i], size)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             if skip_corrupt:
                 return samples[i].name
@@ -474,7 +481,7 @@ def load_split(
     if skipped:
         images = images[keep]
     labels = torch.tensor([index[samples[i].wnid] for i in keep], dtype=torch.int64)
-    return DecodedSplit(images, labels, names, wnids, skipped)
+    return DecodedSplit(images, labels, names, wnids, skipped, sum(resized[i] for i in keep))
 
 
 def check_holdout(counts: Mapping[str, int], per_class: int) -> None:

@@ -35,7 +35,7 @@ from .errors import UsageError
 from .params import cost_metrics
 
 __all__ = ["PAPER_TOP1_ERR", "SIZES", "top1_error", "misses", "pack_mask", "unpack_mask", "load_run_model",
-           "evaluate_run", "cpu_latency_ms", "latency_setup", "evaluate_checkpoints",
+           "evaluate_run", "cpu_latency_ms", "latency_setup", "note_resized", "evaluate_checkpoints",
            "best_input_size", "format_table", "configure_parser", "main"]
 
 #: input sizes evaluated by default (the app's ``input_size`` is added to them)
@@ -149,6 +149,7 @@ def evaluate_checkpoints(
     if unknown:
         raise CheckpointError(f"not in {directory}/manifest.json: {unknown}; it has {sorted(manifest)}")
     split = load_split(data, "val", limit=limit)
+    note_resized(split)
     rows = []
     for name in names:
         model, entry = load_checkpoint(directory, name, map_location=device)
@@ -168,6 +169,17 @@ def evaluate_checkpoints(
             update_metrics(directory, name, metrics)
         rows.append({"model": name, "input_size": int(entry["input_size"]), **entry["metrics"], **metrics})
     return rows
+
+
+def note_resized(split: DecodedSplit) -> None:
+    """Say on stderr when val images of other sizes were resized on decode to the first one's
+    square: they are then resized twice (there, and to each input size), where the app resizes
+    each image once, so their errors can differ slightly from what the app would give."""
+    if split.resized:
+        s = split.images.shape[-1]
+        print(f"note: {split.resized} of {len(split)} val images are not {s}x{s} px (the first image's "
+              f"size): each was resized to {s}x{s} on decoding, then to each input size (the app "
+              "resizes once), so their errors can differ slightly from the app's", file=sys.stderr)
 
 
 def _check_same_classes(what: str, trained: Sequence[str], data: Sequence[str]) -> None:
@@ -240,6 +252,7 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
 
     configs = [_finished_run_config(run) for run in runs]  # before minutes of decoding
     val = load_split(data, "val")
+    note_resized(val)
     held: dict[tuple, DecodedSplit] = {}
     rows = []
     for run, config in zip(runs, configs):
