@@ -22,7 +22,9 @@ Per request and device, in the same run:
 
 Models come from ``--checkpoints`` when it holds all six, else are freshly initialised at
 ``--size`` (timing does not depend on the weights); every path runs at the models' input size.
-Prints a Markdown table (median and p90 over ``--reps``) and the machine.
+The paths run interleaved (round after round, one call of each, the order rotated), so the
+speed-ups are ratios of times measured together. Prints the command, the machine, the threads and
+a Markdown table (median and p90 over ``--reps``).
 
     python benchmarks/app_latency.py [--reps 30] [--devices cpu cuda] [--size 160] [--threads N]
                                      [--engine-only]
@@ -30,8 +32,9 @@ Prints a Markdown table (median and p90 over ``--reps``) and the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the app/ folder 
 
 import lgam  # noqa: E402
 from lgam.checkpoints import load_manifest, save_checkpoint  # noqa: E402
+from lgam.device import cpu_name  # noqa: E402
 from lgam.engine import CamEngine  # noqa: E402
 from lgam.models import FIGURE5_MODELS  # noqa: E402
 
@@ -74,11 +78,12 @@ def _checkpoints(checkpoints: str | None, size: int, tmp: str) -> Path:
 
 
 @contextmanager
-def _server(checkpoints: Path, device: str, precision: str):
-    """``python -m app`` in its own process, as deployed (the client is another process); yields
-    ``{client: function that calls /compare with just the image}`` for gradio_client as it comes
-    and with one TLS context for all its requests (as the README's example; by default it builds
-    a context, loading the CA bundle, per HTTP request, even for http://)."""
+def _server(checkpoints: Path, device: str, precision: str, threads: int | None):
+    """``python -m app`` in its own process, as deployed (the client is another process; with
+    ``threads``, its ``OMP_NUM_THREADS``); yields ``{client: function that calls /compare with
+    just the image}`` for gradio_client as it comes and with one TLS context for all its requests
+    (as the README's example; by default it builds a context, loading the CA bundle, per HTTP
+    request, even for http://)."""
     import ssl
 
     import certifi
@@ -86,8 +91,9 @@ def _server(checkpoints: Path, device: str, precision: str):
 
     from app.server import app_process
 
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with app_process(["--checkpoints", str(checkpoints), "--device", device,
-                      "--precision", precision]) as (_, url):
+                      "--precision", precision], env=env) as (_, url):
         clients = {"gradio_client": Client(url, verbose=False),
                    "gradio_client, one TLS context": Client(
                        url, verbose=False, ssl_verify=ssl.create_default_context(cafile=certifi.where()))}
@@ -109,16 +115,24 @@ def _naive(engine: CamEngine, image: Image.Image, size: int) -> None:
             _ = grayscale[0], top
 
 
-def _time(fn, reps: int, sync) -> list[float]:
-    fn()
-    fn()  # warm-up (kernel selection, allocator)
-    out = []
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
+def _time_interleaved(paths: dict[str, object], reps: dict[str, int], sync) -> dict[str, list[float]]:
+    """Each path's times in ms, the paths interleaved: two warm-up calls each (kernel selection,
+    allocator), then round after round, one call of every path that still has reps to do, the
+    order rotated each round, so a slow stretch of a shared machine falls on all paths alike and
+    their ratios are measured at the same time."""
+    for fn in paths.values():
         fn()
-        sync()
-        out.append((time.perf_counter() - t) * 1e3)
+        fn()
+    out: dict[str, list[float]] = {k: [] for k in paths}
+    names = list(paths)
+    for r in range(max(reps.values())):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            if len(out[k]) < reps[k]:
+                sync()
+                t = time.perf_counter()
+                paths[k]()
+                sync()
+                out[k].append((time.perf_counter() - t) * 1e3)
     return out
 
 
@@ -128,16 +142,7 @@ def _fmt(ts: list[float]) -> tuple[float, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    s = (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-         f"({torch.get_num_threads()} threads)")
+    s = f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     if torch.cuda.is_available():
         s += f", GPU {torch.cuda.get_device_name(0)}"
     return s
@@ -152,7 +157,8 @@ def main() -> None:
                    help="input size of freshly initialised models (checkpoints bring their own)")
     p.add_argument("--image-size", type=int, default=480, help="side of the request's image")
     p.add_argument("--checkpoints", default="checkpoints")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, here and in the app's server (its OMP_NUM_THREADS)")
     p.add_argument("--naive-reps", type=int, default=None, help="default: --reps")
     p.add_argument("--no-round-trip", action="store_true", help="skip the gradio_client call")
     p.add_argument("--engine-only", action="store_true",
@@ -161,50 +167,66 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    _check_imports(args)
     image = _image(args.image_size)
-    print(f"# App request latency: 1 image ({args.image_size}x{args.image_size}), six models, "
-          f"Grad-CAM\n\nMachine: {machine()}\n")
-    print("| device | path | median ms | p90 ms | speed-up vs naive |\n|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "request.jpg")
         image.save(path, quality=92)
         checkpoints = _checkpoints(args.checkpoints, args.size, tmp)
+        shipped = "shipped" if checkpoints == Path(args.checkpoints) else "freshly initialised"
+        print(f"# App request latency: 1 image ({args.image_size}x{args.image_size}), six models "
+              f"({shipped}, {checkpoints}), Grad-CAM\n\n`{' '.join(sys.argv)}`\n\nMachine: {machine()}; "
+              f"the app's server: {args.threads or os.environ.get('OMP_NUM_THREADS') or 'its own'} threads; "
+              f"paths interleaved, {args.reps} reps ({args.naive_reps or args.reps} naive)\n")
+        print("| device | path | median ms | p90 ms | speed-up vs naive |\n|---|---|---:|---:|---:|")
         for dev in devices:
             _device_rows(dev, args, image, path, checkpoints)
 
 
-def _page_rows(engine: CamEngine, path: str, reps: int, sync) -> list[tuple[str, list[float]]]:
+def _check_imports(args: argparse.Namespace) -> None:
+    """Fail at once, not after minutes of timing, where a path's packages are missing: the page
+    needs gradio (the app), the round trip gradio_client and certifi (the test extra)."""
+    needed = [] if args.engine_only else ["gradio"] + ([] if args.no_round_trip else ["gradio_client", "certifi"])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: pip install -r requirements-test.txt, or pass "
+                         "--engine-only (no page, no server) / --no-round-trip")
+
+
+def _page_paths(engine: CamEngine, path: str) -> dict[str, object]:
     from app.ui import run_page
 
-    return [(f"page ({engine.precision})", _time(lambda: run_page(engine, path), reps, sync)),
-            (f"page, Grad-CAM + gates ({engine.precision})",
-             _time(lambda: run_page(engine, path, view="both"), reps, sync))]
+    return {f"page ({engine.precision})": lambda: run_page(engine, path),
+            f"page, Grad-CAM + gates ({engine.precision})": lambda: run_page(engine, path, view="both")}
 
 
 def _device_rows(dev: str, args: argparse.Namespace, image: Image.Image, path: str,
                  checkpoints: Path) -> None:
     sync = (lambda: torch.cuda.synchronize()) if dev.startswith("cuda") else (lambda: None)
     fp32 = CamEngine.from_checkpoints(checkpoints, device=dev, precision="float32")
-    rows = [("engine float32", _time(lambda: fp32.compare(image), args.reps, sync))]
     auto = CamEngine.from_checkpoints(checkpoints, device=dev, precision="auto")
-    if auto.precision == "bf16":
-        rows.append(("engine bf16", _time(lambda: auto.compare(image), args.reps, sync)))
-    rows.append((f"engine {auto.precision} + gates",
-                 _time(lambda: auto.compare(image, gates=True), args.reps, sync)))
-    if not args.engine_only:
-        rows += _page_rows(auto, path, args.reps, sync)
-    if not (args.no_round_trip or args.engine_only):
-        with _server(checkpoints, dev, "auto") as calls:
-            for k, call in calls.items():
-                rows.append((f"/compare round trip ({auto.precision}), {k}, just the image",
-                             _time(lambda: call(path), args.reps, sync)))
     size = fp32.input_size(fp32.available[0])
-    naive = _time(lambda: _naive(fp32, image, size), args.naive_reps or args.reps, sync)
-    rows.append((f"naive (pytorch-grad-cam, float32, {size} px)", naive))
-    base = _fmt(rows[-1][1])[0]
-    for name, ts in rows:
+    naive = f"naive (pytorch-grad-cam, float32, {size} px)"
+    paths = {"engine float32": lambda: fp32.compare(image)}
+    if auto.precision == "bf16":
+        paths["engine bf16"] = lambda: auto.compare(image)
+    paths[f"engine {auto.precision} + gates"] = lambda: auto.compare(image, gates=True)
+    if not args.engine_only:
+        paths.update(_page_paths(auto, path))
+    with contextlib.ExitStack() as stack:
+        if not (args.no_round_trip or args.engine_only):
+            calls = stack.enter_context(_server(checkpoints, dev, "auto", args.threads))
+            for k, call in calls.items():
+                paths[f"/compare round trip ({auto.precision}), {k}, just the image"] = \
+                    lambda call=call: call(path)
+        paths[naive] = lambda: _naive(fp32, image, size)
+        reps = {k: args.reps for k in paths} | {naive: args.naive_reps or args.reps}
+        times = _time_interleaved(paths, reps, sync)
+    base = _fmt(times[naive])[0]
+    for name, ts in times.items():
         med, p90 = _fmt(ts)
-        print(f"| {dev} | {name} | {med:.2f} | {p90:.2f} | {base / med:.1f}x |")
+        print(f"| {dev} | {name} | {med:.2f} | {p90:.2f} | {base / med:.1f}x |", flush=True)
+
 
 if __name__ == "__main__":
     main()

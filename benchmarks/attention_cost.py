@@ -9,9 +9,9 @@ Prints, for resnet18 / _se / _sge / _cbam / _bam / _lgam (ImageNet stem, 20 clas
    slows every model alike instead of one. LGAM takes its op where its kernels run (the C++
    ones, on the CPU where they build; ``lgam.attention.set_fused_kernels``); the row
    "resnet18_lgam (eager)" is the same model with it off (its equations as plain tensor ops);
-2. forward and forward+backward latency at batch 1 and 32, 224 px, float32 (median of ``--reps``;
-   forward in eval mode; forward+backward in train mode, except at batch 1 where BN stays in eval
-   mode);
+2. forward and forward+backward latency at batch 1 and 32, 224 px, float32 (median of ``--reps``,
+   of ``--reps // 2`` for forward+backward at batches above 8; forward in eval mode;
+   forward+backward in train mode, except at batch 1 where BN stays in eval mode);
 3. for LGAM with G=4 (r=16) and G=32 (r=2): std(y_k) / std(x_k) per group at initialisation (train
    and eval mode), the module's std(A'') / std(A), and the std of the whole network's logits.
 
@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import sys
 import time
 from typing import Iterator, Sequence
 
@@ -32,6 +33,7 @@ import torch
 import lgam
 from lgam.attention import fused_kernels
 from lgam.attention.lgam import lgam_reference
+from lgam.attention.lgam.kernels import kernel_missing
 from lgam.device import bf16_native, device_summary, resolve_device
 from lgam.models import FIGURE5_MODELS
 from train_throughput import captured, step_seconds  # the training step, timed as lgam train runs it
@@ -74,6 +76,8 @@ def forward_seconds(name: str, batch: int, size: int, steps: int, fast: bool,
     x = torch.randn(batch, 3, size, size, device=device)
     if fast:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if compile:  # a fresh graph for every cell: past dynamo's recompile limit it would run eager
+        torch._dynamo.reset()
     net = torch.compile(model, dynamic=False) if compile else model  # see lgam.train
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -204,8 +208,10 @@ def main() -> None:
     device = resolve_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
         p.error("--cuda-graphs needs --device cuda (a GPU)")
-    print(f"# machine: {device_summary(device)}, {os.cpu_count()} logical CPUs, "
-          f"torch {torch.__version__}")
+    why = kernel_missing()
+    print(f"# `{' '.join(sys.argv)}`\n# machine: {device_summary(device)}, {os.cpu_count()} logical CPUs, "
+          f"torch {torch.__version__}; CPU tables: {torch.get_num_threads()} threads; LGAM on the CPU: "
+          + ("its C++ kernels" if why is None else f"its equations (no kernels here: {why})"))
     if args.ratio_sizes:
         rows = VARIANTS if not args.models else ["resnet18"] + [m for m in args.models if m != "resnet18"]
         speed_ratios(args.ratio_sizes, args.ratio_batch, args.rounds, args.steps, device, args.compile,

@@ -5,12 +5,13 @@ with SE for scale; bf16 autocast + channels_last (``--float32``: float32, contig
 forward and training forward + backward, interleaved in one run; the totals are over resnet18's
 eight modules.
 
-    python benchmarks/lgam_paths.py [--batch 32] [--size 128] [--reps 10] [--float32]
+    python benchmarks/lgam_paths.py [--batch 32] [--size 128] [--reps 10] [--float32] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -18,6 +19,7 @@ import torch
 
 from lgam.attention import LGAM, SE, fused_kernels
 from lgam.attention.lgam.kernels import kernel_missing
+from lgam.device import device_summary
 
 ROWS = ("SE", "LGAM eager", "LGAM fused")
 
@@ -65,7 +67,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--float32", action="store_true", help="float32, contiguous (default: bf16 + channels_last)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args()
+    if args.batch < 2:
+        p.error("--batch must be at least 2: the training rows run LGAM in train mode, whose BatchNorm1d "
+                "normalises over the batch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# `{' '.join(sys.argv)}`: {device_summary(torch.device('cpu'))}, torch {torch.__version__}")
     rows = ROWS if kernel_missing() is None else ROWS[:2]
     if len(rows) < len(ROWS):
         print(f"note: no fused path here ({kernel_missing()})")

@@ -6,7 +6,8 @@ flip, normalise: included in the timing), ImageNet stem, 20 classes, SGD with Ne
 The fast path is what ``lgam train`` uses on CUDA and on CPUs with native bf16
 (:func:`lgam.device.bf16_native`); on other CPUs it is printed anyway, marked as emulated.
 ``--compile`` adds ``torch.compile``. Reports the median step time over ``--steps`` steps after
-``--warmup`` steps.
+``--warmup`` steps; with ``--rounds N`` every model and path runs once per round, interleaved, and
+the median over the rounds is reported ("fast vs resnet18" needs resnet18 among ``--models``).
 
     python benchmarks/train_throughput.py --device cpu --batch 64 --size 112 --steps 4
     python benchmarks/train_throughput.py --device cuda --batch 256 --size 160 --steps 50
@@ -39,6 +40,8 @@ def step_seconds(name: str, device: torch.device, batch: int, size: int, steps: 
     model = lgam.create_model(name, num_classes=20).to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
+    if compile:  # a fresh graph for every cell: past dynamo's recompile limit it would run eager
+        torch._dynamo.reset()
     net = torch.compile(model, dynamic=False) if compile else model  # see lgam.train
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-5)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -112,6 +115,8 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="each step replayed as one captured CUDA graph (needs --device cuda)")
     p.add_argument("--models", nargs="+", default=VARIANTS)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved rounds over every model and path (the median of their medians)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,17 +127,22 @@ def main() -> None:
     native = "" if bf16_native(device) else (f" (emulated: this {where} has no native bf16; lgam train "
                                              "uses float32)")
     print(f"## Training throughput: {device_summary(device)}; batch {args.batch}, {args.size} px, "
-          f"median of {args.steps} steps after {args.warmup} warm-up"
+          f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} interleaved round(s)"
           f"{', torch.compile' if args.compile else ''}{', CUDA graphs' if args.cuda_graphs else ''}; torch {torch.__version__}\n")
     print(f"fast = bf16 autocast + channels_last{native}\n")
     print("| model | float32 img/s | fast img/s | fast / float32 | fast vs resnet18 |\n|---|---:|---:|---:|---:|")
-    base = None
+    cells = [(name, fast) for name in args.models for fast in (False, True)]
+    seconds: dict[tuple[str, bool], list[float]] = {c: [] for c in cells}
+    for _ in range(args.rounds):  # every model and path in each round: the ratios are measured together
+        for name, fast in cells:
+            seconds[(name, fast)].append(step_seconds(name, device, args.batch, args.size, args.steps,
+                                                      args.warmup, args.compile, fast, args.cuda_graphs))
+    med = {c: statistics.median(v) for c, v in seconds.items()}
+    base = med.get(("resnet18", True))
     for name in args.models:
-        slow, fast = (step_seconds(name, device, args.batch, args.size, args.steps, args.warmup, args.compile,
-                                   fast, args.cuda_graphs) for fast in (False, True))
-        base = base or fast
-        print(f"| {name} | {args.batch / slow:.1f} | {args.batch / fast:.1f} | {slow / fast:.2f}x "
-              f"| {base / fast:.2f}x |", flush=True)
+        slow, fast = med[(name, False)], med[(name, True)]
+        vs = f"{base / fast:.2f}x" if base else "—"
+        print(f"| {name} | {args.batch / slow:.1f} | {args.batch / fast:.1f} | {slow / fast:.2f}x | {vs} |")
 
 
 if __name__ == "__main__":

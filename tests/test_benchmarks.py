@@ -25,6 +25,8 @@ def test_attention_cost_benchmark():
     ratio_rows = [line for line in out.splitlines() if line.startswith("| resnet18") and "train bf16 32" not in line]
     assert "| model | fwd fp32 32 | train fp32 32 | fwd bf16 32 | train bf16 32 |" in out
     assert ratio_rows[0].startswith("| resnet18 img/s |") and ratio_rows[1] == "| resnet18 | 1.00 | 1.00 | 1.00 | 1.00 |"
+    assert all(float(v) > 0 for row in ratio_rows for v in row.strip("|").split("|")[1:])  # every cell measured
+    assert "LGAM on the CPU: " in out and "threads" in out.splitlines()[1]
     assert "LGAM G=32, r=2" in out and "| resnet18_lgam_g32 |" in out
 
 
@@ -49,13 +51,30 @@ def test_app_latency_benchmark(tmp_path):
     """Without six checkpoints it writes freshly initialised ones, serves them from ``python -m
     app`` in its own process and prints every row, the naive loop last."""
     out = _run("benchmarks/app_latency.py", "--reps", "1", "--naive-reps", "1", "--size", "64",
-               "--image-size", "96", "--checkpoints", str(tmp_path / "none"))
+               "--image-size", "96", "--checkpoints", str(tmp_path / "none"), "--threads", "1")
     rows = [line for line in out.splitlines() if line.startswith("| cpu |")]
     names = [r.split("|")[2].strip() for r in rows]
     assert names[0] == "engine float32" and names[-1].startswith("naive")
     assert any(n.startswith("/compare round trip") for n in names)
     assert any(n.startswith("page, Grad-CAM + gates") for n in names)
-    assert "Machine:" in out
+    assert rows[-1].endswith("| 1.0x |") and all(float(r.split("|")[3]) > 0 for r in rows)
+    assert "Machine:" in out and "(freshly initialised," in out and "app_latency.py --reps 1" in out
+    assert "the app's server: 1 threads; paths interleaved, 1 reps (1 naive)" in out
+
+
+def test_app_latency_paths_are_interleaved():
+    """Each path's reps ran in one block, minutes apart from the naive loop's they are divided by."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_latency", REPO / "benchmarks" / "app_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    paths = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = bench._time_interleaved(paths, {"a": 3, "b": 3, "c": 1}, lambda: None)
+    assert calls[:6] == list("aabbcc")  # two warm-up calls each
+    assert calls[6:] == list("abc") + list("ba") + list("ab")  # rotated rounds; c has its one rep
+    assert [len(times[k]) for k in "abc"] == [3, 3, 1]
 
 
 @pytest.mark.slow
@@ -70,10 +89,17 @@ def test_app_memory_benchmark(tmp_path):
 
 
 def test_lgam_paths_benchmark():
-    out = _run("benchmarks/lgam_paths.py", "--batch", "2", "--size", "32", "--reps", "1")
+    from lgam.attention.lgam.kernels import kernel_missing
+
+    out = _run("benchmarks/lgam_paths.py", "--batch", "2", "--size", "32", "--reps", "1", "--threads", "1")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"SE", "LGAM eager"} <= rows.keys() and "64ch 8x8 fwd" in rows["module"]
+    assert ("LGAM fused" in rows) == (kernel_missing() is None)  # the op's row wherever it builds
     assert all(len(rows[r].split("|")) == 13 for r in rows if r != "module")
+    assert out.startswith("# `benchmarks/lgam_paths.py --batch 2") and "cpu: " in out and "1 threads" in out
+    proc = subprocess.run([sys.executable, "benchmarks/lgam_paths.py", "--batch", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--batch must be at least 2" in proc.stderr
 
 
 @pytest.mark.parametrize("script", ["benchmarks/attention_cost.py", "benchmarks/train_throughput.py"])
