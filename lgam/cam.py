@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from .errors import LgamError
 
-__all__ = ["CMAP", "METHODS", "METHOD_LABELS", "SLOW_METHODS", "CLASS_AGNOSTIC", "CamError", "check_method", "fast_gradcam", "library_cam", "overlay",
-           "inference_copy", "supports_fast_path", "colormap_lut"]
+__all__ = ["CMAP", "METHODS", "METHOD_LABELS", "SLOW_METHODS", "CLASS_AGNOSTIC", "CamError", "check_method",
+           "fast_gradcam", "library_cam", "overlay", "inference_copy", "supports_fast_path", "colormap_lut"]
 
 #: CAM method names (``gradcam`` uses the no-backward fast path)
 METHODS: tuple[str, ...] = (
@@ -139,8 +139,20 @@ def _check_eval(model: nn.Module) -> None:
                        "mode would use, and update, the batch's BatchNorm statistics)")
 
 
-def _check_images(x: Tensor) -> None:
-    """:class:`CamError` unless ``x`` is a non-empty ``(B, C, H, W)`` batch."""
+def _check_images(x: Tensor, model: nn.Module | None = None) -> None:
+    """:class:`CamError` unless ``x`` is a non-empty ``(B, C, H, W)`` floating-point batch (in
+    ``model``'s dtype where given, outside autocast)."""
+    if not isinstance(x, Tensor):
+        raise CamError(f"images must be a (B, 3, H, W) float tensor, got {type(x).__name__}: "
+                       "lgam.data.preprocess([pil_image, ...], size) makes one from PIL images")
+    if not x.is_floating_point():
+        raise CamError(f"images must be normalised floats, got {x.dtype}: lgam.data.resize_normalize "
+                       "turns a uint8 (B, 3, H, W) batch into them")
+    if model is not None and not torch.is_autocast_enabled(x.device.type):
+        dtype = next(model.parameters()).dtype
+        if x.dtype != dtype:
+            raise CamError(f"the images are {x.dtype} and the model {dtype}: pass x.to({dtype}) (or "
+                           "model.float() for float32)")
     if x.ndim != 4:
         raise CamError(f"images must be a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
@@ -158,9 +170,9 @@ def fast_gradcam(
     Returns ``(probs (B, K) float32 on x's device, cams (B, H, W) float32 numpy in [0, 1])``.
     Equal to ``GradCAM(model, [model.cam_target_layer()])(x, targets)`` up to float rounding.
     """
-    _check_images(x)
     _check_eval(model)
     _check_classifier(model)
+    _check_images(x, model)
     if not supports_fast_path(model):
         raise CamError("fast_gradcam needs forward_features, then a global average pool and one nn.Linear "
                        "(fc); library_cam runs pytorch-grad-cam on other classifiers")
@@ -177,7 +189,17 @@ def fast_gradcam(
         with torch.autocast(x.device.type, enabled=False):  # the map in float32 under autocast too
             cam = torch.einsum("bc,bchw->bhw", weights, feats.float()).clamp_min_(0)
         cam_np = cam.cpu().numpy()
+    _check_finite(probs, model)
     return probs.clone(), _scale(cam_np, (x.shape[-1], x.shape[-2]))  # a normal tensor, not an inference one
+
+
+def _check_finite(probs: Tensor, model: nn.Module) -> None:
+    """:class:`CamError` where the class scores are NaN or infinite (a map of them is NaN too)."""
+    if not torch.isfinite(probs).all():
+        dtype = next(model.parameters()).dtype
+        hint = (" (float16 overflows past 65,504: an untrained or unnormalised network's activations "
+                "reach that; use bfloat16 or float32)" if dtype == torch.float16 else "")
+        raise CamError(f"the model's class scores are not finite (NaN or inf) in {dtype}{hint}")
 
 
 def _method_class(method: str):
@@ -206,6 +228,8 @@ def library_cam(model: nn.Module, x: Tensor, targets: Targets | None = None,
     cls = _method_class(method)
     _check_images(x)
     _check_library_model(model)
+    if torch.is_autocast_enabled(x.device.type):
+        raise CamError("pytorch-grad-cam's methods run in float32: call them outside torch.autocast")
     _check_classifier(model)
     fc = getattr(model, "fc", None)
     if targets is not None:
@@ -271,6 +295,9 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5, cmap: str =
 
     if not 0.0 <= float(alpha) <= 1.0:
         raise CamError(f"overlay opacity must be in [0, 1], got {alpha}")
+    if not isinstance(image, Image.Image):
+        raise CamError(f"overlay draws on a PIL image, got {type(image).__name__}: "
+                       "PIL.Image.fromarray(uint8 (H, W, 3) array) makes one")
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
     c = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
@@ -291,5 +318,8 @@ def colormap_lut(cmap: str = CMAP) -> np.ndarray:
     the colormap per tile and blending in float32 was 8 ms of a 448-px tile; this is ~1 ms)."""
     from matplotlib import colormaps
 
+    if cmap not in colormaps:
+        raise CamError(f"unknown colormap {cmap!r}: a matplotlib colormap name such as 'jet', 'turbo' or "
+                       "'viridis'")
     table = colormaps[cmap]
     return np.rint(table(np.arange(table.N))[:, :3] * 255).astype(np.uint8)

@@ -220,6 +220,8 @@ def _permission_message(path: Path) -> str:
 def load_manifest(directory: str | Path) -> dict[str, Any]:
     """Read and check ``directory/manifest.json``."""
     path = Path(directory) / MANIFEST
+    if Path(directory).is_file():
+        raise CheckpointError(f"{directory} is a file: give the folder that holds {MANIFEST}")
     if not path.is_file():
         raise CheckpointError(
             f"no {MANIFEST} in {directory}: train models with `lgam train ... --checkpoints-dir "

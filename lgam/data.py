@@ -533,13 +533,20 @@ def resize_normalize(images: Tensor, size: int, mean: Sequence[float] = IMAGENET
     return _normalise(x, mean, std)
 
 
-def preprocess(images: Sequence[Image.Image], size: int, mean: Sequence[float] = IMAGENET_MEAN,
+def preprocess(images: Sequence[Image.Image] | Image.Image, size: int, mean: Sequence[float] = IMAGENET_MEAN,
                std: Sequence[float] = IMAGENET_STD) -> Tensor:
-    """PIL images (any mode and size) -> float32 ``(B, 3, size, size)``: RGB, whole image resized
-    to a square, normalised. The app and ``lgam evaluate`` both use this path. Very large images
+    """PIL images (any mode and size; one image is a batch of one) -> float32 ``(B, 3, size,
+    size)``: RGB, whole image resized to a square, normalised. The app and ``lgam evaluate`` both use this path. Very large images
     are first reduced by an integer factor per side (box filter) to at most ~2x the target: each
     side on its own, as the image is squeezed to a square anyway (a 50-MP strip 10 px high was
     once left whole, ~600 MB as float)."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    if not images:
+        raise ValueError("preprocess needs at least one image")
+    wrong = next((type(im).__name__ for im in images if not isinstance(im, Image.Image)), None)
+    if wrong:
+        raise TypeError(f"preprocess takes PIL images, got a {wrong}: a uint8 (B, 3, H, W) tensor goes "
+                        "through resize_normalize instead, a file through lgam.imageio.load_image")
     out = []
     for img in images:
         if img.mode != "RGB":  # convert() copies even an RGB image: 143 MB for a 50-MP photo

@@ -371,6 +371,35 @@ def test_methods_without_a_backward_keep_no_graph(models, method, monkeypatch):
     assert seen[0] is False and seen[-1] is True
 
 
+def test_cam_functions_name_what_is_wrong_with_their_input():
+    """A PIL image, uint8 pixels, a dtype other than the model's, NaN scores: each was a raw error
+    from deep inside torch or pytorch-grad-cam, or NaN maps returned as if fine."""
+    model = _tiny("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    for bad, message in [(Image.new("RGB", (32, 32)), "got Image: lgam.data.preprocess"),
+                         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "normalised floats, got torch.uint8"),
+                         (x.double(), "the images are torch.float64 and the model torch.float32")]:
+        with pytest.raises(CamError, match=message):
+            fast_gradcam(model, bad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_gradcam(model, x.double().float())[1].shape == (1, 32, 32)  # autocast casts: fine
+        with pytest.raises(CamError, match="outside torch.autocast"):
+            library_cam(model, x, [0], "gradcam++")
+    half = copy.deepcopy(model).half()
+    with torch.no_grad():
+        half.fc.bias.fill_(float("inf"))
+    with pytest.raises(CamError, match=r"not finite \(NaN or inf\) in torch.float16 \(float16 overflows"):
+        fast_gradcam(half, x.half())
+
+
+def test_overlay_names_a_wrong_image_or_colormap():
+    cam = np.zeros((4, 4), np.float32)
+    with pytest.raises(CamError, match="overlay draws on a PIL image, got Tensor"):
+        overlay(torch.zeros(3, 8, 8), cam)
+    with pytest.raises(CamError, match="unknown colormap 'nope'"):
+        overlay(Image.new("RGB", (8, 8)), cam, cmap="nope")
+
+
 def test_engine_other_method(mem_engine, images):
     out = mem_engine.compare(images[0], method="gradcam++", models=["resnet18", "resnet18_se"])[0]
     assert [r.ok for r in out.results] == [True, True]

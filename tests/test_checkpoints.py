@@ -136,6 +136,8 @@ def test_missing_file_unknown_name_and_bad_manifest(saved, tmp_path):
         load_manifest(tmp_path)
     with pytest.raises(CheckpointError, match="no manifest.json"):
         load_manifest(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="manifest.json is a file: give the folder that holds manifest.json"):
+        load_manifest(tmp_path / "manifest.json")  # told to pass it as --checkpoints-dir before
 
 
 def _save_with_edited_entry(model, directory, edit) -> None:

@@ -252,6 +252,11 @@ def test_every_resnet18_variant_trains(name):
         (lambda: lgam.create_model("resnet18", attention="se", placement="stage"), "is placement='block'"),
         # a keyword nothing takes: a bare TypeError from the class before
         (lambda: lgam.create_model("resnet18", depht=3), "takes no depht; it accepts: .*skip_init"),
+        # create_model's own keywords first; the architecture's fixed ones (placement) not offered
+        (lambda: lgam.create_model("resnet18", depht=3),
+         r"it accepts: num_classes, stem, attention, pretrained, attention_kwargs, skip_init$"),
+        (lambda: lgam.create_model(None), "a model name is a string such as 'resnet18_lgam'"),
+        (lambda: lgam.list_models(123), "list_models takes a name pattern"),
         (lambda: lgam.create_model("resnet18_se", attention_kwargs={"groups": 8}),
          "the 'se' module takes no groups; it accepts: reduction"),
         (lambda: lgam.create_model("ResNet18"), "unknown model 'ResNet18'.*'resnet18'"),

@@ -65,11 +65,15 @@ for _bb, (_cls, _kw) in BACKBONES.items():
 def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
     """Sorted registered names matching the shell-style ``pattern`` (e.g. ``"resnet18*"``), or
     any of several (``["resnet18", "wrn*"]``), as timm's ``list_models``."""
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern) if isinstance(pattern, (list, tuple)) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise UsageError(f"list_models takes a name pattern such as 'resnet18*', or a list of them; got {pattern!r}")
     return sorted(n for n in _MODELS if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 def _check_known(name: str) -> None:
+    if not isinstance(name, str):
+        raise UsageError(f"a model name is a string such as 'resnet18_lgam' (see lgam.list_models()), got {name!r}")
     if name not in _MODELS:
         close = difflib.get_close_matches(name.lower(), _MODELS, n=6, cutoff=0.6)
         close += [n for n in _MODELS if n.startswith(name.lower().split("_")[0]) and n not in close]
@@ -98,20 +102,25 @@ def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
                          "builds another architecture under its name; register one "
                          "(lgam.models.register_model('mynet', builder, ...)) or build the class itself")
     _check_accepted(f"create_model({name!r})", _MODELS[name], set(kwargs),
-                    {"num_classes", "stem", "attention"} | (set(defaults) - {"attention_kwargs"}))
+                    {"num_classes", "stem", "attention", *ARCHITECTURE_KEYS} | (set(defaults) - {"attention_kwargs"}),
+                    own=("num_classes", "stem", "attention", "pretrained"))
     attention = defaults.get("attention")
     if attention in ATTENTION and kwargs.get("attention_kwargs"):
         _check_accepted(f"the {attention!r} module", ATTENTION[attention], set(kwargs["attention_kwargs"]),
                         {"channels"})
 
 
-def _check_accepted(what: str, fn: Callable[..., Any], given: set[str], supplied: set[str]) -> None:
+def _check_accepted(what: str, fn: Callable[..., Any], given: set[str], supplied: set[str],
+                    own: Sequence[str] = ()) -> None:
+    """:class:`UsageError` for keywords in ``given`` that ``fn`` does not take, listing what a
+    caller may pass: ``own`` (the caller's own keywords) first, then ``fn``'s parameters that are
+    not ``supplied`` for it (fixed by the registry or the caller)."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(given - set(params))
     if unknown:
-        accepted = sorted(set(params) - supplied)
+        accepted = [*own, *sorted(set(params) - supplied - set(own))]
         raise UsageError(f"{what} takes no {', '.join(unknown)}; it accepts: {', '.join(accepted)}")
 
 
