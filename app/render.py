@@ -99,7 +99,8 @@ def tiles_for(comp: ImageComparison, name: str, alpha: float, view: str) -> list
     rows = []
     for v in views:
         head = Tile(shown, "Input", name if v == "cam" else f"{name} · attention gates")
-        rows.append([head] + list(_POOL.map(lambda r: _model_tile(r, shown, alpha, v, comp.method), comp.results)))
+        tiles = _POOL.map(lambda r: _model_tile(r, shown, alpha, v, comp.method), comp.results)
+        rows.append([head] + list(tiles))
     return rows
 
 

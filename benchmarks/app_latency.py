@@ -174,10 +174,11 @@ def main() -> None:
         image.save(path, quality=92)
         checkpoints = _checkpoints(args.checkpoints, args.size, tmp)
         shipped = "shipped" if checkpoints == Path(args.checkpoints) else "freshly initialised"
+        server = ("" if args.no_round_trip or args.engine_only else
+                  f"the app's server: {args.threads or os.environ.get('OMP_NUM_THREADS') or 'its own'} threads; ")
         print(f"# App request latency: 1 image ({args.image_size}x{args.image_size}), six models "
               f"({shipped}, {checkpoints}), Grad-CAM\n\n`{' '.join(sys.argv)}`\n\nMachine: {machine()}; "
-              f"the app's server: {args.threads or os.environ.get('OMP_NUM_THREADS') or 'its own'} threads; "
-              f"paths interleaved, {args.reps} reps ({args.naive_reps or args.reps} naive)\n")
+              f"{server}paths interleaved, {args.reps} reps ({args.naive_reps or args.reps} naive)\n")
         print("| device | path | median ms | p90 ms | speed-up vs naive |\n|---|---|---:|---:|---:|")
         for dev in devices:
             _device_rows(dev, args, image, path, checkpoints)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import lgam
+from lgam.cli import positive_int
 from lgam.data import DeviceAugment
 from lgam.device import bf16_native, device_summary
 from lgam.models import FIGURE5_MODELS
@@ -115,7 +116,7 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="each step replayed as one captured CUDA graph (needs --device cuda)")
     p.add_argument("--models", nargs="+", default=VARIANTS)
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="interleaved rounds over every model and path (the median of their medians)")
     args = p.parse_args()
     if args.threads:

@@ -136,7 +136,7 @@ def _check_eval(model: nn.Module) -> None:
                 if m.training and (m is model or isinstance(m, _MODE_DEPENDENT))]
     if training:
         raise CamError(f"{training[0]} is in training mode: call model.eval() first (a CAM in training "
-                       "mode would use, and update, the batch's BatchNorm statistics)")
+                       "mode would use, and update, the batch's BatchNorm statistics, and drop units)")
 
 
 def _check_images(x: Tensor, model: nn.Module | None = None) -> None:
@@ -236,17 +236,19 @@ def library_cam(model: nn.Module, x: Tensor, targets: Targets | None = None,
         targets = _target_list(targets)
         _check_targets(targets, x.shape[0], fc.out_features if isinstance(fc, nn.Linear) else None)
     modes = [(m, m.training) for m in model.modules()]
-    cam = cls(model=model, target_layers=[model.cam_target_layer()])
-    # the input carries the gradient of the methods that take one (the weights are frozen); the
-    # others (ScoreCAM, EigenCAM) would only keep the first pass's graph alive
-    xin = x.detach().float().clone().requires_grad_(cam.uses_gradients)
-    try:
+    cam = None
+    try:  # its constructor already sets eval mode and registers hooks
+        cam = cls(model=model, target_layers=[model.cam_target_layer()])
+        # the input carries the gradient of the methods that take one (the weights are frozen);
+        # the others (ScoreCAM, EigenCAM) would only keep the first pass's graph alive
+        xin = x.detach().float().clone().requires_grad_(cam.uses_gradients)
         if method == "scorecam":
             cam.batch_size = 64
         with torch.enable_grad():
             out = cam(input_tensor=xin, targets=None if targets is None else [_Target(t) for t in targets])
     finally:  # not cam's own ``with``: its __exit__ prints and swallows any IndexError
-        cam.activations_and_grads.release()
+        if cam is not None:
+            cam.activations_and_grads.release()
         for m, training in modes:
             m.training = training
     return np.asarray(out, dtype=np.float32)

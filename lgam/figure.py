@@ -22,7 +22,8 @@ from .engine import PRECISIONS, ImageComparison, ModelResult
 from .errors import UsageError
 from .models import FIGURE5_MODELS
 
-__all__ = ["figure5", "save_figure5", "gate_place", "squeeze_to_tile_aspect", "FORMATS", "VIEWS", "configure_parser", "main"]
+__all__ = ["figure5", "save_figure5", "cam_caption", "gate_place", "squeeze_to_tile_aspect", "FORMATS", "VIEWS",
+           "SCALE_LABELS", "configure_parser", "main"]
 
 FORMATS = FIGURE_FORMATS
 #: the longest side of each tile's bitmap (keeps PDFs small)

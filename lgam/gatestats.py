@@ -116,7 +116,8 @@ def _summary(modules: list[_Moments]) -> dict[str, float]:
 def format_gate_table(stats: dict[str, dict[int, dict[str, dict[str, float]]]], images: int) -> str:
     """Markdown: one row per model, stage and kind of gate, shares in %."""
     lines = ["| model | stage | gate | modules | mean | std across images | dead (%) | at 0.5 (%) "
-             f"| ≥ {SATURATED} (%) | ≤ {1 - SATURATED:.2f} (%) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| ≥ {SATURATED} (%) | ≤ {1 - SATURATED:.2f} (%) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, stages in stats.items():
         if not stages:
             lines.append(f"| {name} | — | — | 0 | — | — | — | — | — | — |")

@@ -44,8 +44,8 @@ from .evaluate import PAPER_TOP1_ERR, unpack_mask
 from .models import FIGURE5_MODELS
 
 __all__ = ["T975", "t975", "read_runs", "evaluated_sizes", "choose_size", "SeedSummary",
-           "summarise", "paired_difference", "gap_difference", "mcnemar", "format_table4", "format_runs",
-           "format_schedule", "by_group", "format_by_group", "seed_dir_name", "seeds_label",
+           "summarise", "paired_difference", "gap_difference", "mean_interval", "mcnemar", "format_table4",
+           "format_runs", "format_schedule", "by_group", "format_by_group", "seed_dir_name", "seeds_label",
            "table4_figure", "ship_input_size", "configure_parser", "main"]
 
 #: two-sided 95 % quantiles of Student's t by degrees of freedom (1..30; :func:`t975` beyond)
@@ -109,16 +109,17 @@ def choose_size(runs: Runs, sizes: Sequence[int] | None = None) -> tuple[int, di
     """The size with the lowest mean held-out error over every run (among ``sizes``, default every
     size the runs were evaluated at), and each size's mean."""
     sizes = evaluated_sizes(runs) if sizes is None else sizes
-    every = [m for seeds in runs.values() for m in seeds.values()]
-    have = {s: [m for m in every if f"holdout_top1_err_{s}" in m] for s in sizes}
-    have = {s: ms for s, ms in have.items() if ms}
+    every = {(model, seed): m for model, seeds in runs.items() for seed, m in seeds.items()}
+    have = {s: {k for k, m in every.items() if f"holdout_top1_err_{s}" in m} for s in sizes}
+    have = {s: keys for s, keys in have.items() if keys}
     if not have:
         raise UsageError("no held-out errors in these runs (train with --holdout N): pass --size")
-    if len({len(ms) for ms in have.values()}) > 1:  # sizes averaged over other runs do not compare
-        counts = ", ".join(f"{s} px: {len(ms)}" for s, ms in sorted(have.items()))
-        raise UsageError(f"the runs have held-out errors at different sizes (runs per size: {counts} of "
-                         f"{len(every)}): evaluate every run at every size, or pass --size")
-    means = {s: statistics.fmean(m[f"holdout_top1_err_{s}"] for m in ms) for s, ms in have.items()}
+    lacking = {s: len(every) - len(keys) for s, keys in sorted(have.items()) if len(keys) < len(every)}
+    if lacking:  # a size averaged over only some runs does not compare with the others
+        counts = ", ".join(f"{s} px: {n}" for s, n in lacking.items())
+        raise UsageError(f"runs without a held-out error at a candidate size ({counts} of {len(every)}): "
+                         "evaluate every run at every size, or pass --size")
+    means = {s: statistics.fmean(every[k][f"holdout_top1_err_{s}"] for k in keys) for s, keys in have.items()}
     return min(means, key=lambda s: (means[s], s)), means
 
 
@@ -153,11 +154,15 @@ def paired_difference(runs: Runs, model: str, base: str, size: int) -> tuple[lis
     diffs = [runs[model][k][f"val_top1_err_{size}"] - runs[base][k][f"val_top1_err_{size}"] for k in seeds]
     if not diffs:
         raise UsageError(f"{model} and {base} share no seed")
+    return (diffs, *mean_interval(diffs))
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
+    """The mean of ``values`` and its 95 % Student's t interval's half-width (None for one value)."""
     half = None
-    if len(diffs) > 1:
-        df = len(diffs) - 1
-        half = t975(df) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return diffs, statistics.fmean(diffs), half
+    if len(values) > 1:
+        half = t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values), half
 
 
 def mcnemar(wrong_a: Sequence[bool], wrong_b: Sequence[bool]) -> tuple[int, int, float]:
@@ -254,16 +259,20 @@ def gap_difference(grouped: dict[str, Runs], model: str, base: str, size: int
     key = f"val_top1_err_{size}"
     diffs = [(second[model][k][key] - second[base][k][key]) - (first[model][k][key] - first[base][k][key])
              for k in seeds]
-    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-    return diffs, statistics.fmean(diffs), half
+    return (diffs, *mean_interval(diffs))
 
 
 def _format_gap_difference(grouped: dict[str, Runs], size: int, base: str) -> str:
     first, second = (_cell(g) for g in grouped)
-    lines = [f"| model | Δ in {second} − Δ in {first}: mean [95 % CI] (pt) | per seed (pt) |", "|---|---:|---:|"]
+    lines = [f"| model | Δ in {second} − Δ in {first}: mean [95 % CI] (pt) | per seed (pt) |",
+             "|---|---:|---:|"]
     runs = next(iter(grouped.values()))
     for model in runs:
         if model == base or base not in runs:
+            continue
+        shared = set.intersection(*(set(g[model]) & set(g[base]) for g in grouped.values()))
+        if not shared:  # as _delta: a dash, not an error, for a model without a seed in common
+            lines.append(f"| {FIGURE5_MODELS.get(model, model)} | {DASH} | {DASH} |")
             continue
         diffs, mean, half = gap_difference(grouped, model, base, size)
         ci = "" if half is None else f" [{mean - half:+.2f}, {mean + half:+.2f}]"

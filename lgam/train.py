@@ -615,7 +615,8 @@ def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     speeds = [r["train_img_per_s"] for r in records]
     metrics: dict[str, float] = {}
     if speeds:
-        metrics["train_img_per_s"] = float(statistics.harmonic_mean(speeds[1:] if len(speeds) > 1 else speeds))
+        steady = speeds[1:] if len(speeds) > 1 else speeds
+        metrics["train_img_per_s"] = float(statistics.harmonic_mean(steady))
         metrics["train_wall_min"] = float(sum(r["time"] for r in records) / 60)
     if records and all("cpu_time" in r for r in records):
         metrics["train_cpu_min"] = float(sum(r["cpu_time"] for r in records) / 60)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN") or shutil.which("chromedriver")
@@ -32,14 +32,15 @@ return [f.length, f.length ? f[0].querySelector('figcaption').innerText : ''];
 
 
 @contextlib.contextmanager
-def chromium(width: int, height: int) -> Iterator["object"]:
+def chromium(width: int, height: int) -> Iterator[Any]:
     """A headless Chromium (selenium ``webdriver.Chrome``) with a window of ``width`` x ``height``
     CSS px and a fresh profile, closed and its profile removed on exit."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     if not (CHROMIUM and CHROMEDRIVER):
-        raise SystemExit("needs Chromium and chromedriver (Debian: apt-get install -y chromium chromium-driver)")
+        raise SystemExit("needs Chromium and chromedriver (Debian: apt-get install -y chromium "
+                         "chromium-driver)")
     profile = tempfile.mkdtemp(prefix="lgam_chromium_")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -56,7 +57,7 @@ def chromium(width: int, height: int) -> Iterator["object"]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def tiles_of(name: str):
+def tiles_of(name: str) -> Callable[[Any], bool]:
     """A wait condition: seven tiles or more, the first of them the input ``name``."""
     def shown(d) -> bool:
         count, caption = d.execute_script(GRID_STATE)

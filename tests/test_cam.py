@@ -347,6 +347,21 @@ def test_each_modules_mode_is_restored_and_every_module_must_be_in_eval():
     assert torch.equal(before, model.layer2[0].bn1.running_mean)
 
 
+def test_modes_are_restored_when_the_cam_object_cannot_be_built(monkeypatch):
+    """pytorch-grad-cam's constructor sets eval mode before anything can fail."""
+    model = _tiny("resnet18").train()
+
+    class Broken:
+        def __init__(self, model, target_layers):
+            model.eval()
+            raise RuntimeError("no CAM today")
+
+    monkeypatch.setattr(lgam.cam, "_method_class", lambda method: Broken)
+    with pytest.raises(RuntimeError, match="no CAM today"):
+        library_cam(model, torch.randn(1, 3, 32, 32), [0], "gradcam++")
+    assert model.training and model.layer1[0].bn1.training
+
+
 @pytest.mark.parametrize("shape, message", [((0, 3, 32, 32), "empty"), ((3, 32, 32), r"\(B, 3, H, W\)")])
 def test_cam_functions_refuse_an_empty_or_unbatched_input(shape, message):
     model = _tiny("resnet18")
@@ -382,7 +397,7 @@ def test_cam_functions_name_what_is_wrong_with_their_input():
         with pytest.raises(CamError, match=message):
             fast_gradcam(model, bad)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fast_gradcam(model, x.double().float())[1].shape == (1, 32, 32)  # autocast casts: fine
+        assert fast_gradcam(model, x.bfloat16())[1].shape == (1, 32, 32)  # autocast casts: no dtype check
         with pytest.raises(CamError, match="outside torch.autocast"):
             library_cam(model, x, [0], "gradcam++")
     half = copy.deepcopy(model).half()

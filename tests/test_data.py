@@ -227,7 +227,6 @@ def test_preprocess_any_mode_matches_the_tensor_path(mode):
     torch.testing.assert_close(x[:1], D.resize_normalize(t, 24))
 
 
-
 def test_preprocess_takes_one_image_and_names_what_it_cannot():
     from lgam.data import preprocess
 
@@ -237,6 +236,7 @@ def test_preprocess_takes_one_image_and_names_what_it_cannot():
         preprocess([torch.zeros(3, 8, 8)], 16)
     with pytest.raises(ValueError, match="at least one image"):
         preprocess([], 16)
+
 
 @pytest.mark.parametrize("size", [(20000, 10), (10, 20000), (3000, 2000)])
 def test_preprocess_reduces_each_long_side_before_the_float_copy(monkeypatch, size):

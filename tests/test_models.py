@@ -253,7 +253,7 @@ def test_every_resnet18_variant_trains(name):
         # a keyword nothing takes: a bare TypeError from the class before
         (lambda: lgam.create_model("resnet18", depht=3), "takes no depht; it accepts: .*skip_init"),
         # create_model's own keywords first; the architecture's fixed ones (placement) not offered
-        (lambda: lgam.create_model("resnet18", depht=3),
+        (lambda: lgam.create_model("resnet18_se", depht=3),  # its placement is fixed: not offered
          r"it accepts: num_classes, stem, attention, pretrained, attention_kwargs, skip_init$"),
         (lambda: lgam.create_model(None), "a model name is a string such as 'resnet18_lgam'"),
         (lambda: lgam.list_models(123), "list_models takes a name pattern"),

@@ -66,9 +66,16 @@ def test_size_is_not_chosen_over_different_runs_per_size(runs):
     m = json.loads(d.read_text())
     del m["holdout_top1_err_128"]
     d.write_text(json.dumps(m))
-    with pytest.raises(UsageError, match=r"128 px: 5, 160 px: 6 of 6"):
+    with pytest.raises(UsageError, match=r"without a held-out error at a candidate size \(128 px: 1 of 6\)"):
         choose_size(read_runs(runs), (128, 160))
     assert choose_size(read_runs(runs), (160,))[0] == 160
+    # as many runs at each size, but not the same ones: refused too (a count check let it through)
+    d = runs / "resnet18_se" / "seed1" / "metrics.json"
+    m = json.loads(d.read_text())
+    del m["holdout_top1_err_160"]
+    d.write_text(json.dumps(m))
+    with pytest.raises(UsageError, match=r"\(128 px: 1, 160 px: 1 of 6\)"):
+        choose_size(read_runs(runs), (128, 160))
 
 
 def test_mcnemar_needs_both_runs_on_the_same_images(runs):
@@ -278,6 +285,11 @@ def test_the_gap_difference_between_two_groups_is_paired_by_seed(runs):
     assert half == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3))
     del grouped["a"]["resnet18_se"][1]  # a seed missing in one group is left out
     assert gap_difference(grouped, "resnet18_se", "resnet18", 160)[0] == [15.0, 15.0]
+    from lgam.table4 import format_by_group
+
+    for g in grouped.values():  # no seed in common: a dash row, as the Δ column has, not an error
+        g["resnet18_se"] = {7: g["resnet18_se"][0]}
+    assert "| SE | — | — |" in format_by_group(grouped, 160)
 
 
 def test_cli_breaks_the_table_down_by_a_classes_tsv_column(runs, val_data, capsys):

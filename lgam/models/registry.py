@@ -65,15 +65,18 @@ for _bb, (_cls, _kw) in BACKBONES.items():
 def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
     """Sorted registered names matching the shell-style ``pattern`` (e.g. ``"resnet18*"``), or
     any of several (``["resnet18", "wrn*"]``), as timm's ``list_models``."""
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern) if isinstance(pattern, (list, tuple)) else None
+    patterns = ([pattern] if isinstance(pattern, str) else
+                list(pattern) if isinstance(pattern, Sequence) else None)
     if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise UsageError(f"list_models takes a name pattern such as 'resnet18*', or a list of them; got {pattern!r}")
+        raise UsageError(f"list_models takes a name pattern such as 'resnet18*', or a list of them; "
+                         f"got {pattern!r}")
     return sorted(n for n in _MODELS if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
 def _check_known(name: str) -> None:
     if not isinstance(name, str):
-        raise UsageError(f"a model name is a string such as 'resnet18_lgam' (see lgam.list_models()), got {name!r}")
+        raise UsageError(f"a model name is a string such as 'resnet18_lgam' (see lgam.list_models()), "
+                         f"got {name!r}")
     if name not in _MODELS:
         close = difflib.get_close_matches(name.lower(), _MODELS, n=6, cutoff=0.6)
         close += [n for n in _MODELS if n.startswith(name.lower().split("_")[0]) and n not in close]
@@ -101,8 +104,9 @@ def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
         raise UsageError(f"{name!r} is {', '.join(f'{k}={defaults[k]!r}' for k in fixed)}: another value "
                          "builds another architecture under its name; register one "
                          "(lgam.models.register_model('mynet', builder, ...)) or build the class itself")
+    fixed_keys = set(ARCHITECTURE_KEYS) & set(defaults)  # the name's own values: not offered
     _check_accepted(f"create_model({name!r})", _MODELS[name], set(kwargs),
-                    {"num_classes", "stem", "attention", *ARCHITECTURE_KEYS} | (set(defaults) - {"attention_kwargs"}),
+                    {"num_classes", "stem", "attention", *fixed_keys} | (set(defaults) - {"attention_kwargs"}),
                     own=("num_classes", "stem", "attention", "pretrained"))
     attention = defaults.get("attention")
     if attention in ATTENTION and kwargs.get("attention_kwargs"):
@@ -120,6 +124,7 @@ def _check_accepted(what: str, fn: Callable[..., Any], given: set[str], supplied
         return
     unknown = sorted(given - set(params))
     if unknown:
+        own = [k for k in own if k in params or k in ("attention", "pretrained")]  # create_model's
         accepted = [*own, *sorted(set(params) - supplied - set(own))]
         raise UsageError(f"{what} takes no {', '.join(unknown)}; it accepts: {', '.join(accepted)}")
 
