@@ -62,18 +62,17 @@ def test_size_is_chosen_on_held_out_images_not_val(runs):
 def test_size_is_not_chosen_over_different_runs_per_size(runs):
     """A size only some runs were evaluated at was averaged over those runs alone (the better
     models' size could win); now that is refused with the counts."""
-    d = runs / "resnet18" / "seed0" / "metrics.json"
-    m = json.loads(d.read_text())
-    del m["holdout_top1_err_128"]
-    d.write_text(json.dumps(m))
+    def drop(model: str, seed: int, size: int) -> None:
+        d = runs / model / f"seed{seed}" / "metrics.json"
+        m = json.loads(d.read_text())
+        del m[f"holdout_top1_err_{size}"]
+        d.write_text(json.dumps(m))
+
+    drop("resnet18", 0, 128)
     with pytest.raises(UsageError, match=r"without a held-out error at a candidate size \(128 px: 1 of 6\)"):
         choose_size(read_runs(runs), (128, 160))
     assert choose_size(read_runs(runs), (160,))[0] == 160
-    # as many runs at each size, but not the same ones: refused too (a count check let it through)
-    d = runs / "resnet18_se" / "seed1" / "metrics.json"
-    m = json.loads(d.read_text())
-    del m["holdout_top1_err_160"]
-    d.write_text(json.dumps(m))
+    drop("resnet18_se", 1, 160)  # as many runs at each size, not the same ones: a count check let it through
     with pytest.raises(UsageError, match=r"\(128 px: 1, 160 px: 1 of 6\)"):
         choose_size(read_runs(runs), (128, 160))
 
