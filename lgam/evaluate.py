@@ -30,7 +30,7 @@ from .cli import positive_int
 from .attention import fused_kernels_setting
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, load_split, resize_normalize, split_holdout
 from .models import create_model
-from .device import cpu_name, resolve_device
+from .device import device_summary, resolve_device
 from .errors import UsageError
 from .params import cost_metrics
 
@@ -125,8 +125,7 @@ def cpu_latency_ms(model: nn.Module, size: int = 224, reps: int = 10) -> float:
 def latency_setup() -> str:
     """What a CPU latency depends on besides the model, in words, recorded beside the number:
     threads, the CPU and LGAM's path (its C++ kernels or the equations)."""
-    return (f"{torch.get_num_threads()} threads, {cpu_name()}, "
-            f"LGAM kernels {fused_kernels_setting('cpu')}")
+    return f"{device_summary(torch.device('cpu'))}, LGAM kernels {fused_kernels_setting('cpu')}"
 
 
 def evaluate_checkpoints(
