@@ -386,6 +386,26 @@ def test_methods_without_a_backward_keep_no_graph(models, method, monkeypatch):
     assert seen[0] is False and seen[-1] is True
 
 
+def test_scorecam_masks_one_image_at_a_time(monkeypatch):
+    """pytorch-grad-cam's ScoreCAM masks the whole batch at once (B x 512 masked copies of the
+    input: 2.5 GB for six 224-px images), so ``lgam figure5 --method scorecam`` of many images
+    ran out of memory; per image the maps are the same and the memory is one image's."""
+    import pytorch_grad_cam as pgc
+
+    batches = []
+    original = pgc.ScoreCAM.__call__
+    monkeypatch.setattr(pgc.ScoreCAM, "__call__",
+                        lambda self, input_tensor, targets=None, **kw:
+                        batches.append(input_tensor.shape[0]) or original(self, input_tensor, targets, **kw))
+    model = _tiny("resnet18")
+    x = torch.randn(3, 3, 16, 16)
+    together = library_cam(model, x, [0, 1, 2], "scorecam")
+    assert batches == [1, 1, 1] and together.shape == (3, 16, 16)
+    alone = np.concatenate([library_cam(model, x[i:i + 1], [i], "scorecam") for i in range(3)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert _hooks(model) == 0
+
+
 def test_cam_functions_name_what_is_wrong_with_their_input():
     """A PIL image, uint8 pixels, a dtype other than the model's, NaN scores: each was a raw error
     from deep inside torch or pytorch-grad-cam, or NaN maps returned as if fine."""
