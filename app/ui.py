@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import re
 import shutil
@@ -252,6 +253,18 @@ def _slow_run(method: str, n_images: int) -> Iterator[None]:
         _SLOW_RUN.release()
 
 
+def _quiet_progress() -> None:
+    """No tqdm bars from pytorch-grad-cam's ScoreCAM in the server's log: it draws one per image
+    and model (six a request, hundreds of lines), which buries the log's real messages. Its
+    module's ``tqdm`` is swapped once for one whose bars are disabled (set when the first
+    ScoreCAM request comes, so the app's start does not import pytorch-grad-cam)."""
+    import pytorch_grad_cam.score_cam as score_cam
+    import tqdm
+
+    if not isinstance(score_cam.tqdm, types.SimpleNamespace):
+        score_cam.tqdm = types.SimpleNamespace(tqdm=functools.partial(tqdm.tqdm, disable=True))
+
+
 def _compare(engine: CamEngine, image, files, target, method, max_images, max_bytes, max_pixels,
              view: str = "cam", stage: int | None = None
              ) -> tuple[list[ImageComparison], list[str], float]:
@@ -259,6 +272,8 @@ def _compare(engine: CamEngine, image, files, target, method, max_images, max_by
         raise _user_error(setup_help(engine))
     method = method or DEFAULT_METHOD
     paths = _input_paths(image, files, max_images)
+    if method in SLOW_METHODS:
+        _quiet_progress()
     slow = method in SLOW_METHODS and engine.device.type == "cpu"
     with _slow_run(method, len(paths)) if slow else contextlib.nullcontext():
         imgs, names = _load_inputs(engine, paths, max_bytes, max_pixels)

@@ -33,6 +33,7 @@ from app.ui import (  # noqa: E402
     MIN_AGREEMENT, OUT_OF_CLASS_EXAMPLES, OWN_TOP1, TILES_LABEL, TOP5_LABEL, build_app,
     classes_note, confidence_warning, default_examples, model_rows, run_compare, training_status,
 )
+from lgam.cam import CamError  # noqa: E402
 from lgam.checkpoints import load_manifest  # noqa: E402
 from lgam.data import read_classes_tsv  # noqa: E402
 from lgam.engine import CamEngine, ImageComparison, ModelResult  # noqa: E402
@@ -425,6 +426,25 @@ def test_a_second_scorecam_on_a_cpu_is_answered_at_once(engine, files):
         run_compare(engine, files[0], [files[1]], method="scorecam")
     assert ui._SLOW_RUN.acquire(blocking=False)  # a refused request does not keep it
     ui._SLOW_RUN.release()
+
+
+def test_scorecam_draws_no_progress_bars_in_the_server_log(engine, files, monkeypatch, capfd):
+    """pytorch-grad-cam's ScoreCAM drew a tqdm bar per image and model into the server's log."""
+    import pytorch_grad_cam.score_cam as score_cam
+
+    monkeypatch.setattr(score_cam, "tqdm", score_cam.tqdm)  # put back after the test
+
+    def compare(*args, **kwargs):  # the bar ScoreCAM draws, without its minutes of work
+        for _ in score_cam.tqdm.tqdm(range(3)):
+            pass
+        raise CamError("stopped here")
+
+    monkeypatch.setattr(engine, "compare", compare)
+    capfd.readouterr()
+    with pytest.raises(gr.Error, match="stopped here"):
+        run_compare(engine, files[0], method="scorecam")
+    out, err = capfd.readouterr()
+    assert "3/3" not in out + err, err
 
 
 def test_a_file_name_is_shown_as_it_is_not_as_markdown(engine, tmp_path):
