@@ -569,6 +569,7 @@ def _top1_err(run: _Run, model: nn.Module) -> float:
     images, labels, augment = run.val
     n, batch = images.shape[0], run.recipe.batch_size
     lo, hi = run.rank * n // run.world, (run.rank + 1) * n // run.world
+    _broadcast_buffers(model)
     was_training = model.training
     model.eval()
     correct = 0
@@ -591,6 +592,16 @@ def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP sends them before each
+    training forward pass, and then each rank updates them from its own slice: validated as they
+    were, each rank's share of the images met other statistics than the checkpoint (rank 0's)."""
+    if _dist_info()[1] == 1:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
 
 
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:

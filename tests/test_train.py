@@ -583,6 +583,41 @@ def test_ddp_two_gloo_processes_match_single_process(tiny_data, tmp_path):
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6), k
 
 
+def _validate_on_two_ranks(rank: int, port: int, errors) -> None:
+    """One gloo rank of :func:`test_ddp_validation_uses_rank_0s_running_statistics`."""
+    import types
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = torch.nn.BatchNorm1d(2).eval()
+        model.running_mean.copy_(torch.tensor([0.0, 5.0 * rank]))  # rank 1's slices moved its mean
+        images = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+        labels = torch.tensor([0] * 4 + [1] * 4)  # right under rank 0's statistics
+        run = types.SimpleNamespace(val=(images, labels, lambda x: x), recipe=types.SimpleNamespace(batch_size=4),
+                                    rank=rank, world=2, channels_last=False, autocast=False)
+        errors[rank] = lgam.train._top1_err(run, model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_validation_uses_rank_0s_running_statistics():
+    """Each rank validated its share of the images with its own BatchNorm statistics (DDP sends
+    rank 0's before each training step, then every rank updates them from its own slice), so the
+    logged error was of no one model; now every rank uses rank 0's, as the checkpoint does."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    errors = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_validate_on_two_ranks, args=(port, errors), nprocs=2, join=True)
+    assert dict(errors) == {0: 0.0, 1: 0.0}
+
+
 @pytest.mark.slow
 def test_throughput_benchmark_runs():
     """Each model's float32 and fast path in interleaved rounds; "fast vs resnet18" divides by
