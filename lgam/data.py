@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import LgamError
+from .imageio import load_image
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
@@ -334,10 +335,12 @@ def _first_size(samples: Sequence[_Sample], skip_corrupt: bool) -> int:
 
 
 def _decode(sample: _Sample, size: int | None) -> tuple[np.ndarray, bool]:
-    """``(image (3, S, S) uint8, whether it was resized to S x S)``."""
-    with Image.open(io.BytesIO(sample.read())) as img:
-        img.load()
-        rgb = img.convert("RGB")
+    """``(image (3, S, S) uint8, whether it was resized to S x S)``. Decoded as the app decodes an
+    upload (:func:`lgam.imageio.load_image`: EXIF rotation, alpha on white, 16-bit scaled), so a
+    model trains and is validated on what it is shown later; no size limit but Pillow's own."""
+    data = io.BytesIO(sample.read())
+    data.name = sample.name  # for the message of an unreadable one
+    rgb = load_image(data, max_bytes=sys.maxsize - 1, max_pixels=sys.maxsize)
     resized = size is not None and rgb.size != (size, size)
     if resized:
         rgb = rgb.resize((size, size), Image.BILINEAR, reducing_gap=None)

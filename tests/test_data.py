@@ -136,6 +136,30 @@ def test_skip_corrupt_also_skips_an_unreadable_first_image(tmp_path):
     assert len(split) == 3 and split.images.shape[-1] == 16
 
 
+def test_training_images_are_decoded_as_the_app_decodes_an_upload(tmp_path):
+    """A phone photo's EXIF rotation, a PNG's alpha and a 16-bit PNG were read by a bare
+    ``convert("RGB")``: sideways, alpha dropped (black where transparent), 16-bit values clipped,
+    so a model trained on other pixels than the app then showed it."""
+    from lgam.imageio import load_image
+
+    d = tmp_path / "data" / "train" / WNIDS[0]
+    d.mkdir(parents=True)
+    wide = _image(0, 1, 24).crop((0, 0, 24, 12))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to show
+    wide.save(d / "a_rotated.jpg", exif=exif, quality=95)
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[:8, :, 3] = 200, 255  # red on top, the bottom half transparent
+    Image.fromarray(rgba, "RGBA").save(d / "b_alpha.png")
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(d / "c_sixteen.png")
+    files = sorted(d.iterdir())
+    got = D.load_split(tmp_path / "data", "train", size=16).images
+    for i, f in enumerate(files):
+        want = load_image(f).resize((16, 16), Image.BILINEAR, reducing_gap=None)
+        np.testing.assert_array_equal(got[i].permute(1, 2, 0).numpy(), np.asarray(want), err_msg=f.name)
+    assert (got[1, :, 12:] == 255).all() and (got[2] == round(40000 / 257)).all()
+
+
 def test_size_limit_and_spread(folder):
     s = D.load_split(folder, "train", size=8, limit=6)
     assert s.images.shape == (6, 3, 8, 8) and s.labels.bincount().tolist() == [2, 2, 2]
