@@ -1,4 +1,5 @@
 """SE, SGE, CBAM, BAM: hand-computed cases, shapes, and argument errors."""
+import copy
 import math
 import re
 
@@ -29,7 +30,7 @@ def test_sge_hand_computed():
     torch.testing.assert_close(sge(x), expected)
 
 
-def test_sge_initialisation_is_a_constant_half_gate():
+def test_sge_initialisation_is_a_constant_gate_of_sigmoid_1():
     sge = SGE(128, groups=64)  # gamma=0, beta=1 -> sigmoid(1) everywhere
     x = torch.randn(2, 128, 5, 5)
     torch.testing.assert_close(sge(x), x * sig(1.0))
@@ -38,6 +39,34 @@ def test_sge_initialisation_is_a_constant_half_gate():
 
 def test_sge_single_position_is_finite():
     assert torch.isfinite(SGE(64)(torch.randn(2, 64, 1, 1))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["one position", "constant", "spread over 256"])
+def test_sge_in_16_bits_keeps_the_statistics_of_float32(dtype, case):
+    """In float16 1 / eps overflowed (NaN where a group's similarity is constant: 1 x 1 maps, a
+    flat image) and a variance past 65,504 was inf (every gate sigmoid(beta), silently); the
+    statistics are now float32, and output and gradients follow the float64 formula."""
+    torch.manual_seed(0)
+    sge = SGE(64, groups=8)
+    with torch.no_grad():
+        sge.weight.normal_(), sge.bias.normal_()
+    x = {"one position": torch.randn(2, 64, 1, 1), "constant": torch.ones(2, 64, 4, 4),
+         "spread over 256": torch.randn(2, 64, 8, 8) * 20 + 10}[case].to(dtype)
+    x.requires_grad_(True)
+    y = sge.to(dtype)(x)
+    ref_sge = copy.deepcopy(sge).double()
+    x64 = x.detach().double().requires_grad_(True)
+    ref = sge_reference(ref_sge, x64)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, sge.weight), g.to(dtype))
+    want = torch.autograd.grad(ref, (x64, ref_sge.weight), g)
+    tol = 1e-2 if dtype == torch.float16 else 4e-2  # relative, of the norm
+    # a constant t's true input gradient is of the order of 1 / eps: past float16's range
+    n = 1 if case == "constant" and dtype == torch.float16 else 3
+    for a, b in list(zip((y, *got), (ref, *want)))[:n]:
+        assert torch.isfinite(a).all()
+        assert (a.double() - b).norm() <= tol * b.norm() + 1e-3
 
 
 @pytest.mark.parametrize("spatial_bn", [True, False], ids=["official-bn", "paper-text"])

@@ -73,8 +73,10 @@ class SGEGate(torch.autograd.Function):
 
         t_i = v_i . mu,   t^_i = (t_i - mean t) / (std t + eps),   out_i = v_i sigmoid(gamma t^_i + beta)
 
-    (unbiased std; a single position gives std 0). Computed in the input's dtype (reductions
-    accumulate in float32 for 16-bit inputs) and memory format, with fused multiply-adds.
+    (unbiased std; a single position gives std 0). Computed in the input's dtype and memory
+    format, with fused multiply-adds; the statistics of ``t`` (one value per position and group,
+    a C/G-th of the input) in float32: in float16 ``1 / eps`` is inf (NaN where a group's ``t`` is
+    constant) and a variance past 65,504 is inf (every gate ``sigmoid(beta)``).
     """
 
     @staticmethod
@@ -86,14 +88,16 @@ class SGEGate(torch.autograd.Function):
             n = v.shape[pos]
             correction = 1 if n > 1 else 0
             mu = v.mean(dim=pos, keepdim=True)
-            t = (v * mu).sum(dim=chan, keepdim=True)
+            stat = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64
+            t = (v * mu).sum(dim=chan, keepdim=True, dtype=stat)
             var, mean = torch.var_mean(t, dim=pos, keepdim=True, correction=correction)
             sd = var.sqrt()
             r = 1 / (sd + eps)
             t_hat = (t - mean) * r
             shape = [1, 1, 1, 1]
             shape[grp] = groups
-            s = torch.sigmoid(torch.addcmul(bias.to(x.dtype).view(shape), t_hat, weight.to(x.dtype).view(shape)))
+            a = torch.addcmul(bias.to(stat).view(shape), t_hat, weight.to(stat).view(shape))
+            s = torch.sigmoid(a).to(x.dtype)
             ctx.save_for_backward(x, weight, mu, t_hat, s, sd)
             ctx.layout = (groups, eps, cl, pos, grp, chan, n - correction, shape)
             ctx.mark_non_differentiable(s)
@@ -106,18 +110,22 @@ class SGEGate(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             v, g = _grouped(x, groups, cl), _grouped(grad.to(x.dtype), groups, cl)
             # out = v s, s = sigmoid(a), a = gamma t^ + beta
-            d_a = torch.ops.aten.sigmoid_backward((g * v).sum(dim=chan, keepdim=True), s)
+            # the per-position, per-group terms in float32 (or float64), as in the forward pass
+            stat = t_hat.dtype
+            d_a = torch.ops.aten.sigmoid_backward((g * v).sum(dim=chan, keepdim=True, dtype=stat), s.to(stat))
             reduce = [d for d in range(4) if d != grp]
             d_gamma = (d_a * t_hat).sum(dim=reduce).view_as(weight).to(weight.dtype)
             d_beta = d_a.sum(dim=reduce).view_as(weight).to(weight.dtype)
-            u = d_a * weight.to(x.dtype).view(shape)  # d/dt^
+            u = d_a * weight.to(stat).view(shape)  # d/dt^
             # t^ = (t - mean) r, r = 1 / (sd + eps), sd = sqrt(sum (t - mean)^2 / dof):
             # d/dt = (u - mean u) r - t^ sum(u t^) / (dof sd)
             r = 1 / (sd + eps)
             spread = torch.where(sd > 0, (u * t_hat).sum(dim=pos, keepdim=True)
                                  / (dof * sd.clamp_min(torch.finfo(sd.dtype).tiny)), 0.0)
             d_t = torch.addcmul(torch.addcmul(-u.mean(dim=pos, keepdim=True) * r, u, r), t_hat, -spread)
-            d_mu = (d_t * v).sum(dim=pos, keepdim=True) / v.shape[pos]  # t_i = v_i . mu, mu = mean v
+            d_t = d_t.to(x.dtype)  # the full-size terms in the input's dtype
+            # t_i = v_i . mu, mu = mean v
+            d_mu = ((d_t * v).sum(dim=pos, keepdim=True, dtype=stat) / v.shape[pos]).to(x.dtype)
             d_x = torch.addcmul(torch.addcmul(d_mu, g, s), d_t, mu)
             return _ungrouped(d_x, x, cl), d_gamma, d_beta, None, None
 
