@@ -308,6 +308,26 @@ def test_a_16_bit_module_runs_without_autocast(dtype):
     assert _rel(y.float(), m(x)) <= 3e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_module_runs_its_ladder_in_float32(dtype):
+    """A module converted to 16 bits ran the pooled vectors and the ladder in 16 bits (the
+    docs say float32), its gates twice as far from float32's."""
+    torch.manual_seed(0)
+    m = LGAM(64, groups=8, reduction=2).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 64, 4, 4)
+    scales = {}
+    for name, module, xin in (("float32", m, x), ("16-bit", copy.deepcopy(m).to(dtype), x.to(dtype))):
+        module.record_gates = True
+        module(xin)
+        scales[name] = module.last_gates["channel"]
+    assert scales["16-bit"].dtype == torch.float32
+    limit = 2e-4 if dtype == torch.float16 else 2.5e-3  # 16-bit ladder: 4.2e-4, 3.6e-3
+    assert _rel(scales["16-bit"], scales["float32"]) <= limit
+
+
 def test_inference_mode_then_backward(lgam_path):
     """A forward under torch.inference_mode (the app's no-gradient path) leaves nothing behind
     that a later forward + backward (Grad-CAM) cannot use."""

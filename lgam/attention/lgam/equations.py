@@ -30,14 +30,22 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def group_scales(attention: Sequence[Callable[[Tensor], Tensor]], pooled: Tensor) -> Tensor:
     """The group scales ``1 + M_k`` ``(B, G, C')`` from the pooled groups ``GAP(x_k)``
-    ``(B, G, C')``, ``attention[k]`` being group ``k``'s eq (2)."""
+    ``(B, G, C')``, ``attention[k]`` being group ``k``'s eq (2). The ladder runs in ``pooled``'s
+    dtype; each gate in its weights' (a module converted to 16 bits ran the ladder in 16 bits)."""
     scales: list[Tensor] = []
     s = pooled[:, 0]
     for k, gate in enumerate(attention):
         if k:
             s = pooled[:, k] + scales[-1] * s  # GAP of the ladder input x_k + y_{k-1}, eq (4)
-        scales.append(1 + gate(s))  # eq (3): M * z + z = (1 + M) z
+        m = gate(s.to(_dtype_of(gate, s.dtype))).to(s.dtype)
+        scales.append(1 + m)  # eq (3): M * z + z = (1 + M) z
     return torch.stack(scales, dim=1)
+
+
+def _dtype_of(gate: Callable[[Tensor], Tensor], default: torch.dtype) -> torch.dtype:
+    """The dtype of ``gate``'s weights (``default`` for a function or a module without any)."""
+    params = gate.parameters() if isinstance(gate, torch.nn.Module) else iter(())
+    return next((p.dtype for p in params if p.is_floating_point()), default)
 
 
 def ladder_weights(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -57,7 +65,7 @@ def ladder_weights(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def mix_and_gate(x: Tensor, p: Tensor, q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Eqs (4)-(7) on the map ``x (B, C, H, W)`` with :func:`ladder_weights` ``(B, G, C')`` ->
-    ``(A''`` in ``x``'s dtype and memory format, ``S (B, 1, H, W)`` in the weights' dtype)."""
+    ``(A''`` in ``x``'s dtype and memory format, ``S (B, 1, H, W)`` in the scales' dtype)."""
     b, c, h, w = x.shape
     a = x.unflatten(1, (p.shape[1], -1)).flatten(3)  # (B, G, C', HW): a view in either layout
     s = (a * v[..., None]).sum((1, 2))  # eq (5): S = sum_c A'_c = sum_j x_j v_j, (B, HW)
@@ -73,9 +81,8 @@ def lgam_equations(attention: Sequence[Callable[[Tensor], Tensor]], x: Tensor) -
     b, c = x.shape[:2]
     groups = len(attention)
     work = work_dtype(x.dtype)
-    weights = next(attention[0].parameters()).dtype  # float32 unless the module was converted
     with torch.autocast(x.device.type, enabled=False):  # no bf16 products of 1.5**G
         pooled = x.mean((2, 3), dtype=work).view(b, groups, c // groups)  # eq (1), per group
-        scales = group_scales(attention, pooled.to(weights)).to(work)  # eqs (2)-(4)
+        scales = group_scales(attention, pooled)  # eqs (2)-(4)
         out, s = mix_and_gate(x, *ladder_weights(scales))
     return out, s, scales.view(b, c)
