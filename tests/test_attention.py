@@ -214,6 +214,7 @@ def test_every_module_trains(name):
         (lambda: SGE(64, eps=0.0), "SGE: eps must be positive"),  # a constant group gave 0 / 0
         (lambda: LGAM(64)(torch.randn(1, 64, 4, 4)), "LGAM in train mode needs at least 2 images"),
         (lambda: BAM(64)(torch.randn(1, 64, 4, 4)), "BAM in train mode needs at least 2 images"),
+        (lambda: CBAM(64)(torch.randn(1, 64, 1, 1)), "CBAM in train mode needs more than one value"),
         (lambda: LGAM(64, groups=0), "groups must be a positive integer"),
         (lambda: LGAM(64, groups=4, reduction=0), "reduction must be a positive integer"),
         (lambda: SE(8, reduction=16), "use reduction <= 8"),

@@ -76,6 +76,10 @@ class CBAM(GateRecorder):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.channels, "CBAM")
+        b, _, h, w = x.shape
+        if self.training and self.spatial_gate.bn is not None and b * h * w == 1:
+            raise ValueError("CBAM in train mode needs more than one value for its spatial BatchNorm: "
+                             "one image of 1 x 1 positions has one; call .eval() or pass 2 images or more")
         channel = self.channel_gate(x)
         x = x * channel
         spatial = self.spatial_gate(x)

@@ -1,7 +1,7 @@
 """LGAM: the Lightweight Group-wise Attention Module (Zhang, Li, Yang, 2020), eqs (1)-(7).
 
 Input ``A (B, C, H, W)`` is split into ``G`` groups ``x_k`` of ``C' = C/G`` channels; the hidden
-width is ``h = C' // r``.
+width is ``h = max(1, C' // r)``.
 
 =====  ==========================================================================================
 eq.    what it computes
