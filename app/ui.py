@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence, TypeVar
 import gradio as gr
 from PIL import Image
 
-from lgam._format import format_or_dash
+from lgam._format import format_bytes, format_or_dash
 from lgam.cam import METHOD_LABELS, METHODS, SLOW_METHODS, CamError
 from lgam.data import IMAGE_EXTENSIONS
 from lgam.engine import CamEngine, ImageComparison, PreparedImage
@@ -95,9 +95,13 @@ MIN_AGREEMENT = 0.5
 _C = TypeVar("_C", bound=gr.components.Component)
 
 
-def _user_error(message: str) -> gr.Error:
-    """A ``gr.Error`` for the user's input: shown to the user, no traceback in the server log."""
-    return gr.Error(message, print_exception=False)
+def _user_error(message: str, markdown: str | None = None) -> gr.Error:
+    """A ``gr.Error`` for the user's input: shown to the user, no traceback in the server log.
+    ``message`` is plain text (the toast, an API caller's error); ``markdown`` the same for the
+    page's run info, where it is Markdown (default: ``message`` with its markup escaped)."""
+    error = gr.Error(message, print_exception=False)
+    error.markdown = markdown_text(message) if markdown is None else markdown
+    return error
 
 
 def _quiet_checks(comp: _C) -> _C:
@@ -126,22 +130,32 @@ def _raw_preprocess(self: gr.Image, payload: Any) -> str | None:
         return str(payload.path)
     url = str(getattr(payload, "url", None) or "")
     if url.startswith("data:"):
-        return _data_url_file(url, self.GRADIO_CACHE)
+        path = _data_url_file(url, self.GRADIO_CACHE, self.max_bytes)
+        self.temp_files.add(path)  # Gradio's delete_cache deletes the files its components track
+        return path
     raise _user_error("The request's image has neither a file nor a data: URL.")
 
+
+#: uploads (and data: URL images) are deleted this old, checked as often (Gradio's delete_cache)
+CACHE_SECONDS = 3600
 
 #: the name a data: URL's image gets (messages about it name it)
 DATA_URL_NAME = "image-from-data-url"
 
 
-def _data_url_file(url: str, cache_dir: str) -> str:
-    """The bytes of base64 ``data:`` URL ``url``, untouched, in a new file in ``cache_dir`` (which
-    Gradio's ``delete_cache`` empties): :func:`lgam.imageio.load_image` then judges them as it
-    judges an upload. Gradio decoded them itself, with no limits of ours, re-encoded them as lossy
-    WebP, and answered a bad one with no message."""
+def _data_url_file(url: str, cache_dir: str, max_bytes: int) -> str:
+    """The bytes of base64 ``data:`` URL ``url``, untouched, in a new file in ``cache_dir``:
+    :func:`lgam.imageio.load_image` then judges them as it judges an upload. Gradio decoded them
+    itself, with no limits of ours, re-encoded them as lossy WebP, and answered a bad one with no
+    message. Over ``max_bytes`` it is refused before it is decoded (Gradio's upload limit does not
+    apply to a request's JSON)."""
     head, comma, body = url.partition(",")
     if not comma or not head.endswith(";base64"):
         raise _user_error("The image's data: URL is not base64-encoded (data:image/png;base64,...).")
+    size = len(body) // 4 * 3  # within 2 bytes of the decoded size
+    if size > max_bytes + 2:
+        raise _user_error(f"The image's data: URL holds {format_bytes(size)}; the limit is "
+                          f"{format_bytes(max_bytes)}.")
     try:
         data = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
@@ -152,12 +166,14 @@ def _data_url_file(url: str, cache_dir: str) -> str:
     return str(path)
 
 
-def raw_image(**kwargs: Any) -> gr.Image:
+def raw_image(max_bytes: int = MAX_BYTES, **kwargs: Any) -> gr.Image:
     """A ``gr.Image`` (upload, webcam, clipboard) whose handler receives the uploaded file's path
     untouched, so that :func:`lgam.imageio.load_image` - not Gradio - decodes it and can answer
-    bad files with a clear message. (An instance override rather than a subclass: Gradio writes a
-    ``.pyi`` stub next to the module of every ``Component`` subclass.)"""
+    bad files with a clear message; ``max_bytes`` limits an image sent as a ``data:`` URL. (An
+    instance override rather than a subclass: Gradio writes a ``.pyi`` stub next to the module of
+    every ``Component`` subclass.)"""
     comp = gr.Image(type="filepath", **kwargs)
+    comp.max_bytes = max_bytes
     comp.preprocess = types.MethodType(_raw_preprocess, comp)  # type: ignore[method-assign]
     return comp
 
@@ -226,10 +242,13 @@ def _load_inputs(engine: CamEngine, paths: Sequence[str], max_bytes: int, max_pi
     imgs, names = [], []
     for p in paths:
         name = Path(p).name
+        if not Path(p).is_file():  # every path the page sends is Gradio's: an upload it deleted
+            raise _user_error(f"{name} is no longer on the server (uploads are deleted after "
+                              f"{CACHE_SECONDS // 60} minutes): add it again.")
         try:
             full = load_image(p, max_bytes=max_bytes, max_pixels=max_pixels)
-        except ImageLoadError as e:  # the name shown as it is in the page's Markdown
-            raise _user_error(f"Cannot use this file: {str(e).replace(name, markdown_text(name))}") from None
+        except ImageLoadError as e:
+            raise _user_error(f"Cannot use this file: {e}") from None
         imgs.append(engine.prepare(full, display_px=SHOWN_PX))
         del full
         names.append(name)
@@ -435,7 +454,7 @@ def page_or_cleared(engine: CamEngine, image: str | None, more_images: Sequence[
         return run_page(engine, image, more_images, *settings, **limits)
     except gr.Error as e:
         gr.Warning(e.message)
-        return "", [], f"⚠ {e.message}"
+        return "", [], f"⚠ {getattr(e, 'markdown', None) or markdown_text(e.message)}"
 
 
 def first_view(engine: CamEngine, image: str | None, *, max_images: int = 8,
@@ -558,10 +577,10 @@ def _notices(engine: CamEngine) -> None:
 
 
 def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
-              first: str | None) -> types.SimpleNamespace:
+              first: str | None, max_bytes: int) -> types.SimpleNamespace:
     """The left column: the image (opening on ``first``), Compare, the view, the examples and
     the settings."""
-    image = raw_image(value=first, sources=["upload", "webcam", "clipboard"], label="Image",
+    image = raw_image(max_bytes, value=first, sources=["upload", "webcam", "clipboard"], label="Image",
                       elem_id="input-image")
     run = gr.Button("Compare", variant="primary", elem_id="compare-button")
     view = _quiet_checks(gr.Radio(
@@ -590,7 +609,7 @@ def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
                                  stage=stage, opacity=opacity, files=files)
 
 
-def _outputs(grid: str, top5: Any, info: str) -> types.SimpleNamespace:
+def _outputs(grid: str, top5: Any, info: str, max_bytes: int) -> types.SimpleNamespace:
     """The right column, opening on the first example's results, and the API's hidden parts."""
     grid_html = gr.HTML(grid, elem_id="results")
     info_md = gr.Markdown(info, label=INFO_LABEL, elem_id="run-info")
@@ -605,7 +624,7 @@ def _outputs(grid: str, top5: Any, info: str) -> types.SimpleNamespace:
     tiles = gr.JSON(label=TILES_LABEL, visible=False)
     # the API's own image, without the page's first example: a component's initial value would
     # become the endpoints' default image
-    api_image = raw_image(label="Image", visible=False)
+    api_image = raw_image(max_bytes, label="Image", visible=False)
     api_run, api_export = gr.Button(visible=False), gr.Button(visible=False)
     return types.SimpleNamespace(grid=grid_html, info=info_md, top5=top5_df, fmt=fmt,
                                  export_btn=export_btn, figure_file=figure_file, tiles=tiles,
@@ -676,14 +695,14 @@ def build_app(
         return page_or_cleared(engine, image, more_images, target, method, opacity, view, stage,
                                **limits)
 
-    # uploads and served outputs older than an hour are deleted, hourly (Gradio keeps them forever)
-    with gr.Blocks(title="LGAM · Figure 5, live", delete_cache=(3600, 3600)) as demo:
+    # uploads and served outputs are deleted once CACHE_SECONDS old (Gradio keeps them forever)
+    with gr.Blocks(title="LGAM · Figure 5, live", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         _notices(engine)
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                c = _controls(engine, groups, first if shown else None)
+                c = _controls(engine, groups, first if shown else None, max_bytes)
             with gr.Column(scale=3):
-                out = _outputs(first_grid, first_top5, first_info)
+                out = _outputs(first_grid, first_top5, first_info, max_bytes)
         gr.Markdown(f"**Models** (from the checkpoint manifest: training status, val error) · "
                     f"device `{engine.device}`")
         gr.Dataframe(value=model_rows(engine), headers=MODEL_HEADERS, interactive=False,

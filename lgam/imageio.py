@@ -28,6 +28,7 @@ from typing import BinaryIO, Iterable, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._format import format_bytes
 from .errors import LgamError
 
 __all__ = ["ImageLoadError", "load_image", "to_rgb", "MAX_BYTES", "MAX_PIXELS", "READ_FORMATS"]
@@ -44,10 +45,6 @@ class ImageLoadError(LgamError, ValueError):
     """The input cannot be used as an image; ``str(err)`` is a message for the user."""
 
 
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n} bytes"
-
-
 def _read_bytes(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
     """Raw bytes of ``source`` (at most ``max_bytes``) and a name for messages."""
     if isinstance(source, (bytes, bytearray)):
@@ -60,7 +57,7 @@ def _read_bytes(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
         size = path.stat().st_size
         if size > max_bytes:
             raise ImageLoadError(
-                f"{name} is {_fmt_bytes(size)}; the limit is {_fmt_bytes(max_bytes)}"
+                f"{name} is {format_bytes(size)}; the limit is {format_bytes(max_bytes)}"
             )
         data = path.read_bytes()
     elif hasattr(source, "read"):
@@ -71,7 +68,7 @@ def _read_bytes(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
     if len(data) == 0:
         raise ImageLoadError(f"{name} is empty (0 bytes)")
     if len(data) > max_bytes:
-        raise ImageLoadError(f"{name} is over the {_fmt_bytes(max_bytes)} limit")
+        raise ImageLoadError(f"{name} is over the {format_bytes(max_bytes)} limit")
     return data, name
 
 

@@ -370,6 +370,27 @@ def test_an_image_sent_as_a_data_url_reaches_the_loader_as_it_is(files):
             comp.preprocess(SimpleNamespace(path=None, url=url))
 
 
+def test_a_data_url_image_is_size_checked_first_and_deleted_with_the_uploads(files):
+    """An image sent as a data: URL was decoded and written whatever its size (Gradio's upload
+    limit does not cover a request's JSON) and its file was never deleted: no component tracked
+    it, and Gradio's delete_cache deletes only the files its components track."""
+    from types import SimpleNamespace
+
+    from gradio.route_utils import delete_files_created_by_app
+
+    from app.ui import raw_image
+
+    png = Path(files[0]).read_bytes()
+    with gr.Blocks() as demo:
+        comp, small = raw_image(), raw_image(max_bytes=len(png) - 3)
+    with pytest.raises(gr.Error, match=r"data: URL holds \d+ bytes; the limit is \d+ bytes"):
+        small.preprocess(SimpleNamespace(path=None, url=_data_url(png)))
+    path = Path(comp.preprocess(SimpleNamespace(path=None, url=_data_url(png))))
+    assert path.read_bytes() == png
+    delete_files_created_by_app(demo, None)  # what delete_cache does once the file is old enough
+    assert not path.exists()
+
+
 def test_a_bad_data_url_is_answered_with_a_message_and_no_traceback(server, capfd):
     """A bad data: URL was answered with error null and a ComponentProcessingError traceback."""
     import json
@@ -455,6 +476,32 @@ def test_a_file_name_is_shown_as_it_is_not_as_markdown(engine, tmp_path):
     bad.write_text("not an image")
     _, _, info = page_or_cleared(engine, str(bad), None)
     assert r"\[click\](example.com) \*me\* \<b\>.png is not an image" in info
+
+
+def test_a_file_name_is_escaped_in_the_run_info_only(engine, tmp_path, monkeypatch):
+    """The Markdown-escaped name went into the toast and the API's error too, where it is not
+    Markdown: a camera's IMG_0001.HEIC showed as IMG\\_0001.HEIC."""
+    from app import ui
+
+    heic = tmp_path / "IMG_0001.HEIC"
+    heic.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic")
+    toasts = []
+    monkeypatch.setattr(ui.gr, "Warning", toasts.append)
+    _, _, info = ui.page_or_cleared(engine, str(heic), None)
+    assert toasts == [toasts[0]] and toasts[0].startswith("Cannot use this file: IMG_0001.HEIC is a HEIC")
+    assert info.startswith(r"⚠ Cannot use this file: IMG\_0001.HEIC is a HEIC")
+    with pytest.raises(gr.Error) as raised:
+        run_compare(engine, str(heic))
+    assert raised.value.message == toasts[0]
+
+
+def test_an_upload_deleted_from_the_cache_is_said_to_be_gone(engine, tmp_path):
+    """A page left open past delete_cache's hour sent a deleted upload's path on its next event:
+    the person was told their own photo was "no such file"."""
+    gone = tmp_path / "holiday_photo.jpg"
+    with pytest.raises(gr.Error, match="holiday_photo.jpg is no longer on the server "
+                                       r"\(uploads are deleted after 60 minutes\): add it again"):
+        run_compare(engine, str(gone))
 
 
 def test_a_failure_while_encoding_the_tiles_is_reported_not_raised(engine, files, monkeypatch):
