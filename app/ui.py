@@ -60,6 +60,8 @@ SHOWN_PX = max(TILE_PX, TILE_PIXELS)
 #: the gate-stage choice: label -> stage (None: the last stage where the model has gates)
 STAGES = {"last stage with gates": None, "stage 1": 1, "stage 2": 2, "stage 3": 3, "stage 4": 4}
 DEFAULT_STAGE = "last stage with gates"
+#: the stage dropdown's note: the Grad-CAM view ignores it
+STAGE_INFO = "used when Show is " + " or ".join(f"'{k}'" for k, v in VIEWS.items() if v != "cam")
 TOP5_HEADERS = ["image", "model", "#1", "#2", "#3", "#4", "#5", "ms"]
 MODEL_HEADERS = ["model", "status", "params (M)", "GMACs 224", "input (px)",
                  "val top-1 err at input size (%)", "val images", "val top-1 err 224 px (%)"]
@@ -598,7 +600,8 @@ def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
             [(METHOD_LABELS[m], m) for m in METHODS], value=DEFAULT_METHOD, label="CAM method",
             info="Grad-CAM: one forward pass; Score-CAM is slow on a CPU; EigenCAM's map is the same "
                  "for every class"))
-        stage = _quiet_checks(gr.Dropdown(list(STAGES), value=DEFAULT_STAGE, label="Gate stage"))
+        stage = _quiet_checks(gr.Dropdown(list(STAGES), value=DEFAULT_STAGE, label="Gate stage",
+                                          info=STAGE_INFO))
         opacity = _quiet_checks(gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05,
                                           label="Heatmap opacity"))
         # no file_types: Gradio's filter goes by extension (an extensionless IMG_0001 or an .mpo

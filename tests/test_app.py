@@ -775,6 +775,13 @@ def test_info_line_warns_per_image(engine, files):
     assert paragraphs[-1].startswith("**Device:**")
 
 
+def test_the_gate_stage_says_which_views_use_it(engine):
+    """Choosing a gate stage in the Grad-CAM view did nothing, and the page did not say so."""
+    demo = build_app(engine)
+    stage = next(c for c in demo.blocks.values() if getattr(c, "label", None) == "Gate stage")
+    assert stage.info == "used when Show is 'attention gates' or 'both'"
+
+
 def test_runs_on_new_input_and_example_click(engine, files):
     demo = build_app(engine, examples=[files[0]])
     fns = list(demo.fns.values())
