@@ -435,10 +435,20 @@ def test_overlay_names_a_wrong_image_or_colormap():
         overlay(Image.new("RGB", (8, 8)), cam, cmap="nope")
 
 
-def test_engine_other_method(mem_engine, images):
-    out = mem_engine.compare(images[0], method="gradcam++", models=["resnet18", "resnet18_se"])[0]
+def test_engine_other_method(mem_engine, models, images):
+    """The engine runs the method it is asked for: each map is pytorch-grad-cam's Grad-CAM++ of
+    that model, not Grad-CAM's (a shape check passed with every method drawing Grad-CAM)."""
+    names = ["resnet18", "resnet18_se"]
+    out = mem_engine.compare(images[0], method="gradcam++", models=names)[0]
+    grad = mem_engine.compare(images[0], method="gradcam", models=names)[0]
     assert [r.ok for r in out.results] == [True, True]
-    assert out.results[0].cam.shape == (224, 224)
+    x = mem_engine.preprocess([images[0]])
+    for name in names:
+        r = out[name]
+        assert r.cam.shape == (224, 224)
+        want = library_cam(models[name], x, [r.target], "gradcam++")[0]
+        np.testing.assert_allclose(r.cam, want, atol=1e-5, err_msg=name)
+        assert np.abs(r.cam - grad[name].cam).max() > 0.05, name
 
 
 def test_hooks_released_when_the_cam_fails(models):

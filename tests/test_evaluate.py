@@ -31,9 +31,21 @@ def setup(tmp_path):
     return data, ckpt
 
 
-def test_known_error_and_manifest_update(setup):
+def _sizes_seen(monkeypatch) -> list[int]:
+    """The sizes lgam.evaluate resizes val images to (its constant model's error cannot tell)."""
+    import lgam.evaluate
+
+    seen, real = [], lgam.evaluate.resize_normalize
+    monkeypatch.setattr(lgam.evaluate, "resize_normalize",
+                        lambda images, size, *a, **k: seen.append(size) or real(images, size, *a, **k))
+    return seen
+
+
+def test_known_error_and_manifest_update(setup, monkeypatch):
     data, ckpt = setup
+    seen = _sizes_seen(monkeypatch)
     rows = evaluate_checkpoints(ckpt, data, sizes=(32, 16), latency_reps=1)
+    assert sorted(set(seen)) == [16, 32]  # each size's error is measured at that size
     assert rows[0]["val_top1_err_32"] == rows[0]["val_top1_err_16"] == pytest.approx(100 * 5 / 6, abs=0.01)
     m = load_manifest(ckpt)["models"]["always_a"]["metrics"]
     assert m["val_top1_err_32"] == pytest.approx(83.33) and m["params"] == 11_170_371
@@ -116,7 +128,7 @@ def test_pack_mask_round_trip():
     assert pack_mask(torch.tensor([True] + [False] * 7)) == "80"
 
 
-def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys):
+def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys, monkeypatch):
     """lgam evaluate --runs: a run folder's model (SkipInit gains included) on val and on the images
     its --holdout kept out of training, at every size, with the misses packed for paired tests."""
     import json
@@ -143,7 +155,9 @@ def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys)
         "--holdout", "2", "--val-every", "0", "--no-progress", "--device", "cpu", "--recipe", "fast",
         "--set", "batch_size=4", "--set", "train_size=16", "--set", "bf16=false", "--set", "channels_last=false",
         "--set", "skip_init=true"]) == 0
+    seen = _sizes_seen(monkeypatch)
     assert main(["evaluate", "--runs", str(out / "resnet18"), "--data", str(data), "--sizes", "16", "24"]) == 0
+    assert sorted(set(seen)) == [16, 24]
     metrics = json.loads((out / "resnet18" / "metrics.json").read_text())
     assert metrics["model"] == "resnet18" and metrics["seed"] == 0 and metrics["holdout_per_class"] == 2
     assert metrics["val_images"] == 9 and metrics["holdout_images"] == 6
@@ -157,9 +171,11 @@ def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys)
 
     model, held = load_run_model(out / "resnet18"), split_holdout(load_split(data, "train"), 2)[1]
     assert len(held) == 6
+    val = load_split(data, "val")
     for s in (16, 24):
         want = round(100 * misses(model, held, s).double().mean().item(), 2)
         assert metrics[f"holdout_top1_err_{s}"] == want
+        assert torch.equal(unpack_mask(metrics[f"val_misses_{s}"], 9), misses(model, val, s))
     _evaluate_runs_refusals(out / "resnet18", data, tmp_path, capsys)
 
 
