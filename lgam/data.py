@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import LgamError
-from .imageio import load_image
+from .imageio import load_image, to_rgb
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DecodedSplit", "load_split", "DeviceAugment",
@@ -538,7 +538,7 @@ def resize_normalize(images: Tensor, size: int, mean: Sequence[float] = IMAGENET
 def preprocess(images: Sequence[Image.Image] | Image.Image, size: int,
                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """PIL images (any mode and size; one image is a batch of one) -> float32 ``(B, 3, size,
-    size)``: RGB, whole image resized to a square, normalised (the app's path; it ends in
+    size)``: RGB (:func:`lgam.imageio.to_rgb`), whole image resized to a square, normalised (the app's path; it ends in
     :func:`resize_normalize`, as ``lgam evaluate``'s decoded images do). Very large images are
     first reduced by an integer factor per side (box filter) to at most ~2x the target: each side
     on its own, as the image is squeezed to a square anyway (a 50-MP strip 10 px high was once
@@ -552,8 +552,7 @@ def preprocess(images: Sequence[Image.Image] | Image.Image, size: int,
                         "through resize_normalize instead, a file through lgam.imageio.load_image")
     out = []
     for img in images:
-        if img.mode != "RGB":  # convert() copies even an RGB image: 143 MB for a 50-MP photo
-            img = img.convert("RGB")
+        img = to_rgb(img)  # as the app's loader: alpha on white, 16-bit scaled; an RGB image as it is
         k = tuple(max(1, side // (2 * size)) for side in img.size)
         if max(k) >= 2:
             img = img.reduce(k)

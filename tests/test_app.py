@@ -242,6 +242,11 @@ def test_export_figure(client, files, fmt, magic):
                           0.5, figure_format=fmt, api_name="/export")
     with open(path, "rb") as f:
         assert f.read(4) == magic
+    if fmt == "png":  # a row per image: the second image is in the figure
+        one = client.predict(handle_file(files[0]), [], OWN_TOP1, "gradcam", 0.5, figure_format=fmt,
+                             api_name="/export")
+        with Image.open(path) as two_rows, Image.open(one) as one_row:
+            assert two_rows.width == one_row.width and two_rows.height > 1.6 * one_row.height
 
 
 def _bomb() -> bytes:

@@ -248,12 +248,24 @@ def test_device_augment_is_seeded_and_crops_correctly():
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "I;16", "1"])
 def test_preprocess_any_mode_matches_the_tensor_path(mode):
+    """Any mode as the app's loader reads it (lgam.imageio.load_image), then the tensor path."""
+    from lgam.imageio import load_image
+
     img = _image(0, 0, 40).convert(mode) if mode != "I;16" else Image.fromarray(
         (np.arange(1600).reshape(40, 40) * 40).astype(np.uint16))
     x = D.preprocess([img, Image.new("RGB", (1, 1))], 24)
     assert x.shape == (2, 3, 24, 24) and torch.isfinite(x).all()
-    t = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)[None]
+    t = torch.from_numpy(np.array(load_image(img))).permute(2, 0, 1)[None]
     torch.testing.assert_close(x[:1], D.resize_normalize(t, 24))
+
+
+def test_preprocess_scales_16_bit_and_puts_alpha_on_white():
+    """convert("RGB") clipped 16-bit values at 255 and dropped alpha (black where transparent)."""
+    sixteen = Image.fromarray(np.full((8, 8), 40000, np.uint16))
+    clear = Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA")  # fully transparent black
+    x = D.preprocess([sixteen, clear], 8, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.testing.assert_close(x[0], torch.full((3, 8, 8), round(40000 / 257) / 255))  # [0, 1] scale
+    torch.testing.assert_close(x[1], torch.ones(3, 8, 8))
 
 
 def test_preprocess_takes_one_image_and_names_what_it_cannot():

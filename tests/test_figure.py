@@ -146,13 +146,35 @@ def test_a_strip_image_gives_a_figure_of_bounded_size(engine, tmp_path):
         assert im.height <= 50 * 2 * (1.7 * MAX_TILE_ASPECT + 1)
 
 
-def test_cli_view_both(app_checkpoints, tmp_path, capsys):
+def test_cli_view_both(app_checkpoints, tmp_path, monkeypatch):
+    """--view both --stage 3 reaches the comparison (gates of stage 3) and the drawing (two rows
+    an image): a PNG header check passed with both options dropped."""
+    import lgam.engine
+    import lgam.figure
+
     img = tmp_path / "a.png"
     synthetic_image(3).save(img)
-    out = tmp_path / "both.png"
-    assert lgam_main(["figure5", str(img), "--out", str(out), "--checkpoints", str(app_checkpoints),
-                      "--view", "both", "--stage", "3", "--dpi", "60"]) == 0
-    assert out.read_bytes()[:4] == b"\x89PNG"
+    calls = {}
+
+    def spy(name, real):
+        def run(*args, **kwargs):
+            calls[name] = kwargs
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(lgam.engine.CamEngine, "compare", spy("compare", lgam.engine.CamEngine.compare))
+    monkeypatch.setattr(lgam.figure, "figure5", spy("figure5", lgam.figure.figure5))
+    heights = {}
+    for view in ("cam", "both"):
+        out = tmp_path / f"{view}.png"
+        calls.clear()
+        assert lgam_main(["figure5", str(img), "--out", str(out), "--checkpoints", str(app_checkpoints),
+                          "--view", view, "--stage", "3", "--dpi", "60"]) == 0
+        assert calls["compare"]["gates"] is (view == "both") and calls["compare"]["stage"] == 3
+        assert calls["figure5"]["view"] == view
+        with Image.open(out) as im:
+            heights[view] = im.height
+    assert heights["both"] > 1.6 * heights["cam"]  # a Grad-CAM row and a gates row
 
 
 def test_squeeze_to_tile_aspect_stretches_only_strips_past_the_bound():

@@ -58,8 +58,14 @@ def test_shipped_models_load_and_predict(shipped):
         assert logits.shape == (2, 20) and torch.isfinite(logits).all()
 
 
-def test_the_app_loads_the_shipped_models_with_no_flag(shipped):
-    engine = CamEngine.from_checkpoints(CHECKPOINTS, device="cpu")  # the app's default folder
+def test_the_app_loads_the_shipped_models_with_no_flag(shipped, monkeypatch):
+    """``python -m app`` from the repository, no --checkpoints: the app's own default folder."""
+    pytest.importorskip("gradio")
+    from app.server import build_engine, parse_args
+
+    monkeypatch.chdir(CHECKPOINTS.parent)
+    monkeypatch.delenv("LGAM_CHECKPOINTS", raising=False)
+    engine = build_engine(parse_args(["--device", "cpu"]))
     assert set(shipped) <= set(engine.available)
     assert engine.setup_message is None
 

@@ -109,6 +109,23 @@ def test_cli_table_and_figure(runs, tmp_path, capsys):
     assert fig.stat().st_size > 1000
 
 
+def test_the_figure_plots_each_model_s_mean_its_seeds_and_the_paper(runs):
+    """The CLI's figure was checked only for its file size."""
+    from lgam.table4 import PAPER_TOP1_ERR, table4_figure
+
+    ax = table4_figure(read_runs(runs), 160).axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    means = dict(zip(labels, ax.lines[0].get_ydata()))
+    assert means["ResNet18"] == pytest.approx(21.00, abs=0.005) and means["SE"] == pytest.approx(20.33, abs=0.005)
+    se = labels.index("SE") - 0.1  # each seed's point, left of the paper's
+    seeds = [y for line in ax.lines if line.get_marker() == "." for x, y in zip(line.get_xdata(), line.get_ydata())
+             if x == pytest.approx(se)]
+    assert sorted(seeds) == pytest.approx([19.0, 20.5, 21.5])
+    paper = ax.lines[-1]
+    assert paper.get_label() == "paper, Table 4" and PAPER_TOP1_ERR["resnet18_se"] in list(paper.get_ydata())
+    assert any("mean ± std over 3 seeds" in t.get_text() for t in ax.get_legend().get_texts())
+
+
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="metrics.json"):
         read_runs(tmp_path)
