@@ -290,7 +290,7 @@ def _compare(engine: CamEngine, image, files, target, method, max_images, max_by
              view: str = "cam", stage: int | None = None
              ) -> tuple[list[ImageComparison], list[str], float]:
     if not engine.available:
-        raise _user_error(setup_help(engine))
+        raise _user_error(setup_help(engine), markdown=setup_help(engine))  # its `code` is Markdown
     method = method or DEFAULT_METHOD
     paths = _input_paths(image, files, max_images)
     if method in SLOW_METHODS:

@@ -851,6 +851,10 @@ def test_no_checkpoints_page_says_how(tmp_path, files):
     eng = CamEngine.from_checkpoints(tmp_path / "nothing", device="cpu")
     with pytest.raises(gr.Error, match="No trained checkpoints"):
         run_compare(eng, files[0], [], OWN_TOP1, "gradcam", 0.5)
+    from app.ui import page_or_cleared
+
+    _, _, info = page_or_cleared(eng, files[0], None)  # its commands as code, not escaped backticks
+    assert "`lgam train`" in info and "\\`" not in info
     demo = build_app(eng)
     texts = [c.get("props", {}).get("value") for c in demo.get_config_file()["components"]]
     assert any(isinstance(t, str) and "No models loaded" in t and "lgam train" in t for t in texts)
