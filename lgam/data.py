@@ -538,9 +538,9 @@ def resize_normalize(images: Tensor, size: int, mean: Sequence[float] = IMAGENET
 def preprocess(images: Sequence[Image.Image] | Image.Image, size: int,
                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """PIL images (any mode and size; one image is a batch of one) -> float32 ``(B, 3, size,
-    size)``: RGB (:func:`lgam.imageio.to_rgb`), whole image resized to a square, normalised (the app's path; it ends in
-    :func:`resize_normalize`, as ``lgam evaluate``'s decoded images do). Very large images are
-    first reduced by an integer factor per side (box filter) to at most ~2x the target: each side
+    size)``: RGB (:func:`lgam.imageio.to_rgb`), whole image resized to a square, normalised (the
+    app's path; it ends in :func:`resize_normalize`, as ``lgam evaluate``'s decoded images do).
+    Very large images are first reduced by an integer factor per side (box filter) to at most ~2x the target: each side
     on its own, as the image is squeezed to a square anyway (a 50-MP strip 10 px high was once
     left whole, ~600 MB as float)."""
     images = [images] if isinstance(images, Image.Image) else list(images)
