@@ -540,9 +540,9 @@ def preprocess(images: Sequence[Image.Image] | Image.Image, size: int,
     """PIL images (any mode and size; one image is a batch of one) -> float32 ``(B, 3, size,
     size)``: RGB (:func:`lgam.imageio.to_rgb`), whole image resized to a square, normalised (the
     app's path; it ends in :func:`resize_normalize`, as ``lgam evaluate``'s decoded images do).
-    Very large images are first reduced by an integer factor per side (box filter) to at most ~2x the target: each side
-    on its own, as the image is squeezed to a square anyway (a 50-MP strip 10 px high was once
-    left whole, ~600 MB as float)."""
+    Very large images are first reduced by an integer factor per side (box filter) to at most ~2x
+    the target: each side on its own, as the image is squeezed to a square anyway (a 50-MP strip
+    10 px high was once left whole, ~600 MB as float)."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     if not images:
         raise ValueError("preprocess needs at least one image")
