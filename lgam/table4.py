@@ -19,7 +19,7 @@ loss, its training minutes (wall and CPU time, from its ``log.jsonl``) and the c
 the table down by a column of the data's ``classes.tsv`` (``source``: Imagenette's classes vs
 Imagewoof's dog breeds), from each run's val misses. ``--schedule N`` adds the schedule test: the
 runs of another length, ``RUNS/MODEL/seedK-Nep/`` (which the table leaves out), beside the
-table's runs of the same seeds.
+table's runs of the same seeds; with ``--by``, those runs broken down by the column too.
 
     lgam table4 checkpoints/runs --by source --data ../shared/data/imagenet20 \\
         --out docs/results/table4.md --figure docs/table4.png --checkpoints checkpoints
@@ -431,7 +431,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(scripts/fair_runs.py --epochs EPOCHS), with the table's runs of the same seeds")
     p.add_argument("--by", metavar="COLUMN",
                    help="also break the table down by a column of the data's classes.tsv (e.g. source: "
-                        "Imagenette vs Imagewoof; name: each class), from each run's val misses; needs --data")
+                        "Imagenette vs Imagewoof; name: each class), from each run's val misses, and the "
+                        "--schedule runs likewise; needs --data")
     p.add_argument("--data", help="the data the runs were evaluated on, for --by (its val split's order)")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     p.add_argument("--figure", type=Path, help="write the error-bar plot here (PNG/PDF/SVG)")
@@ -467,9 +468,10 @@ def main(args: argparse.Namespace) -> int:
                  "minutes: the process's CPU time over all its threads, pauses excluded, logged since "
                  "2026-12-06):\n")
     lines.append(format_runs(runs, args.runs))
-    if args.by:
+    groups = image_groups(args.data, "val", args.by) if args.by else None
+    if groups is not None:
         lines.append(f"\nBy {args.by}, a column of the data's classes.tsv (val, {size} px):\n")
-        lines.append(format_by_group(by_group(runs, size, image_groups(args.data, "val", args.by)), size, args.base))
+        lines.append(format_by_group(by_group(runs, size, groups), size, args.base))
     if args.schedule:
         longer = read_runs(args.runs, epochs=args.schedule)
         lines.append(f"\nSchedule test: {args.schedule} epochs against the table's runs of the same seeds "
@@ -478,6 +480,9 @@ def main(args: argparse.Namespace) -> int:
                                      args.base))
         lines.append(f"\nEvery {args.schedule}-epoch run:\n")
         lines.append(format_runs(longer, args.runs, args.schedule))
+        if groups is not None:
+            lines.append(f"\nThe {args.schedule}-epoch runs by {args.by} (val, {size} px):\n")
+            lines.append(format_by_group(by_group(longer, size, groups), size, args.base))
     text = "\n".join(lines)
     print(text)
     if args.out:

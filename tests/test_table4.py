@@ -325,6 +325,24 @@ def test_cli_breaks_the_table_down_by_a_classes_tsv_column(runs, val_data, capsy
     assert "no column 'breed'" in capsys.readouterr().err
 
 
+def test_cli_breaks_the_schedule_runs_down_by_the_column_too(runs, val_data, capsys):
+    """Whether a gap in one group is the short schedule's: the longer runs, split as the table's."""
+    for seed in (0, 1):  # 40 epochs: plain misses 4 woof images, SE 2 nette ones
+        _write(runs, "resnet18", seed, {160: 10.0}, {160: 12.0}, [20 <= i < 24 for i in range(N_VAL)], epochs=40)
+        _write(runs, "resnet18_se", seed, {160: 5.0}, {160: 6.0}, [i < 2 for i in range(N_VAL)], epochs=40)
+    args = ["table4", str(runs), "--size", "160", "--by", "source", "--data", str(val_data)]
+    assert main([*args, "--schedule", "40"]) == 0
+    out = capsys.readouterr().out
+    table_by, longer_by = out.split("By source, a column")[1].split("The 40-epoch runs by source (val, 160 px):")
+    assert "| woof | 20 | ResNet18 | 0.00 ± 0.00 | 0.00 / 0.00 / 0.00 | — |" in table_by  # the 20-epoch runs
+    assert "| woof | 20 | ResNet18 | 20.00 ± 0.00 | 20.00 / 20.00 | — |" in longer_by
+    assert "| nette | 20 | SE | 10.00 ± 0.00 | 10.00 / 10.00 | +10.00 [+10.00, +10.00] |" in longer_by
+    assert "| woof | 20 | SE | 0.00 ± 0.00 | 0.00 / 0.00 | -20.00 [-20.00, -20.00] |" in longer_by
+    assert "| SE | -30.00 [-30.00, -30.00] | -30.00 / -30.00 |" in longer_by  # woof's gap - nette's
+    assert main(args) == 0  # no --schedule: no such section
+    assert "-epoch runs by" not in capsys.readouterr().out
+
+
 def test_a_group_name_cannot_break_the_markdown_table(runs):
     from lgam.table4 import by_group, format_by_group
 
