@@ -578,6 +578,13 @@ def _notices(engine: CamEngine) -> None:
             f"**{engine.label(n)}** ({why})" for n, why in engine.unavailable.items()))
 
 
+def view_choices(method: str) -> list[tuple[str, str]]:
+    """The Show radio's ``(label, value)`` choices for CAM ``method``: the heatmap view is labelled
+    with the method it draws; its value stays ``"Grad-CAM"``, the API's."""
+    name = METHOD_LABELS.get(method, METHOD_LABELS[DEFAULT_METHOD])
+    return [(name if mode == "cam" else label, label) for label, mode in VIEWS.items()]
+
+
 def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
               first: str | None, max_bytes: int) -> types.SimpleNamespace:
     """The left column: the image (opening on ``first``), Compare, the view, the examples and
@@ -586,9 +593,9 @@ def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
                       elem_id="input-image")
     run = gr.Button("Compare", variant="primary", elem_id="compare-button")
     view = _quiet_checks(gr.Radio(
-        list(VIEWS), value=DEFAULT_VIEW, label="Show", elem_id="view",
-        info="Grad-CAM: where each model's evidence is; attention gates: where each "
-             "module itself attends"))
+        view_choices(DEFAULT_METHOD), value=DEFAULT_VIEW, label="Show", elem_id="view",
+        info="the CAM method (Settings): where each model's evidence is; attention gates: where "
+             "each module itself attends"))
     for label, paths in groups.items():  # a click fills `image`: its change runs
         gr.Examples(examples=[[p] for p in paths], inputs=[image], cache_examples=False,
                     label=label)
@@ -646,6 +653,8 @@ def _wire(c: types.SimpleNamespace, out: types.SimpleNamespace, compare, page, e
                       api_description="Input + Grad-CAM (or attention gate) of each model as "
                                       "JPEG data URLs with their captions, the top-5 table and "
                                       "the run info for an image (plus more images for a grid)")
+    c.method.change(lambda method: gr.Radio(choices=view_choices(method)), c.method, c.view,
+                    api_visibility="private", queue=False, show_progress="hidden")
     for trigger in (c.run.click, c.image.change, c.files.change, c.view.change):
         trigger(page, inputs, [out.grid, out.top5, out.info], api_visibility="private", **queue)
     out.export_btn.click(export, inputs + [out.fmt], [out.figure_file], api_name="page_export",

@@ -787,6 +787,25 @@ def test_the_gate_stage_says_which_views_use_it(engine):
     assert stage.info == "used when Show is 'attention gates' or 'both'"
 
 
+def test_the_show_radio_names_the_cam_method_it_draws(engine):
+    """Show said "Grad-CAM" while Score-CAM was drawn. Its label follows the method; its value stays
+    "Grad-CAM", the API's."""
+    from app.render import VIEWS
+    from app.ui import view_choices
+
+    demo = build_app(engine)
+    comps = dict(demo.blocks.items())
+    view = next(c for c in comps.values() if getattr(c, "elem_id", None) == "view")
+    method_id = next(i for i, c in comps.items() if getattr(c, "label", None) == "CAM method")
+    assert view.choices == [("Grad-CAM", "Grad-CAM"), ("attention gates", "attention gates"), ("both", "both")]
+    relabel = next(f for f in demo.fns.values() if (method_id, "change") in f.targets)
+    assert [o._id for o in relabel.outputs] == [view._id] and relabel.api_visibility == "private"
+    assert relabel.fn("scorecam").choices == [("Score-CAM", "Grad-CAM"), ("attention gates", "attention gates"),
+                                             ("both", "both")]
+    assert [v for _, v in view_choices("eigencam")] == list(VIEWS)  # the values: the API's views
+    assert view_choices("no-such-method")[0] == ("Grad-CAM", "Grad-CAM")
+
+
 def test_runs_on_new_input_and_example_click(engine, files):
     demo = build_app(engine, examples=[files[0]])
     fns = list(demo.fns.values())
@@ -796,10 +815,11 @@ def test_runs_on_new_input_and_example_click(engine, files):
     image_id = next(i for i, c in comps.items() if getattr(c, "elem_id", None) == "input-image")
     files_id = next(i for i, c in comps.items() if getattr(c, "elem_id", None) == "more-images")
     view_id = next(i for i, c in comps.items() if getattr(c, "elem_id", None) == "view")
-    auto = [f for f in fns if any(event == "change" for _, event in f.targets)]
+    auto = [f for f in fns if any(event == "change" for _, event in f.targets)
+            and [o._id for o in f.outputs] != [view_id]]  # not the Show radio's relabelling
     assert sorted(i for f in auto for i, _ in f.targets) == sorted([image_id, files_id, view_id])
     assert all(f.api_visibility == "private" and f.trigger_mode == "always_last" for f in auto)
-    cam = [f for f in fns if f.fn is not None and f.name != "load_example"]
+    cam = [f for f in fns if f.fn is not None and f.name != "load_example" and [o._id for o in f.outputs] != [view_id]]
     assert {f.concurrency_id for f in cam} == {"cam"}  # button, automatic runs, export: one limit
     # an example click only fills the image (whose change then runs the comparison): no 2nd run
     example = next(f for f in fns if f.name == "load_example")
