@@ -337,12 +337,16 @@ def confidence_warning(comp: ImageComparison, n_classes: int) -> str | None:
 
 #: what makes markup in the middle of a line (links, emphasis, code, HTML, tables, strikethrough)
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]<>|~])")
+#: where GFM (Gradio's Markdown) starts a link by itself, even mid-word: www., an e-mail's @, a
+#: scheme's colon; one escaped character is enough to stop it
+_AUTOLINKS = re.compile(r"(?i)(?<=www)\.|@|:(?=//)")
 
 
 def markdown_text(text: str) -> str:
     """``text`` (a file name, a message naming one), mid-line, shown as it is in Markdown: a
-    name such as ``[x](y).png`` was rendered as a link, ``*a*.jpg`` in italics."""
-    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+    name such as ``[x](y).png`` was rendered as a link, ``*a*.jpg`` in italics, and
+    ``www.example.com.jpg`` as a link to it."""
+    return _AUTOLINKS.sub(r"\\\g<0>", _MARKDOWN_SPECIALS.sub(r"\\\1", text))
 
 
 def _info(comps: list[ImageComparison], names: list[str], total_ms: float, n_classes: int) -> str:

@@ -483,6 +483,19 @@ def test_a_file_name_is_shown_as_it_is_not_as_markdown(engine, tmp_path):
     assert r"\[click\](example.com) \*me\* \<b\>.png is not an image" in info
 
 
+def test_a_file_name_is_not_linked_by_gfm_itself():
+    """Gradio's Markdown (marked, GFM) links www.*, e-mail addresses and scheme:// on its own, even
+    mid-word: www.example.com.jpg showed as a link to it. One escaped character stops it (checked
+    against marked 15: each of these renders as the plain name)."""
+    from app.ui import markdown_text
+
+    assert markdown_text("www.example.com.jpg") == r"www\.example.com.jpg"
+    assert markdown_text("photoWWW.Shop.org (1).png") == r"photoWWW\.Shop.org (1).png"
+    assert markdown_text("me@example.com.png") == r"me\@example.com.png"
+    assert markdown_text("see https://x.org or FTP://y") == r"see https\://x.org or FTP\://y"
+    assert markdown_text("holiday 12:30.jpg") == "holiday 12:30.jpg"  # a colon alone links nothing
+
+
 def test_a_file_name_is_escaped_in_the_run_info_only(engine, tmp_path, monkeypatch):
     """The Markdown-escaped name went into the toast and the API's error too, where it is not
     Markdown: a camera's IMG_0001.HEIC showed as IMG\\_0001.HEIC."""
