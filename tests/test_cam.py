@@ -255,14 +255,6 @@ def test_each_method_name_runs_that_method(models):
     assert _hooks(model) == 0
 
 
-def test_library_gradcam_equals_fast_path(models):
-    model = models["resnet18_cbam"]
-    x = torch.randn(2, 3, 96, 96)
-    probs, fast = fast_gradcam(model, x)
-    lib = library_cam(model, x, probs.argmax(1).tolist(), "gradcam")
-    assert np.abs(fast - lib).max() <= 1e-5
-
-
 def _state(model):
     return (model.training, [p.requires_grad for p in model.parameters()],
             [b.clone() for b in model.buffers()], [p.dtype for p in model.parameters()])
