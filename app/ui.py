@@ -590,7 +590,7 @@ def view_choices(method: str) -> list[tuple[str, str]]:
 
 
 def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
-              first: str | None, max_bytes: int) -> types.SimpleNamespace:
+              first: str | None, max_bytes: int, max_images: int) -> types.SimpleNamespace:
     """The left column: the image (opening on ``first``), Compare, the view, the examples and
     the settings."""
     image = raw_image(max_bytes, value=first, sources=["upload", "webcam", "clipboard"], label="Image",
@@ -617,8 +617,9 @@ def _controls(engine: CamEngine, groups: Mapping[str, Sequence[str]],
                                           label="Heatmap opacity"))
         # no file_types: Gradio's filter goes by extension (an extensionless IMG_0001 or an .mpo
         # was refused, with a traceback); lgam.imageio reads the bytes and names what it refuses
-        files = gr.File(file_count="multiple", type="filepath", label="More images (one row each)",
-                        elem_id="more-images")
+        # Gradio's File has no count limit: the label says it, the run refuses past it
+        files = gr.File(file_count="multiple", type="filepath", elem_id="more-images",
+                        label=f"More images (one row each; at most {max_images} images in all)")
     return types.SimpleNamespace(image=image, run=run, view=view, target=target, method=method,
                                  stage=stage, opacity=opacity, files=files)
 
@@ -716,7 +717,7 @@ def build_app(
         _notices(engine)
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                c = _controls(engine, groups, first if shown else None, max_bytes)
+                c = _controls(engine, groups, first if shown else None, max_bytes, max_images)
             with gr.Column(scale=3):
                 out = _outputs(first_grid, first_top5, first_info, max_bytes)
         gr.Markdown(f"**Models** (from the checkpoint manifest: training status, val error) · "

@@ -473,6 +473,19 @@ def test_scorecam_draws_no_progress_bars_in_the_server_log(engine, files, monkey
     assert "3/3" not in out + err, err
 
 
+def test_too_many_images_are_refused_and_the_page_says_the_limit_first(engine, files):
+    """Gradio's File takes any number of files: the run refuses past ``max_images`` (the main image
+    included) before decoding any, and the "More images" label says the limit before the upload."""
+    with pytest.raises(gr.Error) as raised:
+        run_compare(engine, files[0], files[1:3], max_images=2)
+    assert raised.value.message == "At most 2 images at once, got 3."
+    _, rows, _ = run_compare(engine, files[0], files[1:2], max_images=2)
+    assert len(rows) == 2 * 6
+    demo = build_app(engine, max_images=3)
+    more = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "more-images")
+    assert more.label == "More images (one row each; at most 3 images in all)"
+
+
 def test_a_file_name_is_shown_as_it_is_not_as_markdown(engine, tmp_path):
     """Uploaded names went into the run info's Markdown raw: a name could render as a link."""
     from app.ui import page_or_cleared
