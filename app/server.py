@@ -41,7 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="auto (CUDA when available, else CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", choices=PRECISIONS,
                    default=os.environ.get("LGAM_PRECISION", "auto"),
-                   help="auto: bf16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), "
+                   help="auto: bf16 where the device has native bf16 (GPUs of compute capability 8.0+, "
+                        "AVX512-BF16/AMX CPUs), "
                         "else float32; float32: exactly what `lgam evaluate` computes")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (0.0.0.0 in Docker/Spaces)")

@@ -4,7 +4,7 @@ module's own gate (the paper's Figure 5, live).
 Thin by design: images are read by :mod:`lgam.imageio`, every number comes from
 :class:`lgam.engine.CamEngine`, tiles and the result grid from :mod:`app.render`, the exported
 figure from :mod:`lgam.figure`; this module holds the page's words and layout. Two named API
-endpoints, ``/compare`` (image files) and ``/export`` (the figure file), each callable with just
+endpoints, ``/compare`` (the tiles as JSON, JPEG data URLs) and ``/export`` (the figure file), each callable with just
 an image: every other input has a default. The page runs the comparison when an image is
 uploaded, taken, pasted or picked from the examples, and when the view changes; the Compare button
 re-runs it with changed settings. It opens on the first example (an ImageNet val image of one of
@@ -416,7 +416,7 @@ def run_compare(engine: CamEngine, image: str | None, more_images: Sequence[Any]
                 target: str | None = OWN_TOP1, method: str = DEFAULT_METHOD,
                 opacity: float = DEFAULT_OPACITY, view: str = DEFAULT_VIEW,
                 stage: str = DEFAULT_STAGE, *, max_images: int = 8, max_bytes: int = MAX_BYTES,
-                max_pixels: int = MAX_PIXELS) -> tuple[list[tuple[str, str]], list[list[Any]], str]:
+                max_pixels: int = MAX_PIXELS) -> tuple[dict[str, list[dict[str, object]]], list[list[Any]], str]:
     """The ``/compare`` API handler: ``(tiles, top-5 rows, info markdown)``, the tiles as
     :func:`app.render.tiles_data` (JPEG data URLs). Per image the input, then one tile per model:
     its Grad-CAM captioned ``class · p`` and/or its attention gate (``view``); an unavailable model
@@ -424,7 +424,7 @@ def run_compare(engine: CamEngine, image: str | None, more_images: Sequence[Any]
     (:func:`confidence_warning`)."""
     limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
 
-    def answer() -> tuple[list[tuple[str, str]], list[list[Any]], str]:
+    def answer() -> tuple[dict[str, list[dict[str, object]]], list[list[Any]], str]:
         rows, _, top5, info = _results(engine, image, more_images, target, method, opacity, view,
                                        stage, limits)
         return tiles_data(rows), top5, info
@@ -438,7 +438,7 @@ def run_page(engine: CamEngine, image: str | None, more_images: Sequence[Any] | 
              stage: str = DEFAULT_STAGE, *, max_images: int = 8, max_bytes: int = MAX_BYTES,
              max_pixels: int = MAX_PIXELS) -> tuple[str, list[list[Any]], str]:
     """The page's handler: like :func:`run_compare`, with the tiles as one HTML grid
-    (:func:`app.render.tiles_html`) instead of files."""
+    (:func:`app.render.tiles_html`) instead of JSON."""
     limits = dict(max_images=max_images, max_bytes=max_bytes, max_pixels=max_pixels)
 
     def answer() -> tuple[str, list[list[Any]], str]:

@@ -36,7 +36,8 @@ class Recipe:
     micro-batch, as it sees one process's share under DDP).
     ``schedule="step"`` multiplies it by ``gamma`` every ``step_epochs`` epochs; ``"cosine"``
     decays it per step to 0 after a linear warm-up of ``warmup_epochs``. ``bf16`` (autocast) and
-    ``channels_last`` apply on CUDA and on CPUs with native bf16. ``train_size_start`` (0: off)
+    ``channels_last`` apply where bf16 is native (:func:`lgam.device.bf16_native`: GPUs of compute
+    capability 8.0+, CPUs with AVX512-BF16/AMX). ``train_size_start`` (0: off)
     starts the crops at that size and grows them linearly to ``train_size``, reached
     ``size_hold_epochs`` before the end (:func:`train_size_at`). ``bn_bias_decay=False`` exempts
     BatchNorm weights and all biases from weight decay. How the residual branches start (at most

@@ -3,9 +3,9 @@
 Every image is decoded once into a uint8 tensor that lives on the training device; each step
 indexes a batch, random-resized-crops, flips and normalises it there (:class:`lgam.data.DeviceAugment`)
 and feeds the *same* augmented batch to every model, each with its own optimiser, learning-rate
-schedule, log and resume state. The recipe's bf16 autocast and channels_last apply on CUDA and on
-CPUs with native bfloat16 (:func:`lgam.device.cpu_has_native_bf16`); elsewhere training runs in
-float32 and says so once. A recipe with ``train_size_start`` grows the crop size from epoch to epoch
+schedule, log and resume state. The recipe's bf16 autocast and channels_last apply where bf16 is
+native (:func:`lgam.device.bf16_native`: GPUs of compute capability 8.0 and newer, CPUs with
+AVX512-BF16/AMX); elsewhere (a T4, a V100, most CPUs) training runs in float32 and says so once. A recipe with ``train_size_start`` grows the crop size from epoch to epoch
 (progressive resizing, as FFCV does);
 ``--compile`` wraps each model in ``torch.compile``; compiled or not, LGAM modules run their op,
 the C++ kernels, where they build (on the CPU: :func:`lgam.attention.set_fused_kernels`;
