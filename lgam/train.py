@@ -100,13 +100,13 @@ def train(
         if run.rank == 0:  # the rank that writes the files holds each run folder
             for name in dict.fromkeys(models):
                 locks.enter_context(run_lock(Path(out) / name))
-        trainees = _trainees(run, models, Path(out), stem, resume, compile)
+        trainees, saved_generators = _trainees(run, models, Path(out), stem, resume, compile)
         # -- config.json and the log so far (a run with nothing left to train keeps its own) --
         if run.rank == 0:
             for tr in trainees:
                 if tr.epoch < last or tr.epoch == 0:
                     _start_files(tr, _config(run, tr, models, stem, config_extra))
-        _train_epochs(run, trainees, last, val_every, progress)
+        _train_epochs(run, trainees, last, val_every, progress, saved_generators)
     diverged = [t.diverged for t in trainees if t.diverged]
     if diverged:  # the same on every rank: the losses are all-reduced
         raise TrainError("; ".join(diverged))
@@ -116,9 +116,9 @@ def train(
 
 
 def _trainees(run: _Run, models: Sequence[str], out: Path, stem: str | None, resume: bool,
-              compile: bool) -> list[_Trainee]:
-    """The models, from the same random stream, with their optimisers and resume states; the
-    random streams as they were after the least-trained model's last epoch."""
+              compile: bool) -> tuple[list[_Trainee], dict[int, dict[str, list[int]]]]:
+    """The models, from the same random stream, with their optimisers and resume states, and
+    the random streams' states each resumed model saved: ``{its finished epochs: states}``."""
     trainees: list[_Trainee] = []
     saved_generators: dict[int, dict[str, list[int]]] = {}  # finished epoch -> generator states
     for name in dict.fromkeys(models):
@@ -128,15 +128,18 @@ def _trainees(run: _Run, models: Sequence[str], out: Path, stem: str | None, res
             saved_generators[tr.epoch] = generators
         _wrap(run, tr, compile)
         trainees.append(tr)
-    start = min(t.epoch for t in trainees)
-    if start > 0:
-        restore_generators(saved_generators[start], run.shuffle_gen, run.aug_gen)
-    return trainees
+    return trainees, saved_generators
 
 
-def _train_epochs(run: _Run, trainees: list[_Trainee], last: int, val_every: int, progress: bool) -> None:
-    """Train up to epoch ``last``, each epoch every model that has not done it."""
+def _train_epochs(run: _Run, trainees: list[_Trainee], last: int, val_every: int, progress: bool,
+                  saved_generators: dict[int, dict[str, list[int]]]) -> None:
+    """Train up to epoch ``last``, each epoch every model that has not done it. A model resumed at
+    epoch ``e`` sets the random streams to its own saved states when epoch ``e`` begins: the same
+    as the streams reach there, unless an epoch no model trained (those behind it diverged) left
+    them behind."""
     for epoch in range(min(t.epoch for t in trainees), last):
+        if epoch in saved_generators:
+            restore_generators(saved_generators[epoch], run.shuffle_gen, run.aug_gen)
         # -- one pass over the data for every model that has not done this epoch --
         active = [t for t in trainees if t.epoch == epoch and t.diverged is None]
         if not active:

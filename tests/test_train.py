@@ -660,6 +660,28 @@ def test_the_other_models_train_on_when_one_diverges(tiny_data, tmp_path, capsys
     assert [r["epoch"] for r in _log(run / "resnet18_lgam")] == [1]
 
 
+def test_resume_past_an_epoch_no_model_trained_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    """resnet18 at epoch 3, resnet18_lgam diverged at 1: on --resume, epoch 2 had no model to train
+    and was skipped without drawing its batch order and crops, so resnet18 trained epoch 4 on
+    epoch 3's. Each resumed model now starts from the random streams it saved."""
+    record = lgam.train._epoch_record
+
+    def nan_for_lgam_from_epoch_2(run, tr, epoch, *args):
+        r = record(run, tr, epoch, *args)
+        return {**r, "loss": float("nan")} if tr.name == "resnet18_lgam" and epoch >= 1 else r
+
+    monkeypatch.setattr(lgam.train, "_epoch_record", nan_for_lgam_from_epoch_2)
+    args = ("--model", "resnet18", "resnet18_lgam", "--epochs", "4", "--val-every", "0")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(tiny_data, straight, *args) == 2
+    assert _train(tiny_data, split, *args, "--stop-after", "3") == 2
+    assert [r["epoch"] for r in _log(split / "resnet18")] == [1, 2, 3]
+    assert _train(tiny_data, split, *args, "--resume") == 2  # lgam diverges again; resnet18 ends
+    a, b = _weights(straight / "resnet18"), _weights(split / "resnet18")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _log(straight / "resnet18")] == [r["loss"] for r in _log(split / "resnet18")]
+
+
 def test_validation_on_a_folder_of_class_folders_is_refused(tiny_data, tmp_path, capsys):
     """ROOT/<class>/<image> gives val the training images themselves: lgam train scored its own
     training set as validation without a word."""
