@@ -60,9 +60,18 @@ from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, check_log, generator_state
                        read_log, restore_generators, run_lock, save_state)
 
 __all__ = [  # the recipe names are lgam.recipes', kept here for `from lgam.train import ...`
-    "Recipe", "RECIPES", "TrainError", "make_recipe", "lr_at", "train_size_at", "param_groups", "train",
-    "summary_metrics", "configure_parser", "main",
+    "Recipe", "RECIPES", "TrainError", "Diverged", "make_recipe", "lr_at", "train_size_at", "param_groups",
+    "train", "summary_metrics", "configure_parser", "main",
 ]
+
+
+class Diverged(TrainError):
+    """A model's training loss was not finite (the message says which, and what state it keeps);
+    ``records``: the other models' epoch records, trained on to the end, as :func:`train` returns."""
+
+    def __init__(self, message: str, records: dict[str, list[dict[str, Any]]]):
+        super().__init__(message)
+        self.records = records
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -109,7 +118,7 @@ def train(
         _train_epochs(run, trainees, last, val_every, progress, saved_generators)
     diverged = [t.diverged for t in trainees if t.diverged]
     if diverged:  # the same on every rank: the losses are all-reduced
-        raise TrainError("; ".join(diverged))
+        raise Diverged("; ".join(diverged), {t.name: t.records for t in trainees if not t.diverged})
     if run.world > 1:
         dist.barrier()
     return {t.name: t.records for t in trainees}
@@ -717,6 +726,11 @@ def main(args: argparse.Namespace) -> int:
                 stop_after=args.stop_after, compile=args.compile, progress=not args.no_progress,
                 config_extra={"args": vars(args)},
             )
+        except Diverged as e:  # the others' checkpoints are theirs to keep
+            if args.checkpoints_dir and _dist_info()[0] == 0:
+                _save_checkpoints(args, recipe, train_split, e.records)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         except (ValueError, OSError) as e:  # DataError is a ValueError
             kind = "data error" if isinstance(e, DataError) else "error"
             print(f"{kind}: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from _helpers import REPO
-from lgam.checkpoints import load_checkpoint
+from lgam.checkpoints import load_checkpoint, load_manifest
 from lgam.cli import run_module
 from lgam.params import count_params
 import lgam.data
@@ -650,14 +650,17 @@ def test_the_other_models_train_on_when_one_diverges(tiny_data, tmp_path, capsys
         return {**r, "loss": float("nan")} if tr.name == "resnet18_lgam" and epoch >= 1 else r
 
     monkeypatch.setattr(lgam.train, "_epoch_record", nan_for_lgam_from_epoch_2)
-    run = tmp_path / "run"
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
     assert _train(tiny_data, run, "--model", "resnet18", "resnet18_lgam", "--epochs", "3",
-                  "--val-every", "0") == 2
-    err = capsys.readouterr().err
+                  "--val-every", "0", "--checkpoints-dir", str(ckpt)) == 2
+    out, err = capsys.readouterr()
     assert f"resnet18_lgam: the training loss is nan in epoch 2: the run diverged ({run / 'resnet18_lgam'} " \
            "keeps the state after epoch 1" in err
     assert [r["epoch"] for r in _log(run / "resnet18")] == [1, 2, 3]
     assert [r["epoch"] for r in _log(run / "resnet18_lgam")] == [1]
+    # the finished model's checkpoint is saved (it was dropped with the diverged one's error)
+    assert f"saved resnet18 to {ckpt}" in out and "saved resnet18_lgam" not in out
+    assert set(load_manifest(ckpt)["models"]) == {"resnet18"}
 
 
 def test_resume_past_an_epoch_no_model_trained_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
@@ -723,7 +726,7 @@ def test_holdout_and_skip_init_reach_config_and_checkpoint(tiny_data, tmp_path):
     entry = json.loads((ckpt / "manifest.json").read_text())["models"]["resnet18_se"]
     assert entry["extra"]["holdout_per_class"] == 2 and entry["extra"]["train_images"] == 18
     assert entry["arch_kwargs"]["skip_init"] is True
-    from lgam.checkpoints import load_checkpoint
+    from lgam.checkpoints import load_checkpoint, load_manifest
 
     model = load_checkpoint(ckpt, "resnet18_se")[0]
     trained = _weights(out / "resnet18_se")["model.layer1.0.skip_gain"]
