@@ -41,7 +41,7 @@ except ImportError:  # Windows
 __all__ = [
     "STATE_TENSORS", "STATE_JSON", "LOG", "CONFIG", "LOCK", "RUNS", "SETTINGS", "generator_states",
     "restore_generators", "save_state", "load_state", "read_state_meta", "load_weights", "read_log",
-    "check_log", "run_lock", "check_settings",
+    "check_log", "check_generators", "run_lock", "check_settings",
 ]
 
 STATE_TENSORS = "state.safetensors"
@@ -74,6 +74,18 @@ def generator_states(shuffle: torch.Generator, augment: torch.Generator) -> dict
     """The states of the batch-order and augmentation generators and of torch's global one."""
     return {"shuffle": shuffle.get_state().tolist(), "augment": augment.get_state().tolist(),
             "torch": torch.get_rng_state().tolist()}
+
+
+def check_generators(states: dict[str, list[int]], augment: torch.Generator, directory: Path) -> None:
+    """Refuse saved ``states`` the augmentation generator cannot take: a CPU generator's state is
+    5 KB, a CUDA one's 16 bytes, so a run trained on one kind of device resumes only on that kind
+    (torch raised a bare RuntimeError once the epoch began)."""
+    saved, here = len(states["augment"]), augment.get_state().numel()
+    if saved != here:
+        kind = "a CPU" if saved == torch.Generator().get_state().numel() else "a GPU"
+        raise TrainError(f"cannot resume {directory} on {augment.device.type}: its augmentation stream was "
+                         f"saved on {kind} ({saved}-byte state, {here} here); resume it on that kind of "
+                         "device, or start a new --out")
 
 
 def restore_generators(states: dict[str, list[int]], shuffle: torch.Generator,

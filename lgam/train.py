@@ -56,8 +56,8 @@ from .device import bf16_native, device_summary, resolve_device
 from .models import create_model, init_residual_bn, list_models, match_branch_rms, model_config, zero_init_residual
 from .models.branch_init import residual_bns
 from .recipes import RECIPES, Recipe, TrainError, lr_at, make_recipe, param_groups, train_size_at
-from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, check_log, generator_states, load_state, load_weights,
-                       read_log, restore_generators, run_lock, save_state)
+from .runstate import (CONFIG, LOG, RUNS, STATE_JSON, check_generators, check_log, generator_states, load_state,
+                       load_weights, read_log, restore_generators, run_lock, save_state)
 
 __all__ = [  # the recipe names are lgam.recipes', kept here for `from lgam.train import ...`
     "Recipe", "RECIPES", "TrainError", "Diverged", "make_recipe", "lr_at", "train_size_at", "param_groups",
@@ -134,6 +134,7 @@ def _trainees(run: _Run, models: Sequence[str], out: Path, stem: str | None, res
         tr = _new_trainee(run, name, out / name, stem)
         generators = _resume(run, tr, resume)
         if generators is not None:
+            check_generators(generators, run.aug_gen, tr.directory)
             saved_generators[tr.epoch] = generators
         _wrap(run, tr, compile)
         trainees.append(tr)

@@ -452,6 +452,32 @@ def test_resuming_a_finished_run_leaves_its_files_alone(one_epoch_run, tiny_data
     assert files() == before and "config.json" in before
 
 
+def test_resume_on_another_kind_of_device_is_refused_before_anything_changes(tiny_data, tmp_path, capsys):
+    """A run trained on a CPU resumed on a GPU (or back) raised torch's bare RuntimeError from
+    Generator.set_state once the epoch began: the augmentation stream's state is 5 KB on a CPU,
+    16 bytes on CUDA. Simulated here by a saved state of a CUDA generator's size."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lgam.runstate import STATE_META, STATE_TENSORS
+
+    args = ("--model", "resnet18", "--epochs", "2", "--val-every", "0")
+    run = tmp_path / "run"
+    assert _train(tiny_data, run, *args, "--stop-after", "1") == 0
+    path = run / "resnet18" / STATE_TENSORS
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[STATE_META])
+    meta["generators"]["augment"] = [0] * 16
+    save_file(load_file(str(path)), str(path), metadata={STATE_META: json.dumps(meta)})
+    config = (run / "resnet18" / "config.json").read_bytes()
+    assert _train(tiny_data, run, *args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {run / 'resnet18'} on cpu: its augmentation stream was saved on a GPU " \
+           "(16-byte state, 5056 here)" in err and "Traceback" not in err
+    assert (run / "resnet18" / "config.json").read_bytes() == config  # no session recorded
+    assert [r["epoch"] for r in _log(run / "resnet18")] == [1]
+
+
 def test_resume_refuses_a_log_that_lost_or_repeated_epochs(tiny_data, tmp_path, capsys):
     """The log is rewritten at every resume; a kill in that rewrite (or a second process) could
     leave it short or doubled, and the resume carried on from it: the run's record lost epochs."""
