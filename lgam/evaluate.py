@@ -28,7 +28,8 @@ from ._format import format_or_dash
 from .checkpoints import CheckpointError, load_checkpoint, load_manifest, update_metrics
 from .cli import positive_int
 from .attention import fused_kernels_setting
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, load_split, resize_normalize, split_holdout
+from .data import (IMAGENET_MEAN, IMAGENET_STD, DataError, DecodedSplit, is_flat_tree, load_split, resize_normalize,
+                   split_holdout)
 from .models import create_model
 from .device import device_summary, resolve_device
 from .errors import UsageError
@@ -249,6 +250,9 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
     each run held out (its ``--holdout``); writes ``RUN/metrics.json`` and returns the metrics."""
     from ._fileio import atomic_write_json
 
+    if is_flat_tree(data):
+        raise DataError(f"{data} is a folder of class folders without val/: its val split would be its "
+                        "training images, the held-out ones among them; add val/ (and train/)")
     configs = [_finished_run_config(run) for run in runs]  # before minutes of decoding
     val = load_split(data, "val")
     note_resized(val)

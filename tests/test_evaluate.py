@@ -257,6 +257,14 @@ def test_evaluate_runs_messages(tmp_path, capsys):
                  "--no-update"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: with --runs, --limit, --no-update do not apply") and "Traceback" not in err
+    # a folder of class folders: val would be the run's training images (lgam train refuses it too)
+    flat = tmp_path / "flat"
+    for c in CLASSES:
+        (flat / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / c / "0.png")
+    assert main(["evaluate", "--runs", str(tmp_path), "--data", str(flat)]) == 2
+    err = capsys.readouterr().err
+    assert f"{flat} is a folder of class folders without val/: its val split would be its training images" in err
 
 
 def test_val_images_of_other_sizes_are_counted_and_named(setup, capsys):
