@@ -112,6 +112,42 @@ def test_first_view_then_upload_alone_shows_seven_readable_tiles(server, browser
     assert "Device" in info and "cpu" in info
 
 
+# the Show radio's option labels and which one is checked
+SHOW_STATE = """
+return Array.from(document.querySelectorAll('#view label')).map(l =>
+  [l.innerText.trim(), l.querySelector('input').checked]);
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("browser", [(1280, 800)], indirect=True, ids=["desktop-1280x800"])
+def test_the_show_radio_names_the_cam_method_chosen_in_settings(server, browser):
+    """Choosing Score-CAM in Settings relabels Show's first option (it said Grad-CAM); the choice
+    checked stays, and the relabelling runs no comparison of its own."""
+    from selenium.webdriver.common.keys import Keys
+
+    from app.ui import IN_CLASS_EXAMPLES, default_examples
+
+    browser.get(server)
+    WebDriverWait(browser, 60).until(_tiles_of(os.path.basename(default_examples()[IN_CLASS_EXAMPLES][0])))
+    assert browser.execute_script(SHOW_STATE)[0] == ["Grad-CAM", True]
+    info = browser.find_element(By.ID, "run-info").text
+    settings = browser.find_element(By.XPATH, "//span[normalize-space()='Settings']")  # the accordion's
+    browser.execute_script("arguments[0].click()", settings)
+    method = WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "input[aria-label='CAM method']"))
+    method.click()
+    method.send_keys(Keys.CONTROL, "a")
+    method.send_keys("Score-CAM")
+    time.sleep(0.3)  # the options filtered
+    method.send_keys(Keys.ENTER)
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script(SHOW_STATE)[0][0] == "Score-CAM")
+    assert browser.execute_script(SHOW_STATE) == [["Score-CAM", True], ["attention gates", False], ["both", False]]
+    assert browser.find_element(By.CSS_SELECTOR, "#view input").get_attribute("value") == "Grad-CAM"  # the API's
+    time.sleep(1.0)
+    assert browser.find_element(By.ID, "run-info").text == info  # no run started by the relabelling
+
+
 @pytest.mark.slow
 def test_the_screenshot_script_saves_the_first_view(server, tmp_path):
     """``scripts/app_screenshot.py`` (the README's picture) waits for the first example's seven
