@@ -93,17 +93,20 @@ def load_run_model(run: str | Path) -> nn.Module:
 
 
 @torch.inference_mode()
-def evaluate_run(run: str | Path, val: DecodedSplit, holdout: DecodedSplit | None,
+def evaluate_run(run: str | Path, val: DecodedSplit | None, holdout: DecodedSplit | None,
                  sizes: Sequence[int] = SIZES) -> dict[str, Any]:
-    """Top-1 errors of run folder ``run``'s model on ``val`` and on the training images held out
-    from it (``holdout``, :func:`lgam.data.split_holdout`) at every size, and which val images
-    it gets wrong at each (``val_misses_<size>``, :func:`pack_mask`: for paired tests between runs)."""
+    """Top-1 errors of run folder ``run``'s model on ``val`` (None: no val split) and on the
+    training images held out from it (``holdout``, :func:`lgam.data.split_holdout`) at every size,
+    and which val images it gets wrong at each (``val_misses_<size>``, :func:`pack_mask`: for
+    paired tests between runs)."""
     model = load_run_model(run)
-    metrics: dict[str, Any] = {"val_images": len(val), "holdout_images": 0 if holdout is None else len(holdout)}
+    metrics: dict[str, Any] = {"val_images": 0 if val is None else len(val),
+                               "holdout_images": 0 if holdout is None else len(holdout)}
     for s in sorted(sizes, reverse=True):
-        wrong = misses(model, val, s)
-        metrics[f"val_top1_err_{s}"] = round(100.0 * float(wrong.double().mean()), 2)
-        metrics[f"val_misses_{s}"] = pack_mask(wrong)
+        if val is not None:
+            wrong = misses(model, val, s)
+            metrics[f"val_top1_err_{s}"] = round(100.0 * float(wrong.double().mean()), 2)
+            metrics[f"val_misses_{s}"] = pack_mask(wrong)
         if holdout is not None and len(holdout):
             metrics[f"holdout_top1_err_{s}"] = round(100.0 * float(misses(model, holdout, s).double().mean()), 2)
     return metrics
@@ -247,31 +250,40 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) -> list[dict[str, Any]]:
     """:func:`evaluate_run` for each run folder, on ``data``'s val split and on the training images
-    each run held out (its ``--holdout``); writes ``RUN/metrics.json`` and returns the metrics."""
+    each run held out (its ``--holdout``); writes ``RUN/metrics.json`` and returns the metrics. A
+    folder of class folders (no val/) has no val split apart from its training images: its runs get
+    held-out errors only."""
     from ._fileio import atomic_write_json
 
-    if is_flat_tree(data):
-        raise DataError(f"{data} is a folder of class folders without val/: its val split would be its "
-                        "training images, the held-out ones among them; add val/ (and train/)")
     configs = [_finished_run_config(run) for run in runs]  # before minutes of decoding
-    val = load_split(data, "val")
-    note_resized(val)
+    flat = is_flat_tree(data)
+    if flat and not all(int(c.get("args", {}).get("holdout") or 0) for c in configs):
+        raise DataError(f"{data} is a folder of class folders without val/: its val split would be the "
+                        "training images themselves, and a run without --holdout has no other images to "
+                        "be scored on; add val/ (and train/)")
+    if flat:
+        print(f"note: {data} is a folder of class folders without val/: held-out errors only", file=sys.stderr)
+    val = None if flat else load_split(data, "val")
+    if val is not None:
+        note_resized(val)
     held: dict[tuple, DecodedSplit] = {}
     rows = []
     for run, config in zip(runs, configs):
-        if config.get("classes") is not None:
-            _check_same_classes(str(run), config["classes"], val.class_ids)
         args = config.get("args", {})
         n = int(args.get("holdout") or 0)
         # the images the run held out: its train split as it read it (--limit, --skip-corrupt)
         key = (n, args.get("limit"), bool(args.get("skip_corrupt")))
         if n and key not in held:
             held[key] = split_holdout(load_split(data, "train", limit=key[1], skip_corrupt=key[2]), n)[1]
+        if config.get("classes") is not None:
+            _check_same_classes(str(run), config["classes"], (val if val is not None else held[key]).class_ids)
         metrics = {"model": config["model"], "seed": config["seed"], "holdout_per_class": n,
                    **evaluate_run(run, val, held.get(key), sizes)}
         atomic_write_json(run / "metrics.json", metrics)
         rows.append(metrics)
-        print(f"{run}: " + ", ".join(f"{s} px {metrics[f'val_top1_err_{s}']:.2f}%" for s in sorted(sizes)), flush=True)
+        key_of, label = ("val", "") if val is not None else ("holdout", "held-out ")
+        print(f"{run}: {label}" + ", ".join(f"{s} px {metrics[f'{key_of}_top1_err_{s}']:.2f}%" for s in sorted(sizes)),
+              flush=True)
     return rows
 
 

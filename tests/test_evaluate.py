@@ -177,6 +177,24 @@ def test_evaluate_runs_on_val_and_the_held_out_training_images(tmp_path, capsys,
         assert metrics[f"holdout_top1_err_{s}"] == want
         assert torch.equal(unpack_mask(metrics[f"val_misses_{s}"], 9), misses(model, val, s))
     _evaluate_runs_refusals(out / "resnet18", data, tmp_path, capsys)
+    # a folder of class folders (data/train: no val/): its "val" would be the training images, so
+    # the run gets its held-out errors only, the same images as above
+    capsys.readouterr()
+    assert main(["evaluate", "--runs", str(out / "resnet18"), "--data", str(data / "train"), "--sizes", "16", "24"]) == 0
+    printed = capsys.readouterr()
+    assert "held-out errors only" in printed.err and f"{out / 'resnet18'}: held-out 16 px" in printed.out
+    flat = json.loads((out / "resnet18" / "metrics.json").read_text())
+    assert flat["val_images"] == 0 and not [k for k in flat if k.startswith("val_") and k != "val_images"]
+    assert [flat[f"holdout_top1_err_{s}"] for s in (16, 24)] == [metrics[f"holdout_top1_err_{s}"] for s in (16, 24)]
+    import shutil
+
+    no_holdout = tmp_path / "no_holdout"  # nothing to score it on: refused
+    shutil.copytree(out / "resnet18", no_holdout)
+    config = json.loads((no_holdout / "config.json").read_text())
+    config["args"]["holdout"] = 0
+    (no_holdout / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", "--runs", str(no_holdout), "--data", str(data / "train")]) == 2
+    assert "a run without --holdout has no other images to be scored on" in capsys.readouterr().err
 
 
 def test_evaluate_runs_holds_out_what_a_limited_run_held_out(tmp_path, monkeypatch):
@@ -257,14 +275,6 @@ def test_evaluate_runs_messages(tmp_path, capsys):
                  "--no-update"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: with --runs, --limit, --no-update do not apply") and "Traceback" not in err
-    # a folder of class folders: val would be the run's training images (lgam train refuses it too)
-    flat = tmp_path / "flat"
-    for c in CLASSES:
-        (flat / c).mkdir(parents=True)
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / c / "0.png")
-    assert main(["evaluate", "--runs", str(tmp_path), "--data", str(flat)]) == 2
-    err = capsys.readouterr().err
-    assert f"{flat} is a folder of class folders without val/: its val split would be its training images" in err
 
 
 def test_val_images_of_other_sizes_are_counted_and_named(setup, capsys):
