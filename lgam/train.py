@@ -69,9 +69,9 @@ class Diverged(TrainError):
     """A model's training loss was not finite (the message says which, and what state it keeps);
     ``records``: the other models' epoch records, trained on to the end, as :func:`train` returns."""
 
-    def __init__(self, message: str, records: dict[str, list[dict[str, Any]]]):
-        super().__init__(message)
-        self.records = records
+    def __init__(self, message: str, records: dict[str, list[dict[str, Any]]] | None = None):
+        super().__init__(message)  # records has a default: an exception is unpickled from its args
+        self.records = records or {}
 
 
 # ------------------------------------------------------------------------------ the loop

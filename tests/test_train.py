@@ -711,6 +711,15 @@ def test_resume_past_an_epoch_no_model_trained_matches_uninterrupted_run(tiny_da
     assert [r["loss"] for r in _log(straight / "resnet18")] == [r["loss"] for r in _log(split / "resnet18")]
 
 
+def test_the_divergence_error_survives_pickling():
+    """Raised in a worker (multiprocessing, a test runner) it is pickled back; a required second
+    argument made unpickling raise TypeError instead."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(lgam.train.Diverged("resnet18_lgam: nan", {"resnet18": [{"epoch": 1}]})))
+    assert isinstance(e, TrainError) and str(e) == "resnet18_lgam: nan" and e.records == {"resnet18": [{"epoch": 1}]}
+
+
 def test_validation_on_a_folder_of_class_folders_is_refused(tiny_data, tmp_path, capsys):
     """ROOT/<class>/<image> gives val the training images themselves: lgam train scored its own
     training set as validation without a word."""
