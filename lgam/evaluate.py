@@ -256,16 +256,17 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
     from ._fileio import atomic_write_json
 
     configs = [_finished_run_config(run) for run in runs]  # before minutes of decoding
-    flat = is_flat_tree(data)
-    if flat and not all(int(c.get("args", {}).get("holdout") or 0) for c in configs):
-        raise DataError(f"{data} is a folder of class folders without val/: its val split would be the "
-                        "training images themselves, and a run without --holdout has no other images to "
-                        "be scored on; add val/ (and train/)")
-    if flat:
+    val = None
+    if is_flat_tree(data):
+        if not all(int(c.get("args", {}).get("holdout") or 0) for c in configs):
+            raise DataError(f"{data} is a folder of class folders without val/: its val split would be the "
+                            "training images themselves, and a run without --holdout has no other images to "
+                            "be scored on; add val/ (and train/)")
         print(f"note: {data} is a folder of class folders without val/: held-out errors only", file=sys.stderr)
-    val = None if flat else load_split(data, "val")
-    if val is not None:
+    else:
+        val = load_split(data, "val")
         note_resized(val)
+    key_of, label = ("val", "") if val is not None else ("holdout", "held-out ")  # what the lines print
     held: dict[tuple, DecodedSplit] = {}
     rows = []
     for run, config in zip(runs, configs):
@@ -281,7 +282,6 @@ def evaluate_runs(runs: Sequence[Path], data: str | Path, sizes: Sequence[int]) 
                    **evaluate_run(run, val, held.get(key), sizes)}
         atomic_write_json(run / "metrics.json", metrics)
         rows.append(metrics)
-        key_of, label = ("val", "") if val is not None else ("holdout", "held-out ")
         print(f"{run}: {label}" + ", ".join(f"{s} px {metrics[f'{key_of}_top1_err_{s}']:.2f}%" for s in sorted(sizes)),
               flush=True)
     return rows
